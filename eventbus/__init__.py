@@ -1,0 +1,69 @@
+"""eventbus: a durable, adaptive, in-process event bus for asyncio.
+
+Events are appended to a write-ahead log in SQLite (or kept in memory), delivered to
+subscriptions in batches whose size adapts to load, and acknowledged in the same
+transaction as the handlers' outbox publishes.
+
+    async with Bus.open("app.db") as bus:
+        @bus.subscribe("orders", name="billing")
+        async def bill(event: Event, ctx: Context) -> None: ...
+
+        await bus.publish("orders", {"amount": 5}, key="o-1")
+"""
+
+from storage import LogStats
+
+from ._bus import Bus
+from ._config import BatchPolicy, BusConfig, RetryPolicy
+from ._context import Context
+from ._dead_letters import DeadLetter, DeadLetters
+from ._errors import (
+    BusClosed,
+    BusError,
+    BusFull,
+    ConfigError,
+    CorruptLog,
+    DrainTimeout,
+    EventTooLarge,
+    LogLocked,
+    NotALog,
+    PayloadError,
+    SchemaTooNew,
+    StorageError,
+    StorageFull,
+    SubscriptionError,
+)
+from ._event import Event, Message, Receipt
+from ._metrics import BusMetrics, SubscriptionMetrics
+from ._run import run
+
+__all__ = [
+    "BatchPolicy",
+    "Bus",
+    "BusClosed",
+    "BusConfig",
+    "BusError",
+    "BusFull",
+    "BusMetrics",
+    "ConfigError",
+    "Context",
+    "CorruptLog",
+    "DeadLetter",
+    "DeadLetters",
+    "DrainTimeout",
+    "Event",
+    "EventTooLarge",
+    "LogLocked",
+    "LogStats",
+    "Message",
+    "NotALog",
+    "PayloadError",
+    "Receipt",
+    "RetryPolicy",
+    "SchemaTooNew",
+    "StorageError",
+    "StorageFull",
+    "SubscriptionError",
+    "SubscriptionMetrics",
+    "run",
+]

@@ -1,0 +1,523 @@
+"""The bus: publish, subscribe, drain and close, over a :class:`storage.Storage`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Literal, TypeVar
+
+import anyio
+import msgspec
+
+import storage as _storage
+from storage import LogStats, MemoryStorage, NewRecord, Receipt, Record, SQLiteStorage
+from storage import SubscriptionInfo as _SubInfo
+
+from ._config import BatchPolicy, BusConfig, RetryPolicy
+from ._dead_letters import DeadLetters
+from ._errors import (
+    BusClosed,
+    DrainTimeout,
+    EventTooLarge,
+    PayloadError,
+    SubscriptionError,
+    translate_storage_error,
+)
+from ._event import Event, Message, new_event_id
+from ._metrics import BusMetrics, SubscriptionMetrics
+from ._subscription import Handler, Subscription
+from ._writer import LogWriter
+
+logger = logging.getLogger(__name__)
+
+H = TypeVar("H", bound=Handler)
+
+_HEADERS = msgspec.msgpack.Decoder(dict[str, str])
+
+
+class Bus:
+    """A durable in-process event bus. Create it with :meth:`Bus.open`.
+
+    Publishing appends to a write-ahead log (group-committed); every subscription
+    receives every event of its topics in log order, in batches, and acknowledges
+    them in the same transaction as its outbox publishes.
+    """
+
+    def __init__(self, log: _storage.Storage, config: BusConfig) -> None:
+        self.config = config
+        self._log = log
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder()
+        self._writer = LogWriter(
+            log,
+            max_pending=config.max_pending_publishes,
+            max_commit_batch=config.max_commit_batch,
+            on_committed=self._route,
+        )
+        self._subs: dict[str, Subscription] = {}
+        self._routes: dict[str, list[Subscription]] = {}
+        self._wildcard: list[Subscription] = []
+        self._known: dict[str, _SubInfo] = {}
+        self._progress = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._maintenance_scope = anyio.CancelScope()
+        self._writer_done = anyio.Event()
+        self._closing = False
+        self._closed = False
+        self.dead_letters = DeadLetters(log, self._to_event)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        config: BusConfig | None = None,
+        storage: _storage.Storage | None = None,
+    ) -> AsyncIterator[Bus]:
+        """Open a bus on the log at ``path`` (``":memory:"`` for no durability).
+
+        Unacknowledged events in the log are delivered again to their subscriptions
+        as soon as those subscribe.
+
+        Args:
+            path: A SQLite file (created if missing), or ``":memory:"``.
+            config: Settings; ``BusConfig()`` by default.
+            storage: A ready :class:`storage.Storage` to use instead of ``path``.
+
+        Raises:
+            LogLocked: Another process runs a bus on this file.
+            NotALog: The file is not an event log.
+            CorruptLog: SQLite reports the file as damaged.
+            SchemaTooNew: A newer eventbus wrote the file.
+
+        Cancellation: cancelling the body closes the bus at once: batches in flight
+        are abandoned (and redelivered on the next open), queued publishes that did
+        not commit fail with ``BusClosed``.
+        """
+        config = config or BusConfig()
+        if storage is None:
+            target = os.fspath(path)
+            storage = (
+                MemoryStorage()
+                if target == ":memory:"
+                else SQLiteStorage(
+                    target,
+                    durability=config.durability,
+                    busy_timeout=config.busy_timeout,
+                    open_timeout=config.open_timeout,
+                )
+            )
+        try:
+            await storage.open()
+        except _storage.StorageError as exc:
+            raise translate_storage_error(exc) from exc
+        try:
+            bus = cls(storage, config)
+            bus._known = await storage.subscriptions()
+            bus._writer.committed_head = storage.head
+            async with anyio.create_task_group() as tg:
+                bus._tg = tg
+                tg.start_soon(bus._run_writer)
+                tg.start_soon(bus._maintenance)
+                try:
+                    yield bus
+                finally:
+                    await bus.close()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await storage.close()
+
+    async def close(self) -> None:
+        """Stop the bus: flush queued publishes, let in-flight batches finish for up to
+        ``close_timeout`` seconds, commit their acknowledgements and stop the writer.
+        Idempotent; publishing afterwards raises ``BusClosed``.
+
+        Cancellation: a cancelled close still stops every task and commits what the
+        writer holds (shielded); batches still running are abandoned and delivered
+        again on the next open.
+        """
+        if self._closing:
+            with anyio.CancelScope(shield=True):
+                await self._writer_done.wait()
+            return
+        self._closing = True
+        try:
+            with anyio.move_on_after(self.config.close_timeout):
+                await self._writer.flush()
+                for sub in self._subs.values():
+                    sub.stop()
+                for sub in self._subs.values():
+                    await sub.finished.wait()
+        finally:
+            with anyio.CancelScope(shield=True):
+                for sub in self._subs.values():
+                    sub.stop()
+                    if sub.scope is not None:
+                        sub.scope.cancel()
+                for sub in self._subs.values():
+                    await sub.finished.wait()
+                await self._persist_idle_positions()
+                self._maintenance_scope.cancel()
+                self._writer.stop()
+                with anyio.move_on_after(self.config.close_timeout) as timer:
+                    await self._writer_done.wait()
+                if timer.cancelled_caught and self._tg is not None:
+                    logger.error("the log writer did not stop in time; cancelling it")
+                    self._tg.cancel_scope.cancel()
+                self._closed = True
+
+    async def _run_writer(self) -> None:
+        try:
+            await self._writer.run()
+        finally:
+            self._writer_done.set()
+
+    async def _maintenance(self) -> None:
+        with self._maintenance_scope:
+            while True:
+                await anyio.sleep(self.config.compact_interval)
+                await self._persist_idle_positions()
+                try:
+                    await self.compact()
+                except _storage.StorageError as exc:
+                    logger.warning("compaction failed, will retry: %s", exc)
+
+    async def _persist_idle_positions(self) -> None:
+        """Move idle subscriptions' cursors past events on other topics, so lag and
+        compaction see them as caught up."""
+        acks: dict[str, int] = {}
+        for sub in self._subs.values():
+            pos = sub.idle_position()
+            if pos is not None:
+                acks[sub.name] = pos
+        if acks and not self._writer_done.is_set():
+            with contextlib.suppress(BusClosed, _storage.StorageError):
+                await self._writer.commit(_storage.WriteBatch(acks=acks))
+                for name, pos in acks.items():
+                    sub = self._subs[name]
+                    sub.acked = max(sub.acked, pos)
+
+    async def compact(self) -> int:
+        """Delete events every subscription has finished and that are older than
+        ``retention``. Returns how many were deleted.
+
+        Cancellation: safe; a cancelled compaction deletes nothing or a whole chunk.
+        """
+        subs = await self._log.subscriptions()
+        upto = min((s.cursor for s in subs.values()), default=self._writer.committed_head)
+        now = time.time()
+        async with self._writer.lock:
+            return await self._log.compact(
+                upto, now - self.config.retention, now - self.config.idempotency_retention
+            )
+
+    # -- publishing -----------------------------------------------------------------
+
+    def _encode(
+        self,
+        topic: str,
+        payload: object,
+        key: str | None,
+        headers: dict[str, str] | None,
+        idempotency_key: str | None = None,
+    ) -> NewRecord:
+        if not isinstance(topic, str) or not topic or topic == "*":
+            raise ValueError(f"topic must be a non-empty string other than '*', got {topic!r}")
+        if key is not None and not isinstance(key, str):
+            raise ValueError(f"key must be a string or None, got {type(key).__name__}")
+        try:
+            data = self._encoder.encode(payload)
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+            raise PayloadError(topic, str(exc)) from exc
+        size = len(data) + len(topic) + (len(key) if key else 0)
+        raw_headers = None
+        if headers:
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+                raise PayloadError(topic, "headers must map str to str")
+            raw_headers = self._encoder.encode(headers)
+            size += len(raw_headers)
+        if size > self.config.max_event_bytes:
+            raise EventTooLarge(topic, size, self.config.max_event_bytes)
+        return NewRecord(
+            new_event_id(), topic, key, data, raw_headers, time.time(), idempotency_key
+        )
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise BusClosed("the bus is closed")
+
+    async def publish(
+        self,
+        topic: str,
+        payload: object,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Receipt:
+        """Append one event to the log and return once it is committed.
+
+        Args:
+            topic: Where subscriptions find it.
+            payload: Any msgspec-encodable value or ``msgspec.Struct``.
+            key: Ordering key: events with one key are handled in publish order.
+            headers: String metadata.
+            idempotency_key: If an event with this key is already in the log, nothing
+                is written and the original's receipt returns with ``duplicate=True``.
+
+        Returns:
+            The receipt: ``seq``, ``id`` and ``duplicate``.
+
+        Raises:
+            PayloadError: The payload or headers cannot be encoded (nothing written).
+            EventTooLarge: Over ``max_event_bytes`` (nothing written).
+            BusClosed: The bus is closed or closed before the commit.
+            StorageError: The log failed to commit (nothing written).
+
+        Cancellation: if cancelled while waiting for room, nothing is written; if
+        cancelled while waiting for the commit, the event may still be committed
+        (use an idempotency key to publish again safely).
+        """
+        self._check_open()
+        record = self._encode(topic, payload, key, headers, idempotency_key)
+        return await self._writer.submit(record)
+
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: object,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> None:
+        """Queue one event for the log writer without waiting.
+
+        The event is durable once the writer commits it (``drain`` or ``close``
+        waits for that); a commit failure is logged, since nobody awaits it.
+
+        Raises:
+            BusFull: ``max_pending_publishes`` events are already waiting.
+            PayloadError, EventTooLarge, BusClosed: as for :meth:`publish`.
+        """
+        self._check_open()
+        record = self._encode(topic, payload, key, headers, idempotency_key)
+        self._writer.submit_nowait(record, want_receipt=False)
+
+    async def publish_many(self, messages: Iterable[Message]) -> list[Receipt]:
+        """Append several events in one transaction: all are committed, or none.
+
+        Raises:
+            PayloadError, EventTooLarge: One message is bad; nothing is written.
+            BusClosed, StorageError: As for :meth:`publish`.
+
+        Cancellation: as for :meth:`publish`.
+        """
+        self._check_open()
+        records = [
+            self._encode(m.topic, m.payload, m.key, m.headers, m.idempotency_key)
+            for m in messages
+        ]
+        return await self._writer.submit_many(records)
+
+    # -- routing (called by the writer after each commit) ---------------------------
+
+    def _to_event(self, record: Record) -> Event[object]:
+        return Event(
+            record.id,
+            record.seq,
+            record.topic,
+            record.key,
+            self._decoder.decode(record.payload),
+            _HEADERS.decode(record.headers) if record.headers else {},
+            record.created_at,
+        )
+
+    def _route(self, appended: list[NewRecord], receipts: list[Receipt]) -> None:
+        routes = self._routes
+        wildcard = self._wildcard
+        decode = self._decoder.decode
+        if routes or wildcard:
+            for rec, receipt in zip(appended, receipts, strict=True):
+                if receipt.duplicate:
+                    continue
+                subs = routes.get(rec.topic)
+                if subs is None and not wildcard:
+                    continue
+                event: Event[object] = Event(
+                    rec.id, receipt.seq, rec.topic, rec.key, decode(rec.payload),
+                    _HEADERS.decode(rec.headers) if rec.headers else {}, rec.created_at,
+                )
+                if subs is not None:
+                    for sub in subs:
+                        sub.offer(event)
+                for sub in wildcard:
+                    sub.offer(event)
+        head = self._writer.committed_head
+        for sub in self._subs.values():
+            sub.advance(head)
+        self._notify_progress()
+
+    def _notify_progress(self) -> None:
+        self._progress.set()
+
+    # -- subscribing ----------------------------------------------------------------
+
+    def subscribe(
+        self,
+        topic: str | Iterable[str],
+        *,
+        name: str | None = None,
+        batch: BatchPolicy | None = None,
+        retry: RetryPolicy | None = None,
+        start: Literal["earliest", "latest"] = "earliest",
+    ) -> Callable[[H], H]:
+        """Register a handler for ``topic`` (a name, several names, or ``"*"``).
+
+        A handler is ``async def h(event: Event, ctx: Context)``, or a batch handler
+        ``async def h(events: list[Event], ctx: Context)`` (recognised by the
+        ``list[...]`` annotation on its first parameter).
+
+        Args:
+            topic: The topic(s) to receive; ``"*"`` for every topic.
+            name: The durable name of the subscription: its position in the log is
+                kept under it across restarts. Defaults to the handler's qualified name.
+            batch: How events are batched; ``config.batch`` by default.
+            retry: How failures are retried; ``config.retry`` by default.
+            start: Where a subscription new to this log begins: ``"earliest"``
+                (every event still in the log) or ``"latest"`` (events published
+                from now on).
+
+        Raises:
+            SubscriptionError: The name is taken, or the handler's shape is wrong.
+            BusClosed: The bus is closed.
+        """
+        self._check_open()
+        topics = frozenset([topic] if isinstance(topic, str) else topic)
+        if not topics or not all(isinstance(t, str) and t for t in topics):
+            raise SubscriptionError(f"subscribe needs one or more topic names, got {topic!r}")
+        if start not in ("earliest", "latest"):
+            raise ValueError(f"start must be 'earliest' or 'latest', got {start!r}")
+
+        def decorator(handler: H) -> H:
+            sub_name = name or f"{handler.__module__}.{handler.__qualname__}"
+            if sub_name in self._subs:
+                raise SubscriptionError(
+                    f"a subscription named {sub_name!r} already exists on this bus; "
+                    "give each subscription a distinct name="
+                )
+            self._start_subscription(sub_name, topics, handler, batch, retry, start)
+            return handler
+
+        return decorator
+
+    def _start_subscription(
+        self,
+        name: str,
+        topics: frozenset[str],
+        handler: Handler,
+        batch: BatchPolicy | None,
+        retry: RetryPolicy | None,
+        start: str,
+    ) -> None:
+        known = self._known.get(name)
+        if known is not None:
+            cursor = known.cursor
+        else:
+            cursor = 0 if start == "earliest" else self._writer.committed_head
+        sub = Subscription(
+            name=name,
+            topics=topics,
+            handler=handler,
+            batch_policy=batch or self.config.batch,
+            retry=retry or self.config.retry,
+            capacity=self.config.channel_capacity,
+            cursor=cursor,
+            writer=self._writer,
+            log=self._log,
+            to_event=self._to_event,
+            encode=self._encode,
+            on_progress=self._notify_progress,
+            register=_SubInfo(name, tuple(sorted(topics)), cursor, time.time()),
+        )
+        assert self._tg is not None
+        self._subs[name] = sub
+        if "*" in topics:
+            self._wildcard.append(sub)
+        else:
+            for t in topics:
+                self._routes.setdefault(t, []).append(sub)
+        self._tg.start_soon(sub.run, name=f"eventbus subscription {name}")
+
+    # -- waiting and looking --------------------------------------------------------
+
+    async def drain(self, timeout: float | None = 30.0) -> None:
+        """Wait until every event committed so far is finished (handled and
+        acknowledged, or dead-lettered) by every subscription of this bus.
+
+        Raises:
+            DrainTimeout: ``timeout`` seconds passed first; it names the laggards.
+
+        Cancellation: safe; nothing changes.
+        """
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    await self._writer.flush()
+                    target = self._writer.committed_head
+                    lagging = {
+                        s.name: s.finished_upto()
+                        for s in self._subs.values()
+                        if s.finished_upto() < target
+                    }
+                    if not lagging and self._writer.committed_head == target:
+                        # Nothing behind, and no outbox event appeared meanwhile.
+                        if not self._writer.pending:
+                            return
+                        continue
+                    self._progress = anyio.Event()
+                    await self._progress.wait()
+        except TimeoutError:
+            lagging = {
+                s.name: s.finished_upto()
+                for s in self._subs.values()
+                if s.finished_upto() < self._writer.committed_head
+            }
+            raise DrainTimeout(timeout or 0.0, lagging) from None
+
+    async def stats(self) -> LogStats:
+        """Read the log's size, cursors, lag and dead-letter counts."""
+        try:
+            return await self._log.stats()
+        except _storage.StorageError as exc:
+            raise translate_storage_error(exc) from exc
+
+    def metrics(self) -> BusMetrics:
+        """A snapshot of in-process counters (no I/O)."""
+        head = self._writer.committed_head
+        return BusMetrics(
+            head=head,
+            pending_publishes=self._writer.pending,
+            commits=self._writer.commits,
+            committed_events=self._writer.committed_events,
+            subscriptions={
+                name: SubscriptionMetrics(
+                    handled=s.stats.handled,
+                    batches=s.stats.batches,
+                    failed_attempts=s.stats.failed_attempts,
+                    dead_lettered=s.stats.dead_lettered,
+                    acked=s.acked,
+                    lag=max(0, head - s.finished_upto()),
+                    buffered=len(s.channel),
+                    live=s.live,
+                    batch_target=s.controller.target(),
+                )
+                for name, s in self._subs.items()
+            },
+        )

@@ -1,0 +1,228 @@
+"""Configuration: :class:`BusConfig`, :class:`BatchPolicy`, :class:`RetryPolicy`.
+
+All three are msgspec Structs, validated on construction, loadable from TOML and
+``EVENTBUS_*`` environment variables. Unknown keys and impossible values raise
+:class:`~eventbus.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from typing import Literal, TypeVar
+
+import msgspec
+
+from ._errors import ConfigError
+
+T = TypeVar("T")
+
+BatchMode = Literal["adaptive", "natural", "aimd", "fixed"]
+Jitter = Literal["full", "equal", "decorrelated", "none"]
+
+
+def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(key, f"must be a finite number {bound}, got {value!r}")
+
+
+class BatchPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How a subscription groups events into handler calls.
+
+    Attributes:
+        mode: ``"adaptive"`` (default: latency feedback keeps batches small under
+            light load and grows them under heavy load), ``"natural"`` (whatever is
+            ready, up to ``max_size``), ``"aimd"`` (additive increase, multiplicative
+            decrease) or ``"fixed"`` (wait up to ``max_wait`` to fill ``max_size``).
+        min_size: Smallest batch the controller may aim for.
+        max_size: Largest batch handed to one handler call.
+        target_latency: Seconds a batch (wait plus handling) should take at most.
+        max_wait: Seconds ``"fixed"`` waits for a batch to fill.
+    """
+
+    mode: BatchMode = "adaptive"
+    min_size: int = 1
+    max_size: int = 512
+    target_latency: float = 0.05
+    max_wait: float = 0.005
+
+    def __post_init__(self) -> None:
+        if self.min_size < 1:
+            raise ConfigError("batch.min_size", f"must be at least 1, got {self.min_size}")
+        if self.max_size < self.min_size:
+            raise ConfigError(
+                "batch.max_size",
+                f"must not be below min_size ({self.min_size}), got {self.max_size}",
+            )
+        _positive("batch.target_latency", self.target_latency)
+        _positive("batch.max_wait", self.max_wait, allow_zero=True)
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How often, and how far apart, a failing event is tried again.
+
+    The delay before attempt ``n + 1`` is ``initial_delay * multiplier ** (n - 1)``,
+    capped at ``max_delay`` and then jittered (``"full"``: uniform in [0, delay]).
+
+    Attributes:
+        max_attempts: Attempts in all, the first included; then the event is
+            dead-lettered.
+        initial_delay: Seconds before the second attempt.
+        max_delay: Cap on any delay.
+        multiplier: Growth of the delay per attempt.
+        jitter: ``"full"``, ``"equal"``, ``"decorrelated"`` or ``"none"``.
+        timeout: Seconds one attempt may take before it is cancelled and counted as
+            failed; None for no limit.
+    """
+
+    max_attempts: int = 5
+    initial_delay: float = 0.1
+    max_delay: float = 30.0
+    multiplier: float = 2.0
+    jitter: Jitter = "full"
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError(
+                "retry.max_attempts", f"must be at least 1, got {self.max_attempts}"
+            )
+        _positive("retry.initial_delay", self.initial_delay, allow_zero=True)
+        _positive("retry.max_delay", self.max_delay, allow_zero=True)
+        if self.max_delay < self.initial_delay:
+            raise ConfigError(
+                "retry.max_delay",
+                f"must not be below initial_delay ({self.initial_delay}), got {self.max_delay}",
+            )
+        if not (math.isfinite(self.multiplier) and self.multiplier >= 1):
+            raise ConfigError("retry.multiplier", f"must be >= 1, got {self.multiplier!r}")
+        if self.timeout is not None:
+            _positive("retry.timeout", self.timeout)
+
+
+class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Settings of one bus. Every field has a default that suits a single service.
+
+    Attributes:
+        durability: ``"normal"`` (a returned publish survives a killed process),
+            ``"full"`` (fsync per group commit: survives power loss) or ``"off"``.
+        max_pending_publishes: Publishes that may wait for the log writer; beyond it
+            ``publish`` waits and ``publish_nowait`` raises ``BusFull``.
+        max_event_bytes: Largest encoded event (payload, headers, topic, key).
+        channel_capacity: Events buffered in memory per subscription; a subscription
+            further behind reads its backlog from the log.
+        max_commit_batch: Most events appended in one group commit.
+        retention: Seconds a finished event stays in the log before compaction.
+        compact_interval: Seconds between compaction passes.
+        idempotency_retention: Seconds an idempotency key is remembered.
+        busy_timeout: Seconds a write waits for SQLite's lock.
+        open_timeout: Seconds opening keeps retrying a busy (recovering) file.
+        close_timeout: Seconds ``close`` lets in-flight handlers finish before
+            abandoning their batch (it is redelivered on the next open).
+        batch: Default :class:`BatchPolicy` for subscriptions.
+        retry: Default :class:`RetryPolicy` for subscriptions.
+    """
+
+    durability: Literal["normal", "full", "off"] = "normal"
+    max_pending_publishes: int = 10_000
+    max_event_bytes: int = 1024 * 1024
+    channel_capacity: int = 4096
+    max_commit_batch: int = 4096
+    retention: float = 3600.0
+    compact_interval: float = 30.0
+    idempotency_retention: float = 7 * 86400.0
+    busy_timeout: float = 5.0
+    open_timeout: float = 10.0
+    close_timeout: float = 10.0
+    batch: BatchPolicy = msgspec.field(default_factory=BatchPolicy)
+    retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        for key in ("max_pending_publishes", "max_event_bytes", "channel_capacity",
+                    "max_commit_batch"):
+            value = getattr(self, key)
+            if value < 1:
+                raise ConfigError(key, f"must be at least 1, got {value}")
+        for key in ("retention", "idempotency_retention"):
+            _positive(key, getattr(self, key), allow_zero=True)
+        for key in ("compact_interval", "busy_timeout", "open_timeout", "close_timeout"):
+            _positive(key, getattr(self, key))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> BusConfig:
+        """Build a config from plain data (nested dicts for ``batch`` and ``retry``).
+
+        Raises:
+            ConfigError: A key is unknown or a value has the wrong type or range.
+        """
+        return _convert(data, cls, strict=True)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> BusConfig:
+        """Read settings from the top level of a TOML file (``[batch]`` and
+        ``[retry]`` tables for the nested policies).
+
+        Raises:
+            ConfigError: The file is missing or malformed, or a key is unknown or
+                its value impossible.
+        """
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(os.fspath(path), "no such configuration file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(os.fspath(path), f"not valid TOML: {exc}") from exc
+        return _convert(data, cls, strict=True)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> BusConfig:
+        """Read ``EVENTBUS_<KEY>`` variables; nested keys use a double underscore
+        (``EVENTBUS_BATCH__MAX_SIZE=256``). Keys are case-insensitive.
+
+        Raises:
+            ConfigError: An ``EVENTBUS_*`` variable names no setting, or its value
+                does not parse.
+        """
+        env = os.environ if environ is None else environ
+        data: dict[str, object] = {}
+        for name, value in env.items():
+            if not name.upper().startswith("EVENTBUS_"):
+                continue
+            path = name[len("EVENTBUS_"):].lower().split("__")
+            node = data
+            for part in path[:-1]:
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    raise ConfigError(name, "conflicts with another variable")
+                node = child
+            node[path[-1]] = None if value.lower() in ("none", "null") else value
+        return _convert(data, cls, strict=False)
+
+
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]*)`")
+
+
+def _convert(data: dict[str, object], cls: type[T], *, strict: bool) -> T:
+    try:
+        return msgspec.convert(data, cls, strict=strict)
+    except ConfigError:
+        raise
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        where = _PATH.search(message)
+        prefix = where.group(1) if where else ""
+        unknown = _UNKNOWN.search(message)
+        if unknown:
+            key = f"{prefix}.{unknown.group(1)}" if prefix else unknown.group(1)
+            raise ConfigError(key, "unknown setting; see BusConfig for the valid keys") from None
+        key = prefix or "<config>"
+        raise ConfigError(key, message.split(" - at ")[0]) from None

@@ -1,0 +1,78 @@
+"""The handler's view of the bus while it handles an event or a batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from storage import NewRecord
+
+from ._event import Event
+
+Encoder = Callable[[str, object, str | None, dict[str, str] | None], NewRecord]
+
+
+class Context:
+    """Passed to every handler call.
+
+    Attributes:
+        subscription: The subscription's name.
+        attempt: Which attempt this is for the current event (1 on first delivery).
+    """
+
+    __slots__ = ("_encode", "_event", "_outbox", "attempt", "subscription")
+
+    def __init__(self, subscription: str, encode: Encoder) -> None:
+        self.subscription = subscription
+        self.attempt = 1
+        self._encode = encode
+        self._event: Event[object] | None = None
+        self._outbox: list[NewRecord] = []
+
+    @property
+    def idempotency_key(self) -> str:
+        """A key for outside calls, stable across redeliveries of this event to this
+        subscription. In a batch handler use :meth:`idempotency_key_for`."""
+        if self._event is None:
+            raise RuntimeError(
+                "ctx.idempotency_key names one event; a batch handler must call "
+                "ctx.idempotency_key_for(event)"
+            )
+        return self.idempotency_key_for(self._event)
+
+    def idempotency_key_for(self, event: Event[object]) -> str:
+        """The stable idempotency key of ``event`` for this subscription."""
+        return f"{self.subscription}:{event.id}"
+
+    async def publish(
+        self,
+        topic: str,
+        payload: object,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Publish downstream through the outbox: the event is committed in the same
+        transaction as this handler call's acknowledgement, so it exists exactly
+        when the handled event counts as done.
+
+        Raises:
+            PayloadError: The payload cannot be encoded.
+            EventTooLarge: The encoded event exceeds ``max_event_bytes``.
+
+        Cancellation: nothing is written until the acknowledgement commits.
+        """
+        self._outbox.append(self._encode(topic, payload, key, headers))
+
+    # -- used by the dispatcher -----------------------------------------------------
+
+    def _begin(self, event: Event[object] | None, attempt: int) -> int:
+        self._event = event
+        self.attempt = attempt
+        return len(self._outbox)
+
+    def _rollback_to(self, mark: int) -> None:
+        del self._outbox[mark:]
+
+    def _take_outbox(self) -> list[NewRecord]:
+        out, self._outbox = self._outbox, []
+        return out

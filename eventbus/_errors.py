@@ -1,0 +1,150 @@
+"""Every exception the bus raises on purpose.
+
+::
+
+    BusError
+    ├── BusClosed            the bus is closed (or closing): open a new one
+    ├── BusFull              publish_nowait found max_pending_publishes waiting
+    ├── EventTooLarge        the encoded event exceeds max_event_bytes; nothing written
+    ├── PayloadError         the payload or headers cannot be encoded; nothing written
+    ├── ConfigError          a configuration key or value is wrong (names the key)
+    ├── SubscriptionError    a subscribe() call is wrong (duplicate name, bad handler)
+    ├── DrainTimeout         drain() ran out of time; says which subscriptions lag
+    └── StorageError         the log failed (also a storage.StorageError)
+        ├── LogLocked        another process owns the log file
+        ├── NotALog          the file is not an event log
+        ├── CorruptLog       SQLite reports the file as damaged
+        ├── SchemaTooNew     written by a newer eventbus
+        └── StorageFull      the disk is full; the write was rolled back
+
+Storage errors are raised by the ``storage`` package (which imports nothing from
+here) and translated once, at the bus's boundary, by :func:`translate_storage_error`.
+"""
+
+from __future__ import annotations
+
+import storage as _storage
+
+
+class BusError(Exception):
+    """Root of every exception the bus raises on purpose."""
+
+
+class BusClosed(BusError):
+    """The bus is closed or closing; nothing was published. Open a new bus."""
+
+    def __init__(self, what: str = "the bus is closed") -> None:
+        super().__init__(f"{what}; open a new bus with Bus.open(...) to continue")
+
+
+class BusFull(BusError):
+    """``publish_nowait`` found the writer queue full: the event was not enqueued."""
+
+    def __init__(self, pending: int) -> None:
+        self.pending = pending
+        super().__init__(
+            f"{pending} publishes are already waiting for the log writer "
+            "(BusConfig.max_pending_publishes); await publish() to wait for room, "
+            "or retry later"
+        )
+
+
+class EventTooLarge(BusError):
+    """The encoded event is larger than ``BusConfig.max_event_bytes``."""
+
+    def __init__(self, topic: str, size: int, limit: int) -> None:
+        self.topic = topic
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"event on topic {topic!r} encodes to {size} bytes, over the limit of {limit} "
+            "(BusConfig.max_event_bytes); nothing was written. Store large blobs elsewhere "
+            "and publish a reference, or raise the limit"
+        )
+
+
+class PayloadError(BusError, TypeError):
+    """The payload (or headers) cannot be encoded with msgspec; nothing was written."""
+
+    def __init__(self, topic: str, reason: str) -> None:
+        self.topic = topic
+        self.reason = reason
+        super().__init__(
+            f"cannot encode the event for topic {topic!r}: {reason}; payloads must be "
+            "msgspec-encodable (dicts, lists, str, int, float, bool, None, bytes, "
+            "msgspec.Struct, dataclasses...)"
+        )
+
+
+class ConfigError(BusError, ValueError):
+    """A configuration key is unknown or its value impossible."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"configuration {key!r}: {problem}")
+
+
+class SubscriptionError(BusError):
+    """A ``subscribe`` call cannot be honoured (bad handler, duplicate name)."""
+
+
+class DrainTimeout(BusError, TimeoutError):
+    """``drain`` timed out before every subscription caught up."""
+
+    def __init__(self, timeout: float, lagging: dict[str, int]) -> None:
+        self.timeout = timeout
+        self.lagging = lagging
+        behind = ", ".join(f"{name} at {pos}" for name, pos in sorted(lagging.items()))
+        super().__init__(
+            f"drain timed out after {timeout}s; subscriptions still behind (acknowledged "
+            f"position): {behind}. Check bus.metrics() or the dead letters"
+        )
+
+
+class StorageError(BusError, _storage.StorageError):
+    """The log failed; nothing partial was written."""
+
+
+class LogLocked(StorageError, _storage.LogLocked):
+    """Another process owns the log file."""
+
+
+class NotALog(StorageError, _storage.NotALog):
+    """The file is not an event log."""
+
+
+class CorruptLog(StorageError, _storage.CorruptLog):
+    """SQLite reports the file as damaged."""
+
+
+class SchemaTooNew(StorageError, _storage.SchemaTooNew):
+    """The log was written by a newer eventbus."""
+
+
+class StorageFull(StorageError, _storage.StorageFull):
+    """The disk is full; the write was rolled back."""
+
+
+_TRANSLATION: tuple[tuple[type[_storage.StorageError], type[StorageError]], ...] = (
+    (_storage.LogLocked, LogLocked),
+    (_storage.NotALog, NotALog),
+    (_storage.CorruptLog, CorruptLog),
+    (_storage.SchemaTooNew, SchemaTooNew),
+    (_storage.StorageFull, StorageFull),
+    (_storage.StorageClosed, StorageError),
+    (_storage.StorageError, StorageError),
+)
+
+
+def translate_storage_error(exc: _storage.StorageError) -> StorageError:
+    """Return the bus's twin of a storage error, keeping its attributes and message."""
+    if isinstance(exc, StorageError):
+        return exc
+    for source, target in _TRANSLATION:
+        if isinstance(exc, source):
+            twin = target.__new__(target)
+            twin.__dict__.update(exc.__dict__)
+            twin.args = exc.args
+            return twin
+    raise AssertionError("unreachable: every storage error has a twin")  # pragma: no cover

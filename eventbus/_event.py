@@ -1,0 +1,62 @@
+"""Events, publish receipts and the messages ``publish_many`` takes."""
+
+from __future__ import annotations
+
+import os
+import time
+from itertools import count
+from typing import Generic, TypeVar
+
+import msgspec
+
+from storage import Receipt
+
+P = TypeVar("P")
+
+__all__ = ["Event", "Message", "Receipt", "new_event_id"]
+
+
+class Event(msgspec.Struct, Generic[P], frozen=True):
+    """An event as a handler sees it.
+
+    Attributes:
+        id: Unique id, kept across redeliveries and redrives.
+        seq: Position in the log (increases with publish order).
+        topic: The topic it was published on.
+        key: The ordering key (events with one key are handled in order), or None.
+        payload: The decoded payload: built-in types (a ``msgspec.Struct`` arrives as
+            a dict).
+        headers: String metadata.
+        created_at: Unix time of the publish.
+        attempt: 1 on first delivery, counting up on each retry.
+    """
+
+    id: str
+    seq: int
+    topic: str
+    key: str | None
+    payload: P
+    headers: dict[str, str]
+    created_at: float
+    attempt: int = 1
+
+
+class Message(msgspec.Struct, frozen=True):
+    """One event to publish with :meth:`Bus.publish_many`."""
+
+    topic: str
+    payload: object
+    key: str | None = None
+    headers: dict[str, str] | None = None
+    idempotency_key: str | None = None
+
+
+# Ids are a per-process random prefix and a counter: unique across processes and
+# restarts, and an order of magnitude cheaper than uuid4() on the publish path.
+_PREFIX = os.urandom(8).hex()
+_COUNTER = count(int(time.time() * 1000) << 16)
+
+
+def new_event_id() -> str:
+    """A fresh, unique event id (32 hex characters)."""
+    return f"{_PREFIX}{next(_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"

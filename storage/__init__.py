@@ -1,0 +1,51 @@
+"""The event log: an ordered, durable store of events, cursors and dead letters.
+
+Imports nothing from the rest of the project. :class:`Storage` is the contract;
+:class:`SQLiteStorage` the embedded default and :class:`MemoryStorage` an in-process
+log with no durability.
+"""
+
+from ._errors import (
+    CorruptLog,
+    LogLocked,
+    NotALog,
+    SchemaTooNew,
+    StorageClosed,
+    StorageError,
+    StorageFull,
+)
+from ._memory import MemoryStorage
+from ._protocol import Storage
+from ._schema import SCHEMA_VERSION
+from ._sqlite import Durability, SQLiteStorage
+from ._types import (
+    DeadRecord,
+    LogStats,
+    NewRecord,
+    Receipt,
+    Record,
+    SubscriptionInfo,
+    WriteBatch,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CorruptLog",
+    "DeadRecord",
+    "Durability",
+    "LogLocked",
+    "LogStats",
+    "MemoryStorage",
+    "NewRecord",
+    "NotALog",
+    "Receipt",
+    "Record",
+    "SQLiteStorage",
+    "SchemaTooNew",
+    "Storage",
+    "StorageClosed",
+    "StorageError",
+    "StorageFull",
+    "SubscriptionInfo",
+    "WriteBatch",
+]

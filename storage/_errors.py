@@ -1,0 +1,78 @@
+"""The storage error tree.
+
+::
+
+    StorageError                 the log could not do what was asked
+    ├── LogLocked                another process owns the log file
+    ├── NotALog                  the file exists but is not an event log
+    ├── CorruptLog               the file is damaged (SQLite refuses it)
+    ├── SchemaTooNew             written by a newer version of this library
+    ├── StorageFull              the disk (or quota) is full
+    └── StorageClosed            the storage was closed
+
+The bus re-raises each of these as its own subclass of ``eventbus.BusError``.
+"""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """The log could not carry out an operation. Nothing partial was written."""
+
+
+class LogLocked(StorageError):
+    """Another process holds the log's lock file."""
+
+    def __init__(self, path: str, owner: str) -> None:
+        self.path = path
+        self.owner = owner
+        super().__init__(
+            f"the log {path!r} is owned by another process ({owner}); only one process "
+            "may run a bus on a SQLite log at a time. Stop that process, or use a "
+            "different file, or the PostgreSQL backend for several processes"
+        )
+
+
+class NotALog(StorageError):
+    """The file is a database (or something else) that this library did not create."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(
+            f"{path!r} is not an event log ({detail}); point Bus.open at a new path or "
+            "at a file an event bus created"
+        )
+
+
+class CorruptLog(StorageError):
+    """SQLite reports the file as damaged or not a database at all."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(
+            f"{path!r} cannot be read as an event log: {detail}. Restore it from a "
+            "backup, or move it aside to start a new log"
+        )
+
+
+class SchemaTooNew(StorageError):
+    """The log was written by a newer version of this library."""
+
+    def __init__(self, path: str, found: int, supported: int) -> None:
+        self.path = path
+        self.found = found
+        self.supported = supported
+        super().__init__(
+            f"{path!r} has schema version {found}, but this version of eventbus reads "
+            f"up to {supported}; upgrade eventbus to open it"
+        )
+
+
+class StorageFull(StorageError):
+    """The disk is full: the write was rolled back and can be retried once space returns."""
+
+
+class StorageClosed(StorageError):
+    """The storage was closed; open a new one."""

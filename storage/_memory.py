@@ -1,0 +1,155 @@
+"""An in-memory log: the same contract as SQLite, no durability, for tests and ``:memory:``."""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+
+from ._errors import StorageClosed
+from ._types import DeadRecord, LogStats, Receipt, Record, SubscriptionInfo, WriteBatch
+
+
+class MemoryStorage:
+    """A log kept in process memory. Lost when the process exits.
+
+    Events are kept until :meth:`compact` removes them, so memory grows with the
+    backlog exactly as the SQLite file would.
+    """
+
+    def __init__(self) -> None:
+        self._events: deque[Record] = deque()
+        self._head = 0
+        self._idempotency: dict[str, tuple[Receipt, float]] = {}
+        self._subs: dict[str, SubscriptionInfo] = {}
+        self._dead: list[DeadRecord] = []
+        self._closed = False
+
+    @property
+    def head(self) -> int:
+        return self._head
+
+    async def open(self) -> None:
+        self._closed = False
+
+    async def close(self) -> None:
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageClosed("the in-memory log is closed")
+
+    async def commit(self, batch: WriteBatch) -> list[Receipt]:
+        self._check_open()
+        receipts: list[Receipt] = []
+        now = time.time()
+        seq = self._head
+        new: list[Record] = []
+        fresh_keys: dict[str, Receipt] = {}
+        for rec in batch.appends:
+            ikey = rec.idempotency_key
+            if ikey is not None:
+                known = fresh_keys.get(ikey)
+                if known is None and ikey in self._idempotency:
+                    known = self._idempotency[ikey][0]
+                if known is not None:
+                    receipts.append(Receipt(known.seq, known.id, True))
+                    continue
+            seq += 1
+            new.append(
+                Record(seq, rec.id, rec.topic, rec.key, rec.payload, rec.headers, rec.created_at)
+            )
+            receipt = Receipt(seq, rec.id)
+            if ikey is not None:
+                fresh_keys[ikey] = receipt
+            receipts.append(receipt)
+        # Nothing above can fail half-way through a mutation: apply all at once.
+        self._events.extend(new)
+        self._head = seq
+        for ikey, receipt in fresh_keys.items():
+            self._idempotency[ikey] = (receipt, now)
+        for info in batch.subscriptions:
+            old = self._subs.get(info.name)
+            cursor = info.cursor if old is None else old.cursor
+            self._subs[info.name] = SubscriptionInfo(info.name, info.topics, cursor, now)
+        for name, cursor in batch.acks.items():
+            old = self._subs.get(name)
+            if old is None:
+                self._subs[name] = SubscriptionInfo(name, ("*",), cursor, now)
+            elif cursor > old.cursor:
+                self._subs[name] = SubscriptionInfo(name, old.topics, cursor, now)
+        self._dead.extend(batch.dead)
+        return receipts
+
+    async def read(
+        self, after: int, upto: int, topics: frozenset[str] | None, limit: int
+    ) -> list[Record]:
+        self._check_open()
+        events = self._events
+        if not events:
+            return []
+        first = events[0].seq
+        # Sequence numbers are dense between compactions, so the index is arithmetic.
+        start = max(after + 1 - first, 0)
+        out: list[Record] = []
+        for i in range(start, len(events)):
+            rec = events[i]
+            if rec.seq > upto:
+                break
+            if topics is None or rec.topic in topics:
+                out.append(rec)
+                if len(out) >= limit:
+                    break
+        return out
+
+    async def subscriptions(self) -> dict[str, SubscriptionInfo]:
+        self._check_open()
+        return dict(self._subs)
+
+    async def dead_letters(
+        self, subscription: str | None = None, limit: int = 100, after_seq: int = 0
+    ) -> list[DeadRecord]:
+        self._check_open()
+        rows = [
+            d
+            for d in self._dead
+            if (subscription is None or d.subscription == subscription)
+            and d.record.seq > after_seq
+        ]
+        rows.sort(key=lambda d: (d.record.seq, d.subscription))
+        return rows[:limit]
+
+    async def compact(self, upto: int, older_than: float, idempotency_older_than: float) -> int:
+        self._check_open()
+        removed = 0
+        events = self._events
+        while events and events[0].seq <= upto and events[0].created_at < older_than:
+            events.popleft()
+            removed += 1
+        stale = [k for k, (_, at) in self._idempotency.items() if at < idempotency_older_than]
+        for k in stale:
+            del self._idempotency[k]
+        return removed
+
+    async def stats(self) -> LogStats:
+        self._check_open()
+        lag: dict[str, int] = {}
+        seqs = [r.seq for r in self._events]
+        for name, info in self._subs.items():
+            topics = set(info.topics)
+            everything = "*" in topics
+            i = bisect.bisect_right(seqs, info.cursor)
+            lag[name] = sum(1 for r in list(self._events)[i:] if everything or r.topic in topics)
+        dead: dict[str, int] = {}
+        for d in self._dead:
+            dead[d.subscription] = dead.get(d.subscription, 0) + 1
+        return LogStats(
+            head=self._head,
+            events=len(self._events),
+            oldest_seq=self._events[0].seq if self._events else None,
+            subscriptions=tuple(sorted(self._subs.values(), key=lambda s: s.name)),
+            lag=lag,
+            dead_letters=dead,
+            size_bytes=sum(len(r.payload) for r in self._events),
+            wal_bytes=0,
+        )

@@ -1,0 +1,55 @@
+"""The contract every log backend implements."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from ._types import DeadRecord, LogStats, Receipt, Record, SubscriptionInfo, WriteBatch
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """A durable, ordered log with subscription cursors.
+
+    One writer (the bus) drives it; reads may happen concurrently with a commit.
+    ``head`` is the sequence number of the last committed event (0 when empty) and
+    is only read after :meth:`open`.
+    """
+
+    @property
+    def head(self) -> int: ...
+
+    async def open(self) -> None:
+        """Open (creating if needed) the log. Raises a ``StorageError`` subclass."""
+
+    async def close(self) -> None:
+        """Flush and release the log. Idempotent."""
+
+    async def commit(self, batch: WriteBatch) -> list[Receipt]:
+        """Apply ``batch`` in one transaction and return one receipt per append.
+
+        Appends get consecutive sequence numbers after ``head``, except those whose
+        idempotency key is already known: they get the original's receipt with
+        ``duplicate=True``. Either everything in the batch is written, or nothing.
+        """
+
+    async def read(
+        self, after: int, upto: int, topics: frozenset[str] | None, limit: int
+    ) -> list[Record]:
+        """Events with ``after < seq <= upto`` on ``topics`` (all if None), in order."""
+
+    async def subscriptions(self) -> dict[str, SubscriptionInfo]:
+        """Every registered subscription with its cursor."""
+
+    async def dead_letters(
+        self, subscription: str | None = None, limit: int = 100, after_seq: int = 0
+    ) -> list[DeadRecord]:
+        """Dead-lettered events, oldest first."""
+
+    async def compact(self, upto: int, older_than: float, idempotency_older_than: float) -> int:
+        """Delete events with ``seq <= upto`` created before ``older_than`` (a unix time),
+        and idempotency keys recorded before ``idempotency_older_than``. Returns the
+        number of events deleted."""
+
+    async def stats(self) -> LogStats:
+        """A snapshot of the log's size, cursors and lag."""

@@ -1,0 +1,544 @@
+"""The embedded log: SQLite in WAL mode through aiosqlite.
+
+One connection writes (the bus's single writer task), another reads (subscriptions
+tailing their backlog), so a long backlog read never holds up a group commit.
+
+aiosqlite runs every statement on its own thread, so cancelling the awaiting task does
+not stop SQL already queued: a cancelled :meth:`SQLiteStorage.commit` may still commit.
+The log is built so that this is harmless: after any failed or cancelled commit the
+writer re-reads the head from the file before assigning another sequence number, and
+publishers that retry with an idempotency key get the original receipt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from typing import Literal
+
+import aiosqlite
+import anyio
+
+from ._errors import (
+    CorruptLog,
+    LogLocked,
+    NotALog,
+    SchemaTooNew,
+    StorageClosed,
+    StorageError,
+    StorageFull,
+)
+from ._schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
+from ._types import DeadRecord, LogStats, Receipt, Record, SubscriptionInfo, WriteBatch
+
+logger = logging.getLogger(__name__)
+
+Durability = Literal["normal", "full", "off"]
+
+_SYNCHRONOUS: dict[str, str] = {"normal": "NORMAL", "full": "FULL", "off": "OFF"}
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_EVENT_COLUMNS = "seq, id, topic, key, payload, headers, created_at"
+# SQLite's default limit on host parameters is 32766 since 3.32; stay far below it.
+_IN_CHUNK = 500
+# Checkpoint explicitly once this much has been appended since the last one, so the
+# WAL stays bounded even when a reader keeps the passive auto-checkpoint from finishing.
+_CHECKPOINT_EVERY_BYTES = 32 * 1024 * 1024
+
+
+def _translate(path: str, exc: BaseException) -> StorageError:
+    """Turn a sqlite3 error into the storage error tree (the one boundary for it)."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
+            return StorageFull(
+                f"the disk holding {path!r} is full; the write was rolled back and "
+                "nothing partial was kept. Free space and retry"
+            )
+        if isinstance(exc, sqlite3.DatabaseError) and (
+            code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+            or "malformed" in str(exc)
+            or "not a database" in str(exc)
+        ):
+            return CorruptLog(path, str(exc))
+        return StorageError(f"SQLite failed on {path!r}: {exc}")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return StorageFull(f"the disk holding {path!r} is full: {exc}")
+    return StorageError(f"storage failure on {path!r}: {exc!r}")
+
+
+def _is_busy(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "locked" in str(exc) or "busy" in str(exc)
+    )
+
+
+class _LockFile:
+    """An advisory ``flock`` on ``<log>.lock``: released by the kernel when the owner
+    dies, so a ``kill -9`` never leaves the log locked."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise LogLocked(self.path[: -len(".lock")], owner) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+class SQLiteStorage:
+    """A log in one SQLite file (WAL mode).
+
+    Args:
+        path: The database file; created if missing.
+        durability: ``"normal"`` (synchronous=NORMAL: a commit survives a killed
+            process), ``"full"`` (synchronous=FULL: it survives power loss) or
+            ``"off"`` (the OS decides when data reaches the disk).
+        busy_timeout: Seconds a write waits for SQLite's lock before failing.
+        open_timeout: Seconds :meth:`open` keeps retrying while the file is busy,
+            as it is while SQLite recovers a log left by a crashed process.
+        read_only: Open for inspection only: no lock file, no writes. Safe while
+            another process runs a bus on the file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Durability = "normal",
+        busy_timeout: float = 5.0,
+        open_timeout: float = 10.0,
+        read_only: bool = False,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.durability = durability
+        self.busy_timeout = busy_timeout
+        self.open_timeout = open_timeout
+        self.read_only = read_only
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._lock = _LockFile(self.path + ".lock")
+        self._head = 0
+        self._bytes_since_checkpoint = 0
+
+    @property
+    def head(self) -> int:
+        return self._head
+
+    # -- opening --------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await anyio.to_thread.run_sync(self._precheck)
+        if not self.read_only:
+            await anyio.to_thread.run_sync(self._lock.acquire)
+        try:
+            self._writer = await self._connect_retrying(writer=not self.read_only)
+            if not self.read_only:
+                await self._migrate(self._writer)
+            await self._check_schema(self._writer)
+            self._reader = await self._connect_retrying(writer=False)
+            self._head = await self._read_head(self._writer)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.close()
+            raise
+
+    def _precheck(self) -> None:
+        """Recognise a foreign file before SQLite gets to it."""
+        try:
+            with open(self.path, "rb") as f:
+                magic = f.read(len(_SQLITE_MAGIC))
+        except FileNotFoundError:
+            if self.read_only:
+                raise StorageError(f"there is no log at {self.path!r}") from None
+            return
+        except IsADirectoryError:
+            raise NotALog(self.path, "it is a directory") from None
+        if magic and magic != _SQLITE_MAGIC:
+            raise NotALog(self.path, "it is not a SQLite database")
+
+    async def _connect_retrying(self, *, writer: bool) -> aiosqlite.Connection:
+        deadline = time.monotonic() + self.open_timeout
+        delay = 0.01
+        while True:
+            try:
+                return await self._connect(writer=writer)
+            except sqlite3.Error as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise _translate(self.path, exc) from exc
+                logger.warning("log %s is busy while opening (%s); retrying", self.path, exc)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def _connect(self, *, writer: bool) -> aiosqlite.Connection:
+        if self.read_only:
+            target = f"file:{self.path}?mode=ro"
+            conn = await aiosqlite.connect(target, uri=True, isolation_level=None)
+        else:
+            conn = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            if writer:
+                await conn.execute("PRAGMA journal_mode = WAL")
+                await conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[self.durability]}")
+                await conn.execute("PRAGMA journal_size_limit = 67108864")
+            else:
+                await conn.execute("PRAGMA query_only = 1")
+            await conn.execute("PRAGMA temp_store = MEMORY")
+            await conn.execute("PRAGMA cache_size = -16000")
+            # Touch the file so a damaged or locked database fails here, not later.
+            await conn.execute_fetchall("SELECT count(*) FROM sqlite_master")
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+            raise
+        return conn
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                version, app_id, tables = await self._identity(conn)
+                if version == 0 and app_id == 0:
+                    if tables:
+                        raise NotALog(
+                            self.path, f"it is a SQLite database with tables {sorted(tables)}"
+                        )
+                    await conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                if app_id in (0, APPLICATION_ID) and version < SCHEMA_VERSION:
+                    for script in MIGRATIONS[version:]:
+                        for statement in script.split(";"):
+                            if statement.strip():
+                                await conn.execute(statement)
+                    await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                await conn.execute("COMMIT")
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._rollback(conn)
+                raise
+        except sqlite3.Error as exc:
+            raise _translate(self.path, exc) from exc
+
+    async def _identity(self, conn: aiosqlite.Connection) -> tuple[int, int, set[str]]:
+        (version,), = await conn.execute_fetchall("PRAGMA user_version")  # type: ignore[misc]
+        (app_id,), = await conn.execute_fetchall("PRAGMA application_id")  # type: ignore[misc]
+        rows = await conn.execute_fetchall(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        )
+        return int(version), int(app_id), {r[0] for r in rows}
+
+    async def _check_schema(self, conn: aiosqlite.Connection) -> None:
+        try:
+            version, app_id, tables = await self._identity(conn)
+        except sqlite3.Error as exc:
+            raise _translate(self.path, exc) from exc
+        if app_id != APPLICATION_ID:
+            detail = (
+                f"it is a SQLite database with tables {sorted(tables)}"
+                if tables
+                else "it is an empty SQLite database"
+            )
+            raise NotALog(self.path, detail)
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(self.path, version, SCHEMA_VERSION)
+        if version < SCHEMA_VERSION:
+            raise StorageError(
+                f"{self.path!r} has schema version {version} and was opened read-only; "
+                "open it once with a bus to migrate it"
+            )
+
+    async def _read_head(self, conn: aiosqlite.Connection) -> int:
+        rows = await conn.execute_fetchall(
+            "SELECT max(coalesce((SELECT max(seq) FROM events), 0),"
+            " coalesce((SELECT CAST(value AS INTEGER) FROM meta"
+            " WHERE key = 'compacted_upto'), 0))"
+        )
+        return int(list(rows)[0][0])
+
+    async def close(self) -> None:
+        for attr in ("_reader", "_writer"):
+            conn: aiosqlite.Connection | None = getattr(self, attr)
+            setattr(self, attr, None)
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    if attr == "_writer" and not self.read_only:
+                        # Leave a small file behind: fold the WAL back into the database.
+                        await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                await conn.close()
+        self._lock.release()
+
+    # -- writing --------------------------------------------------------------------
+
+    def _conn(self, which: str) -> aiosqlite.Connection:
+        conn = self._writer if which == "w" else self._reader
+        if conn is None:
+            raise StorageClosed(f"the log {self.path!r} is closed")
+        return conn
+
+    async def _rollback(self, conn: aiosqlite.Connection) -> None:
+        # Queued after whatever statement was in flight, so it runs once that finishes;
+        # "no transaction is active" means the statement in flight was a COMMIT.
+        with contextlib.suppress(sqlite3.Error):
+            await conn.execute("ROLLBACK")
+
+    async def commit(self, batch: WriteBatch) -> list[Receipt]:
+        if self.read_only:
+            raise StorageError(f"{self.path!r} was opened read-only")
+        conn = self._conn("w")
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                receipts, head, nbytes = await self._apply(conn, batch)
+                await conn.execute("COMMIT")
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._rollback(conn)
+                    # A cancelled COMMIT may still have landed: trust the file.
+                    self._head = await self._read_head(conn)
+                raise
+        except sqlite3.Error as exc:
+            raise _translate(self.path, exc) from exc
+        self._head = head
+        self._bytes_since_checkpoint += nbytes
+        if self._bytes_since_checkpoint >= _CHECKPOINT_EVERY_BYTES:
+            self._bytes_since_checkpoint = 0
+            await self._checkpoint(conn)
+        return receipts
+
+    async def _checkpoint(self, conn: aiosqlite.Connection) -> None:
+        try:
+            rows = await conn.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            logger.warning("WAL checkpoint of %s failed: %s", self.path, exc)
+            return
+        busy = list(rows)[0][0]
+        if busy:
+            logger.warning("WAL checkpoint of %s could not finish: a reader is busy", self.path)
+
+    async def _apply(
+        self, conn: aiosqlite.Connection, batch: WriteBatch
+    ) -> tuple[list[Receipt], int, int]:
+        now = time.time()
+        known: dict[str, Receipt] = {}
+        ikeys = [r.idempotency_key for r in batch.appends if r.idempotency_key is not None]
+        for chunk in _chunks(ikeys, _IN_CHUNK):
+            rows = await conn.execute_fetchall(
+                f"SELECT key, seq, id FROM idempotency WHERE key IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            for key, seq, eid in rows:
+                known[key] = Receipt(seq, eid, True)
+        seq = self._head
+        receipts: list[Receipt] = []
+        rows_out: list[tuple[object, ...]] = []
+        idem_rows: list[tuple[object, ...]] = []
+        nbytes = 0
+        for rec in batch.appends:
+            ikey = rec.idempotency_key
+            if ikey is not None:
+                dup = known.get(ikey)
+                if dup is not None:
+                    receipts.append(dup if dup.duplicate else Receipt(dup.seq, dup.id, True))
+                    continue
+            seq += 1
+            rows_out.append(
+                (seq, rec.id, rec.topic, rec.key, rec.payload, rec.headers, rec.created_at)
+            )
+            nbytes += len(rec.payload) + 64
+            receipt = Receipt(seq, rec.id)
+            if ikey is not None:
+                known[ikey] = receipt
+                idem_rows.append((ikey, seq, rec.id, now))
+            receipts.append(receipt)
+        if rows_out:
+            await conn.executemany(
+                f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows_out
+            )
+        if idem_rows:
+            await conn.executemany(
+                "INSERT INTO idempotency (key, seq, id, created_at) VALUES (?, ?, ?, ?)",
+                idem_rows,
+            )
+        if batch.subscriptions:
+            await conn.executemany(
+                "INSERT INTO subscriptions (name, topics, cursor, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET topics = excluded.topics",
+                [(s.name, "\n".join(s.topics), s.cursor, now) for s in batch.subscriptions],
+            )
+        if batch.acks:
+            await conn.executemany(
+                "INSERT INTO subscriptions (name, topics, cursor, updated_at) VALUES (?, '*', ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET cursor = max(cursor, excluded.cursor),"
+                " updated_at = excluded.updated_at",
+                [(name, cursor, now) for name, cursor in batch.acks.items()],
+            )
+        if batch.dead:
+            await conn.executemany(
+                "INSERT OR REPLACE INTO dead_letters (subscription, seq, id, topic, key, payload,"
+                " headers, created_at, attempts, error_type, error_message, traceback,"
+                " first_failed_at, last_failed_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        d.subscription, d.record.seq, d.record.id, d.record.topic, d.record.key,
+                        d.record.payload, d.record.headers, d.record.created_at, d.attempts,
+                        d.error_type, d.error_message, d.traceback, d.first_failed_at,
+                        d.last_failed_at,
+                    )
+                    for d in batch.dead
+                ],
+            )
+        return receipts, seq, nbytes
+
+    # -- reading --------------------------------------------------------------------
+
+    async def read(
+        self, after: int, upto: int, topics: frozenset[str] | None, limit: int
+    ) -> list[Record]:
+        conn = self._conn("r")
+        sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ? AND seq <= ?"
+        params: list[object] = [after, upto]
+        if topics is not None and "*" not in topics:
+            sql += f" AND topic IN ({','.join('?' * len(topics))})"
+            params.extend(sorted(topics))
+        sql += " ORDER BY seq LIMIT ?"
+        params.append(limit)
+        try:
+            rows = await conn.execute_fetchall(sql, params)
+        except sqlite3.Error as exc:
+            raise _translate(self.path, exc) from exc
+        return [Record(*row) for row in rows]
+
+    async def subscriptions(self) -> dict[str, SubscriptionInfo]:
+        conn = self._conn("r")
+        try:
+            rows = await conn.execute_fetchall(
+                "SELECT name, topics, cursor, updated_at FROM subscriptions ORDER BY name"
+            )
+        except sqlite3.Error as exc:
+            raise _translate(self.path, exc) from exc
+        return {
+            name: SubscriptionInfo(name, tuple(topics.split("\n")), cursor, updated)
+            for name, topics, cursor, updated in rows
+        }
+
+    async def dead_letters(
+        self, subscription: str | None = None, limit: int = 100, after_seq: int = 0
+    ) -> list[DeadRecord]:
+        conn = self._conn("r")
+        sql = (
+            "SELECT subscription, seq, id, topic, key, payload, headers, created_at, attempts,"
+            " error_type, error_message, traceback, first_failed_at, last_failed_at"
+            " FROM dead_letters WHERE seq > ?"
+        )
+        params: list[object] = [after_seq]
+        if subscription is not None:
+            sql += " AND subscription = ?"
+            params.append(subscription)
+        sql += " ORDER BY seq, subscription LIMIT ?"
+        params.append(limit)
+        try:
+            rows = await conn.execute_fetchall(sql, params)
+        except sqlite3.Error as exc:
+            raise _translate(self.path, exc) from exc
+        return [
+            DeadRecord(r[0], Record(*r[1:8]), r[8], r[9], r[10], r[11], r[12], r[13])
+            for r in rows
+        ]
+
+    async def compact(self, upto: int, older_than: float, idempotency_older_than: float) -> int:
+        conn = self._conn("w")
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = await conn.execute(
+                    "DELETE FROM events WHERE seq <= ? AND created_at < ?", (upto, older_than)
+                )
+                removed = cur.rowcount
+                await conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('compacted_upto', ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value ="
+                    " max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+                    (str(min(upto, self._head)),),
+                )
+                await conn.execute(
+                    "DELETE FROM idempotency WHERE created_at < ?", (idempotency_older_than,)
+                )
+                await conn.execute("COMMIT")
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._rollback(conn)
+                raise
+        except sqlite3.Error as exc:
+            raise _translate(self.path, exc) from exc
+        return removed
+
+    async def stats(self) -> LogStats:
+        conn = self._conn("r")
+        try:
+            head = await self._read_head(conn)
+            (count, oldest), = await conn.execute_fetchall(  # type: ignore[misc]
+                "SELECT count(*), min(seq) FROM events"
+            )
+            subs = await self.subscriptions()
+            lag: dict[str, int] = {}
+            for info in subs.values():
+                sql = "SELECT count(*) FROM events WHERE seq > ?"
+                params: list[object] = [info.cursor]
+                if "*" not in info.topics:
+                    sql += f" AND topic IN ({','.join('?' * len(info.topics))})"
+                    params.extend(info.topics)
+                (n,), = await conn.execute_fetchall(sql, params)  # type: ignore[misc]
+                lag[info.name] = int(n)
+            dead_rows = await conn.execute_fetchall(
+                "SELECT subscription, count(*) FROM dead_letters GROUP BY subscription"
+            )
+        except sqlite3.Error as exc:
+            raise _translate(self.path, exc) from exc
+        size = await anyio.to_thread.run_sync(_file_size, self.path)
+        wal = await anyio.to_thread.run_sync(_file_size, self.path + "-wal")
+        return LogStats(
+            head=head,
+            events=int(count),
+            oldest_seq=oldest,
+            subscriptions=tuple(subs.values()),
+            lag=lag,
+            dead_letters={name: int(n) for name, n in dead_rows},
+            size_bytes=size,
+            wal_bytes=wal,
+        )
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
