@@ -174,8 +174,10 @@ class GradientController(NaturalController):
         # Service time, not wait time: waiting grows with the backlog whatever the
         # batch size, while the service time is what the batch size controls.
         lat = sample.service_time
-        self._latency = lat if self._latency is None else (
-            self._alpha * lat + (1 - self._alpha) * self._latency
+        self._latency = (
+            lat
+            if self._latency is None
+            else (self._alpha * lat + (1 - self._alpha) * self._latency)
         )
         ratio = self._target_latency / max(self._latency, 1e-9)
         if ratio < 0.9:

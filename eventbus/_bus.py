@@ -321,8 +321,7 @@ class Bus:
         """
         self._check_open()
         records = [
-            self._encode(m.topic, m.payload, m.key, m.headers, m.idempotency_key)
-            for m in messages
+            self._encode(m.topic, m.payload, m.key, m.headers, m.idempotency_key) for m in messages
         ]
         return await self._writer.submit_many(records)
 
@@ -351,8 +350,13 @@ class Bus:
                 if subs is None and not wildcard:
                     continue
                 event: Event[object] = Event(
-                    rec.id, receipt.seq, rec.topic, rec.key, decode(rec.payload),
-                    _HEADERS.decode(rec.headers) if rec.headers else {}, rec.created_at,
+                    rec.id,
+                    receipt.seq,
+                    rec.topic,
+                    rec.key,
+                    decode(rec.payload),
+                    _HEADERS.decode(rec.headers) if rec.headers else {},
+                    rec.created_at,
                 )
                 if subs is not None:
                     for sub in subs:

@@ -88,9 +88,7 @@ class RetryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
-            raise ConfigError(
-                "retry.max_attempts", f"must be at least 1, got {self.max_attempts}"
-            )
+            raise ConfigError("retry.max_attempts", f"must be at least 1, got {self.max_attempts}")
         _positive("retry.initial_delay", self.initial_delay, allow_zero=True)
         _positive("retry.max_delay", self.max_delay, allow_zero=True)
         if self.max_delay < self.initial_delay:
@@ -142,8 +140,12 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
-        for key in ("max_pending_publishes", "max_event_bytes", "channel_capacity",
-                    "max_commit_batch"):
+        for key in (
+            "max_pending_publishes",
+            "max_event_bytes",
+            "channel_capacity",
+            "max_commit_batch",
+        ):
             value = getattr(self, key)
             if value < 1:
                 raise ConfigError(key, f"must be at least 1, got {value}")
@@ -193,7 +195,7 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for name, value in env.items():
             if not name.upper().startswith("EVENTBUS_"):
                 continue
-            path = name[len("EVENTBUS_"):].lower().split("__")
+            path = name[len("EVENTBUS_") :].lower().split("__")
             node = data
             for part in path[:-1]:
                 child = node.setdefault(part, {})

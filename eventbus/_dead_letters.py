@@ -40,9 +40,7 @@ class DeadLetter(msgspec.Struct, frozen=True):
 class DeadLetters:
     """``bus.dead_letters``: read the dead-letter table."""
 
-    def __init__(
-        self, log: _storage.Storage, to_event: Callable[[Record], Event[object]]
-    ) -> None:
+    def __init__(self, log: _storage.Storage, to_event: Callable[[Record], Event[object]]) -> None:
         self._log = log
         self._to_event = to_event
 
@@ -52,8 +50,13 @@ class DeadLetters:
         except msgspec.DecodeError:
             # Undecodable payloads are kept as raw bytes for the operator to inspect.
             event = Event(
-                dead.record.id, dead.record.seq, dead.record.topic, dead.record.key,
-                dead.record.payload, {}, dead.record.created_at,
+                dead.record.id,
+                dead.record.seq,
+                dead.record.topic,
+                dead.record.key,
+                dead.record.payload,
+                {},
+                dead.record.created_at,
             )
         return DeadLetter(
             event=event,

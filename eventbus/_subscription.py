@@ -60,15 +60,16 @@ def is_batch_handler(handler: Callable[..., object]) -> bool:
             "parameters, (event, ctx) or (events: list[Event], ctx)"
         )
     first = params[0]
-    annotation = first.annotation
+    annotation: object = first.annotation
     if annotation is inspect.Parameter.empty:
         return False
     if isinstance(annotation, str):
+        text = annotation.replace(" ", "").lower()
         try:
             annotation = typing.get_type_hints(handler).get(first.name, annotation)
         except Exception:  # noqa: BLE001 - an unresolvable string: judge it by its text
-            return annotation.replace(" ", "").lower().startswith(("list[", "typing.list["))
-    return typing.get_origin(annotation) is list or annotation is list
+            return text.startswith(("list[", "typing.list["))
+    return bool(typing.get_origin(annotation) is list or annotation is list)
 
 
 def make_controller(policy: BatchPolicy) -> BatchController:
@@ -262,8 +263,9 @@ class Subscription:
         stats.last_batch_size = len(batch)
         stats.batch_sizes.append(len(batch))
         self.controller.observe(
-            BatchSample(len(batch), time.monotonic() - started, wait_time, self.backlog(),
-                        time.monotonic())
+            BatchSample(
+                len(batch), time.monotonic() - started, wait_time, self.backlog(), time.monotonic()
+            )
         )
         self._on_progress()
 
@@ -289,7 +291,11 @@ class Subscription:
             self.stats.failed_attempts += 1
             logger.warning(
                 "subscription %s: batch of %d failed (%s: %s); splitting it to isolate "
-                "the failing events", self.name, len(batch), type(exc).__name__, exc
+                "the failing events",
+                self.name,
+                len(batch),
+                type(exc).__name__,
+                exc,
             )
         # Bisect: the healthy halves succeed, the poison narrows down to single events.
         middle = len(batch) // 2
@@ -301,8 +307,10 @@ class Subscription:
         first_failed: float | None = None
         delay = self.retry.initial_delay
         while True:
-            current = event if attempt == event.attempt else msgspec.structs.replace(
-                event, attempt=attempt
+            current = (
+                event
+                if attempt == event.attempt
+                else msgspec.structs.replace(event, attempt=attempt)
             )
             mark = self._ctx._begin(current, attempt)
             try:
@@ -316,19 +324,29 @@ class Subscription:
                 if attempt >= self.retry.max_attempts:
                     logger.error(
                         "subscription %s: event %s (seq %d) failed %d times, dead-lettering "
-                        "it: %s: %s", self.name, event.id, event.seq, attempt,
-                        type(exc).__name__, exc,
+                        "it: %s: %s",
+                        self.name,
+                        event.id,
+                        event.seq,
+                        attempt,
+                        type(exc).__name__,
+                        exc,
                     )
-                    record = Record(event.seq, event.id, event.topic, event.key, b"", None,
-                                    event.created_at)
-                    self._dead.append(self._dead_record(record, attempt, exc, first_failed,
-                                                        event))
+                    record = Record(
+                        event.seq, event.id, event.topic, event.key, b"", None, event.created_at
+                    )
+                    self._dead.append(self._dead_record(record, attempt, exc, first_failed, event))
                     self.stats.dead_lettered += 1
                     return
                 delay = backoff_delay(self.retry, attempt, delay, self._rng)
                 logger.warning(
                     "subscription %s: event %s attempt %d failed (%s: %s); retrying in %.3fs",
-                    self.name, event.id, attempt, type(exc).__name__, exc, delay,
+                    self.name,
+                    event.id,
+                    attempt,
+                    type(exc).__name__,
+                    exc,
+                    delay,
                 )
                 await anyio.sleep(delay)
                 attempt += 1
@@ -344,7 +362,10 @@ class Subscription:
         if event is not None:
             # Re-encode what the handler saw: the original bytes are not kept in memory.
             record = Record(
-                record.seq, record.id, record.topic, record.key,
+                record.seq,
+                record.id,
+                record.topic,
+                record.key,
                 msgspec.msgpack.encode(event.payload),
                 msgspec.msgpack.encode(event.headers) if event.headers else None,
                 record.created_at,
@@ -371,7 +392,9 @@ class Subscription:
             except StorageError as exc:
                 logger.warning(
                     "subscription %s: acknowledgement failed (%s); retrying in %.2fs",
-                    self.name, exc, delay,
+                    self.name,
+                    exc,
+                    delay,
                 )
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)

@@ -72,7 +72,9 @@ class LogWriter:
         if self._closed or self._stopping:
             raise BusClosed("the bus is closing")
 
-    def submit_nowait(self, record: NewRecord, *, want_receipt: bool) -> asyncio.Future[object] | None:
+    def submit_nowait(
+        self, record: NewRecord, *, want_receipt: bool
+    ) -> asyncio.Future[object] | None:
         """Queue one append. Raises ``BusFull`` at capacity, ``BusClosed`` if closing."""
         self._check_open()
         if self._pending >= self._max_pending:
@@ -233,15 +235,13 @@ class LogWriter:
         error: BaseException,
     ) -> None:
         lost = 0
-        for payload, fut in taken:
+        for _payload, fut in taken:
             if fut is None:
                 lost += 1
             elif not fut.done():
                 fut.set_exception(error)
         if lost:
-            logger.error(
-                "%d events queued with publish_nowait were not committed: %s", lost, error
-            )
+            logger.error("%d events queued with publish_nowait were not committed: %s", lost, error)
         for _, ack_fut in acks:
             if not ack_fut.done():
                 ack_fut.set_exception(error)

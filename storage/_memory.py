@@ -113,8 +113,7 @@ class MemoryStorage:
         rows = [
             d
             for d in self._dead
-            if (subscription is None or d.subscription == subscription)
-            and d.record.seq > after_seq
+            if (subscription is None or d.subscription == subscription) and d.record.seq > after_seq
         ]
         rows.sort(key=lambda d: (d.record.seq, d.subscription))
         return rows[:limit]

@@ -243,8 +243,8 @@ class SQLiteStorage:
             raise _translate(self.path, exc) from exc
 
     async def _identity(self, conn: aiosqlite.Connection) -> tuple[int, int, set[str]]:
-        (version,), = await conn.execute_fetchall("PRAGMA user_version")  # type: ignore[misc]
-        (app_id,), = await conn.execute_fetchall("PRAGMA application_id")  # type: ignore[misc]
+        ((version,),) = await conn.execute_fetchall("PRAGMA user_version")
+        ((app_id,),) = await conn.execute_fetchall("PRAGMA application_id")
         rows = await conn.execute_fetchall(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
         )
@@ -276,7 +276,7 @@ class SQLiteStorage:
             " coalesce((SELECT CAST(value AS INTEGER) FROM meta"
             " WHERE key = 'compacted_upto'), 0))"
         )
-        return int(list(rows)[0][0])
+        return int(next(iter(rows))[0])
 
     async def close(self) -> None:
         for attr in ("_reader", "_writer"):
@@ -334,7 +334,7 @@ class SQLiteStorage:
         except sqlite3.Error as exc:
             logger.warning("WAL checkpoint of %s failed: %s", self.path, exc)
             return
-        busy = list(rows)[0][0]
+        busy = next(iter(rows))[0]
         if busy:
             logger.warning("WAL checkpoint of %s could not finish: a reader is busy", self.path)
 
@@ -403,9 +403,19 @@ class SQLiteStorage:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
-                        d.subscription, d.record.seq, d.record.id, d.record.topic, d.record.key,
-                        d.record.payload, d.record.headers, d.record.created_at, d.attempts,
-                        d.error_type, d.error_message, d.traceback, d.first_failed_at,
+                        d.subscription,
+                        d.record.seq,
+                        d.record.id,
+                        d.record.topic,
+                        d.record.key,
+                        d.record.payload,
+                        d.record.headers,
+                        d.record.created_at,
+                        d.attempts,
+                        d.error_type,
+                        d.error_message,
+                        d.traceback,
+                        d.first_failed_at,
                         d.last_failed_at,
                     )
                     for d in batch.dead
@@ -465,8 +475,7 @@ class SQLiteStorage:
         except sqlite3.Error as exc:
             raise _translate(self.path, exc) from exc
         return [
-            DeadRecord(r[0], Record(*r[1:8]), r[8], r[9], r[10], r[11], r[12], r[13])
-            for r in rows
+            DeadRecord(r[0], Record(*r[1:8]), r[8], r[9], r[10], r[11], r[12], r[13]) for r in rows
         ]
 
     async def compact(self, upto: int, older_than: float, idempotency_older_than: float) -> int:
@@ -500,7 +509,7 @@ class SQLiteStorage:
         conn = self._conn("r")
         try:
             head = await self._read_head(conn)
-            (count, oldest), = await conn.execute_fetchall(  # type: ignore[misc]
+            ((count, oldest),) = await conn.execute_fetchall(
                 "SELECT count(*), min(seq) FROM events"
             )
             subs = await self.subscriptions()
@@ -511,7 +520,7 @@ class SQLiteStorage:
                 if "*" not in info.topics:
                     sql += f" AND topic IN ({','.join('?' * len(info.topics))})"
                     params.extend(info.topics)
-                (n,), = await conn.execute_fetchall(sql, params)  # type: ignore[misc]
+                ((n,),) = await conn.execute_fetchall(sql, params)
                 lag[info.name] = int(n)
             dead_rows = await conn.execute_fetchall(
                 "SELECT subscription, count(*) FROM dead_letters GROUP BY subscription"

@@ -1,0 +1,18 @@
+"""Shared fixtures: a fresh log path per test, and anyio on asyncio only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # aiosqlite is asyncio-only; the bus runs on asyncio (and uvloop).
+    return "asyncio"
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    return tmp_path / "events.db"
