@@ -242,6 +242,7 @@ class Subscription:
         self._busy = True
         started = time.monotonic()
         wait_time = max(0.0, time.time() - batch[0].created_at)
+        done = False
         try:
             if self.is_batch:
                 await self._run_batch(batch)
@@ -254,8 +255,15 @@ class Subscription:
             )
             self._dead = []
             await self._commit(ack)
+            done = True
         finally:
             self._busy = False
+            if not done:
+                # Abandoned (cancelled at close): nothing past the acknowledged cursor
+                # counts as finished; it is all delivered again on the next open.
+                self.live = False
+                self.read_pos = self.acked
+                self.channel.clear()
         self.acked = max(self.acked, cursor)
         stats = self.stats
         stats.handled += len(batch)
@@ -312,7 +320,7 @@ class Subscription:
                 if attempt == event.attempt
                 else msgspec.structs.replace(event, attempt=attempt)
             )
-            mark = self._ctx._begin(current, attempt)
+            mark = self._ctx._begin(None if self.is_batch else current, attempt)
             try:
                 await self._call([current] if self.is_batch else current)
                 return

@@ -122,6 +122,9 @@ class SQLiteStorage:
             as it is while SQLite recovers a log left by a crashed process.
         read_only: Open for inspection only: no lock file, no writes. Safe while
             another process runs a bus on the file.
+        checkpoint_bytes: After this many bytes appended, force a full WAL checkpoint
+            (TRUNCATE), so the WAL stays bounded even when readers keep SQLite's
+            passive auto-checkpoint from ever completing.
     """
 
     def __init__(
@@ -132,12 +135,14 @@ class SQLiteStorage:
         busy_timeout: float = 5.0,
         open_timeout: float = 10.0,
         read_only: bool = False,
+        checkpoint_bytes: int = _CHECKPOINT_EVERY_BYTES,
     ) -> None:
         self.path = os.fspath(path)
         self.durability = durability
         self.busy_timeout = busy_timeout
         self.open_timeout = open_timeout
         self.read_only = read_only
+        self.checkpoint_bytes = checkpoint_bytes
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._lock = _LockFile(self.path + ".lock")
@@ -154,17 +159,43 @@ class SQLiteStorage:
         await anyio.to_thread.run_sync(self._precheck)
         if not self.read_only:
             await anyio.to_thread.run_sync(self._lock.acquire)
+        deadline = time.monotonic() + self.open_timeout
+        delay = 0.01
         try:
-            self._writer = await self._connect_retrying(writer=not self.read_only)
-            if not self.read_only:
-                await self._migrate(self._writer)
-            await self._check_schema(self._writer)
-            self._reader = await self._connect_retrying(writer=False)
-            self._head = await self._read_head(self._writer)
+            while True:
+                try:
+                    await self._open_connections()
+                    return
+                except sqlite3.Error as exc:
+                    await self._close_connections()
+                    if not _is_busy(exc) or time.monotonic() >= deadline:
+                        raise _translate(self.path, exc) from exc
+                    # The first open after a crash finds the file busy while SQLite
+                    # recovers the WAL; so does an open racing another connection.
+                    logger.warning("log %s is busy while opening (%s); retrying", self.path, exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.5)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.close()
             raise
+
+    async def _open_connections(self) -> None:
+        self._writer = await self._connect(writer=not self.read_only)
+        if not self.read_only:
+            await self._migrate(self._writer)
+        await self._check_schema(self._writer)
+        self._reader = await self._connect(writer=False)
+        self._head = await self._read_head(self._writer)
+
+    async def _close_connections(self) -> None:
+        with anyio.CancelScope(shield=True):
+            for attr in ("_reader", "_writer"):
+                conn: aiosqlite.Connection | None = getattr(self, attr)
+                setattr(self, attr, None)
+                if conn is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        await conn.close()
 
     def _precheck(self) -> None:
         """Recognise a foreign file before SQLite gets to it."""
@@ -179,19 +210,6 @@ class SQLiteStorage:
             raise NotALog(self.path, "it is a directory") from None
         if magic and magic != _SQLITE_MAGIC:
             raise NotALog(self.path, "it is not a SQLite database")
-
-    async def _connect_retrying(self, *, writer: bool) -> aiosqlite.Connection:
-        deadline = time.monotonic() + self.open_timeout
-        delay = 0.01
-        while True:
-            try:
-                return await self._connect(writer=writer)
-            except sqlite3.Error as exc:
-                if not _is_busy(exc) or time.monotonic() >= deadline:
-                    raise _translate(self.path, exc) from exc
-                logger.warning("log %s is busy while opening (%s); retrying", self.path, exc)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 0.5)
 
     async def _connect(self, *, writer: bool) -> aiosqlite.Connection:
         if self.read_only:
@@ -218,29 +236,27 @@ class SQLiteStorage:
         return conn
 
     async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        """Create or upgrade the schema. sqlite3 errors propagate (open retries busy)."""
+        await conn.execute("BEGIN IMMEDIATE")
         try:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                version, app_id, tables = await self._identity(conn)
-                if version == 0 and app_id == 0:
-                    if tables:
-                        raise NotALog(
-                            self.path, f"it is a SQLite database with tables {sorted(tables)}"
-                        )
-                    await conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                if app_id in (0, APPLICATION_ID) and version < SCHEMA_VERSION:
-                    for script in MIGRATIONS[version:]:
-                        for statement in script.split(";"):
-                            if statement.strip():
-                                await conn.execute(statement)
-                    await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                await conn.execute("COMMIT")
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await self._rollback(conn)
-                raise
-        except sqlite3.Error as exc:
-            raise _translate(self.path, exc) from exc
+            version, app_id, tables = await self._identity(conn)
+            if version == 0 and app_id == 0:
+                if tables:
+                    raise NotALog(
+                        self.path, f"it is a SQLite database with tables {sorted(tables)}"
+                    )
+                await conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            if app_id in (0, APPLICATION_ID) and version < SCHEMA_VERSION:
+                for script in MIGRATIONS[version:]:
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            await conn.execute(statement)
+                await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            await conn.execute("COMMIT")
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._rollback(conn)
+            raise
 
     async def _identity(self, conn: aiosqlite.Connection) -> tuple[int, int, set[str]]:
         ((version,),) = await conn.execute_fetchall("PRAGMA user_version")
@@ -251,10 +267,7 @@ class SQLiteStorage:
         return int(version), int(app_id), {r[0] for r in rows}
 
     async def _check_schema(self, conn: aiosqlite.Connection) -> None:
-        try:
-            version, app_id, tables = await self._identity(conn)
-        except sqlite3.Error as exc:
-            raise _translate(self.path, exc) from exc
+        version, app_id, tables = await self._identity(conn)
         if app_id != APPLICATION_ID:
             detail = (
                 f"it is a SQLite database with tables {sorted(tables)}"
@@ -279,6 +292,8 @@ class SQLiteStorage:
         return int(next(iter(rows))[0])
 
     async def close(self) -> None:
+        """Checkpoint the WAL into the database, close both connections, release the
+        lock file. Idempotent."""
         for attr in ("_reader", "_writer"):
             conn: aiosqlite.Connection | None = getattr(self, attr)
             setattr(self, attr, None)
@@ -323,14 +338,20 @@ class SQLiteStorage:
             raise _translate(self.path, exc) from exc
         self._head = head
         self._bytes_since_checkpoint += nbytes
-        if self._bytes_since_checkpoint >= _CHECKPOINT_EVERY_BYTES:
+        if self._bytes_since_checkpoint >= self.checkpoint_bytes:
             self._bytes_since_checkpoint = 0
             await self._checkpoint(conn)
         return receipts
 
     async def _checkpoint(self, conn: aiosqlite.Connection) -> None:
+        # A TRUNCATE checkpoint waits (busy handler) for readers of old snapshots;
+        # ours are short, so wait briefly rather than stall commits for busy_timeout.
         try:
-            rows = await conn.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
+            await conn.execute("PRAGMA busy_timeout = 200")
+            try:
+                rows = await conn.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         except sqlite3.Error as exc:
             logger.warning("WAL checkpoint of %s failed: %s", self.path, exc)
             return

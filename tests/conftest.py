@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hypothesis  # noqa: F401 - imported early: a late import during the summary hits a CPython 3.11 AST bug
 import pytest
 
 

@@ -1,0 +1,146 @@
+"""One contract suite, run against every Storage backend."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from storage import (
+    DeadRecord,
+    MemoryStorage,
+    NewRecord,
+    Record,
+    SQLiteStorage,
+    Storage,
+    SubscriptionInfo,
+    WriteBatch,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def rec(i: int, topic: str = "t", ikey: str | None = None, created_at: float | None = None):
+    return NewRecord(
+        id=f"id-{i}",
+        topic=topic,
+        key=f"k{i % 3}",
+        payload=f"p{i}".encode(),
+        headers=None,
+        created_at=time.time() if created_at is None else created_at,
+        idempotency_key=ikey,
+    )
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
+    store: Storage = (
+        MemoryStorage() if request.param == "memory" else SQLiteStorage(tmp_path / "log.db")
+    )
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_appends_get_dense_increasing_sequence_numbers(log: Storage) -> None:
+    receipts = await log.commit(WriteBatch(appends=[rec(i) for i in range(5)]))
+    assert [r.seq for r in receipts] == [1, 2, 3, 4, 5]
+    assert [r.id for r in receipts] == [f"id-{i}" for i in range(5)]
+    assert log.head == 5
+    more = await log.commit(WriteBatch(appends=[rec(9)]))
+    assert more[0].seq == 6
+
+
+async def test_a_known_idempotency_key_returns_the_original_receipt(log: Storage) -> None:
+    (first,) = await log.commit(WriteBatch(appends=[rec(1, ikey="a")]))
+    dup, fresh, dup_in_batch = await log.commit(
+        WriteBatch(appends=[rec(2, ikey="a"), rec(3, ikey="b"), rec(4, ikey="b")])
+    )
+    assert (dup.seq, dup.id, dup.duplicate) == (first.seq, first.id, True)
+    assert not fresh.duplicate
+    assert (dup_in_batch.seq, dup_in_batch.duplicate) == (fresh.seq, True)
+    assert log.head == 2
+
+
+async def test_read_filters_by_range_topic_and_limit(log: Storage) -> None:
+    await log.commit(WriteBatch(appends=[rec(i, topic="a" if i % 2 else "b") for i in range(10)]))
+    everything = await log.read(0, log.head, None, 100)
+    assert [r.seq for r in everything] == list(range(1, 11))
+    only_a = await log.read(0, log.head, frozenset({"a"}), 100)
+    assert all(r.topic == "a" for r in only_a)
+    assert len(only_a) == 5
+    window = await log.read(3, 7, None, 2)
+    assert [r.seq for r in window] == [4, 5]
+    assert isinstance(window[0], Record)
+    assert window[0].payload == b"p3"
+
+
+async def test_acks_only_move_cursors_forward(log: Storage) -> None:
+    info = SubscriptionInfo("s", ("t",), 0, time.time())
+    await log.commit(WriteBatch(subscriptions=[info], appends=[rec(i) for i in range(3)]))
+    await log.commit(WriteBatch(acks={"s": 2}))
+    await log.commit(WriteBatch(acks={"s": 1}))
+    subs = await log.subscriptions()
+    assert subs["s"].cursor == 2
+    assert subs["s"].topics == ("t",)
+    # Registering again keeps the cursor.
+    await log.commit(WriteBatch(subscriptions=[info]))
+    assert (await log.subscriptions())["s"].cursor == 2
+
+
+async def test_dead_letters_are_kept_with_their_reason(log: Storage) -> None:
+    (r,) = await log.commit(WriteBatch(appends=[rec(1)]))
+    record = Record(r.seq, "id-1", "t", "k1", b"p1", None, 1.0)
+    dead = DeadRecord("s", record, 3, "ValueError", "bad", "tb", 1.0, 2.0)
+    await log.commit(WriteBatch(acks={"s": 1}, dead=[dead]))
+    assert await log.dead_letters("s") == [dead]
+    assert await log.dead_letters("other") == []
+    stats = await log.stats()
+    assert stats.dead_letters == {"s": 1}
+
+
+async def test_compaction_keeps_events_a_subscription_has_not_finished(log: Storage) -> None:
+    old = time.time() - 100
+    await log.commit(WriteBatch(appends=[rec(i, created_at=old) for i in range(10)]))
+    removed = await log.compact(upto=4, older_than=time.time(), idempotency_older_than=0)
+    assert removed == 4
+    remaining = await log.read(0, log.head, None, 100)
+    assert [r.seq for r in remaining] == list(range(5, 11))
+    # Sequence numbers continue after compaction.
+    (r,) = await log.commit(WriteBatch(appends=[rec(99)]))
+    assert r.seq == 11
+
+
+async def test_stats_count_lag_per_subscription(log: Storage) -> None:
+    info = SubscriptionInfo("s", ("a",), 0, time.time())
+    await log.commit(
+        WriteBatch(
+            subscriptions=[info], appends=[rec(i, topic="a" if i < 6 else "b") for i in range(9)]
+        )
+    )
+    await log.commit(WriteBatch(acks={"s": 2}))
+    stats = await log.stats()
+    assert stats.head == 9
+    assert stats.lag == {"s": 4}
+    assert stats.events == 9
+
+
+async def test_sqlite_head_survives_compacting_everything(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    store = SQLiteStorage(path)
+    await store.open()
+    await store.commit(WriteBatch(appends=[rec(i, created_at=0.0) for i in range(3)]))
+    await store.compact(upto=3, older_than=time.time(), idempotency_older_than=0)
+    await store.close()
+    again = SQLiteStorage(path)
+    await again.open()
+    try:
+        assert again.head == 3
+        (r,) = await again.commit(WriteBatch(appends=[rec(4)]))
+        assert r.seq == 4
+    finally:
+        await again.close()
