@@ -1,0 +1,151 @@
+"""The ``eventbus`` command line: inspect a log file, even while a bus runs on it."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from collections.abc import Sequence
+
+import anyio
+import msgspec
+
+import storage as _storage
+from storage import DeadRecord, LogStats, SQLiteStorage
+
+_JSON = msgspec.json.Encoder()
+
+
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+async def _open(path: str) -> SQLiteStorage:
+    store = SQLiteStorage(path, read_only=True)
+    await store.open()
+    return store
+
+
+def _print_stats(stats: LogStats) -> None:
+    print(f"head seq      {stats.head}")
+    print(f"events kept   {stats.events} (oldest seq {stats.oldest_seq})")
+    print(f"file size     {_size(stats.size_bytes)} (+ WAL {_size(stats.wal_bytes)})")
+    print(f"dead letters  {sum(stats.dead_letters.values())}")
+    if not stats.subscriptions:
+        print("subscriptions (none)")
+        return
+    print()
+    width = max(len("subscription"), *(len(s.name) for s in stats.subscriptions))
+    print(f"{'subscription':<{width}}  {'cursor':>10}  {'lag':>10}  {'dead':>6}  topics")
+    for s in stats.subscriptions:
+        print(
+            f"{s.name:<{width}}  {s.cursor:>10}  {stats.lag.get(s.name, 0):>10}  "
+            f"{stats.dead_letters.get(s.name, 0):>6}  {', '.join(s.topics)}"
+        )
+
+
+def _dead_to_dict(d: DeadRecord, decoder: msgspec.msgpack.Decoder[object]) -> dict[str, object]:
+    try:
+        payload: object = decoder.decode(d.record.payload)
+    except msgspec.DecodeError:
+        payload = d.record.payload.hex()
+    return {
+        "subscription": d.subscription,
+        "seq": d.record.seq,
+        "id": d.record.id,
+        "topic": d.record.topic,
+        "key": d.record.key,
+        "payload": payload,
+        "attempts": d.attempts,
+        "error_type": d.error_type,
+        "error_message": d.error_message,
+        "traceback": d.traceback,
+        "first_failed_at": d.first_failed_at,
+        "last_failed_at": d.last_failed_at,
+    }
+
+
+async def _run(args: argparse.Namespace) -> int:
+    try:
+        store = await _open(args.file)
+    except _storage.StorageError as exc:
+        print(f"eventbus: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "stats":
+            stats = await store.stats()
+            if args.json:
+                print(_JSON.encode(stats).decode())
+            else:
+                _print_stats(stats)
+            return 0
+        if args.command == "dlq":
+            rows = await store.dead_letters(args.subscription, args.limit, args.after_seq)
+            decoder: msgspec.msgpack.Decoder[object] = msgspec.msgpack.Decoder()
+            if args.dlq_command == "show":
+                rows = [r for r in rows if r.record.id == args.id or str(r.record.seq) == args.id]
+                if not rows:
+                    print(f"eventbus: no dead letter with id or seq {args.id!r}", file=sys.stderr)
+                    return 1
+            items = [_dead_to_dict(r, decoder) for r in rows]
+            if args.json:
+                print(_JSON.encode(items).decode())
+            elif args.dlq_command == "show":
+                for item in items:
+                    for key, value in item.items():
+                        if key != "traceback":
+                            print(f"{key:<16}{value}")
+                    print(f"traceback\n{item['traceback']}")
+            else:
+                for d in rows:
+                    print(
+                        f"{d.record.seq:>10}  {d.subscription}  {d.record.topic}  "
+                        f"attempts={d.attempts}  {_when(d.last_failed_at)}  "
+                        f"{d.error_type}: {d.error_message}"
+                    )
+                if not rows:
+                    print("no dead letters")
+            return 0
+        raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
+    except _storage.StorageError as exc:
+        print(f"eventbus: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await store.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eventbus", description="Inspect an eventbus log file (safe while a bus runs)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    stats = sub.add_parser("stats", help="head, size, and each subscription's cursor and lag")
+    stats.add_argument("file")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+    dlq = sub.add_parser("dlq", help="dead letters")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    for name, text in (("list", "list dead letters"), ("show", "show one dead letter")):
+        p = dlq_sub.add_parser(name, help=text)
+        p.add_argument("file")
+        if name == "show":
+            p.add_argument("id", help="the event id or seq")
+        p.add_argument("--subscription", "-s", help="only this subscription")
+        p.add_argument("--limit", type=int, default=100)
+        p.add_argument("--after-seq", type=int, default=0, help="page after this seq")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``eventbus`` and ``python -m eventbus``."""
+    args = build_parser().parse_args(argv)
+    return anyio.run(_run, args)

@@ -1,0 +1,89 @@
+"""Configuration: defaults, TOML, environment, and rejection of bad keys and values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eventbus import BatchPolicy, BusConfig, ConfigError, RetryPolicy
+
+
+def test_defaults_are_valid_and_documented_values() -> None:
+    config = BusConfig()
+    assert config.durability == "normal"
+    assert config.max_event_bytes == 1024 * 1024
+    assert config.batch == BatchPolicy()
+    assert config.batch.mode == "adaptive"
+
+
+def test_toml_reads_top_level_keys_and_nested_tables(tmp_path: Path) -> None:
+    path = tmp_path / "bus.toml"
+    path.write_text(
+        'durability = "full"\nchannel_capacity = 256\n'
+        '[batch]\nmode = "aimd"\nmax_size = 64\n[retry]\nmax_attempts = 7\n'
+    )
+    config = BusConfig.from_toml(path)
+    assert config.durability == "full"
+    assert config.channel_capacity == 256
+    assert config.batch == BatchPolicy(mode="aimd", max_size=64)
+    assert config.retry.max_attempts == 7
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("durabilty = 'full'\n", "durabilty"),
+        ("[batch]\nmax_sise = 3\n", "batch.max_sise"),
+        ("[batch]\nmin_size = 10\nmax_size = 5\n", "batch.max_size"),
+        ("[batch]\ntarget_latency = -1.0\n", "batch.target_latency"),
+        ("[retry]\nmax_attempts = 0\n", "retry.max_attempts"),
+        ("max_pending_publishes = 0\n", "max_pending_publishes"),
+        ("durability = 'sometimes'\n", "durability"),
+    ],
+)
+def test_unknown_keys_and_impossible_values_name_the_key(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    path = tmp_path / "bus.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        BusConfig.from_toml(path)
+    assert info.value.key == key
+    assert key in str(info.value)
+
+
+def test_a_missing_or_malformed_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such"):
+        BusConfig.from_toml(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("durability = \n")
+    with pytest.raises(ConfigError, match="TOML"):
+        BusConfig.from_toml(bad)
+
+
+def test_environment_variables_configure_nested_settings() -> None:
+    env = {
+        "EVENTBUS_DURABILITY": "off",
+        "EVENTBUS_BATCH__MAX_SIZE": "32",
+        "EVENTBUS_RETRY__TIMEOUT": "2.5",
+        "PATH": "/usr/bin",
+    }
+    config = BusConfig.from_env(env)
+    assert config.durability == "off"
+    assert config.batch.max_size == 32
+    assert config.retry.timeout == 2.5
+
+
+def test_an_unknown_environment_variable_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"batch\.size"):
+        BusConfig.from_env({"EVENTBUS_BATCH__SIZE": "3"})
+
+
+def test_policies_reject_impossible_values_directly() -> None:
+    with pytest.raises(ConfigError, match=r"retry\.max_delay"):
+        RetryPolicy(initial_delay=5, max_delay=1)
+    with pytest.raises(ConfigError, match=r"retry\.multiplier"):
+        RetryPolicy(multiplier=float("nan"))
+    with pytest.raises(ConfigError, match=r"batch\.max_wait"):
+        BatchPolicy(max_wait=float("inf"))
