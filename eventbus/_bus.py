@@ -28,6 +28,7 @@ from ._errors import (
 )
 from ._event import Event, Message, new_event_id
 from ._metrics import BusMetrics, SubscriptionMetrics
+from ._recent import RecentEvents
 from ._subscription import Handler, Subscription
 from ._writer import LogWriter
 
@@ -68,6 +69,14 @@ class Bus:
         self._closing = False
         self._closed = False
         self.dead_letters = DeadLetters(log, self._to_event)
+        # Recently committed events, decoded at most once, for subscriptions near the
+        # head; bounded so a burst of large events cannot pin much memory.
+        self._recent = RecentEvents(
+            log.head,
+            max_events=2 * max(config.max_commit_batch, config.channel_capacity),
+            max_bytes=64 * 1024 * 1024,
+            to_event=self._new_to_event,
+        )
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -120,7 +129,6 @@ class Bus:
         try:
             bus = cls(storage, config)
             bus._known = await storage.subscriptions()
-            bus._writer.committed_head = storage.head
             async with anyio.create_task_group() as tg:
                 bus._tg = tg
                 tg.start_soon(bus._run_writer)
@@ -212,10 +220,20 @@ class Bus:
         subs = await self._log.subscriptions()
         upto = min((s.cursor for s in subs.values()), default=self._writer.committed_head)
         now = time.time()
-        async with self._writer.lock:
-            return await self._log.compact(
-                upto, now - self.config.retention, now - self.config.idempotency_retention
-            )
+        removed = 0
+        chunk = 10_000
+        while True:
+            # One short transaction per chunk, so group commits interleave with it.
+            async with self._writer.lock:
+                n = await self._log.compact(
+                    upto,
+                    now - self.config.retention,
+                    now - self.config.idempotency_retention,
+                    chunk,
+                )
+            removed += n
+            if n < chunk:
+                return removed
 
     # -- publishing -----------------------------------------------------------------
 
@@ -226,6 +244,7 @@ class Bus:
         key: str | None,
         headers: dict[str, str] | None,
         idempotency_key: str | None = None,
+        now: float | None = None,
     ) -> NewRecord:
         if not isinstance(topic, str) or not topic or topic == "*":
             raise ValueError(f"topic must be a non-empty string other than '*', got {topic!r}")
@@ -245,7 +264,13 @@ class Bus:
         if size > self.config.max_event_bytes:
             raise EventTooLarge(topic, size, self.config.max_event_bytes)
         return NewRecord(
-            new_event_id(), topic, key, data, raw_headers, time.time(), idempotency_key
+            new_event_id(),
+            topic,
+            key,
+            data,
+            raw_headers,
+            time.time() if now is None else now,
+            idempotency_key,
         )
 
     def _check_open(self) -> None:
@@ -338,34 +363,21 @@ class Bus:
             record.created_at,
         )
 
+    def _new_to_event(self, record: NewRecord, seq: int) -> Event[object]:
+        return Event(
+            record.id,
+            seq,
+            record.topic,
+            record.key,
+            self._decoder.decode(record.payload),
+            _HEADERS.decode(record.headers) if record.headers else {},
+            record.created_at,
+        )
+
     def _route(self, appended: list[NewRecord], receipts: list[Receipt]) -> None:
-        routes = self._routes
-        wildcard = self._wildcard
-        decode = self._decoder.decode
-        if routes or wildcard:
-            for rec, receipt in zip(appended, receipts, strict=True):
-                if receipt.duplicate:
-                    continue
-                subs = routes.get(rec.topic)
-                if subs is None and not wildcard:
-                    continue
-                event: Event[object] = Event(
-                    rec.id,
-                    receipt.seq,
-                    rec.topic,
-                    rec.key,
-                    decode(rec.payload),
-                    _HEADERS.decode(rec.headers) if rec.headers else {},
-                    rec.created_at,
-                )
-                if subs is not None:
-                    for sub in subs:
-                        sub.offer(event)
-                for sub in wildcard:
-                    sub.offer(event)
-        head = self._writer.committed_head
+        self._recent.append(appended, receipts)
         for sub in self._subs.values():
-            sub.advance(head)
+            sub.wake()
         self._notify_progress()
 
     def _notify_progress(self) -> None:
@@ -445,6 +457,7 @@ class Bus:
             cursor=cursor,
             writer=self._writer,
             log=self._log,
+            recent=self._recent,
             to_event=self._to_event,
             encode=self._encode,
             on_progress=self._notify_progress,

@@ -59,4 +59,4 @@ _COUNTER = count(int(time.time() * 1000) << 16)
 
 def new_event_id() -> str:
     """A fresh, unique event id (32 hex characters)."""
-    return f"{_PREFIX}{next(_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
+    return _PREFIX + format(next(_COUNTER), "016x")

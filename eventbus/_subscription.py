@@ -37,6 +37,7 @@ from ._config import BatchPolicy, RetryPolicy
 from ._context import Context, Encoder
 from ._errors import BusClosed, StorageError, SubscriptionError
 from ._event import Event
+from ._recent import RecentEvents
 from ._retry import backoff_delay
 from ._writer import LogWriter
 
@@ -109,6 +110,7 @@ class Subscription:
         cursor: int,
         writer: LogWriter,
         log: _storage.Storage,
+        recent: RecentEvents,
         to_event: Callable[[Record], Event[object]],
         encode: Encoder,
         on_progress: Callable[[], None],
@@ -119,22 +121,24 @@ class Subscription:
         self._filter = None if "*" in topics else topics
         self.handler = handler
         self.is_batch = is_batch_handler(handler)
+        # Typed once here: a cast per call would build a typing object every time.
+        self._call_handler = typing.cast("Callable[[object, Context], Awaitable[None]]", handler)
         self.batch_policy = batch_policy
         self.retry = retry
         self.controller = make_controller(batch_policy)
         self.capacity = capacity
         self.channel: deque[Event[object]] = deque()
-        self.live = False
-        self.read_pos = cursor
-        self.acked = cursor
+        self.read_pos = cursor  # every event with seq <= read_pos has been examined
+        self.acked = cursor  # ... and with seq <= acked, handled and committed
         self.stats = SubscriptionStats()
         self._writer = writer
         self._log = log
+        self._recent = recent
         self._to_event = to_event
         self._ctx = Context(name, encode)
         self._on_progress = on_progress
         self._register = register
-        self._ready_ev = asyncio.Event()
+        self._ready = asyncio.Event()
         self._busy = False
         self._stopping = False
         self._dead: list[DeadRecord] = []
@@ -142,46 +146,37 @@ class Subscription:
         self.scope: anyio.CancelScope | None = None
         self.finished = anyio.Event()
 
-    # -- called by the writer, synchronously, after each commit ---------------------
+    # -- called by the bus ----------------------------------------------------------
 
-    def offer(self, event: Event[object]) -> None:
-        if not self.live or event.seq <= self.read_pos:
-            return
-        if len(self.channel) >= self.capacity:
-            # Full: stop taking pushes and read the rest from the log later.
-            self.live = False
-            return
-        self.channel.append(event)
-        self.read_pos = event.seq
-        self._ready_ev.set()
+    def wake(self) -> None:
+        """New events were committed."""
+        self._ready.set()
 
-    def advance(self, head: int) -> None:
-        if self.live and head > self.read_pos:
-            self.read_pos = head
-
-    # -- queried by the bus ---------------------------------------------------------
+    @property
+    def live(self) -> bool:
+        """True while the subscription reads from memory (close to the head)."""
+        return self.read_pos + 1 >= self._recent.first_seq
 
     def finished_upto(self) -> int:
         """Every event of this subscription with ``seq <=`` this is handled and acked
         (or, when idle, needs nothing: events on other topics)."""
-        if self.live and not self._busy and not self.channel:
+        if not self._busy and not self.channel:
             return max(self.acked, self.read_pos)
         return self.acked
 
     def idle_position(self) -> int | None:
         """A cursor worth persisting for an idle subscription, else None."""
-        if self.live and not self._busy and not self.channel and self.read_pos > self.acked:
+        if not self._busy and not self.channel and self.read_pos > self.acked:
             return self.read_pos
         return None
 
     def backlog(self) -> int:
-        """Events waiting: buffered, plus (an upper bound on) those still in the log."""
-        behind = 0 if self.live else max(0, self._writer.committed_head - self.read_pos)
-        return len(self.channel) + behind
+        """Events waiting: buffered, plus (an upper bound on) those not yet examined."""
+        return len(self.channel) + max(0, self._writer.committed_head - self.read_pos)
 
     def stop(self) -> None:
         self._stopping = True
-        self._ready_ev.set()
+        self._ready.set()
 
     # -- the loop -------------------------------------------------------------------
 
@@ -206,28 +201,38 @@ class Subscription:
     async def _next_batch(self) -> list[Event[object]] | None:
         channel = self.channel
         while not self._stopping:
-            if channel:
-                target = self.controller.target()
-                linger = self.controller.linger()
-                if linger > 0 and len(channel) < target and self.live:
-                    with anyio.move_on_after(linger):
-                        while len(channel) < target and self.live and not self._stopping:
-                            self._ready_ev.clear()
-                            await self._ready_ev.wait()
-                n = min(target, len(channel))
-                return [channel.popleft() for _ in range(n)]
-            if not self.live:
+            if not channel:
+                self._ready.clear()
+                if self.read_pos >= self._writer.committed_head:
+                    await self._ready.wait()
+                    continue
                 await self._fill()
                 continue
-            self._ready_ev.clear()
-            await self._ready_ev.wait()
+            target = self.controller.target()
+            linger = self.controller.linger()
+            if linger > 0 and len(channel) < target:
+                with anyio.move_on_after(linger):
+                    while len(channel) < target and not self._stopping:
+                        if self.read_pos < self._writer.committed_head:
+                            await self._fill()
+                        else:
+                            self._ready.clear()
+                            await self._ready.wait()
+            n = min(target, len(channel))
+            return [channel.popleft() for _ in range(n)]
         return None
 
     async def _fill(self) -> None:
-        """Read the next stretch of backlog from the log; go live at the head."""
+        """Fetch the next events: from memory near the head, else from the log."""
         upto = self._writer.committed_head
-        if self.read_pos < upto:
-            room = self.capacity - len(self.channel)
+        room = self.capacity - len(self.channel)
+        if self.read_pos >= upto or room <= 0:
+            return
+        taken = self._recent.take(self.read_pos, upto, self._filter, room)
+        if taken is not None:
+            events, self.read_pos = taken
+            self.channel.extend(events)
+        else:
             records = await self._log.read(self.read_pos, upto, self._filter, room)
             for rec in records:
                 try:
@@ -235,8 +240,8 @@ class Subscription:
                 except msgspec.DecodeError as exc:
                     self._dead.append(self._dead_record(rec, 0, exc, time.time()))
             self.read_pos = records[-1].seq if len(records) == room else upto
-        if self.read_pos >= self._writer.committed_head:
-            self.live = True
+        if not self.channel:
+            self._on_progress()  # moved past events of other topics: drain may care
 
     async def _handle(self, batch: list[Event[object]]) -> None:
         self._busy = True
@@ -246,6 +251,8 @@ class Subscription:
         try:
             if self.is_batch:
                 await self._run_batch(batch)
+            elif self.retry.timeout is None:
+                await self._run_events_fast(batch)
             else:
                 for event in batch:
                     await self._run_one(event)
@@ -261,7 +268,6 @@ class Subscription:
             if not done:
                 # Abandoned (cancelled at close): nothing past the acknowledged cursor
                 # counts as finished; it is all delivered again on the next open.
-                self.live = False
                 self.read_pos = self.acked
                 self.channel.clear()
         self.acked = max(self.acked, cursor)
@@ -270,21 +276,35 @@ class Subscription:
         stats.batches += 1
         stats.last_batch_size = len(batch)
         stats.batch_sizes.append(len(batch))
+        now = time.monotonic()
         self.controller.observe(
-            BatchSample(
-                len(batch), time.monotonic() - started, wait_time, self.backlog(), time.monotonic()
-            )
+            BatchSample(len(batch), now - started, wait_time, self.backlog(), now)
         )
         self._on_progress()
 
+    async def _run_events_fast(self, batch: list[Event[object]]) -> None:
+        """Per-event handlers without a timeout: await the handler directly, and
+        enter the retry machinery only when it raises."""
+        handler = self._call_handler
+        ctx = self._ctx
+        outbox = ctx._outbox
+        for event in batch:
+            ctx._event = event
+            ctx.attempt = event.attempt
+            mark = len(outbox)
+            try:
+                await handler(event, ctx)
+            except Exception as exc:  # noqa: BLE001 - retried or dead-lettered below
+                ctx._rollback_to(mark)
+                await self._run_one(event, first_error=exc)
+
     async def _call(self, arg: Event[object] | list[Event[object]]) -> None:
         timeout = self.retry.timeout
-        handler = typing.cast(Callable[[object, Context], Awaitable[None]], self.handler)
         if timeout is None:
-            await handler(arg, self._ctx)
+            await self._call_handler(arg, self._ctx)
         else:
             with anyio.fail_after(timeout):
-                await handler(arg, self._ctx)
+                await self._call_handler(arg, self._ctx)
 
     async def _run_batch(self, batch: list[Event[object]]) -> None:
         if len(batch) == 1:
@@ -310,54 +330,59 @@ class Subscription:
         await self._run_batch(batch[:middle])
         await self._run_batch(batch[middle:])
 
-    async def _run_one(self, event: Event[object]) -> None:
+    async def _run_one(self, event: Event[object], first_error: Exception | None = None) -> None:
+        """Handle one event with retries; ``first_error`` is a failure of attempt
+        ``event.attempt`` that already happened."""
         attempt = event.attempt
         first_failed: float | None = None
         delay = self.retry.initial_delay
+        error = first_error
         while True:
-            current = (
-                event
-                if attempt == event.attempt
-                else msgspec.structs.replace(event, attempt=attempt)
-            )
-            mark = self._ctx._begin(None if self.is_batch else current, attempt)
-            try:
-                await self._call([current] if self.is_batch else current)
-                return
-            except Exception as exc:  # noqa: BLE001 - handler errors are retried or dead-lettered
-                self._ctx._rollback_to(mark)
-                self.stats.failed_attempts += 1
-                now = time.time()
-                first_failed = first_failed or now
-                if attempt >= self.retry.max_attempts:
-                    logger.error(
-                        "subscription %s: event %s (seq %d) failed %d times, dead-lettering "
-                        "it: %s: %s",
-                        self.name,
-                        event.id,
-                        event.seq,
-                        attempt,
-                        type(exc).__name__,
-                        exc,
-                    )
-                    record = Record(
-                        event.seq, event.id, event.topic, event.key, b"", None, event.created_at
-                    )
-                    self._dead.append(self._dead_record(record, attempt, exc, first_failed, event))
-                    self.stats.dead_lettered += 1
+            if error is None:
+                current = (
+                    event
+                    if attempt == event.attempt
+                    else msgspec.structs.replace(event, attempt=attempt)
+                )
+                mark = self._ctx._begin(None if self.is_batch else current, attempt)
+                try:
+                    await self._call([current] if self.is_batch else current)
                     return
-                delay = backoff_delay(self.retry, attempt, delay, self._rng)
-                logger.warning(
-                    "subscription %s: event %s attempt %d failed (%s: %s); retrying in %.3fs",
+                except Exception as exc:  # noqa: BLE001 - handler errors are retried or dead-lettered
+                    self._ctx._rollback_to(mark)
+                    error = exc
+            self.stats.failed_attempts += 1
+            now = time.time()
+            first_failed = first_failed or now
+            if attempt >= self.retry.max_attempts:
+                logger.error(
+                    "subscription %s: event %s (seq %d) failed %d times, dead-lettering it: %s: %s",
                     self.name,
                     event.id,
+                    event.seq,
                     attempt,
-                    type(exc).__name__,
-                    exc,
-                    delay,
+                    type(error).__name__,
+                    error,
                 )
-                await anyio.sleep(delay)
-                attempt += 1
+                record = Record(
+                    event.seq, event.id, event.topic, event.key, b"", None, event.created_at
+                )
+                self._dead.append(self._dead_record(record, attempt, error, first_failed, event))
+                self.stats.dead_lettered += 1
+                return
+            delay = backoff_delay(self.retry, attempt, delay, self._rng)
+            logger.warning(
+                "subscription %s: event %s attempt %d failed (%s: %s); retrying in %.3fs",
+                self.name,
+                event.id,
+                attempt,
+                type(error).__name__,
+                error,
+                delay,
+            )
+            await anyio.sleep(delay)
+            attempt += 1
+            error = None
 
     def _dead_record(
         self,

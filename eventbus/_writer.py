@@ -96,7 +96,8 @@ class LogWriter:
 
     async def submit(self, record: NewRecord) -> Receipt:
         """Queue one append, waiting for room, and wait for its commit."""
-        await self.wait_for_space()
+        if self._pending >= self._max_pending:
+            await self.wait_for_space()
         fut = self.submit_nowait(record, want_receipt=True)
         assert fut is not None
         result = await fut

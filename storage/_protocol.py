@@ -46,10 +46,13 @@ class Storage(Protocol):
     ) -> list[DeadRecord]:
         """Dead-lettered events, oldest first."""
 
-    async def compact(self, upto: int, older_than: float, idempotency_older_than: float) -> int:
-        """Delete events with ``seq <= upto`` created before ``older_than`` (a unix time),
-        and idempotency keys recorded before ``idempotency_older_than``. Returns the
-        number of events deleted."""
+    async def compact(
+        self, upto: int, older_than: float, idempotency_older_than: float, limit: int = 10_000
+    ) -> int:
+        """Delete up to ``limit`` events with ``seq <= upto`` created before
+        ``older_than`` (a unix time), oldest first, and idempotency keys recorded before
+        ``idempotency_older_than``. Returns the number of events deleted; call again
+        while it returns ``limit`` (each call is one short transaction)."""
 
     async def stats(self) -> LogStats:
         """A snapshot of the log's size, cursors and lag."""

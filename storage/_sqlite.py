@@ -19,8 +19,9 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Literal, TypeVar
 
 import aiosqlite
 import anyio
@@ -38,6 +39,8 @@ from ._schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from ._types import DeadRecord, LogStats, Receipt, Record, SubscriptionInfo, WriteBatch
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Durability = Literal["normal", "full", "off"]
 
@@ -284,12 +287,7 @@ class SQLiteStorage:
             )
 
     async def _read_head(self, conn: aiosqlite.Connection) -> int:
-        rows = await conn.execute_fetchall(
-            "SELECT max(coalesce((SELECT max(seq) FROM events), 0),"
-            " coalesce((SELECT CAST(value AS INTEGER) FROM meta"
-            " WHERE key = 'compacted_upto'), 0))"
-        )
-        return int(next(iter(rows))[0])
+        return await self._in_thread(conn, partial(_read_head_sync, conn._conn))
 
     async def close(self) -> None:
         """Checkpoint the WAL into the database, close both connections, release the
@@ -319,24 +317,36 @@ class SQLiteStorage:
         with contextlib.suppress(sqlite3.Error):
             await conn.execute("ROLLBACK")
 
+    async def _in_thread(self, conn: aiosqlite.Connection, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the connection's own thread, in one hop.
+
+        A whole transaction runs as one function there, so it cannot be left open
+        half-way by a cancellation on the event loop: either it runs to COMMIT or
+        its ``except`` rolls it back, in the thread, before the lock is released.
+        (aiosqlite's ``_execute`` is the queue every public method uses;
+        tests/storage pin that it exists.)
+        """
+        return await conn._execute(fn)  # type: ignore[no-untyped-call,no-any-return]
+
     async def commit(self, batch: WriteBatch) -> list[Receipt]:
         if self.read_only:
             raise StorageError(f"{self.path!r} was opened read-only")
         conn = self._conn("w")
+        raw = conn._conn
+        head = self._head
         try:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                receipts, head, nbytes = await self._apply(conn, batch)
-                await conn.execute("COMMIT")
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await self._rollback(conn)
-                    # A cancelled COMMIT may still have landed: trust the file.
-                    self._head = await self._read_head(conn)
-                raise
+            receipts, new_head, nbytes = await self._in_thread(
+                conn, partial(_apply_batch, raw, batch, head)
+            )
         except sqlite3.Error as exc:
             raise _translate(self.path, exc) from exc
-        self._head = head
+        except BaseException:
+            # Cancelled while the transaction ran in the thread: it may have
+            # committed. Wait for it to finish, then trust the file.
+            with anyio.CancelScope(shield=True):
+                self._head = await self._in_thread(conn, partial(_read_head_sync, raw))
+            raise
+        self._head = new_head
         self._bytes_since_checkpoint += nbytes
         if self._bytes_since_checkpoint >= self.checkpoint_bytes:
             self._bytes_since_checkpoint = 0
@@ -358,91 +368,6 @@ class SQLiteStorage:
         busy = next(iter(rows))[0]
         if busy:
             logger.warning("WAL checkpoint of %s could not finish: a reader is busy", self.path)
-
-    async def _apply(
-        self, conn: aiosqlite.Connection, batch: WriteBatch
-    ) -> tuple[list[Receipt], int, int]:
-        now = time.time()
-        known: dict[str, Receipt] = {}
-        ikeys = [r.idempotency_key for r in batch.appends if r.idempotency_key is not None]
-        for chunk in _chunks(ikeys, _IN_CHUNK):
-            rows = await conn.execute_fetchall(
-                f"SELECT key, seq, id FROM idempotency WHERE key IN ({','.join('?' * len(chunk))})",
-                chunk,
-            )
-            for key, seq, eid in rows:
-                known[key] = Receipt(seq, eid, True)
-        seq = self._head
-        receipts: list[Receipt] = []
-        rows_out: list[tuple[object, ...]] = []
-        idem_rows: list[tuple[object, ...]] = []
-        nbytes = 0
-        for rec in batch.appends:
-            ikey = rec.idempotency_key
-            if ikey is not None:
-                dup = known.get(ikey)
-                if dup is not None:
-                    receipts.append(dup if dup.duplicate else Receipt(dup.seq, dup.id, True))
-                    continue
-            seq += 1
-            rows_out.append(
-                (seq, rec.id, rec.topic, rec.key, rec.payload, rec.headers, rec.created_at)
-            )
-            nbytes += len(rec.payload) + 64
-            receipt = Receipt(seq, rec.id)
-            if ikey is not None:
-                known[ikey] = receipt
-                idem_rows.append((ikey, seq, rec.id, now))
-            receipts.append(receipt)
-        if rows_out:
-            await conn.executemany(
-                f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows_out
-            )
-        if idem_rows:
-            await conn.executemany(
-                "INSERT INTO idempotency (key, seq, id, created_at) VALUES (?, ?, ?, ?)",
-                idem_rows,
-            )
-        if batch.subscriptions:
-            await conn.executemany(
-                "INSERT INTO subscriptions (name, topics, cursor, updated_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET topics = excluded.topics",
-                [(s.name, "\n".join(s.topics), s.cursor, now) for s in batch.subscriptions],
-            )
-        if batch.acks:
-            await conn.executemany(
-                "INSERT INTO subscriptions (name, topics, cursor, updated_at) VALUES (?, '*', ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET cursor = max(cursor, excluded.cursor),"
-                " updated_at = excluded.updated_at",
-                [(name, cursor, now) for name, cursor in batch.acks.items()],
-            )
-        if batch.dead:
-            await conn.executemany(
-                "INSERT OR REPLACE INTO dead_letters (subscription, seq, id, topic, key, payload,"
-                " headers, created_at, attempts, error_type, error_message, traceback,"
-                " first_failed_at, last_failed_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        d.subscription,
-                        d.record.seq,
-                        d.record.id,
-                        d.record.topic,
-                        d.record.key,
-                        d.record.payload,
-                        d.record.headers,
-                        d.record.created_at,
-                        d.attempts,
-                        d.error_type,
-                        d.error_message,
-                        d.traceback,
-                        d.first_failed_at,
-                        d.last_failed_at,
-                    )
-                    for d in batch.dead
-                ],
-            )
-        return receipts, seq, nbytes
 
     # -- reading --------------------------------------------------------------------
 
@@ -499,32 +424,22 @@ class SQLiteStorage:
             DeadRecord(r[0], Record(*r[1:8]), r[8], r[9], r[10], r[11], r[12], r[13]) for r in rows
         ]
 
-    async def compact(self, upto: int, older_than: float, idempotency_older_than: float) -> int:
+    async def compact(
+        self, upto: int, older_than: float, idempotency_older_than: float, limit: int = 10_000
+    ) -> int:
         conn = self._conn("w")
+        fn = partial(
+            _compact_sync,
+            conn._conn,
+            min(upto, self._head),
+            older_than,
+            idempotency_older_than,
+            limit,
+        )
         try:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                cur = await conn.execute(
-                    "DELETE FROM events WHERE seq <= ? AND created_at < ?", (upto, older_than)
-                )
-                removed = cur.rowcount
-                await conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('compacted_upto', ?)"
-                    " ON CONFLICT (key) DO UPDATE SET value ="
-                    " max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
-                    (str(min(upto, self._head)),),
-                )
-                await conn.execute(
-                    "DELETE FROM idempotency WHERE created_at < ?", (idempotency_older_than,)
-                )
-                await conn.execute("COMMIT")
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await self._rollback(conn)
-                raise
+            return await self._in_thread(conn, fn)
         except sqlite3.Error as exc:
             raise _translate(self.path, exc) from exc
-        return removed
 
     async def stats(self) -> LogStats:
         conn = self._conn("r")
@@ -572,3 +487,163 @@ def _file_size(path: str) -> int:
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+_INSERT_EVENT = f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_INSERT_IDEMPOTENCY = "INSERT INTO idempotency (key, seq, id, created_at) VALUES (?, ?, ?, ?)"
+_UPSERT_SUBSCRIPTION = (
+    "INSERT INTO subscriptions (name, topics, cursor, updated_at) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (name) DO UPDATE SET topics = excluded.topics"
+)
+_ACK = (
+    "INSERT INTO subscriptions (name, topics, cursor, updated_at) VALUES (?, '*', ?, ?)"
+    " ON CONFLICT (name) DO UPDATE SET cursor = max(cursor, excluded.cursor),"
+    " updated_at = excluded.updated_at"
+)
+_INSERT_DEAD = (
+    "INSERT OR REPLACE INTO dead_letters (subscription, seq, id, topic, key, payload,"
+    " headers, created_at, attempts, error_type, error_message, traceback,"
+    " first_failed_at, last_failed_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _read_head_sync(conn: sqlite3.Connection) -> int:
+    row = conn.execute(
+        "SELECT max(coalesce((SELECT max(seq) FROM events), 0),"
+        " coalesce((SELECT CAST(value AS INTEGER) FROM meta"
+        " WHERE key = 'compacted_upto'), 0))"
+    ).fetchone()
+    return int(row[0])
+
+
+def _apply_batch(
+    conn: sqlite3.Connection, batch: WriteBatch, head: int
+) -> tuple[list[Receipt], int, int]:
+    """One write transaction, run on the connection's thread: all of it or nothing."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = _write(conn, batch, head)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _write(
+    conn: sqlite3.Connection, batch: WriteBatch, head: int
+) -> tuple[list[Receipt], int, int]:
+    now = time.time()
+    known: dict[str, Receipt] = {}
+    appends = batch.appends
+    ikeys = [r.idempotency_key for r in appends if r.idempotency_key is not None]
+    for chunk in _chunks(ikeys, _IN_CHUNK):
+        rows = conn.execute(
+            f"SELECT key, seq, id FROM idempotency WHERE key IN ({','.join('?' * len(chunk))})",
+            chunk,
+        )
+        for key, seq, eid in rows:
+            known[key] = Receipt(seq, eid, True)
+    seq = head
+    receipts: list[Receipt] = []
+    nbytes = 0
+    if ikeys:
+        rows_out: list[tuple[object, ...]] = []
+        idem_rows: list[tuple[object, ...]] = []
+        for rec in appends:
+            ikey = rec.idempotency_key
+            if ikey is not None:
+                dup = known.get(ikey)
+                if dup is not None:
+                    receipts.append(dup if dup.duplicate else Receipt(dup.seq, dup.id, True))
+                    continue
+            seq += 1
+            rows_out.append(
+                (seq, rec.id, rec.topic, rec.key, rec.payload, rec.headers, rec.created_at)
+            )
+            nbytes += len(rec.payload)
+            receipt = Receipt(seq, rec.id)
+            if ikey is not None:
+                known[ikey] = receipt
+                idem_rows.append((ikey, seq, rec.id, now))
+            receipts.append(receipt)
+        conn.executemany(_INSERT_EVENT, rows_out)
+        conn.executemany(_INSERT_IDEMPOTENCY, idem_rows)
+    elif appends:
+        # The common case, without idempotency keys: no per-record branching.
+        first = head + 1
+        conn.executemany(
+            _INSERT_EVENT,
+            [
+                (first + i, r.id, r.topic, r.key, r.payload, r.headers, r.created_at)
+                for i, r in enumerate(appends)
+            ],
+        )
+        receipts = [Receipt(first + i, r.id) for i, r in enumerate(appends)]
+        seq = head + len(appends)
+        nbytes = sum(len(r.payload) for r in appends)
+    nbytes += 64 * len(appends)
+    if batch.subscriptions:
+        conn.executemany(
+            _UPSERT_SUBSCRIPTION,
+            [(s.name, "\n".join(s.topics), s.cursor, now) for s in batch.subscriptions],
+        )
+    if batch.acks:
+        conn.executemany(_ACK, [(name, cursor, now) for name, cursor in batch.acks.items()])
+    if batch.dead:
+        conn.executemany(
+            _INSERT_DEAD,
+            [
+                (
+                    d.subscription,
+                    d.record.seq,
+                    d.record.id,
+                    d.record.topic,
+                    d.record.key,
+                    d.record.payload,
+                    d.record.headers,
+                    d.record.created_at,
+                    d.attempts,
+                    d.error_type,
+                    d.error_message,
+                    d.traceback,
+                    d.first_failed_at,
+                    d.last_failed_at,
+                )
+                for d in batch.dead
+            ],
+        )
+    return receipts, seq, nbytes
+
+
+def _compact_sync(
+    conn: sqlite3.Connection, upto: int, older_than: float, idem_older_than: float, limit: int
+) -> int:
+    """Delete up to ``limit`` finished events in one short transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute(
+            "SELECT seq FROM events WHERE seq <= ? AND created_at < ? ORDER BY seq"
+            " LIMIT 1 OFFSET ?",
+            (upto, older_than, limit - 1),
+        ).fetchone()
+        bound = upto if row is None else min(upto, int(row[0]))
+        removed = conn.execute(
+            "DELETE FROM events WHERE seq <= ? AND created_at < ?", (bound, older_than)
+        ).rowcount
+        # Never forget the head, even when every event is gone.
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('compacted_upto', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value ="
+            " max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+            (str(bound),),
+        )
+        conn.execute("DELETE FROM idempotency WHERE created_at < ?", (idem_older_than,))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return int(removed)

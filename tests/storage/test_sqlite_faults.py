@@ -5,18 +5,22 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
+import aiosqlite
 import anyio
 import pytest
 
 from storage import (
     SCHEMA_VERSION,
     CorruptLog,
+    DeadRecord,
     LogLocked,
     NewRecord,
     NotALog,
+    Record,
     SchemaTooNew,
     SQLiteStorage,
     StorageError,
@@ -137,41 +141,73 @@ async def test_open_gives_up_on_a_database_that_stays_busy(tmp_path: Path) -> No
         blocker.close()
 
 
-async def test_a_commit_cancelled_mid_transaction_rolls_back_and_releases_the_lock(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def count_events(path: Path) -> int:
+    other = sqlite3.connect(path, isolation_level=None, timeout=0.5)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the write lock is free
+        other.execute("ROLLBACK")
+        return int(other.execute("SELECT count(*) FROM events").fetchone()[0])
+    finally:
+        other.close()
+
+
+async def test_a_transaction_failing_half_way_rolls_back_and_releases_the_lock(
+    tmp_path: Path,
 ) -> None:
     path = tmp_path / "log.db"
     store = SQLiteStorage(path)
     await store.open()
     await store.commit(WriteBatch(appends=records(3)))
-    conn = store._writer
-    assert conn is not None
-    inside = anyio.Event()
-    real_executemany = conn.executemany
-
-    async def stalled_executemany(sql: str, rows: object) -> object:
-        result = await real_executemany(sql, rows)  # type: ignore[arg-type]
-        inside.set()
-        await anyio.sleep_forever()
-        return result
-
-    monkeypatch.setattr(conn, "executemany", stalled_executemany)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(store.commit, WriteBatch(appends=records(5)))
-        await inside.wait()
-        tg.cancel_scope.cancel()
-    monkeypatch.undo()
+    unbindable = DeadRecord(
+        "s", Record(1, "id", "t", None, b"", None, 0.0), 1, object(), "m", "tb", 0.0, 0.0
+    )  # type: ignore[arg-type]
+    with pytest.raises(StorageError):
+        # The events are inserted first, then the dead letter fails to bind.
+        await store.commit(WriteBatch(appends=records(5), dead=[unbindable]))
     assert store.head == 3
-    other = sqlite3.connect(path, isolation_level=None, timeout=0.5)
-    try:
-        other.execute("BEGIN IMMEDIATE")  # the write lock is free again
-        other.execute("ROLLBACK")
-        assert other.execute("SELECT count(*) FROM events").fetchone()[0] == 3
-    finally:
-        other.close()
+    assert count_events(path) == 3
     (receipt,) = await store.commit(WriteBatch(appends=records(1)))
     assert receipt.seq == 4
     await store.close()
+
+
+async def test_a_commit_cancelled_while_its_transaction_runs_leaves_a_consistent_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import storage._sqlite as sqlite_module
+
+    path = tmp_path / "log.db"
+    store = SQLiteStorage(path)
+    await store.open()
+    await store.commit(WriteBatch(appends=records(3)))
+    inside = threading.Event()
+    proceed = threading.Event()
+    real_write = sqlite_module._write
+
+    def stalled_write(conn: sqlite3.Connection, batch: WriteBatch, head: int):  # type: ignore[no-untyped-def]
+        result = real_write(conn, batch, head)
+        inside.set()
+        assert proceed.wait(10)
+        return result
+
+    monkeypatch.setattr(sqlite_module, "_write", stalled_write)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.commit, WriteBatch(appends=records(5)))
+        assert await anyio.to_thread.run_sync(inside.wait, 10)
+        tg.cancel_scope.cancel()
+        proceed.set()
+    monkeypatch.undo()
+    # The transaction was already running in SQLite's thread: it finished, and the
+    # storage re-read its head from the file instead of trusting memory.
+    assert store.head == count_events(path) == 8
+    (receipt,) = await store.commit(WriteBatch(appends=records(1)))
+    assert receipt.seq == 9
+    await store.close()
+
+
+def test_the_aiosqlite_hook_for_one_hop_transactions_exists() -> None:
+    # storage._sqlite runs each transaction through aiosqlite's internal queue.
+    assert callable(getattr(aiosqlite.Connection, "_execute", None))
 
 
 async def test_the_wal_stays_bounded_while_a_reader_keeps_tailing(tmp_path: Path) -> None:
