@@ -36,6 +36,15 @@ class RecentEvents:
 
     def append(self, records: list[NewRecord], receipts: list[Receipt]) -> None:
         """Add a commit's new events (duplicates carry no new seq and are skipped)."""
+        n = len(records)
+        expected = self._first + len(self._records)
+        if n and receipts[0].seq == expected and receipts[-1].seq == expected + n - 1:
+            # No duplicates (seqs are dense): append in bulk.
+            self._records.extend(records)
+            self._events.extend([None] * n)
+            self._bytes += sum(len(r.payload) for r in records) + 100 * n
+            self._bound()
+            return
         for rec, receipt in zip(records, receipts, strict=True):
             if receipt.duplicate:
                 continue
@@ -48,6 +57,9 @@ class RecentEvents:
             self._records.append(rec)
             self._events.append(None)
             self._bytes += len(rec.payload) + 100
+        self._bound()
+
+    def _bound(self) -> None:
         excess = len(self._records) - self._max_events
         if excess > 0 or self._bytes > self._max_bytes:
             self._trim(max(excess, len(self._records) // 4, 1))

@@ -1,0 +1,69 @@
+"""The window of recent events that subscriptions near the head read from."""
+
+from __future__ import annotations
+
+from eventbus._event import Event
+from eventbus._recent import RecentEvents
+from storage import NewRecord, Receipt
+
+
+def to_event(rec: NewRecord, seq: int) -> Event[object]:
+    return Event(rec.id, seq, rec.topic, rec.key, rec.payload, {}, rec.created_at)
+
+
+def records(first: int, n: int, topic: str = "t") -> tuple[list[NewRecord], list[Receipt]]:
+    recs = [NewRecord(f"id-{first + i}", topic, None, b"x" * 10, None, 0.0) for i in range(n)]
+    return recs, [Receipt(first + i, r.id) for i, r in enumerate(recs)]
+
+
+def test_take_returns_events_in_range_and_the_position_examined() -> None:
+    window = RecentEvents(0, max_events=100, max_bytes=10**6, to_event=to_event)
+    window.append(*records(1, 5, "a"))
+    window.append(*records(6, 5, "b"))
+    taken = window.take(0, 10, frozenset({"b"}), 3)
+    assert taken is not None
+    events, pos = taken
+    assert [e.seq for e in events] == [6, 7, 8]
+    assert pos == 8
+    events, pos = window.take(8, 10, frozenset({"a"}), 3)  # type: ignore[misc]
+    assert events == []
+    assert pos == 10
+
+
+def test_events_are_decoded_once_and_shared() -> None:
+    window = RecentEvents(0, max_events=100, max_bytes=10**6, to_event=to_event)
+    window.append(*records(1, 3))
+    first = window.take(0, 3, None, 10)
+    second = window.take(0, 3, None, 10)
+    assert first is not None
+    assert second is not None
+    assert all(a is b for a, b in zip(first[0], second[0], strict=True))
+
+
+def test_the_window_is_bounded_and_readers_behind_it_go_to_the_log() -> None:
+    window = RecentEvents(0, max_events=10, max_bytes=10**6, to_event=to_event)
+    for first in range(1, 101, 5):
+        window.append(*records(first, 5))
+    assert window.first_seq > 80
+    assert window.take(0, 100, None, 10) is None
+    taken = window.take(window.first_seq - 1, 100, None, 100)
+    assert taken is not None
+    assert taken[0][-1].seq == 100
+
+
+def test_duplicates_take_no_place_in_the_window() -> None:
+    window = RecentEvents(0, max_events=100, max_bytes=10**6, to_event=to_event)
+    recs, receipts = records(1, 3)
+    receipts[1] = Receipt(1, recs[0].id, duplicate=True)
+    receipts[2] = Receipt(2, recs[2].id)
+    window.append(recs, receipts)
+    taken = window.take(0, 2, None, 10)
+    assert taken is not None
+    assert [e.id for e in taken[0]] == ["id-1", "id-3"]
+
+
+def test_the_window_is_bounded_in_bytes() -> None:
+    window = RecentEvents(0, max_events=10**6, max_bytes=2000, to_event=to_event)
+    for first in range(1, 201, 10):
+        window.append(*records(first, 10))
+    assert 200 - window.first_seq < 30
