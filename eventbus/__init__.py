@@ -34,7 +34,7 @@ from ._errors import (
     SubscriptionError,
 )
 from ._event import Event, Message, Receipt
-from ._metrics import BusMetrics, SubscriptionMetrics
+from ._metrics import BusMetrics, LatencySummary, SubscriptionMetrics
 from ._run import run
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "DrainTimeout",
     "Event",
     "EventTooLarge",
+    "LatencySummary",
     "LogLocked",
     "LogStats",
     "Message",

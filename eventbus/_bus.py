@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Literal, TypeVar
@@ -27,7 +28,7 @@ from ._errors import (
     translate_storage_error,
 )
 from ._event import Event, Message, new_event_id
-from ._metrics import BusMetrics, SubscriptionMetrics
+from ._metrics import BusMetrics, SubscriptionMetrics, summarize
 from ._recent import RecentEvents
 from ._subscription import Handler, Subscription
 from ._writer import LogWriter
@@ -534,6 +535,13 @@ class Bus:
                     buffered=len(s.channel),
                     live=s.live,
                     batch_target=s.controller.target(),
+                    throughput=s.stats.throughput(),
+                    batch_size_p50=statistics.median(s.stats.batch_sizes)
+                    if s.stats.batch_sizes
+                    else 0.0,
+                    batch_size_max=max(s.stats.batch_sizes, default=0),
+                    handler_latency=summarize(s.stats.handler_latency),
+                    end_to_end_latency=summarize(s.stats.end_to_end),
                 )
                 for name, s in self._subs.items()
             },

@@ -1,15 +1,82 @@
-"""Frozen snapshots of the bus's in-process counters."""
+"""In-process counters and latency samples, and their frozen snapshots."""
 
 from __future__ import annotations
 
+import time
+from collections import deque
+
 import msgspec
+
+_SAMPLES = 2048  # latest samples kept per series: recent behaviour, bounded memory
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+class SubscriptionRecorder:
+    """Counts and samples one subscription's batches (cheap: O(1) per batch)."""
+
+    def __init__(self) -> None:
+        self.handled = 0
+        self.batches = 0
+        self.failed_attempts = 0
+        self.dead_lettered = 0
+        self.batch_sizes: deque[int] = deque(maxlen=_SAMPLES)
+        self.handler_latency: deque[float] = deque(maxlen=_SAMPLES)
+        self.end_to_end: deque[float] = deque(maxlen=_SAMPLES)
+        self._window: deque[tuple[float, int]] = deque(maxlen=_SAMPLES)
+
+    def batch(
+        self, size: int, handler_seconds: float, oldest_created: float, newest_created: float
+    ) -> None:
+        """Record a committed batch: its size, handler time, and the publish times of
+        its oldest and newest events (end-to-end latency is measured to now)."""
+        now = time.time()
+        self.handled += size
+        self.batches += 1
+        self.batch_sizes.append(size)
+        self.handler_latency.append(handler_seconds)
+        self.end_to_end.append(now - oldest_created)
+        if newest_created != oldest_created:
+            self.end_to_end.append(now - newest_created)
+        self._window.append((time.monotonic(), size))
+
+    def throughput(self) -> float:
+        """Events per second over the recent batches (0 when idle for 5 s)."""
+        if not self._window:
+            return 0.0
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self._window if now - t <= 5.0]
+        if len(recent) < 2:
+            return 0.0
+        span = max(now - recent[0][0], 1e-6)
+        return sum(n for _, n in recent[1:]) / span
+
+
+class LatencySummary(msgspec.Struct, frozen=True):
+    """Percentiles of recent samples, in seconds."""
+
+    p50: float
+    p99: float
+    max: float
+
+
+def summarize(samples: deque[float]) -> LatencySummary:
+    values = sorted(samples)
+    return LatencySummary(
+        _percentile(values, 0.5), _percentile(values, 0.99), values[-1] if values else 0.0
+    )
 
 
 class SubscriptionMetrics(msgspec.Struct, frozen=True):
-    """One subscription's counters.
+    """One subscription's counters and recent latencies.
 
     ``lag`` is the distance in sequence numbers from the log head to the last
-    finished position (0 when caught up).
+    finished position (0 when caught up). Latencies cover the latest batches.
     """
 
     handled: int
@@ -21,6 +88,11 @@ class SubscriptionMetrics(msgspec.Struct, frozen=True):
     buffered: int
     live: bool
     batch_target: int
+    throughput: float
+    batch_size_p50: float
+    batch_size_max: int
+    handler_latency: LatencySummary
+    end_to_end_latency: LatencySummary
 
 
 class BusMetrics(msgspec.Struct, frozen=True):

@@ -17,7 +17,6 @@ import traceback
 import typing
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import anyio
 import msgspec
@@ -37,6 +36,7 @@ from ._config import BatchPolicy, RetryPolicy
 from ._context import Context, Encoder
 from ._errors import BusClosed, StorageError, SubscriptionError
 from ._event import Event
+from ._metrics import SubscriptionRecorder
 from ._recent import RecentEvents
 from ._retry import backoff_delay
 from ._writer import LogWriter
@@ -83,18 +83,6 @@ def make_controller(policy: BatchPolicy) -> BatchController:
     return GradientController(policy.min_size, policy.max_size, policy.target_latency)
 
 
-@dataclass
-class SubscriptionStats:
-    """Counters for one subscription (read through ``Bus.metrics``)."""
-
-    handled: int = 0
-    failed_attempts: int = 0
-    dead_lettered: int = 0
-    batches: int = 0
-    last_batch_size: int = 0
-    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1024))
-
-
 class Subscription:
     """The runtime of one ``bus.subscribe(...)``."""
 
@@ -130,7 +118,7 @@ class Subscription:
         self.channel: deque[Event[object]] = deque()
         self.read_pos = cursor  # every event with seq <= read_pos has been examined
         self.acked = cursor  # ... and with seq <= acked, handled and committed
-        self.stats = SubscriptionStats()
+        self.stats = SubscriptionRecorder()
         self._writer = writer
         self._log = log
         self._recent = recent
@@ -271,12 +259,8 @@ class Subscription:
                 self.read_pos = self.acked
                 self.channel.clear()
         self.acked = max(self.acked, cursor)
-        stats = self.stats
-        stats.handled += len(batch)
-        stats.batches += 1
-        stats.last_batch_size = len(batch)
-        stats.batch_sizes.append(len(batch))
         now = time.monotonic()
+        self.stats.batch(len(batch), now - started, batch[0].created_at, batch[-1].created_at)
         self.controller.observe(
             BatchSample(len(batch), now - started, wait_time, self.backlog(), now)
         )
