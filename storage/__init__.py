@@ -17,13 +17,14 @@ from ._errors import (
 from ._memory import MemoryStorage
 from ._protocol import Storage
 from ._schema import SCHEMA_VERSION
-from ._sqlite import Durability, SQLiteStorage
+from ._sqlite import Durability, SQLiteStorage, submit_control
 from ._types import (
     DeadRecord,
     LogStats,
     NewRecord,
     Receipt,
     Record,
+    RetryRecord,
     SubscriptionInfo,
     WriteBatch,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "NotALog",
     "Receipt",
     "Record",
+    "RetryRecord",
     "SQLiteStorage",
     "SchemaTooNew",
     "Storage",
@@ -48,4 +50,5 @@ __all__ = [
     "StorageFull",
     "SubscriptionInfo",
     "WriteBatch",
+    "submit_control",
 ]

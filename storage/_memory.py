@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Sequence
+
+import msgspec
 
 from ._errors import StorageClosed
-from ._types import DeadRecord, LogStats, Receipt, Record, SubscriptionInfo, WriteBatch
+from ._types import (
+    DeadRecord,
+    LogStats,
+    Receipt,
+    Record,
+    RetryRecord,
+    SubscriptionInfo,
+    WriteBatch,
+)
 
 
 class MemoryStorage:
@@ -23,7 +34,8 @@ class MemoryStorage:
         self._head = 0
         self._idempotency: dict[str, tuple[Receipt, float]] = {}
         self._subs: dict[str, SubscriptionInfo] = {}
-        self._dead: list[DeadRecord] = []
+        self._dead: dict[tuple[str, int], DeadRecord] = {}
+        self._retries: dict[tuple[str, int], RetryRecord] = {}
         self._closed = False
 
     @property
@@ -71,15 +83,26 @@ class MemoryStorage:
             self._idempotency[ikey] = (receipt, now)
         for info in batch.subscriptions:
             old = self._subs.get(info.name)
-            cursor = info.cursor if old is None else old.cursor
-            self._subs[info.name] = SubscriptionInfo(info.name, info.topics, cursor, now)
+            if old is None:
+                self._subs[info.name] = SubscriptionInfo(info.name, info.topics, info.cursor, now)
+            else:
+                self._subs[info.name] = msgspec.structs.replace(old, topics=info.topics)
         for name, cursor in batch.acks.items():
             old = self._subs.get(name)
             if old is None:
                 self._subs[name] = SubscriptionInfo(name, ("*",), cursor, now)
             elif cursor > old.cursor:
-                self._subs[name] = SubscriptionInfo(name, old.topics, cursor, now)
-        self._dead.extend(batch.dead)
+                self._subs[name] = msgspec.structs.replace(old, cursor=cursor, updated_at=now)
+        for retry in batch.retries:
+            self._retries[(retry.subscription, retry.record.seq)] = retry
+        for key in batch.settled:
+            self._retries.pop(key, None)
+        for name, upto in batch.inflight.items():
+            old = self._subs.get(name)
+            if old is not None:
+                self._subs[name] = msgspec.structs.replace(old, inflight_upto=upto)
+        for dead in batch.dead:
+            self._dead[(dead.subscription, dead.record.seq)] = dead
         return receipts
 
     async def read(
@@ -107,17 +130,92 @@ class MemoryStorage:
         self._check_open()
         return dict(self._subs)
 
-    async def dead_letters(
-        self, subscription: str | None = None, limit: int = 100, after_seq: int = 0
+    def _dead_matching(
+        self,
+        subscription: str | None,
+        error_type: str | None,
+        since: float | None,
+        until: float | None,
+        ids: Sequence[str] | None,
     ) -> list[DeadRecord]:
-        self._check_open()
         rows = [
             d
-            for d in self._dead
-            if (subscription is None or d.subscription == subscription) and d.record.seq > after_seq
+            for d in self._dead.values()
+            if (subscription is None or d.subscription == subscription)
+            and (
+                error_type is None
+                or d.error_type == error_type
+                or d.error_type.endswith("." + error_type)
+            )
+            and (since is None or d.last_failed_at >= since)
+            and (until is None or d.last_failed_at < until)
+            and (ids is None or d.record.id in ids)
         ]
         rows.sort(key=lambda d: (d.record.seq, d.subscription))
-        return rows[:limit]
+        return rows
+
+    async def dead_letters(
+        self,
+        subscription: str | None = None,
+        limit: int = 100,
+        after_seq: int = 0,
+        *,
+        error_type: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> list[DeadRecord]:
+        self._check_open()
+        rows = self._dead_matching(subscription, error_type, since, until, ids)
+        return [d for d in rows if d.record.seq > after_seq][:limit]
+
+    async def retries(self, subscription: str) -> list[RetryRecord]:
+        self._check_open()
+        return sorted(
+            (r for (sub, _), r in self._retries.items() if sub == subscription),
+            key=lambda r: r.record.seq,
+        )
+
+    async def redrive(
+        self,
+        subscription: str | None,
+        *,
+        ids: Sequence[str] | None = None,
+        error_type: str | None = None,
+        due_at: float,
+        spacing: float = 0.0,
+        limit: int = 1_000_000,
+    ) -> list[RetryRecord]:
+        self._check_open()
+        rows = self._dead_matching(subscription, error_type, None, None, ids)[:limit]
+        out = [
+            RetryRecord(d.subscription, d.record, 1, due_at + i * spacing)
+            for i, d in enumerate(rows)
+        ]
+        for r in out:
+            self._retries[(r.subscription, r.record.seq)] = r
+            del self._dead[(r.subscription, r.record.seq)]
+        return out
+
+    async def purge(
+        self,
+        subscription: str | None,
+        *,
+        ids: Sequence[str] | None = None,
+        error_type: str | None = None,
+        until: float | None = None,
+    ) -> int:
+        self._check_open()
+        rows = self._dead_matching(subscription, error_type, None, until, ids)
+        for d in rows:
+            del self._dead[(d.subscription, d.record.seq)]
+        return len(rows)
+
+    async def take_control(self) -> list[tuple[int, bytes]]:
+        return []
+
+    async def done_control(self, ids: Sequence[int]) -> None:
+        return None
 
     async def compact(
         self, upto: int, older_than: float, idempotency_older_than: float, limit: int = 10_000
@@ -147,8 +245,11 @@ class MemoryStorage:
             i = bisect.bisect_right(seqs, info.cursor)
             lag[name] = sum(1 for r in self._events[i:] if everything or r.topic in topics)
         dead: dict[str, int] = {}
-        for d in self._dead:
+        for d in self._dead.values():
             dead[d.subscription] = dead.get(d.subscription, 0) + 1
+        retries: dict[str, int] = {}
+        for sub, _ in self._retries:
+            retries[sub] = retries.get(sub, 0) + 1
         return LogStats(
             head=self._head,
             events=len(self._events),
@@ -158,4 +259,5 @@ class MemoryStorage:
             dead_letters=dead,
             size_bytes=sum(len(r.payload) for r in self._events),
             wal_bytes=0,
+            retries=retries,
         )

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from ._types import DeadRecord, LogStats, Receipt, Record, SubscriptionInfo, WriteBatch
+from ._types import (
+    DeadRecord,
+    LogStats,
+    Receipt,
+    Record,
+    RetryRecord,
+    SubscriptionInfo,
+    WriteBatch,
+)
 
 
 @runtime_checkable
@@ -42,9 +51,51 @@ class Storage(Protocol):
         """Every registered subscription with its cursor."""
 
     async def dead_letters(
-        self, subscription: str | None = None, limit: int = 100, after_seq: int = 0
+        self,
+        subscription: str | None = None,
+        limit: int = 100,
+        after_seq: int = 0,
+        *,
+        error_type: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        ids: Sequence[str] | None = None,
     ) -> list[DeadRecord]:
-        """Dead-lettered events, oldest first."""
+        """Dead-lettered events in log order, filtered; page with ``after_seq``.
+        ``error_type`` matches the qualified name or its last part; ``since`` and
+        ``until`` bound the last failure time."""
+
+    async def retries(self, subscription: str) -> list[RetryRecord]:
+        """The subscription's retry lane, in log order."""
+
+    async def redrive(
+        self,
+        subscription: str | None,
+        *,
+        ids: Sequence[str] | None = None,
+        error_type: str | None = None,
+        due_at: float,
+        spacing: float = 0.0,
+        limit: int = 1_000_000,
+    ) -> list[RetryRecord]:
+        """Move matching dead letters into their subscriptions' retry lanes in one
+        transaction, attempts reset, the i-th due at ``due_at + i * spacing``."""
+
+    async def purge(
+        self,
+        subscription: str | None,
+        *,
+        ids: Sequence[str] | None = None,
+        error_type: str | None = None,
+        until: float | None = None,
+    ) -> int:
+        """Delete matching dead letters; returns how many."""
+
+    async def take_control(self) -> list[tuple[int, bytes]]:
+        """Commands other processes queued in the log for its owner."""
+
+    async def done_control(self, ids: Sequence[int]) -> None:
+        """Remove handled commands."""
 
     async def compact(
         self, upto: int, older_than: float, idempotency_older_than: float, limit: int = 10_000

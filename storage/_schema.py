@@ -51,6 +51,34 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 2: the retry lane, and the crash-loop marker of the batch in flight.
+    """
+    CREATE TABLE retries (
+        subscription    TEXT NOT NULL,
+        seq             INTEGER NOT NULL,
+        id              TEXT NOT NULL,
+        topic           TEXT NOT NULL,
+        key             TEXT,
+        payload         BLOB NOT NULL,
+        headers         BLOB,
+        created_at      REAL NOT NULL,
+        attempt         INTEGER NOT NULL,
+        due_at          REAL,
+        first_failed_at REAL,
+        error_type      TEXT NOT NULL,
+        error_message   TEXT NOT NULL,
+        traceback       TEXT NOT NULL,
+        running         INTEGER NOT NULL,
+        PRIMARY KEY (subscription, seq)
+    ) WITHOUT ROWID;
+    ALTER TABLE subscriptions ADD COLUMN inflight_upto INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX dead_letters_by_seq ON dead_letters (seq);
+    CREATE TABLE control (
+        id         INTEGER PRIMARY KEY,
+        command    BLOB NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -19,9 +19,9 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aiosqlite
 import anyio
@@ -36,7 +36,15 @@ from ._errors import (
     StorageFull,
 )
 from ._schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
-from ._types import DeadRecord, LogStats, Receipt, Record, SubscriptionInfo, WriteBatch
+from ._types import (
+    DeadRecord,
+    LogStats,
+    Receipt,
+    Record,
+    RetryRecord,
+    SubscriptionInfo,
+    WriteBatch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -389,40 +397,96 @@ class SQLiteStorage:
         return [Record(*row) for row in rows]
 
     async def subscriptions(self) -> dict[str, SubscriptionInfo]:
-        conn = self._conn("r")
-        try:
-            rows = await conn.execute_fetchall(
-                "SELECT name, topics, cursor, updated_at FROM subscriptions ORDER BY name"
-            )
-        except sqlite3.Error as exc:
-            raise _translate(self.path, exc) from exc
+        rows = await self._fetch(
+            "SELECT name, topics, cursor, updated_at, inflight_upto FROM subscriptions"
+            " ORDER BY name"
+        )
         return {
-            name: SubscriptionInfo(name, tuple(topics.split("\n")), cursor, updated)
-            for name, topics, cursor, updated in rows
+            name: SubscriptionInfo(name, tuple(topics.split("\n")), cursor, updated, inflight)
+            for name, topics, cursor, updated, inflight in rows
         }
 
-    async def dead_letters(
-        self, subscription: str | None = None, limit: int = 100, after_seq: int = 0
-    ) -> list[DeadRecord]:
+    async def _fetch(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         conn = self._conn("r")
-        sql = (
-            "SELECT subscription, seq, id, topic, key, payload, headers, created_at, attempts,"
-            " error_type, error_message, traceback, first_failed_at, last_failed_at"
-            " FROM dead_letters WHERE seq > ?"
-        )
-        params: list[object] = [after_seq]
-        if subscription is not None:
-            sql += " AND subscription = ?"
-            params.append(subscription)
-        sql += " ORDER BY seq, subscription LIMIT ?"
-        params.append(limit)
         try:
-            rows = await conn.execute_fetchall(sql, params)
+            return [tuple(r) for r in await conn.execute_fetchall(sql, params)]
         except sqlite3.Error as exc:
             raise _translate(self.path, exc) from exc
-        return [
-            DeadRecord(r[0], Record(*r[1:8]), r[8], r[9], r[10], r[11], r[12], r[13]) for r in rows
-        ]
+
+    async def dead_letters(
+        self,
+        subscription: str | None = None,
+        limit: int = 100,
+        after_seq: int = 0,
+        *,
+        error_type: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> list[DeadRecord]:
+        where, params = _dead_filter(subscription, error_type, since, until, ids)
+        rows = await self._fetch(
+            f"SELECT {_DEAD_COLUMNS} FROM dead_letters WHERE seq > ? {where}"
+            " ORDER BY seq, subscription LIMIT ?",
+            [after_seq, *params, limit],
+        )
+        return [_dead_from_row(r) for r in rows]
+
+    async def retries(self, subscription: str) -> list[RetryRecord]:
+        rows = await self._fetch(
+            f"SELECT {_RETRY_COLUMNS} FROM retries WHERE subscription = ? ORDER BY seq",
+            [subscription],
+        )
+        return [_retry_from_row(r) for r in rows]
+
+    async def redrive(
+        self,
+        subscription: str | None,
+        *,
+        ids: Sequence[str] | None = None,
+        error_type: str | None = None,
+        due_at: float,
+        spacing: float = 0.0,
+        limit: int = 1_000_000,
+    ) -> list[RetryRecord]:
+        conn = self._conn("w")
+        where, params = _dead_filter(subscription, error_type, None, None, ids)
+        fn = partial(_redrive_sync, conn._conn, where, params, due_at, spacing, limit)
+        try:
+            return await self._in_thread(conn, fn)
+        except sqlite3.Error as exc:
+            raise _translate(self.path, exc) from exc
+
+    async def purge(
+        self,
+        subscription: str | None,
+        *,
+        ids: Sequence[str] | None = None,
+        error_type: str | None = None,
+        until: float | None = None,
+    ) -> int:
+        conn = self._conn("w")
+        where, params = _dead_filter(subscription, error_type, None, until, ids)
+        fn = partial(_purge_sync, conn._conn, where, params)
+        try:
+            return await self._in_thread(conn, fn)
+        except sqlite3.Error as exc:
+            raise _translate(self.path, exc) from exc
+
+    async def take_control(self) -> list[tuple[int, bytes]]:
+        """Commands queued in the file by another process (the CLI), oldest first."""
+        rows = await self._fetch("SELECT id, command FROM control ORDER BY id LIMIT 100")
+        return [(int(i), bytes(c)) for i, c in rows]
+
+    async def done_control(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        conn = self._conn("w")
+        fn = partial(_done_control_sync, conn._conn, list(ids))
+        try:
+            await self._in_thread(conn, fn)
+        except sqlite3.Error as exc:
+            raise _translate(self.path, exc) from exc
 
     async def compact(
         self, upto: int, older_than: float, idempotency_older_than: float, limit: int = 10_000
@@ -461,6 +525,9 @@ class SQLiteStorage:
             dead_rows = await conn.execute_fetchall(
                 "SELECT subscription, count(*) FROM dead_letters GROUP BY subscription"
             )
+            retry_rows = await conn.execute_fetchall(
+                "SELECT subscription, count(*) FROM retries GROUP BY subscription"
+            )
         except sqlite3.Error as exc:
             raise _translate(self.path, exc) from exc
         size = await anyio.to_thread.run_sync(_file_size, self.path)
@@ -474,6 +541,7 @@ class SQLiteStorage:
             dead_letters={name: int(n) for name, n in dead_rows},
             size_bytes=size,
             wal_bytes=wal,
+            retries={name: int(n) for name, n in retry_rows},
         )
 
 
@@ -592,6 +660,15 @@ def _write(
         )
     if batch.acks:
         conn.executemany(_ACK, [(name, cursor, now) for name, cursor in batch.acks.items()])
+    if batch.retries:
+        conn.executemany(_UPSERT_RETRY, [_retry_row(r) for r in batch.retries])
+    if batch.settled:
+        conn.executemany("DELETE FROM retries WHERE subscription = ? AND seq = ?", batch.settled)
+    if batch.inflight:
+        conn.executemany(
+            "UPDATE subscriptions SET inflight_upto = ? WHERE name = ?",
+            [(upto, name) for name, upto in batch.inflight.items()],
+        )
     if batch.dead:
         conn.executemany(
             _INSERT_DEAD,
@@ -647,3 +724,142 @@ def _compact_sync(
             conn.execute("ROLLBACK")
         raise
     return int(removed)
+
+
+_DEAD_COLUMNS = (
+    "subscription, seq, id, topic, key, payload, headers, created_at, attempts,"
+    " error_type, error_message, traceback, first_failed_at, last_failed_at"
+)
+_RETRY_COLUMNS = (
+    "subscription, seq, id, topic, key, payload, headers, created_at, attempt, due_at,"
+    " first_failed_at, error_type, error_message, traceback, running"
+)
+_UPSERT_RETRY = (
+    f"INSERT OR REPLACE INTO retries ({_RETRY_COLUMNS})"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _retry_row(r: RetryRecord) -> tuple[object, ...]:
+    rec = r.record
+    return (
+        r.subscription,
+        rec.seq,
+        rec.id,
+        rec.topic,
+        rec.key,
+        rec.payload,
+        rec.headers,
+        rec.created_at,
+        r.attempt,
+        r.due_at,
+        r.first_failed_at,
+        r.error_type,
+        r.error_message,
+        r.traceback,
+        int(r.running),
+    )
+
+
+def _retry_from_row(r: Sequence[Any]) -> RetryRecord:
+    return RetryRecord(r[0], Record(*r[1:8]), r[8], r[9], r[10], r[11], r[12], r[13], bool(r[14]))
+
+
+def _dead_from_row(r: Sequence[Any]) -> DeadRecord:
+    return DeadRecord(r[0], Record(*r[1:8]), r[8], r[9], r[10], r[11], r[12], r[13])
+
+
+def _dead_filter(
+    subscription: str | None,
+    error_type: str | None,
+    since: float | None,
+    until: float | None,
+    ids: Sequence[str] | None,
+) -> tuple[str, list[object]]:
+    clauses: list[str] = []
+    params: list[object] = []
+    if subscription is not None:
+        clauses.append("subscription = ?")
+        params.append(subscription)
+    if error_type is not None:
+        # The qualified name, or just its last part ("ValueError").
+        clauses.append("(error_type = ? OR error_type LIKE ?)")
+        params.extend([error_type, f"%.{error_type}"])
+    if since is not None:
+        clauses.append("last_failed_at >= ?")
+        params.append(since)
+    if until is not None:
+        clauses.append("last_failed_at < ?")
+        params.append(until)
+    if ids is not None:
+        clauses.append(f"id IN ({','.join('?' * len(ids))})" if ids else "0")
+        params.extend(ids)
+    return "".join(f" AND {c}" for c in clauses), params
+
+
+def _redrive_sync(
+    conn: sqlite3.Connection,
+    where: str,
+    params: list[object],
+    due_at: float,
+    spacing: float,
+    limit: int,
+) -> list[RetryRecord]:
+    """Move dead letters back to their subscriptions' retry lanes, attempts reset."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        rows = conn.execute(
+            f"SELECT {_DEAD_COLUMNS} FROM dead_letters WHERE 1 {where}"
+            " ORDER BY seq, subscription LIMIT ?",
+            [*params, limit],
+        ).fetchall()
+        out = [
+            RetryRecord(d.subscription, d.record, 1, due_at + i * spacing)
+            for i, d in enumerate(_dead_from_row(r) for r in rows)
+        ]
+        conn.executemany(_UPSERT_RETRY, [_retry_row(r) for r in out])
+        conn.executemany(
+            "DELETE FROM dead_letters WHERE subscription = ? AND seq = ?",
+            [(r.subscription, r.record.seq) for r in out],
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return out
+
+
+def _purge_sync(conn: sqlite3.Connection, where: str, params: list[object]) -> int:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        n = conn.execute(f"DELETE FROM dead_letters WHERE 1 {where}", params).rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return int(n)
+
+
+def _done_control_sync(conn: sqlite3.Connection, ids: list[int]) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany("DELETE FROM control WHERE id = ?", [(i,) for i in ids])
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def submit_control(path: str | os.PathLike[str], command: bytes, busy_timeout: float = 5.0) -> None:
+    """Queue a command for the bus that owns the log at ``path`` (blocking; run it in
+    a thread). The owner applies it on its next maintenance tick."""
+    conn = sqlite3.connect(os.fspath(path), timeout=busy_timeout, isolation_level=None)
+    try:
+        conn.execute(
+            "INSERT INTO control (command, created_at) VALUES (?, ?)", (command, time.time())
+        )
+    finally:
+        conn.close()

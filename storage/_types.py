@@ -66,6 +66,32 @@ class SubscriptionInfo(msgspec.Struct, frozen=True, gc=False):
     topics: tuple[str, ...]
     cursor: int
     updated_at: float
+    inflight_upto: int = 0
+
+
+class RetryRecord(msgspec.Struct, frozen=True, gc=False):
+    """An event waiting in a subscription's retry lane.
+
+    The record carries its own copy of the event, so compaction of the main log
+    never takes a pending retry's payload away.
+
+    Attributes:
+        attempt: The attempt that runs next (2 after one failure).
+        due_at: Unix time when it is due; None while it waits behind an earlier
+            event of the same key.
+        running: True while an attempt runs: found true on open, the process died
+            during that attempt.
+    """
+
+    subscription: str
+    record: Record
+    attempt: int
+    due_at: float | None
+    first_failed_at: float | None = None
+    error_type: str = ""
+    error_message: str = ""
+    traceback: str = ""
+    running: bool = False
 
 
 class WriteBatch(msgspec.Struct, gc=False):
@@ -73,15 +99,29 @@ class WriteBatch(msgspec.Struct, gc=False):
 
     ``acks`` maps a subscription name to its new cursor; cursors only move forward.
     ``subscriptions`` registers subscriptions (an existing one keeps its cursor).
+    ``retries`` are written (replacing the same subscription and seq), then
+    ``settled`` ones removed from the retry lane. ``inflight`` records, per
+    subscription, the last seq handed to a handler before its acknowledgement.
     """
 
     appends: list[NewRecord] = msgspec.field(default_factory=list)
     acks: dict[str, int] = msgspec.field(default_factory=dict)
     subscriptions: list[SubscriptionInfo] = msgspec.field(default_factory=list)
     dead: list[DeadRecord] = msgspec.field(default_factory=list)
+    retries: list[RetryRecord] = msgspec.field(default_factory=list)
+    settled: list[tuple[str, int]] = msgspec.field(default_factory=list)
+    inflight: dict[str, int] = msgspec.field(default_factory=dict)
 
     def is_empty(self) -> bool:
-        return not (self.appends or self.acks or self.subscriptions or self.dead)
+        return not (
+            self.appends
+            or self.acks
+            or self.subscriptions
+            or self.dead
+            or self.retries
+            or self.settled
+            or self.inflight
+        )
 
     def merge(self, other: WriteBatch) -> None:
         """Fold ``other`` into this batch (later acks win only if they are further)."""
@@ -91,6 +131,9 @@ class WriteBatch(msgspec.Struct, gc=False):
                 self.acks[name] = cursor
         self.subscriptions.extend(other.subscriptions)
         self.dead.extend(other.dead)
+        self.retries.extend(other.retries)
+        self.settled.extend(other.settled)
+        self.inflight.update(other.inflight)
 
 
 class LogStats(msgspec.Struct, frozen=True):
@@ -104,3 +147,4 @@ class LogStats(msgspec.Struct, frozen=True):
     dead_letters: dict[str, int]
     size_bytes: int
     wal_bytes: int
+    retries: dict[str, int] = msgspec.field(default_factory=dict)
