@@ -17,7 +17,8 @@ import storage as _storage
 from storage import LogStats, MemoryStorage, NewRecord, Receipt, Record, SQLiteStorage
 from storage import SubscriptionInfo as _SubInfo
 
-from ._config import BatchPolicy, BusConfig, RetryPolicy
+from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy
+from ._dead_letters import CONTROL_DECODER as _CONTROL
 from ._dead_letters import DeadLetters
 from ._errors import (
     BusClosed,
@@ -28,9 +29,10 @@ from ._errors import (
     translate_storage_error,
 )
 from ._event import Event, Message, new_event_id
+from ._handler import Handler
 from ._metrics import BusMetrics, SubscriptionMetrics, summarize
 from ._recent import RecentEvents
-from ._subscription import Handler, Subscription
+from ._subscription import Subscription
 from ._writer import LogWriter
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,9 @@ class Bus:
         self._writer_done = anyio.Event()
         self._closing = False
         self._closed = False
-        self.dead_letters = DeadLetters(log, self._to_event)
+        self.dead_letters = DeadLetters(
+            log, self._to_event, self._writer.lock, self._redriven, config.redrive_rate
+        )
         # Recently committed events, decoded at most once, for subscriptions near the
         # head; bounded so a burst of large events cannot pin much memory.
         self._recent = RecentEvents(
@@ -172,6 +176,7 @@ class Bus:
                 for sub in self._subs.values():
                     await sub.finished.wait()
                 await self._persist_idle_positions()
+                await self._release_abandoned()
                 self._maintenance_scope.cancel()
                 self._writer.stop()
                 with anyio.move_on_after(self.config.close_timeout) as timer:
@@ -188,14 +193,64 @@ class Bus:
             self._writer_done.set()
 
     async def _maintenance(self) -> None:
+        """Compaction every ``compact_interval``; commands queued by the command line
+        every ``control_interval``."""
+        config = self.config
         with self._maintenance_scope:
+            next_compaction = time.monotonic() + config.compact_interval
             while True:
-                await anyio.sleep(self.config.compact_interval)
-                await self._persist_idle_positions()
+                await anyio.sleep(min(config.control_interval, config.compact_interval))
                 try:
-                    await self.compact()
+                    await self._apply_control()
                 except _storage.StorageError as exc:
-                    logger.warning("compaction failed, will retry: %s", exc)
+                    logger.warning("reading queued commands failed, will retry: %s", exc)
+                if time.monotonic() >= next_compaction:
+                    next_compaction = time.monotonic() + config.compact_interval
+                    await self._persist_idle_positions()
+                    try:
+                        await self.compact()
+                    except _storage.StorageError as exc:
+                        logger.warning("compaction failed, will retry: %s", exc)
+
+    async def _apply_control(self) -> None:
+        commands = await self._log.take_control()
+        if not commands:
+            return
+        for _, raw in commands:
+            try:
+                command = _CONTROL.decode(raw)
+            except msgspec.DecodeError:
+                logger.error("ignoring a malformed command queued in the log: %r", raw[:100])
+                continue
+            if command.action == "redrive":
+                n = await self.dead_letters.redrive(
+                    command.subscription, ids=command.ids, error_type=command.error_type
+                )
+            else:
+                n = await self.dead_letters.purge(
+                    command.subscription, ids=command.ids, error_type=command.error_type
+                )
+            logger.warning("applied a queued %s command: %d dead letters", command.action, n)
+        async with self._writer.lock:
+            await self._log.done_control([i for i, _ in commands])
+
+    async def _release_abandoned(self) -> None:
+        """Forget in-flight markers of work abandoned at close (not a process death)."""
+        batch = _storage.WriteBatch()
+        for sub in self._subs.values():
+            batch.merge(sub.release())
+        if not batch.is_empty() and not self._writer_done.is_set():
+            with contextlib.suppress(BusClosed, _storage.StorageError):
+                await self._writer.commit(batch)
+
+    def _redriven(self, records: list[_storage.RetryRecord]) -> None:
+        by_sub: dict[str, list[_storage.RetryRecord]] = {}
+        for record in records:
+            by_sub.setdefault(record.subscription, []).append(record)
+        for name, items in by_sub.items():
+            sub = self._subs.get(name)
+            if sub is not None:
+                sub.add_retries(items)
 
     async def _persist_idle_positions(self) -> None:
         """Move idle subscriptions' cursors past events on other topics, so lag and
@@ -393,6 +448,8 @@ class Bus:
         name: str | None = None,
         batch: BatchPolicy | None = None,
         retry: RetryPolicy | None = None,
+        breaker: BreakerPolicy | Literal["default"] | None = "default",
+        ordered: bool = True,
         start: Literal["earliest", "latest"] = "earliest",
     ) -> Callable[[H], H]:
         """Register a handler for ``topic`` (a name, several names, or ``"*"``).
@@ -407,6 +464,10 @@ class Bus:
                 kept under it across restarts. Defaults to the handler's qualified name.
             batch: How events are batched; ``config.batch`` by default.
             retry: How failures are retried; ``config.retry`` by default.
+            breaker: When to pause on persistent failure; ``config.breaker`` by
+                default, None for no circuit breaker.
+            ordered: Keep events of one key in publish order: while one waits for a
+                retry, later events of its key wait behind it. False lets them pass.
             start: Where a subscription new to this log begins: ``"earliest"``
                 (every event still in the log) or ``"latest"`` (events published
                 from now on).
@@ -429,7 +490,16 @@ class Bus:
                     f"a subscription named {sub_name!r} already exists on this bus; "
                     "give each subscription a distinct name="
                 )
-            self._start_subscription(sub_name, topics, handler, batch, retry, start)
+            self._start_subscription(
+                sub_name,
+                topics,
+                handler,
+                batch or self.config.batch,
+                retry or self.config.retry,
+                self.config.breaker if breaker == "default" else breaker,
+                ordered,
+                start,
+            )
             return handler
 
         return decorator
@@ -439,8 +509,10 @@ class Bus:
         name: str,
         topics: frozenset[str],
         handler: Handler,
-        batch: BatchPolicy | None,
-        retry: RetryPolicy | None,
+        batch: BatchPolicy,
+        retry: RetryPolicy,
+        breaker: BreakerPolicy | None,
+        ordered: bool,
         start: str,
     ) -> None:
         known = self._known.get(name)
@@ -452,9 +524,12 @@ class Bus:
             name=name,
             topics=topics,
             handler=handler,
-            batch_policy=batch or self.config.batch,
-            retry=retry or self.config.retry,
+            batch_policy=batch,
+            retry=retry,
+            breaker=breaker,
+            ordered=ordered,
             capacity=self.config.channel_capacity,
+            known=known,
             cursor=cursor,
             writer=self._writer,
             log=self._log,
@@ -477,7 +552,8 @@ class Bus:
 
     async def drain(self, timeout: float | None = 30.0) -> None:
         """Wait until every event committed so far is finished (handled and
-        acknowledged, or dead-lettered) by every subscription of this bus.
+        acknowledged, or dead-lettered) by every subscription of this bus, including
+        events waiting in retry lanes.
 
         Raises:
             DrainTimeout: ``timeout`` seconds passed first; it names the laggards.
@@ -492,7 +568,7 @@ class Bus:
                     lagging = {
                         s.name: s.finished_upto()
                         for s in self._subs.values()
-                        if s.finished_upto() < target
+                        if s.finished_upto() < target or not s.settled()
                     }
                     if not lagging and self._writer.committed_head == target:
                         # Nothing behind, and no outbox event appeared meanwhile.
@@ -505,7 +581,7 @@ class Bus:
             lagging = {
                 s.name: s.finished_upto()
                 for s in self._subs.values()
-                if s.finished_upto() < self._writer.committed_head
+                if s.finished_upto() < self._writer.committed_head or not s.settled()
             }
             raise DrainTimeout(timeout or 0.0, lagging) from None
 

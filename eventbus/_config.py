@@ -77,6 +77,14 @@ class RetryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         jitter: ``"full"``, ``"equal"``, ``"decorrelated"`` or ``"none"``.
         timeout: Seconds one attempt may take before it is cancelled and counted as
             failed; None for no limit.
+        retry_on: If given, only these exception types are retried; any other
+            error dead-letters the event at once.
+        give_up_on: Exception types that dead-letter the event at once.
+        concurrency: Retries of one subscription that may run at the same time (on
+            their own lane, beside fresh events).
+        budget_ratio: Retries allowed per fresh event handled: a storm of failures
+            cannot take over the process.
+        budget_floor: Retries per second always allowed, whatever the fresh traffic.
     """
 
     max_attempts: int = 5
@@ -85,6 +93,11 @@ class RetryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     multiplier: float = 2.0
     jitter: Jitter = "full"
     timeout: float | None = None
+    retry_on: tuple[type[BaseException], ...] = ()
+    give_up_on: tuple[type[BaseException], ...] = ()
+    concurrency: int = 4
+    budget_ratio: float = 0.2
+    budget_floor: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -100,6 +113,57 @@ class RetryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("retry.multiplier", f"must be >= 1, got {self.multiplier!r}")
         if self.timeout is not None:
             _positive("retry.timeout", self.timeout)
+        if self.concurrency < 1:
+            raise ConfigError("retry.concurrency", f"must be at least 1, got {self.concurrency}")
+        _positive("retry.budget_ratio", self.budget_ratio, allow_zero=True)
+        _positive("retry.budget_floor", self.budget_floor, allow_zero=True)
+        if self.budget_ratio == 0 and self.budget_floor == 0:
+            raise ConfigError(
+                "retry.budget_floor", "must be > 0 when budget_ratio is 0, or no retry runs"
+            )
+        for key in ("retry_on", "give_up_on"):
+            for kind in getattr(self, key):
+                if not (isinstance(kind, type) and issubclass(kind, BaseException)):
+                    raise ConfigError(f"retry.{key}", f"{kind!r} is not an exception type")
+
+    def retryable(self, exc: BaseException) -> bool:
+        """Whether ``exc`` may be retried (before counting attempts)."""
+        if self.give_up_on and isinstance(exc, self.give_up_on):
+            return False
+        return not self.retry_on or isinstance(exc, self.retry_on)
+
+
+class BreakerPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """When a subscription stops taking new events because they keep failing.
+
+    Attributes:
+        failure_ratio: Failures / calls over ``window`` that open the breaker.
+        min_calls: Calls in the window before the ratio counts.
+        window: Seconds of outcomes considered.
+        cooldown: Seconds the breaker stays open before one probe.
+        max_cooldown: Cap on the cool-down, which doubles after each failed probe.
+    """
+
+    failure_ratio: float = 0.5
+    min_calls: int = 20
+    window: float = 30.0
+    cooldown: float = 5.0
+    max_cooldown: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.failure_ratio <= 1:
+            raise ConfigError(
+                "breaker.failure_ratio", f"must be in (0, 1], got {self.failure_ratio!r}"
+            )
+        if self.min_calls < 1:
+            raise ConfigError("breaker.min_calls", f"must be at least 1, got {self.min_calls}")
+        for key in ("window", "cooldown", "max_cooldown"):
+            _positive(f"breaker.{key}", getattr(self, key))
+        if self.max_cooldown < self.cooldown:
+            raise ConfigError(
+                "breaker.max_cooldown",
+                f"must not be below cooldown ({self.cooldown}), got {self.max_cooldown}",
+            )
 
 
 class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -123,6 +187,10 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             abandoning their batch (it is redelivered on the next open).
         batch: Default :class:`BatchPolicy` for subscriptions.
         retry: Default :class:`RetryPolicy` for subscriptions.
+        breaker: Default :class:`BreakerPolicy` for subscriptions (None: no breaker).
+        redrive_rate: Dead letters per second that ``redrive`` re-injects, at most.
+        control_interval: Seconds between checks for commands queued in the log
+            file by the ``eventbus`` command line (redrive, purge).
     """
 
     durability: Literal["normal", "full", "off"] = "normal"
@@ -138,8 +206,13 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     close_timeout: float = 10.0
     batch: BatchPolicy = msgspec.field(default_factory=BatchPolicy)
     retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+    breaker: BreakerPolicy | None = msgspec.field(default_factory=BreakerPolicy)
+    redrive_rate: float = 100.0
+    control_interval: float = 1.0
 
     def __post_init__(self) -> None:
+        _positive("redrive_rate", self.redrive_rate)
+        _positive("control_interval", self.control_interval)
         for key in (
             "max_pending_publishes",
             "max_event_bytes",

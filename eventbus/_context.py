@@ -19,7 +19,7 @@ class Context:
         attempt: Which attempt this is for the current event (1 on first delivery).
     """
 
-    __slots__ = ("_encode", "_event", "_outbox", "attempt", "subscription")
+    __slots__ = ("_encode", "_event", "_failed", "_outbox", "attempt", "subscription")
 
     def __init__(self, subscription: str, encode: Encoder) -> None:
         self.subscription = subscription
@@ -27,6 +27,7 @@ class Context:
         self._encode = encode
         self._event: Event[object] | None = None
         self._outbox: list[NewRecord] = []
+        self._failed: dict[int, Exception] = {}
 
     @property
     def idempotency_key(self) -> str:
@@ -63,11 +64,22 @@ class Context:
         """
         self._outbox.append(self._encode(topic, payload, key, headers))
 
+    def fail(self, event: Event[object], exc: Exception) -> None:
+        """In a batch handler: mark one event as failed, so it goes to the retry lane
+        (or the dead letters) while the rest of the batch is acknowledged. Its outbox
+        publishes are kept only if the batch succeeds otherwise; publish for a failed
+        event after it is retried instead.
+        """
+        if not isinstance(exc, Exception):
+            raise TypeError(f"ctx.fail needs an exception instance, got {exc!r}")
+        self._failed[event.seq] = exc
+
     # -- used by the dispatcher -----------------------------------------------------
 
     def _begin(self, event: Event[object] | None, attempt: int) -> int:
         self._event = event
         self.attempt = attempt
+        self._failed.clear()
         return len(self._outbox)
 
     def _rollback_to(self, mark: int) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import builtins
+import time
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import msgspec
 
 import storage as _storage
-from storage import DeadRecord, Record
+from storage import DeadRecord, Record, RetryRecord
 
 from ._errors import translate_storage_error
 from ._event import Event
@@ -37,12 +41,35 @@ class DeadLetter(msgspec.Struct, frozen=True):
     last_failed_at: float
 
 
-class DeadLetters:
-    """``bus.dead_letters``: read the dead-letter table."""
+class ControlCommand(msgspec.Struct, frozen=True, tag=True):
+    """A dead-letter command queued in the log file for the bus that owns it."""
 
-    def __init__(self, log: _storage.Storage, to_event: Callable[[Record], Event[object]]) -> None:
+    action: Literal["redrive", "purge"]
+    subscription: str | None = None
+    ids: list[str] | None = None
+    error_type: str | None = None
+
+
+CONTROL_ENCODER = msgspec.msgpack.Encoder()
+CONTROL_DECODER = msgspec.msgpack.Decoder(ControlCommand)
+
+
+class DeadLetters:
+    """``bus.dead_letters``: inspect, re-inject and purge dead-lettered events."""
+
+    def __init__(
+        self,
+        log: _storage.Storage,
+        to_event: Callable[[Record], Event[object]],
+        write_lock: asyncio.Lock,
+        on_redriven: Callable[[list[RetryRecord]], None],
+        rate: float,
+    ) -> None:
         self._log = log
         self._to_event = to_event
+        self._lock = write_lock
+        self._on_redriven = on_redriven
+        self._rate = rate
 
     def _convert(self, dead: DeadRecord) -> DeadLetter:
         try:
@@ -70,12 +97,98 @@ class DeadLetters:
         )
 
     async def list(
-        self, subscription: str | None = None, *, limit: int = 100, after_seq: int = 0
-    ) -> list[DeadLetter]:
-        """Dead letters in log order, optionally of one subscription; page with
-        ``after_seq`` (the last ``event.seq`` of the previous page)."""
+        self,
+        subscription: str | None = None,
+        *,
+        error_type: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+        after_seq: int = 0,
+    ) -> builtins.list[DeadLetter]:
+        """Dead letters in log order.
+
+        Args:
+            subscription: Only this subscription's.
+            error_type: Only this error type: qualified (``"builtins.ValueError"``)
+                or its last part (``"ValueError"``).
+            since: Only those whose last failure is at or after this unix time.
+            until: Only those whose last failure is before this unix time.
+            limit: At most this many.
+            after_seq: Page on: the last ``event.seq`` of the previous page.
+        """
         try:
-            rows = await self._log.dead_letters(subscription, limit, after_seq)
+            rows = await self._log.dead_letters(
+                subscription, limit, after_seq, error_type=error_type, since=since, until=until
+            )
         except _storage.StorageError as exc:
             raise translate_storage_error(exc) from exc
         return [self._convert(d) for d in rows]
+
+    async def get(self, event_id: str) -> builtins.list[DeadLetter]:
+        """The dead letters of one event (one per subscription that gave up on it)."""
+        try:
+            rows = await self._log.dead_letters(None, 1000, 0, ids=[event_id])
+        except _storage.StorageError as exc:
+            raise translate_storage_error(exc) from exc
+        return [self._convert(d) for d in rows]
+
+    async def redrive(
+        self,
+        subscription: str | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+        error_type: str | None = None,
+        rate: float | None = None,
+    ) -> int:
+        """Re-inject dead letters into the subscription that gave up on them (and
+        only that one), with attempts reset. The event keeps its id, so
+        ``ctx.idempotency_key`` is the same as before.
+
+        They enter that subscription's retry lane spaced ``1 / rate`` seconds apart
+        (``BusConfig.redrive_rate`` by default), so a large redrive cannot swamp live
+        traffic. A subscription not running in this process picks them up when it
+        next subscribes.
+
+        Returns:
+            How many were re-injected.
+
+        Cancellation: the move from dead letters to the retry lane is one
+        transaction; if cancelled, it happened entirely or not at all.
+        """
+        per_second = rate or self._rate
+        if not per_second > 0:
+            raise ValueError(f"rate must be positive, got {rate!r}")
+        try:
+            async with self._lock:
+                records = await self._log.redrive(
+                    subscription,
+                    ids=ids,
+                    error_type=error_type,
+                    due_at=time.time(),
+                    spacing=1.0 / per_second,
+                )
+        except _storage.StorageError as exc:
+            raise translate_storage_error(exc) from exc
+        self._on_redriven(records)
+        return len(records)
+
+    async def purge(
+        self,
+        subscription: str | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+        error_type: str | None = None,
+        before: float | None = None,
+    ) -> int:
+        """Delete dead letters for good; returns how many.
+
+        ``before`` keeps those whose last failure is at or after that unix time.
+        """
+        try:
+            async with self._lock:
+                return await self._log.purge(
+                    subscription, ids=ids, error_type=error_type, until=before
+                )
+        except _storage.StorageError as exc:
+            raise translate_storage_error(exc) from exc

@@ -1,19 +1,25 @@
-"""One subscription at run time: its channel, its batcher and its handler loop.
+"""One subscription at run time: its batcher, its main lane and its retry lane.
 
-The channel is a bounded deque. While the subscription keeps up ("live"), the writer
-pushes each committed event straight into it; once it is full the subscription falls
-back to reading its backlog from the log, and goes live again when it reaches the
-head. So memory stays bounded however far behind a handler falls.
+Events reach the main lane in log order (from the window of recent events near the
+head, or from the log further behind); its channel is bounded, so memory does not
+grow with the backlog. A failing event leaves the main lane at once for the retry
+lane (its due time persisted in the same transaction as the batch's
+acknowledgement), so the main lane never sleeps for a retry; with ordering per key,
+later events of that key wait behind it in the retry lane.
+
+Before a batch is handed to the handler, the log records how far it reaches (one
+write per batch, usually riding on the previous acknowledgement). If the process
+dies while handling, the next open moves that stretch to the retry lane with one
+attempt counted, so an event that kills the process is dead-lettered after
+``max_attempts`` deaths instead of crash-looping forever.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import random
 import time
-import traceback
 import typing
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -22,20 +28,24 @@ import anyio
 import msgspec
 
 import storage as _storage
-from backpressure import (
-    AIMDController,
-    BatchController,
-    BatchSample,
-    FixedController,
-    GradientController,
-    NaturalController,
-)
-from storage import DeadRecord, Record, SubscriptionInfo, WriteBatch
+from backpressure import BatchSample
+from storage import DeadRecord, Record, RetryRecord, SubscriptionInfo, WriteBatch
 
-from ._config import BatchPolicy, RetryPolicy
+from ._breaker import CircuitBreaker, RetryBudget
+from ._config import BatchPolicy, BreakerPolicy, RetryPolicy
 from ._context import Context, Encoder
-from ._errors import BusClosed, StorageError, SubscriptionError
+from ._errors import BusClosed, StorageError
 from ._event import Event
+from ._handler import (
+    PROCESS_DIED,
+    Handler,
+    dead_record,
+    event_record,
+    is_batch_handler,
+    make_controller,
+    retry_record,
+)
+from ._lane import RetrySchedule
 from ._metrics import SubscriptionRecorder
 from ._recent import RecentEvents
 from ._retry import backoff_delay
@@ -43,44 +53,17 @@ from ._writer import LogWriter
 
 logger = logging.getLogger(__name__)
 
-EventHandler = Callable[[Event[typing.Any], Context], Awaitable[None]]
-BatchHandler = Callable[[list[Event[typing.Any]], Context], Awaitable[None]]
-Handler = EventHandler | BatchHandler
 
+class _Outcome:
+    """What a main-lane batch decided for its failing and waiting events."""
 
-def is_batch_handler(handler: Callable[..., object]) -> bool:
-    """True when the handler's first parameter is annotated ``list[...]`` (string
-    annotations included)."""
-    try:
-        params = list(inspect.signature(handler).parameters.values())
-    except (TypeError, ValueError) as exc:
-        raise SubscriptionError(f"cannot inspect handler {handler!r}: {exc}") from exc
-    if len(params) < 2:
-        raise SubscriptionError(
-            f"handler {getattr(handler, '__qualname__', handler)!r} must take two "
-            "parameters, (event, ctx) or (events: list[Event], ctx)"
-        )
-    first = params[0]
-    annotation: object = first.annotation
-    if annotation is inspect.Parameter.empty:
-        return False
-    if isinstance(annotation, str):
-        text = annotation.replace(" ", "").lower()
-        try:
-            annotation = typing.get_type_hints(handler).get(first.name, annotation)
-        except Exception:  # noqa: BLE001 - an unresolvable string: judge it by its text
-            return text.startswith(("list[", "typing.list["))
-    return bool(typing.get_origin(annotation) is list or annotation is list)
+    __slots__ = ("blocked", "dead", "retries", "successes")
 
-
-def make_controller(policy: BatchPolicy) -> BatchController:
-    if policy.mode == "natural":
-        return NaturalController(policy.min_size, policy.max_size)
-    if policy.mode == "fixed":
-        return FixedController(policy.max_size, policy.max_wait, policy.min_size)
-    if policy.mode == "aimd":
-        return AIMDController(policy.min_size, policy.max_size, policy.target_latency)
-    return GradientController(policy.min_size, policy.max_size, policy.target_latency)
+    def __init__(self) -> None:
+        self.retries: list[tuple[RetryRecord, float | None]] = []  # with monotonic due
+        self.dead: list[DeadRecord] = []
+        self.blocked: set[str] = set()
+        self.successes = 0
 
 
 class Subscription:
@@ -94,7 +77,10 @@ class Subscription:
         handler: Handler,
         batch_policy: BatchPolicy,
         retry: RetryPolicy,
+        breaker: BreakerPolicy | None,
+        ordered: bool,
         capacity: int,
+        known: SubscriptionInfo | None,
         cursor: int,
         writer: LogWriter,
         log: _storage.Storage,
@@ -102,7 +88,7 @@ class Subscription:
         to_event: Callable[[Record], Event[object]],
         encode: Encoder,
         on_progress: Callable[[], None],
-        register: SubscriptionInfo | None,
+        register: SubscriptionInfo,
     ) -> None:
         self.name = name
         self.topics = topics
@@ -113,21 +99,36 @@ class Subscription:
         self._call_handler = typing.cast("Callable[[object, Context], Awaitable[None]]", handler)
         self.batch_policy = batch_policy
         self.retry = retry
+        self.ordered = ordered
         self.controller = make_controller(batch_policy)
+        self.breaker = CircuitBreaker(breaker) if breaker is not None else None
+        self.budget = RetryBudget(
+            retry.budget_ratio,
+            retry.budget_floor,
+            burst=max(10.0, retry.budget_floor),
+            now=time.monotonic(),
+        )
+        self.lane = RetrySchedule(ordered=ordered)
         self.capacity = capacity
         self.channel: deque[Event[object]] = deque()
         self.read_pos = cursor  # every event with seq <= read_pos has been examined
         self.acked = cursor  # ... and with seq <= acked, handled and committed
         self.stats = SubscriptionRecorder()
+        self._known = known
+        self._marked = cursor  # the in-flight marker persisted in the log
         self._writer = writer
         self._log = log
         self._recent = recent
         self._to_event = to_event
+        self._encode = encode
         self._ctx = Context(name, encode)
         self._on_progress = on_progress
         self._register = register
         self._ready = asyncio.Event()
+        self._lane_wake = asyncio.Event()
+        self._stop = anyio.Event()
         self._busy = False
+        self._started = False
         self._stopping = False
         self._dead: list[DeadRecord] = []
         self._rng = random.Random()
@@ -146,15 +147,19 @@ class Subscription:
         return self.read_pos + 1 >= self._recent.first_seq
 
     def finished_upto(self) -> int:
-        """Every event of this subscription with ``seq <=`` this is handled and acked
-        (or, when idle, needs nothing: events on other topics)."""
-        if not self._busy and not self.channel:
+        """Every event of this subscription with ``seq <=`` this has left the main
+        lane: handled, dead-lettered, or in the retry lane."""
+        if self._started and not self._busy and not self.channel:
             return max(self.acked, self.read_pos)
         return self.acked
 
+    def settled(self) -> bool:
+        """Nothing waits in the retry lane."""
+        return self._started and len(self.lane) == 0
+
     def idle_position(self) -> int | None:
         """A cursor worth persisting for an idle subscription, else None."""
-        if not self._busy and not self.channel and self.read_pos > self.acked:
+        if self._started and not self._busy and not self.channel and self.read_pos > self.acked:
             return self.read_pos
         return None
 
@@ -164,27 +169,168 @@ class Subscription:
 
     def stop(self) -> None:
         self._stopping = True
+        self._stop.set()
         self._ready.set()
+        self._lane_wake.set()
+
+    def add_retries(self, records: list[RetryRecord]) -> None:
+        """Take redriven events into the retry lane (already committed to the log)."""
+        now_wall, now = time.time(), time.monotonic()
+        for record in sorted(records, key=lambda r: r.record.seq):
+            due = now + max(0.0, (record.due_at or now_wall) - now_wall)
+            self.lane.add(record, due)
+        self._lane_wake.set()
+        self._on_progress()
+
+    def release(self) -> WriteBatch:
+        """At close, after the tasks stopped: what the log must forget so that the
+        abandoned work does not count as a process death on the next open."""
+        batch = WriteBatch(inflight={self.name: self.acked})
+        batch.retries = [
+            msgspec.structs.replace(r, running=False) for r in self.lane.running.values()
+        ]
+        return batch
 
     # -- the loop -------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Handle batches until stopped or cancelled. A cancelled batch is not
-        acknowledged: it is delivered again on the next open."""
+        """Recover, then run the main lane and the retry lane until stopped or
+        cancelled. A cancelled batch is not acknowledged: it is delivered again on
+        the next open."""
         try:
             with anyio.CancelScope() as self.scope:
-                if self._register is not None:
-                    await self._commit(WriteBatch(subscriptions=[self._register]))
-                    self._register = None
-                while not self._stopping:
-                    batch = await self._next_batch()
-                    if batch is None:
-                        break
-                    await self._handle(batch)
+                await self._recover()
+                self._started = True
+                self._on_progress()
+                async with anyio.create_task_group() as tg:
+                    for i in range(self.retry.concurrency):
+                        tg.start_soon(self._lane_worker, name=f"{self.name} retry lane {i}")
+                    await self._main_loop()
         except BusClosed:
             pass
         finally:
             self.finished.set()
+
+    async def _recover(self) -> None:
+        """Register; rebuild the retry lane; settle what a dead process left behind."""
+        batch = WriteBatch(subscriptions=[self._register])
+        now_wall, now = time.time(), time.monotonic()
+        schedule: list[tuple[RetryRecord, float | None]] = []
+        for record in await self._log.retries(self.name):
+            if record.running:
+                # The process died during this attempt: it counts.
+                failed = record.attempt
+                record = msgspec.structs.replace(
+                    record,
+                    running=False,
+                    error_type=PROCESS_DIED,
+                    error_message=f"process died while handling (attempt {failed})",
+                    traceback="",
+                    first_failed_at=record.first_failed_at or now_wall,
+                )
+                if failed >= self.retry.max_attempts:
+                    batch.dead.append(self._died(record.record, failed, record.first_failed_at))
+                    batch.settled.append((self.name, record.record.seq))
+                    continue
+                delay = backoff_delay(self.retry, failed, self.retry.initial_delay, self._rng)
+                record = msgspec.structs.replace(
+                    record, attempt=failed + 1, due_at=now_wall + delay
+                )
+                batch.retries.append(record)
+            schedule.append((record, self._monotonic_due(record.due_at, now_wall, now)))
+        known = self._known
+        if known is not None and known.inflight_upto > self.acked:
+            # The process died while handling (acked, inflight_upto]: attempt 1 counts.
+            upto = known.inflight_upto
+            in_lane = {r.record.seq for r, _ in schedule}
+            pos = self.acked
+            while pos < upto:
+                records = await self._log.read(pos, upto, self._filter, 1000)
+                for rec in records:
+                    if rec.seq in in_lane:
+                        continue
+                    if self.retry.max_attempts <= 1:
+                        batch.dead.append(self._died(rec, 1, now_wall))
+                        continue
+                    delay = backoff_delay(self.retry, 1, self.retry.initial_delay, self._rng)
+                    moved = RetryRecord(
+                        self.name,
+                        rec,
+                        2,
+                        now_wall + delay,
+                        now_wall,
+                        PROCESS_DIED,
+                        "process died while handling (attempt 1)",
+                    )
+                    batch.retries.append(moved)
+                    schedule.append((moved, now + delay))
+                pos = records[-1].seq if len(records) == 1000 else upto
+            logger.warning(
+                "subscription %s: the process died while handling events %d..%d; they "
+                "are retried one at a time",
+                self.name,
+                self.acked + 1,
+                upto,
+            )
+            batch.acks[self.name] = upto
+            self.read_pos = self.acked = self._marked = upto
+        batch.inflight[self.name] = self.acked
+        await self._commit(batch)
+        for record, due in sorted(schedule, key=lambda item: item[0].record.seq):
+            self.lane.add(record, due)
+
+    def _monotonic_due(self, due_at: float | None, now_wall: float, now: float) -> float | None:
+        if due_at is None:
+            return None
+        # A wall clock that jumped while the process was down cannot delay a retry
+        # beyond the policy's cap.
+        return now + min(max(0.0, due_at - now_wall), self.retry.max_delay)
+
+    def _died(self, record: Record, attempts: int, first_failed: float | None) -> DeadRecord:
+        logger.error(
+            "subscription %s: the process died %d times while handling event %s (seq %d); "
+            "dead-lettering it",
+            self.name,
+            attempts,
+            record.id,
+            record.seq,
+        )
+        self.stats.dead_lettered += 1
+        return dead_record(
+            self.name,
+            record,
+            attempts,
+            None,
+            first_failed,
+            error_type=PROCESS_DIED,
+            message=f"process died while handling ({attempts} attempts)",
+        )
+
+    # -- main lane ------------------------------------------------------------------
+
+    async def _main_loop(self) -> None:
+        while not self._stopping:
+            await self._breaker_gate()
+            batch = await self._next_batch()
+            if batch is None:
+                break
+            if self.breaker is not None and self.breaker.probing and len(batch) > 1:
+                # Half-open: one event probes whether the cause has gone.
+                self.channel.extendleft(reversed(batch[1:]))
+                batch = batch[:1]
+            await self._handle(batch)
+        self._lane_wake.set()
+
+    async def _breaker_gate(self) -> None:
+        breaker = self.breaker
+        if breaker is None:
+            return
+        while not self._stopping:
+            wait = breaker.wait_time(time.monotonic())
+            if wait <= 0:
+                return
+            with anyio.move_on_after(wait):
+                await self._stop.wait()
 
     async def _next_batch(self) -> list[Event[object]] | None:
         channel = self.channel
@@ -226,30 +372,51 @@ class Subscription:
                 try:
                     self.channel.append(self._to_event(rec))
                 except msgspec.DecodeError as exc:
-                    self._dead.append(self._dead_record(rec, 0, exc, time.time()))
+                    # Not retryable: the bytes will not change.
+                    self._dead.append(dead_record(self.name, rec, 0, exc, None))
+                    self.stats.dead_lettered += 1
             self.read_pos = records[-1].seq if len(records) == room else upto
         if not self.channel:
             self._on_progress()  # moved past events of other topics: drain may care
+
+    def _blocked(self, key: str | None, outcome: _Outcome) -> bool:
+        return (
+            key is not None and self.ordered and (key in outcome.blocked or self.lane.blocks(key))
+        )
 
     async def _handle(self, batch: list[Event[object]]) -> None:
         self._busy = True
         started = time.monotonic()
         wait_time = max(0.0, time.time() - batch[0].created_at)
         done = False
+        outcome = _Outcome()
         try:
+            if batch[-1].seq > self._marked:
+                # Record how far this batch reaches before the handler sees it.
+                self._marked = self.read_pos
+                await self._commit(WriteBatch(inflight={self.name: self._marked}))
             if self.is_batch:
-                await self._run_batch(batch)
-            elif self.retry.timeout is None:
-                await self._run_events_fast(batch)
+                await self._main_batch(batch, outcome)
+                processed = len(batch)
             else:
-                for event in batch:
-                    await self._run_one(event)
+                processed = await self._main_events(batch, outcome)
+                if processed < len(batch):
+                    # The breaker opened: the rest waits (in order) for it to close.
+                    self.channel.extendleft(reversed(batch[processed:]))
+                    batch = batch[:processed]
             cursor = self.read_pos if not self.channel else batch[-1].seq
             ack = WriteBatch(
-                appends=self._ctx._take_outbox(), acks={self.name: cursor}, dead=self._dead
+                appends=self._ctx._take_outbox(),
+                acks={self.name: cursor},
+                dead=self._dead + outcome.dead,
+                retries=[r for r, _ in outcome.retries],
             )
+            if self.channel and self.read_pos > self._marked:
+                # The next batch comes from the channel: mark it with this commit.
+                ack.inflight[self.name] = self.read_pos
             self._dead = []
             await self._commit(ack)
+            self._marked = max(self._marked, ack.inflight.get(self.name, 0))
             done = True
         finally:
             self._busy = False
@@ -259,6 +426,12 @@ class Subscription:
                 self.read_pos = self.acked
                 self.channel.clear()
         self.acked = max(self.acked, cursor)
+        for record, due in outcome.retries:
+            self.lane.add(record, due)
+        if outcome.retries:
+            self._lane_wake.set()
+        self.stats.dead_lettered += len(outcome.dead)
+        self.budget.earn(outcome.successes)
         now = time.monotonic()
         self.stats.batch(len(batch), now - started, batch[0].created_at, batch[-1].created_at)
         self.controller.observe(
@@ -266,141 +439,255 @@ class Subscription:
         )
         self._on_progress()
 
-    async def _run_events_fast(self, batch: list[Event[object]]) -> None:
-        """Per-event handlers without a timeout: await the handler directly, and
-        enter the retry machinery only when it raises."""
+    async def _main_events(self, batch: list[Event[object]], outcome: _Outcome) -> int:
+        """Per-event handler: returns how many events of the batch were processed
+        (fewer than all only when the circuit breaker opened)."""
         handler = self._call_handler
         ctx = self._ctx
         outbox = ctx._outbox
-        for event in batch:
+        timeout = self.retry.timeout
+        breaker = self.breaker
+        ok = 0
+        for i, event in enumerate(batch):
+            if self._blocked(event.key, outcome):
+                self._park(event, outcome)
+                continue
             ctx._event = event
             ctx.attempt = event.attempt
             mark = len(outbox)
             try:
-                await handler(event, ctx)
-            except Exception as exc:  # noqa: BLE001 - retried or dead-lettered below
+                if timeout is None:
+                    await handler(event, ctx)
+                else:
+                    with anyio.fail_after(timeout):
+                        await handler(event, ctx)
+                ok += 1
+            except Exception as exc:  # noqa: BLE001 - goes to the retry lane or dead letters
                 ctx._rollback_to(mark)
-                await self._run_one(event, first_error=exc)
+                self._failed(event, exc, outcome)
+                if breaker is not None:
+                    now = time.monotonic()
+                    breaker.record(ok, 1, now)
+                    outcome.successes += ok
+                    ok = 0
+                    if breaker.state == "open":
+                        self._breaker_opened()
+                        return i + 1
+        outcome.successes += ok
+        if breaker is not None and ok:
+            breaker.record(ok, 0, time.monotonic())
+        return len(batch)
 
-    async def _call(self, arg: Event[object] | list[Event[object]]) -> None:
-        timeout = self.retry.timeout
-        if timeout is None:
-            await self._call_handler(arg, self._ctx)
-        else:
-            with anyio.fail_after(timeout):
-                await self._call_handler(arg, self._ctx)
-
-    async def _run_batch(self, batch: list[Event[object]]) -> None:
-        if len(batch) == 1:
-            await self._run_one(batch[0])
+    async def _main_batch(self, events: list[Event[object]], outcome: _Outcome) -> None:
+        """Batch handler: on an exception, split the batch to isolate the failures."""
+        runnable = []
+        for event in events:
+            if self._blocked(event.key, outcome):
+                self._park(event, outcome)
+            else:
+                runnable.append(event)
+        if not runnable:
             return
-        mark = self._ctx._begin(None, batch[0].attempt)
+        mark = self._ctx._begin(None, max(e.attempt for e in runnable))
         try:
-            await self._call(batch)
-            return
-        except Exception as exc:  # noqa: BLE001 - any handler error is isolated below
+            await self._call(runnable)
+        except Exception as exc:  # noqa: BLE001 - isolated below
             self._ctx._rollback_to(mark)
-            self.stats.failed_attempts += 1
+            if len(runnable) == 1:
+                self._failed(runnable[0], exc, outcome)
+                self._record_breaker(0, 1)
+                return
             logger.warning(
                 "subscription %s: batch of %d failed (%s: %s); splitting it to isolate "
                 "the failing events",
                 self.name,
-                len(batch),
+                len(runnable),
                 type(exc).__name__,
                 exc,
             )
-        # Bisect: the healthy halves succeed, the poison narrows down to single events.
-        middle = len(batch) // 2
-        await self._run_batch(batch[:middle])
-        await self._run_batch(batch[middle:])
+            middle = len(runnable) // 2
+            await self._main_batch(runnable[:middle], outcome)
+            await self._main_batch(runnable[middle:], outcome)
+            return
+        failed = dict(self._ctx._failed)
+        for event in runnable:
+            error = failed.get(event.seq)
+            if error is not None:
+                self._failed(event, error, outcome)
+        ok = len(runnable) - len(failed)
+        outcome.successes += ok
+        self._record_breaker(ok, len(failed))
 
-    async def _run_one(self, event: Event[object], first_error: Exception | None = None) -> None:
-        """Handle one event with retries; ``first_error`` is a failure of attempt
-        ``event.attempt`` that already happened."""
+    def _record_breaker(self, ok: int, failed: int) -> None:
+        if self.breaker is not None and (ok or failed):
+            was_open = self.breaker.state == "open"
+            self.breaker.record(ok, failed, time.monotonic())
+            if not was_open and self.breaker.state == "open":
+                self._breaker_opened()
+
+    def _breaker_opened(self) -> None:
+        logger.error(
+            "subscription %s: circuit breaker opened (too many failures); new events "
+            "wait in the log until a probe succeeds",
+            self.name,
+        )
+
+    async def _call(
+        self, arg: Event[object] | list[Event[object]], ctx: Context | None = None
+    ) -> None:
+        timeout = self.retry.timeout
+        if timeout is None:
+            await self._call_handler(arg, ctx or self._ctx)
+        else:
+            with anyio.fail_after(timeout):
+                await self._call_handler(arg, ctx or self._ctx)
+
+    def _park(self, event: Event[object], outcome: _Outcome) -> None:
+        """An earlier event of this key waits in the retry lane: queue behind it."""
+        record = RetryRecord(self.name, event_record(event), event.attempt, None)
+        outcome.retries.append((record, None))
+
+    def _failed(self, event: Event[object], exc: Exception, outcome: _Outcome) -> None:
+        """Decide a failed first attempt: retry lane or, if hopeless, dead letters."""
+        self.stats.failed_attempts += 1
         attempt = event.attempt
-        first_failed: float | None = None
-        delay = self.retry.initial_delay
-        error = first_error
-        while True:
-            if error is None:
-                current = (
-                    event
-                    if attempt == event.attempt
-                    else msgspec.structs.replace(event, attempt=attempt)
-                )
-                mark = self._ctx._begin(None if self.is_batch else current, attempt)
-                try:
-                    await self._call([current] if self.is_batch else current)
-                    return
-                except Exception as exc:  # noqa: BLE001 - handler errors are retried or dead-lettered
-                    self._ctx._rollback_to(mark)
-                    error = exc
-            self.stats.failed_attempts += 1
-            now = time.time()
-            first_failed = first_failed or now
-            if attempt >= self.retry.max_attempts:
-                logger.error(
-                    "subscription %s: event %s (seq %d) failed %d times, dead-lettering it: %s: %s",
-                    self.name,
-                    event.id,
-                    event.seq,
-                    attempt,
-                    type(error).__name__,
-                    error,
-                )
-                record = Record(
-                    event.seq, event.id, event.topic, event.key, b"", None, event.created_at
-                )
-                self._dead.append(self._dead_record(record, attempt, error, first_failed, event))
-                self.stats.dead_lettered += 1
-                return
-            delay = backoff_delay(self.retry, attempt, delay, self._rng)
-            logger.warning(
-                "subscription %s: event %s attempt %d failed (%s: %s); retrying in %.3fs",
+        if attempt >= self.retry.max_attempts or not self.retry.retryable(exc):
+            logger.error(
+                "subscription %s: event %s (seq %d) failed (%s: %s); dead-lettering it",
                 self.name,
                 event.id,
+                event.seq,
+                type(exc).__name__,
+                exc,
+            )
+            outcome.dead.append(dead_record(self.name, event_record(event), attempt, exc, None))
+            return
+        delay = backoff_delay(self.retry, attempt, self.retry.initial_delay, self._rng)
+        logger.warning(
+            "subscription %s: event %s attempt %d failed (%s: %s); retrying in %.3fs",
+            self.name,
+            event.id,
+            attempt,
+            type(exc).__name__,
+            exc,
+            delay,
+        )
+        now_wall = time.time()
+        record = retry_record(
+            self.name, event_record(event), attempt + 1, now_wall + delay, exc, now_wall
+        )
+        outcome.retries.append((record, time.monotonic() + delay))
+        if self.ordered and event.key is not None:
+            outcome.blocked.add(event.key)
+
+    # -- retry lane -----------------------------------------------------------------
+
+    async def _lane_worker(self) -> None:
+        ctx = Context(self.name, self._encode)
+        while True:
+            record = await self._next_retry()
+            if record is None:
+                return
+            await self._run_retry(record, ctx)
+
+    async def _next_retry(self) -> RetryRecord | None:
+        lane = self.lane
+        while not self._stopping:
+            now = time.monotonic()
+            wait = self.breaker.wait_time(now) if self.breaker is not None else 0.0
+            due = lane.next_due()
+            if wait <= 0 and due is not None and due <= now:
+                head = lane.peek_due()
+                if head is not None and head.attempt >= 2 and not self.budget.take(now):
+                    wait = self.budget.wait_time(now)
+                else:
+                    record = lane.pop_due(now)
+                    if record is not None:
+                        return record
+            elif due is not None:
+                wait = max(wait, due - now)
+            elif wait <= 0:
+                wait = float("inf")
+            self._lane_wake.clear()
+            with anyio.move_on_after(wait):
+                await self._lane_wake.wait()
+        return None
+
+    async def _run_retry(self, record: RetryRecord, ctx: Context) -> None:
+        seq = record.record.seq
+        attempt = record.attempt
+        # Record the attempt before it runs: if it kills the process, it counts.
+        await self._commit(WriteBatch(retries=[msgspec.structs.replace(record, running=True)]))
+        try:
+            event = msgspec.structs.replace(self._to_event(record.record), attempt=attempt)
+        except msgspec.DecodeError as exc:
+            self.lane.running.pop(seq, None)
+            dead = dead_record(self.name, record.record, attempt, exc, record.first_failed_at)
+            await self._commit(WriteBatch(dead=[dead], settled=[(self.name, seq)]))
+            self._settle(seq)
+            return
+        mark = ctx._begin(None if self.is_batch else event, attempt)
+        error: Exception | None = None
+        try:
+            await self._call([event] if self.is_batch else event, ctx)
+            error = ctx._failed.get(seq)
+        except Exception as exc:  # noqa: BLE001 - retried again or dead-lettered
+            error = exc
+        # From here the attempt is over: a close must not count it as a death.
+        self.lane.running.pop(seq, None)
+        if error is None:
+            self._record_breaker(1, 0)
+            await self._commit(WriteBatch(appends=ctx._take_outbox(), settled=[(self.name, seq)]))
+            self._settle(seq)
+            return
+        ctx._rollback_to(mark)
+        self._record_breaker(0, 1)
+        self.stats.failed_attempts += 1
+        if attempt >= self.retry.max_attempts or not self.retry.retryable(error):
+            logger.error(
+                "subscription %s: event %s (seq %d) failed %d times, dead-lettering it: %s: %s",
+                self.name,
+                record.record.id,
+                seq,
                 attempt,
                 type(error).__name__,
                 error,
-                delay,
             )
-            await anyio.sleep(delay)
-            attempt += 1
-            error = None
-
-    def _dead_record(
-        self,
-        record: Record,
-        attempts: int,
-        exc: BaseException,
-        first_failed: float,
-        event: Event[object] | None = None,
-    ) -> DeadRecord:
-        if event is not None:
-            # Re-encode what the handler saw: the original bytes are not kept in memory.
-            record = Record(
-                record.seq,
-                record.id,
-                record.topic,
-                record.key,
-                msgspec.msgpack.encode(event.payload),
-                msgspec.msgpack.encode(event.headers) if event.headers else None,
-                record.created_at,
-            )
-        return DeadRecord(
-            subscription=self.name,
-            record=record,
-            attempts=attempts,
-            error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-            error_message=str(exc),
-            traceback="".join(traceback.format_exception(exc)),
-            first_failed_at=first_failed,
-            last_failed_at=time.time(),
+            dead = dead_record(self.name, record.record, attempt, error, record.first_failed_at)
+            await self._commit(WriteBatch(dead=[dead], settled=[(self.name, seq)]))
+            self.stats.dead_lettered += 1
+            self._settle(seq)
+            return
+        delay = backoff_delay(self.retry, attempt, self.retry.initial_delay, self._rng)
+        logger.warning(
+            "subscription %s: event %s attempt %d failed (%s: %s); retrying in %.3fs",
+            self.name,
+            record.record.id,
+            attempt,
+            type(error).__name__,
+            error,
+            delay,
         )
+        again = retry_record(
+            self.name,
+            record.record,
+            attempt + 1,
+            time.time() + delay,
+            error,
+            record.first_failed_at,
+        )
+        await self._commit(WriteBatch(retries=[again]))
+        self.lane.reschedule(again, time.monotonic() + delay)
+        self._lane_wake.set()
+
+    def _settle(self, seq: int) -> None:
+        self.lane.settle(seq, time.monotonic())
+        self._lane_wake.set()
+        self._on_progress()
 
     async def _commit(self, batch: WriteBatch) -> None:
-        """Commit an acknowledgement, retrying storage failures: the handler's work
-        is already done, so giving up here would only cause a redelivery."""
+        """Commit, retrying storage failures: the handler's work is already done, so
+        giving up here would only cause a redelivery."""
         delay = 0.05
         while True:
             try:
@@ -408,7 +695,7 @@ class Subscription:
                 return
             except StorageError as exc:
                 logger.warning(
-                    "subscription %s: acknowledgement failed (%s); retrying in %.2fs",
+                    "subscription %s: commit failed (%s); retrying in %.2fs",
                     self.name,
                     exc,
                     delay,
