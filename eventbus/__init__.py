@@ -14,7 +14,7 @@ transaction as the handlers' outbox publishes.
 from storage import LogStats
 
 from ._bus import Bus
-from ._config import BatchPolicy, BusConfig, RetryPolicy
+from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy
 from ._context import Context
 from ._dead_letters import DeadLetter, DeadLetters
 from ._errors import (
@@ -39,6 +39,7 @@ from ._run import run
 
 __all__ = [
     "BatchPolicy",
+    "BreakerPolicy",
     "Bus",
     "BusClosed",
     "BusConfig",

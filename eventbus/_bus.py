@@ -437,7 +437,9 @@ class Bus:
         self._notify_progress()
 
     def _notify_progress(self) -> None:
+        # Broadcast: whoever waits holds the current event; the next waits get a new one.
         self._progress.set()
+        self._progress = anyio.Event()
 
     # -- subscribing ----------------------------------------------------------------
 
@@ -575,7 +577,6 @@ class Bus:
                         if not self._writer.pending:
                             return
                         continue
-                    self._progress = anyio.Event()
                     await self._progress.wait()
         except TimeoutError:
             lagging = {

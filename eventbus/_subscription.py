@@ -105,7 +105,9 @@ class Subscription:
         self.budget = RetryBudget(
             retry.budget_ratio,
             retry.budget_floor,
-            burst=max(10.0, retry.budget_floor),
+            # Ten seconds of the floor plus the earnings of a thousand fresh events:
+            # a backlog of retries drains in bursts, a storm still cannot outgrow it.
+            burst=max(10.0, 10 * retry.budget_floor) + 1000 * retry.budget_ratio,
             now=time.monotonic(),
         )
         self.lane = RetrySchedule(ordered=ordered)

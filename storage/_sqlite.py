@@ -60,6 +60,8 @@ _IN_CHUNK = 500
 # Checkpoint explicitly once this much has been appended since the last one, so the
 # WAL stays bounded even when a reader keeps the passive auto-checkpoint from finishing.
 _CHECKPOINT_EVERY_BYTES = 32 * 1024 * 1024
+# Commits that find the database locked beyond busy_timeout are retried this often.
+_BUSY_RETRIES = 5
 
 
 def _translate(path: str, exc: BaseException) -> StorageError:
@@ -342,18 +344,29 @@ class SQLiteStorage:
         conn = self._conn("w")
         raw = conn._conn
         head = self._head
-        try:
-            receipts, new_head, nbytes = await self._in_thread(
-                conn, partial(_apply_batch, raw, batch, head)
-            )
-        except sqlite3.Error as exc:
-            raise _translate(self.path, exc) from exc
-        except BaseException:
-            # Cancelled while the transaction ran in the thread: it may have
-            # committed. Wait for it to finish, then trust the file.
-            with anyio.CancelScope(shield=True):
-                self._head = await self._in_thread(conn, partial(_read_head_sync, raw))
-            raise
+        delay = 0.01
+        for attempt in range(_BUSY_RETRIES + 1):
+            try:
+                receipts, new_head, nbytes = await self._in_thread(
+                    conn, partial(_apply_batch, raw, batch, head)
+                )
+                break
+            except sqlite3.Error as exc:
+                if not _is_busy(exc) or attempt == _BUSY_RETRIES:
+                    raise _translate(self.path, exc) from exc
+                # Another connection held the write lock past busy_timeout (a backup,
+                # an operator's sqlite3 shell): the transaction rolled back; retry.
+                logger.warning("log %s is busy (%s); retrying the commit", self.path, exc)
+            except BaseException:
+                # Cancelled while the transaction ran in the thread: it may have
+                # committed. Wait for it to finish, then trust the file.
+                with anyio.CancelScope(shield=True):
+                    self._head = await self._in_thread(conn, partial(_read_head_sync, raw))
+                raise
+            await anyio.sleep(delay)
+            delay = min(delay * 4, 1.0)
+        else:  # pragma: no cover - the loop always breaks or raises
+            raise AssertionError("unreachable")
         self._head = new_head
         self._bytes_since_checkpoint += nbytes
         if self._bytes_since_checkpoint >= self.checkpoint_bytes:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import hypothesis  # noqa: F401 - imported early: a late import during the summary hits a CPython 3.11 AST bug
 import pytest
 
@@ -17,3 +19,11 @@ def anyio_backend() -> str:
 @pytest.fixture
 def log_path(tmp_path: Path) -> Path:
     return tmp_path / "events.db"
+
+
+async def wait_until(bus: object, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait, on the bus's progress notifications (never a timed poll), until
+    ``predicate()`` holds."""
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await bus._progress.wait()  # type: ignore[attr-defined]
