@@ -130,6 +130,9 @@ class Subscription:
         self._lane_wake = asyncio.Event()
         self._stop = anyio.Event()
         self._busy = False
+        self._suspect_running = False
+        self._suspect_waiting = False
+        self._alone = asyncio.Event()
         self._started = False
         self._stopping = False
         self._dead: list[DeadRecord] = []
@@ -174,6 +177,7 @@ class Subscription:
         self._stop.set()
         self._ready.set()
         self._lane_wake.set()
+        self._alone.set()
 
     def add_retries(self, records: list[RetryRecord]) -> None:
         """Take redriven events into the retry lane (already committed to the log)."""
@@ -316,6 +320,10 @@ class Subscription:
             batch = await self._next_batch()
             if batch is None:
                 break
+            while (self._suspect_running or self._suspect_waiting) and not self._stopping:
+                self._alone.clear()
+                self._lane_wake.set()
+                await self._alone.wait()
             if self.breaker is not None and self.breaker.probing and len(batch) > 1:
                 # Half-open: one event probes whether the cause has gone.
                 self.channel.extendleft(reversed(batch[1:]))
@@ -430,8 +438,8 @@ class Subscription:
         self.acked = max(self.acked, cursor)
         for record, due in outcome.retries:
             self.lane.add(record, due)
-        if outcome.retries:
-            self._lane_wake.set()
+        # Wake the lane: new retries, or a suspect waiting for the main lane to pause.
+        self._lane_wake.set()
         self.stats.dead_lettered += len(outcome.dead)
         self.budget.earn(outcome.successes)
         now = time.monotonic()
@@ -590,7 +598,13 @@ class Subscription:
             record = await self._next_retry()
             if record is None:
                 return
-            await self._run_retry(record, ctx)
+            try:
+                await self._run_retry(record, ctx)
+            finally:
+                if self._suspect_running:
+                    self._suspect_running = False
+                    self._alone.set()
+                    self._lane_wake.set()
 
     async def _next_retry(self) -> RetryRecord | None:
         lane = self.lane
@@ -600,11 +614,21 @@ class Subscription:
             due = lane.next_due()
             if wait <= 0 and due is not None and due <= now:
                 head = lane.peek_due()
-                if head is not None and head.attempt >= 2 and not self.budget.take(now):
+                suspect = head is not None and head.error_type == PROCESS_DIED
+                if self._suspect_running or (suspect and (lane.running or self._busy)):
+                    # A suspect of killing the process runs alone, so that if it does
+                    # again, no innocent event in flight is blamed with it. The main
+                    # lane pauses between batches to let it.
+                    self._suspect_waiting = suspect or self._suspect_waiting
+                    wait = float("inf")
+                elif head is not None and head.attempt >= 2 and not self.budget.take(now):
                     wait = self.budget.wait_time(now)
                 else:
                     record = lane.pop_due(now)
                     if record is not None:
+                        self._suspect_running = suspect
+                        if suspect:
+                            self._suspect_waiting = False
                         return record
             elif due is not None:
                 wait = max(wait, due - now)
