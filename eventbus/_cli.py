@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import time
 from collections.abc import Sequence
 
 import anyio
@@ -12,6 +13,8 @@ import msgspec
 
 import storage as _storage
 from storage import DeadRecord, LogStats, SQLiteStorage
+
+from ._dead_letters import CONTROL_ENCODER, ControlCommand
 
 _JSON = msgspec.json.Encoder()
 
@@ -74,7 +77,62 @@ def _dead_to_dict(d: DeadRecord, decoder: msgspec.msgpack.Decoder[object]) -> di
     }
 
 
+def _timestamp(text: str) -> float:
+    """A unix time, or an ISO 8601 date/time (UTC unless it says otherwise)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a unix time nor an ISO date such as 2026-11-27T03:00"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
+
+
+async def _change_dead_letters(args: argparse.Namespace) -> int:
+    """redrive / purge: directly when no bus owns the file, else queued for its owner."""
+    ids = args.id or None
+    store = SQLiteStorage(args.file)
+    try:
+        await store.open()
+    except _storage.LogLocked as exc:
+        command = ControlCommand(args.dlq_command, args.subscription, ids, args.error_type)
+        await anyio.to_thread.run_sync(
+            _storage.submit_control, args.file, CONTROL_ENCODER.encode(command)
+        )
+        message = (
+            f"queued {args.dlq_command} for the bus that owns {args.file} ({exc.owner}); "
+            "it applies it within a second (BusConfig.control_interval)"
+        )
+        print(_JSON.encode({"queued": True}).decode() if args.json else message)
+        return 0
+    try:
+        if args.dlq_command == "redrive":
+            moved = await store.redrive(
+                args.subscription, ids=ids, error_type=args.error_type, due_at=time.time()
+            )
+            count = len(moved)
+        else:
+            count = await store.purge(args.subscription, ids=ids, error_type=args.error_type)
+    finally:
+        await store.close()
+    verb = "re-injected" if args.dlq_command == "redrive" else "purged"
+    print(_JSON.encode({verb: count}).decode() if args.json else f"{verb} {count} dead letters")
+    return 0
+
+
 async def _run(args: argparse.Namespace) -> int:
+    if args.command == "dlq" and args.dlq_command in ("redrive", "purge"):
+        try:
+            return await _change_dead_letters(args)
+        except _storage.StorageError as exc:
+            print(f"eventbus: {exc}", file=sys.stderr)
+            return 2
     try:
         store = await _open(args.file)
     except _storage.StorageError as exc:
@@ -89,9 +147,18 @@ async def _run(args: argparse.Namespace) -> int:
                 _print_stats(stats)
             return 0
         if args.command == "dlq":
-            rows = await store.dead_letters(args.subscription, args.limit, args.after_seq)
+            show = args.dlq_command == "show"
+            rows = await store.dead_letters(
+                args.subscription,
+                args.limit,
+                args.after_seq,
+                error_type=args.error_type,
+                since=args.since,
+                until=args.until,
+                ids=[args.id] if show and not args.id.isdigit() else None,
+            )
             decoder: msgspec.msgpack.Decoder[object] = msgspec.msgpack.Decoder()
-            if args.dlq_command == "show":
+            if show:
                 rows = [r for r in rows if r.record.id == args.id or str(r.record.seq) == args.id]
                 if not rows:
                     print(f"eventbus: no dead letter with id or seq {args.id!r}", file=sys.stderr)
@@ -99,7 +166,7 @@ async def _run(args: argparse.Namespace) -> int:
             items = [_dead_to_dict(r, decoder) for r in rows]
             if args.json:
                 print(_JSON.encode(items).decode())
-            elif args.dlq_command == "show":
+            elif show:
                 for item in items:
                     for key, value in item.items():
                         if key != "traceback":
@@ -125,22 +192,36 @@ async def _run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="eventbus", description="Inspect an eventbus log file (safe while a bus runs)."
+        prog="eventbus",
+        description="Inspect an eventbus log file (safe while a bus runs) and manage its "
+        "dead letters.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     stats = sub.add_parser("stats", help="head, size, and each subscription's cursor and lag")
     stats.add_argument("file")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
-    dlq = sub.add_parser("dlq", help="dead letters")
+    dlq = sub.add_parser("dlq", help="dead letters: list, show, redrive, purge")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
-    for name, text in (("list", "list dead letters"), ("show", "show one dead letter")):
+    commands = (
+        ("list", "list dead letters"),
+        ("show", "show one dead letter with its traceback"),
+        ("redrive", "re-inject dead letters into their subscriptions (attempts reset)"),
+        ("purge", "delete dead letters for good"),
+    )
+    for name, text in commands:
         p = dlq_sub.add_parser(name, help=text)
         p.add_argument("file")
         if name == "show":
             p.add_argument("id", help="the event id or seq")
         p.add_argument("--subscription", "-s", help="only this subscription")
-        p.add_argument("--limit", type=int, default=100)
-        p.add_argument("--after-seq", type=int, default=0, help="page after this seq")
+        p.add_argument("--error-type", help="only this error type (e.g. ValueError)")
+        if name in ("list", "show"):
+            p.add_argument("--since", type=_timestamp, help="last failure at or after")
+            p.add_argument("--until", type=_timestamp, help="last failure before")
+            p.add_argument("--limit", type=int, default=100)
+            p.add_argument("--after-seq", type=int, default=0, help="page after this seq")
+        else:
+            p.add_argument("--id", action="append", help="only this event id (repeatable)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from eventbus import Bus, Context, Event, RetryPolicy
+from eventbus import Bus, BusConfig, Context, Event, RetryPolicy
 from eventbus._cli import main
+from tests.conftest import wait_until
 
 
 async def make_log(path: Path) -> None:
@@ -57,3 +58,48 @@ def test_a_missing_file_is_a_clear_error(
 ) -> None:
     assert main(["stats", str(tmp_path / "missing.db")]) == 2
     assert "no log at" in capsys.readouterr().err
+
+
+def test_redrive_and_purge_work_directly_on_a_log_no_bus_owns(
+    log_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    anyio.run(make_log, log_path)
+    assert main(["dlq", "list", str(log_path), "--error-type", "KeyError"]) == 0
+    assert "no dead letters" in capsys.readouterr().out
+    assert main(["dlq", "redrive", str(log_path), "-s", "billing", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"re-injected": 1}
+
+    async def handled_after_redrive() -> list[int]:
+        seen: list[int] = []
+        async with Bus.open(log_path) as bus:
+
+            @bus.subscribe("orders", name="billing")
+            async def fixed(event: Event[int], ctx: Context) -> None:
+                seen.append(event.payload)
+
+            await bus.drain(timeout=10)
+        return seen
+
+    assert anyio.run(handled_after_redrive) == [3]
+    assert main(["dlq", "purge", str(log_path)]) == 0
+    assert "purged 0 dead letters" in capsys.readouterr().out
+
+
+@pytest.mark.anyio
+async def test_redrive_from_the_command_line_reaches_the_running_bus(log_path: Path) -> None:
+    await make_log(log_path)
+    seen: list[int] = []
+    config = BusConfig(control_interval=0.05)
+    async with Bus.open(log_path, config=config) as bus:
+
+        @bus.subscribe("orders", name="billing")
+        async def fixed(event: Event[int], ctx: Context) -> None:
+            seen.append(event.payload)
+
+        await bus.drain(timeout=10)
+        result = await anyio.run_process(
+            [sys.executable, "-m", "eventbus", "dlq", "redrive", str(log_path)], check=True
+        )
+        assert b"queued redrive" in result.stdout
+        await wait_until(bus, lambda: seen == [3])
+        assert await bus.dead_letters.list() == []
