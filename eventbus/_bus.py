@@ -60,8 +60,10 @@ class Bus:
             max_pending=config.max_pending_publishes,
             max_commit_batch=config.max_commit_batch,
             on_committed=self._route,
+            before_commit=self._mark_idle,
         )
         self._subs: dict[str, Subscription] = {}
+        self._pending_marks: dict[str, int] = {}
         self._routes: dict[str, list[Subscription]] = {}
         self._wildcard: list[Subscription] = []
         self._known: dict[str, _SubInfo] = {}
@@ -430,7 +432,23 @@ class Bus:
             record.created_at,
         )
 
+    def _mark_idle(self, batch: _storage.WriteBatch) -> None:
+        """Before a group commit: idle subscriptions that will take these appends as
+        their next batch get their in-flight marker in the same transaction, so
+        light load needs no extra commit for crash-loop protection."""
+        if not batch.appends:
+            return
+        topics = {r.topic for r in batch.appends}
+        upto = self._writer.committed_head + len(batch.appends)  # an upper bound
+        for sub in self._subs.values():
+            if sub.name not in batch.inflight and sub.wants_mark(topics, upto):
+                batch.inflight[sub.name] = upto
+                self._pending_marks[sub.name] = upto
+
     def _route(self, appended: list[NewRecord], receipts: list[Receipt]) -> None:
+        marks, self._pending_marks = self._pending_marks, {}
+        for name, upto in marks.items():
+            self._subs[name].marked(upto)
         self._recent.append(appended, receipts)
         for sub in self._subs.values():
             sub.wake()

@@ -118,6 +118,8 @@ class Subscription:
         self.stats = SubscriptionRecorder()
         self._known = known
         self._marked = cursor  # the in-flight marker persisted in the log
+        # Crash-loop protection; only bench/retries.py turns it off, to measure it.
+        self._mark_batches = True
         self._writer = writer
         self._log = log
         self._recent = recent
@@ -171,6 +173,23 @@ class Subscription:
     def backlog(self) -> int:
         """Events waiting: buffered, plus (an upper bound on) those not yet examined."""
         return len(self.channel) + max(0, self._writer.committed_head - self.read_pos)
+
+    def wants_mark(self, topics: set[str], upto: int) -> bool:
+        """Whether this subscription's in-flight marker should ride on a commit of
+        appends on ``topics`` reaching ``upto``: it is near the head (so the stretch
+        a crash would put under suspicion stays within two batches) and may take
+        some of them next."""
+        return (
+            self._mark_batches
+            and self._started
+            and upto > self._marked
+            and upto - self.acked <= 2 * self.batch_policy.max_size
+            and (self._filter is None or not self._filter.isdisjoint(topics))
+        )
+
+    def marked(self, upto: int) -> None:
+        """An in-flight marker up to ``upto`` was committed on this one's behalf."""
+        self._marked = max(self._marked, upto)
 
     def stop(self) -> None:
         self._stopping = True
@@ -401,7 +420,7 @@ class Subscription:
         done = False
         outcome = _Outcome()
         try:
-            if batch[-1].seq > self._marked:
+            if self._mark_batches and batch[-1].seq > self._marked:
                 # Record how far this batch reaches before the handler sees it.
                 self._marked = self.read_pos
                 await self._commit(WriteBatch(inflight={self.name: self._marked}))
@@ -421,9 +440,11 @@ class Subscription:
                 dead=self._dead + outcome.dead,
                 retries=[r for r, _ in outcome.retries],
             )
-            if self.channel and self.read_pos > self._marked:
+            if self._mark_batches and self.channel:
                 # The next batch comes from the channel: mark it with this commit.
-                ack.inflight[self.name] = self.read_pos
+                ahead = self.channel[min(self.batch_policy.max_size, len(self.channel)) - 1]
+                if ahead.seq > self._marked:
+                    ack.inflight[self.name] = ahead.seq
             self._dead = []
             await self._commit(ack)
             self._marked = max(self._marked, ack.inflight.get(self.name, 0))

@@ -38,8 +38,10 @@ class LogWriter:
         max_pending: int,
         max_commit_batch: int,
         on_committed: OnCommitted,
+        before_commit: Callable[[WriteBatch], None] | None = None,
     ) -> None:
         self._log = log
+        self._before_commit = before_commit
         self._max_pending = max_pending
         self._max_batch = max_commit_batch
         self._on_committed = on_committed
@@ -189,6 +191,8 @@ class LogWriter:
             start = len(batch.appends)
             batch.merge(ack_batch)
             ack_slices.append((start, len(batch.appends)))
+        if self._before_commit is not None:
+            self._before_commit(batch)
         self._busy = True
         try:
             async with self.lock:
