@@ -48,11 +48,15 @@ def _print_stats(stats: LogStats) -> None:
         return
     print()
     width = max(len("subscription"), *(len(s.name) for s in stats.subscriptions))
-    print(f"{'subscription':<{width}}  {'cursor':>10}  {'lag':>10}  {'dead':>6}  topics")
+    print(
+        f"{'subscription':<{width}}  {'cursor':>10}  {'lag':>10}  {'retrying':>8}  "
+        f"{'dead':>6}  topics"
+    )
     for s in stats.subscriptions:
         print(
             f"{s.name:<{width}}  {s.cursor:>10}  {stats.lag.get(s.name, 0):>10}  "
-            f"{stats.dead_letters.get(s.name, 0):>6}  {', '.join(s.topics)}"
+            f"{stats.retries.get(s.name, 0):>8}  {stats.dead_letters.get(s.name, 0):>6}  "
+            f"{', '.join(s.topics)}"
         )
 
 
