@@ -1,0 +1,39 @@
+"""bench/retries.py on a tiny workload: every healthy event handled, every poison
+event dead-lettered, with and without the in-flight marker."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import eventbus
+
+
+def _load() -> ModuleType:
+    path = Path(__file__).resolve().parent.parent / "bench" / "retries.py"
+    spec = importlib.util.spec_from_file_location("bench_retries", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_retries"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("mark", [True, False])
+def test_the_retries_benchmark_runs_and_accounts_for_every_event(
+    tmp_path: Path, mark: bool
+) -> None:
+    bench = _load()
+    kinds = bench.kinds_for(300, True, 3)
+    seconds, latencies, commits, dead = eventbus.run(
+        bench.one_run(tmp_path / "r.db", kinds, 0.0005, None, mark)
+    )
+    assert seconds > 0
+    assert len(latencies) == kinds.count("ok")
+    assert dead == kinds.count("poison")
+    assert commits > 0
