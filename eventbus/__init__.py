@@ -17,6 +17,7 @@ from ._bus import Bus
 from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy
 from ._context import Context
 from ._dead_letters import DeadLetter, DeadLetters
+from ._effects import idempotent
 from ._errors import (
     BusClosed,
     BusError,
@@ -36,6 +37,7 @@ from ._errors import (
 from ._event import Event, Message, Receipt
 from ._metrics import BusMetrics, LatencySummary, SubscriptionMetrics
 from ._run import run
+from ._state import State, StateReader
 
 __all__ = [
     "BatchPolicy",
@@ -63,9 +65,12 @@ __all__ = [
     "Receipt",
     "RetryPolicy",
     "SchemaTooNew",
+    "State",
+    "StateReader",
     "StorageError",
     "StorageFull",
     "SubscriptionError",
     "SubscriptionMetrics",
+    "idempotent",
     "run",
 ]

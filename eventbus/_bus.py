@@ -32,6 +32,7 @@ from ._event import Event, Message, new_event_id
 from ._handler import Handler
 from ._metrics import BusMetrics, SubscriptionMetrics, summarize
 from ._recent import RecentEvents
+from ._state import StateReader
 from ._subscription import Subscription
 from ._writer import LogWriter
 
@@ -603,6 +604,12 @@ class Bus:
                 if s.finished_upto() < self._writer.committed_head or not s.settled()
             }
             raise DrainTimeout(timeout or 0.0, lagging) from None
+
+    def state(self, subscription: str) -> StateReader:
+        """A read view of ``subscription``'s committed state (``ctx.state`` writes
+        that were acknowledged): ``await bus.state("billing").get(key, default)``."""
+        sub = self._subs.get(subscription)
+        return StateReader(self._log, sub.state_cache if sub else None, subscription)
 
     async def stats(self) -> LogStats:
         """Read the log's size, cursors, lag and dead-letter counts."""

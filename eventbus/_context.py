@@ -7,6 +7,7 @@ from collections.abc import Callable
 from storage import NewRecord
 
 from ._event import Event
+from ._state import State
 
 Encoder = Callable[[str, object, str | None, dict[str, str] | None], NewRecord]
 
@@ -17,12 +18,15 @@ class Context:
     Attributes:
         subscription: The subscription's name.
         attempt: Which attempt this is for the current event (1 on first delivery).
+        state: This subscription's keyed state (:class:`State`), committed with the
+            acknowledgement.
     """
 
-    __slots__ = ("_encode", "_event", "_failed", "_outbox", "attempt", "subscription")
+    __slots__ = ("_encode", "_event", "_failed", "_outbox", "attempt", "state", "subscription")
 
-    def __init__(self, subscription: str, encode: Encoder) -> None:
+    def __init__(self, subscription: str, encode: Encoder, state: State) -> None:
         self.subscription = subscription
+        self.state = state
         self.attempt = 1
         self._encode = encode
         self._event: Event[object] | None = None
@@ -76,14 +80,18 @@ class Context:
 
     # -- used by the dispatcher -----------------------------------------------------
 
-    def _begin(self, event: Event[object] | None, attempt: int) -> int:
+    def _begin(self, event: Event[object] | None, attempt: int) -> tuple[int, int]:
         self._event = event
         self.attempt = attempt
         self._failed.clear()
-        return len(self._outbox)
+        return self._mark()
 
-    def _rollback_to(self, mark: int) -> None:
-        del self._outbox[mark:]
+    def _mark(self) -> tuple[int, int]:
+        return len(self._outbox), self.state._mark()
+
+    def _rollback_to(self, mark: tuple[int, int]) -> None:
+        del self._outbox[mark[0] :]
+        self.state._rollback_to(mark[1])
 
     def _take_outbox(self) -> list[NewRecord]:
         out, self._outbox = self._outbox, []

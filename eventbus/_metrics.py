@@ -57,6 +57,47 @@ class SubscriptionRecorder:
         return sum(n for _, n in recent[1:]) / span
 
 
+class CommitRecorder:
+    """Counts and samples the log writer's group commits (cheap: O(1) per commit)."""
+
+    def __init__(self) -> None:
+        self.commits = 0
+        self.committed_events = 0
+        self.sizes: deque[int] = deque(maxlen=_SAMPLES)
+        self.acks: deque[int] = deque(maxlen=_SAMPLES)
+        self.latency: deque[float] = deque(maxlen=_SAMPLES)
+
+    def commit(self, appended: int, acks: int, seconds: float) -> None:
+        """Record a committed transaction: events appended (publishes and outbox
+        events), acknowledgements merged into it, and how long the commit took."""
+        self.commits += 1
+        self.committed_events += appended
+        self.sizes.append(appended)
+        self.acks.append(acks)
+        self.latency.append(seconds)
+
+    def snapshot(self, target: int) -> LogMetrics:
+        """The recorded commits as :class:`LogMetrics`; ``target`` is the size the
+        commit-size controller proposes next."""
+        return LogMetrics(
+            commits=self.commits,
+            committed_events=self.committed_events,
+            commit_target=target,
+            commit_size_p50=_median(self.sizes),
+            commit_size_max=max(self.sizes, default=0),
+            acks_per_commit_p50=_median(self.acks),
+            commit_latency=summarize(self.latency),
+        )
+
+
+def _median(samples: deque[int]) -> float:
+    values = sorted(samples)
+    if not values:
+        return 0.0
+    middle = len(values) // 2
+    return float(values[middle]) if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
 class LatencySummary(msgspec.Struct, frozen=True):
     """Percentiles of recent samples, in seconds."""
 
@@ -95,11 +136,39 @@ class SubscriptionMetrics(msgspec.Struct, frozen=True):
     end_to_end_latency: LatencySummary
 
 
+class LogMetrics(msgspec.Struct, frozen=True):
+    """The log writer's group commits: one transaction per cycle, holding every
+    waiting publish (up to ``commit_target`` events) and every waiting
+    acknowledgement. Sizes and latencies cover the latest commits.
+
+    Attributes:
+        commits: Transactions committed.
+        committed_events: Events appended by them (publishes and outbox events).
+        commit_target: Events the commit-size controller lets into the next commit.
+        commit_size_p50: Median events appended per commit.
+        commit_size_max: Most events appended by one commit.
+        acks_per_commit_p50: Median acknowledgements merged into one commit.
+        commit_latency: Seconds one commit took (the storage transaction alone).
+    """
+
+    commits: int
+    committed_events: int
+    commit_target: int
+    commit_size_p50: float
+    commit_size_max: int
+    acks_per_commit_p50: float
+    commit_latency: LatencySummary
+
+
 class BusMetrics(msgspec.Struct, frozen=True):
-    """The bus's counters at one moment."""
+    """The bus's counters at one moment.
+
+    ``log`` describes the group commits (None from a bus that does not report it).
+    """
 
     head: int
     pending_publishes: int
     commits: int
     committed_events: int
     subscriptions: dict[str, SubscriptionMetrics]
+    log: LogMetrics | None = None

@@ -49,6 +49,7 @@ from ._lane import RetrySchedule
 from ._metrics import SubscriptionRecorder
 from ._recent import RecentEvents
 from ._retry import backoff_delay
+from ._state import State, StateCache
 from ._writer import LogWriter
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ class Subscription:
         self._recent = recent
         self._to_event = to_event
         self._encode = encode
-        self._ctx = Context(name, encode)
+        self.state_cache = StateCache(log, name)
+        self._ctx = Context(name, encode, State(self.state_cache))
         self._on_progress = on_progress
         self._register = register
         self._ready = asyncio.Event()
@@ -436,6 +438,7 @@ class Subscription:
             cursor = self.read_pos if not self.channel else batch[-1].seq
             ack = WriteBatch(
                 appends=self._ctx._take_outbox(),
+                state=self._ctx.state._take(),
                 acks={self.name: cursor},
                 dead=self._dead + outcome.dead,
                 retries=[r for r, _ in outcome.retries],
@@ -447,6 +450,7 @@ class Subscription:
                     ack.inflight[self.name] = ahead.seq
             self._dead = []
             await self._commit(ack)
+            self.state_cache.committed(ack.state)
             self._marked = max(self._marked, ack.inflight.get(self.name, 0))
             done = True
         finally:
@@ -475,7 +479,6 @@ class Subscription:
         (fewer than all only when the circuit breaker opened)."""
         handler = self._call_handler
         ctx = self._ctx
-        outbox = ctx._outbox
         timeout = self.retry.timeout
         breaker = self.breaker
         ok = 0
@@ -485,7 +488,7 @@ class Subscription:
                 continue
             ctx._event = event
             ctx.attempt = event.attempt
-            mark = len(outbox)
+            mark = ctx._mark()
             try:
                 if timeout is None:
                     await handler(event, ctx)
@@ -614,7 +617,7 @@ class Subscription:
     # -- retry lane -----------------------------------------------------------------
 
     async def _lane_worker(self) -> None:
-        ctx = Context(self.name, self._encode)
+        ctx = Context(self.name, self._encode, State(self.state_cache))
         while True:
             record = await self._next_retry()
             if record is None:
@@ -684,7 +687,11 @@ class Subscription:
         self.lane.running.pop(seq, None)
         if error is None:
             self._record_breaker(1, 0)
-            await self._commit(WriteBatch(appends=ctx._take_outbox(), settled=[(self.name, seq)]))
+            done = WriteBatch(
+                appends=ctx._take_outbox(), state=ctx.state._take(), settled=[(self.name, seq)]
+            )
+            await self._commit(done)
+            self.state_cache.committed(done.state)
             self._settle(seq)
             return
         ctx._rollback_to(mark)

@@ -36,6 +36,8 @@ class MemoryStorage:
         self._subs: dict[str, SubscriptionInfo] = {}
         self._dead: dict[tuple[str, int], DeadRecord] = {}
         self._retries: dict[tuple[str, int], RetryRecord] = {}
+        self._state: dict[str, dict[str, bytes]] = {}
+        self._effects: dict[str, tuple[bytes, float]] = {}
         self._closed = False
 
     @property
@@ -103,6 +105,14 @@ class MemoryStorage:
                 self._subs[name] = msgspec.structs.replace(old, inflight_upto=upto)
         for dead in batch.dead:
             self._dead[(dead.subscription, dead.record.seq)] = dead
+        for sub, state_key, value in batch.state:
+            table = self._state.setdefault(sub, {})
+            if value is None:
+                table.pop(state_key, None)
+            else:
+                table[state_key] = value
+        for effect_key, result in batch.effects:
+            self._effects.setdefault(effect_key, (result, now))
         return receipts
 
     async def read(
@@ -169,6 +179,23 @@ class MemoryStorage:
         rows = self._dead_matching(subscription, error_type, since, until, ids)
         return [d for d in rows if d.record.seq > after_seq][:limit]
 
+    async def get_state(self, subscription: str, keys: Sequence[str]) -> dict[str, bytes]:
+        self._check_open()
+        table = self._state.get(subscription, {})
+        return {k: table[k] for k in keys if k in table}
+
+    async def state_items(
+        self, subscription: str, after: str = "", limit: int = 1000
+    ) -> list[tuple[str, bytes]]:
+        self._check_open()
+        table = self._state.get(subscription, {})
+        return [(k, table[k]) for k in sorted(k for k in table if k > after)[:limit]]
+
+    async def get_effect(self, key: str) -> bytes | None:
+        self._check_open()
+        found = self._effects.get(key)
+        return None if found is None else found[0]
+
     async def retries(self, subscription: str) -> list[RetryRecord]:
         self._check_open()
         return sorted(
@@ -233,6 +260,8 @@ class MemoryStorage:
         stale = [k for k, (_, at) in self._idempotency.items() if at < idempotency_older_than]
         for k in stale:
             del self._idempotency[k]
+        for k in [k for k, (_, at) in self._effects.items() if at < idempotency_older_than]:
+            del self._effects[k]
         return removed
 
     async def stats(self) -> LogStats:

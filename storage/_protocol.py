@@ -65,6 +65,17 @@ class Storage(Protocol):
         ``error_type`` matches the qualified name or its last part; ``since`` and
         ``until`` bound the last failure time."""
 
+    async def get_state(self, subscription: str, keys: Sequence[str]) -> dict[str, bytes]:
+        """Committed state values of ``keys`` (absent keys are left out)."""
+
+    async def state_items(
+        self, subscription: str, after: str = "", limit: int = 1000
+    ) -> list[tuple[str, bytes]]:
+        """Committed state in key order, ``limit`` at a time after key ``after``."""
+
+    async def get_effect(self, key: str) -> bytes | None:
+        """The recorded result of the outside effect with idempotency key ``key``."""
+
     async def retries(self, subscription: str) -> list[RetryRecord]:
         """The subscription's retry lane, in log order."""
 

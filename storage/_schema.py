@@ -79,6 +79,20 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
+    # 3: handler state committed with acknowledgements, and recorded outside effects.
+    """
+    CREATE TABLE state (
+        subscription TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        value        BLOB NOT NULL,
+        PRIMARY KEY (subscription, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE effects (
+        key        TEXT PRIMARY KEY,
+        result     BLOB NOT NULL,
+        created_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -445,6 +445,30 @@ class SQLiteStorage:
         )
         return [_dead_from_row(r) for r in rows]
 
+    async def get_state(self, subscription: str, keys: Sequence[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for chunk in _chunks(list(keys), _IN_CHUNK):
+            rows = await self._fetch(
+                f"SELECT key, value FROM state WHERE subscription = ?"
+                f" AND key IN ({','.join('?' * len(chunk))})",
+                [subscription, *chunk],
+            )
+            found.update((k, bytes(v)) for k, v in rows)
+        return found
+
+    async def state_items(
+        self, subscription: str, after: str = "", limit: int = 1000
+    ) -> list[tuple[str, bytes]]:
+        rows = await self._fetch(
+            "SELECT key, value FROM state WHERE subscription = ? AND key > ? ORDER BY key LIMIT ?",
+            [subscription, after, limit],
+        )
+        return [(k, bytes(v)) for k, v in rows]
+
+    async def get_effect(self, key: str) -> bytes | None:
+        rows = await self._fetch("SELECT result FROM effects WHERE key = ?", [key])
+        return bytes(rows[0][0]) if rows else None
+
     async def retries(self, subscription: str) -> list[RetryRecord]:
         rows = await self._fetch(
             f"SELECT {_RETRY_COLUMNS} FROM retries WHERE subscription = ? ORDER BY seq",
@@ -572,6 +596,7 @@ def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
 
 _INSERT_EVENT = f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 _INSERT_IDEMPOTENCY = "INSERT INTO idempotency (key, seq, id, created_at) VALUES (?, ?, ?, ?)"
+_STATE_SQL = "INSERT OR REPLACE INTO state (subscription, key, value) VALUES (?, ?, ?)"
 _UPSERT_SUBSCRIPTION = (
     "INSERT INTO subscriptions (name, topics, cursor, updated_at) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (name) DO UPDATE SET topics = excluded.topics"
@@ -677,6 +702,18 @@ def _write(
         conn.executemany(_UPSERT_RETRY, [_retry_row(r) for r in batch.retries])
     if batch.settled:
         conn.executemany("DELETE FROM retries WHERE subscription = ? AND seq = ?", batch.settled)
+    if batch.state:
+        # In order: a later write to a key in the same transaction wins.
+        for sub, key, value in batch.state:
+            if value is None:
+                conn.execute("DELETE FROM state WHERE subscription = ? AND key = ?", (sub, key))
+            else:
+                conn.execute(_STATE_SQL, (sub, key, value))
+    if batch.effects:
+        conn.executemany(
+            "INSERT OR IGNORE INTO effects (key, result, created_at) VALUES (?, ?, ?)",
+            [(key, result, now) for key, result in batch.effects],
+        )
     if batch.inflight:
         conn.executemany(
             "UPDATE subscriptions SET inflight_upto = ? WHERE name = ?",
@@ -731,6 +768,7 @@ def _compact_sync(
             (str(bound),),
         )
         conn.execute("DELETE FROM idempotency WHERE created_at < ?", (idem_older_than,))
+        conn.execute("DELETE FROM effects WHERE created_at < ?", (idem_older_than,))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

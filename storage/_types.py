@@ -111,6 +111,8 @@ class WriteBatch(msgspec.Struct, gc=False):
     retries: list[RetryRecord] = msgspec.field(default_factory=list)
     settled: list[tuple[str, int]] = msgspec.field(default_factory=list)
     inflight: dict[str, int] = msgspec.field(default_factory=dict)
+    state: list[tuple[str, str, bytes | None]] = msgspec.field(default_factory=list)
+    effects: list[tuple[str, bytes]] = msgspec.field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (
@@ -121,6 +123,8 @@ class WriteBatch(msgspec.Struct, gc=False):
             or self.retries
             or self.settled
             or self.inflight
+            or self.state
+            or self.effects
         )
 
     def merge(self, other: WriteBatch) -> None:
@@ -134,6 +138,8 @@ class WriteBatch(msgspec.Struct, gc=False):
         self.retries.extend(other.retries)
         self.settled.extend(other.settled)
         self.inflight.update(other.inflight)
+        self.state.extend(other.state)
+        self.effects.extend(other.effects)
 
 
 class LogStats(msgspec.Struct, frozen=True):
