@@ -30,6 +30,9 @@ test: lint typecheck unit
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
+chaos: $(STAMP)
+	$(PY) -m eventbus.chaos
+
 bench: $(STAMP)
 	$(PY) bench/throughput.py
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import typing
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
 
 import msgspec
 
@@ -24,9 +25,11 @@ R = TypeVar("R")
 _ENCODER = msgspec.msgpack.Encoder()
 
 
-def idempotent(
-    bus: Bus, *, result_type: type[R] | None = None
-) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+class _Decorator(Protocol):
+    def __call__(self, fn: Callable[P, Awaitable[R]], /) -> Callable[P, Awaitable[R]]: ...
+
+
+def idempotent(bus: Bus, *, result_type: type | None = None) -> _Decorator:
     """Make an outside effect idempotent by its ``idempotency_key`` keyword argument.
 
     The first call with a key runs the function and records its (msgspec-encodable)
@@ -66,9 +69,8 @@ def idempotent(
                     except _storage.StorageError as exc:
                         raise translate_storage_error(exc) from exc
                     if recorded is not None:
-                        result: R = decoder.decode(recorded)
-                        return result
-                    result = await fn(*args, **kwargs)
+                        return typing.cast(R, decoder.decode(recorded))
+                    result: R = await fn(*args, **kwargs)
                     try:
                         raw = _ENCODER.encode(result)
                     except (TypeError, ValueError, msgspec.EncodeError) as exc:

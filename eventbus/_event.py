@@ -11,7 +11,7 @@ import msgspec
 
 from storage import Receipt
 
-P = TypeVar("P")
+P = TypeVar("P", covariant=True)  # frozen: an Event[Order] is an Event[object]
 
 __all__ = ["Event", "Message", "Receipt", "new_event_id"]
 

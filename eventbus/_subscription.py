@@ -645,7 +645,12 @@ class Subscription:
                     # lane pauses between batches to let it.
                     self._suspect_waiting = suspect or self._suspect_waiting
                     wait = float("inf")
-                elif head is not None and head.attempt >= 2 and not self.budget.take(now):
+                elif (
+                    head is not None
+                    and head.attempt >= 2
+                    and not suspect  # recovery after a death is not a retry storm
+                    and not self.budget.take(now)
+                ):
                     wait = self.budget.wait_time(now)
                 else:
                     record = lane.pop_due(now)
