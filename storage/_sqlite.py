@@ -19,7 +19,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any, Literal, TypeVar
 
@@ -614,6 +614,19 @@ _INSERT_DEAD = (
 )
 
 
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction on the connection's thread: committed, or rolled back."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _read_head_sync(conn: sqlite3.Connection) -> int:
     row = conn.execute(
         "SELECT max(coalesce((SELECT max(seq) FROM events), 0),"
@@ -627,14 +640,8 @@ def _apply_batch(
     conn: sqlite3.Connection, batch: WriteBatch, head: int
 ) -> tuple[list[Receipt], int, int]:
     """One write transaction, run on the connection's thread: all of it or nothing."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         result = _write(conn, batch, head)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return result
 
 
@@ -749,8 +756,7 @@ def _compact_sync(
     conn: sqlite3.Connection, upto: int, older_than: float, idem_older_than: float, limit: int
 ) -> int:
     """Delete up to ``limit`` finished events in one short transaction."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         row = conn.execute(
             "SELECT seq FROM events WHERE seq <= ? AND created_at < ? ORDER BY seq"
             " LIMIT 1 OFFSET ?",
@@ -769,11 +775,6 @@ def _compact_sync(
         )
         conn.execute("DELETE FROM idempotency WHERE created_at < ?", (idem_older_than,))
         conn.execute("DELETE FROM effects WHERE created_at < ?", (idem_older_than,))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return int(removed)
 
 
@@ -857,8 +858,7 @@ def _redrive_sync(
     limit: int,
 ) -> list[RetryRecord]:
     """Move dead letters back to their subscriptions' retry lanes, attempts reset."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         rows = conn.execute(
             f"SELECT {_DEAD_COLUMNS} FROM dead_letters WHERE 1 {where}"
             " ORDER BY seq, subscription LIMIT ?",
@@ -873,35 +873,18 @@ def _redrive_sync(
             "DELETE FROM dead_letters WHERE subscription = ? AND seq = ?",
             [(r.subscription, r.record.seq) for r in out],
         )
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return out
 
 
 def _purge_sync(conn: sqlite3.Connection, where: str, params: list[object]) -> int:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         n = conn.execute(f"DELETE FROM dead_letters WHERE 1 {where}", params).rowcount
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return int(n)
 
 
 def _done_control_sync(conn: sqlite3.Connection, ids: list[int]) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         conn.executemany("DELETE FROM control WHERE id = ?", [(i,) for i in ids])
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def submit_control(path: str | os.PathLike[str], command: bytes, busy_timeout: float = 5.0) -> None:
