@@ -437,6 +437,7 @@ class Bus:
         """Before a group commit: idle subscriptions that will take these appends as
         their next batch get their in-flight marker in the same transaction, so
         light load needs no extra commit for crash-loop protection."""
+        self._pending_marks = {}  # marks of a failed commit never landed
         if not batch.appends:
             return
         topics = {r.topic for r in batch.appends}

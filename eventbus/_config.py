@@ -117,9 +117,11 @@ class RetryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("retry.concurrency", f"must be at least 1, got {self.concurrency}")
         _positive("retry.budget_ratio", self.budget_ratio, allow_zero=True)
         _positive("retry.budget_floor", self.budget_floor, allow_zero=True)
-        if self.budget_ratio == 0 and self.budget_floor == 0:
+        if self.budget_floor <= 0:
             raise ConfigError(
-                "retry.budget_floor", "must be > 0 when budget_ratio is 0, or no retry runs"
+                "retry.budget_floor",
+                f"must be > 0, or retries can wait forever for fresh traffic; got "
+                f"{self.budget_floor}",
             )
         for key in ("retry_on", "give_up_on"):
             for kind in getattr(self, key):

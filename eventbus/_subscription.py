@@ -118,6 +118,7 @@ class Subscription:
         self.acked = cursor  # ... and with seq <= acked, handled and committed
         self.stats = SubscriptionRecorder()
         self._known = known
+        self._open_head = writer.committed_head  # the log's head when this one started
         self._marked = cursor  # the in-flight marker persisted in the log
         # Crash-loop protection; only bench/retries.py turns it off, to measure it.
         self._mark_batches = True
@@ -226,7 +227,20 @@ class Subscription:
         the next open."""
         try:
             with anyio.CancelScope() as self.scope:
-                await self._recover()
+                delay = 0.05
+                while True:
+                    try:
+                        await self._recover()
+                        break
+                    except _storage.StorageError as exc:
+                        logger.warning(
+                            "subscription %s: recovery failed (%s); retrying in %.2fs",
+                            self.name,
+                            exc,
+                            delay,
+                        )
+                        await anyio.sleep(delay)
+                        delay = min(delay * 2, 5.0)
                 self._started = True
                 self._on_progress()
                 async with anyio.create_task_group() as tg:
@@ -266,9 +280,11 @@ class Subscription:
                 batch.retries.append(record)
             schedule.append((record, self._monotonic_due(record.due_at, now_wall, now)))
         known = self._known
-        if known is not None and known.inflight_upto > self.acked:
+        # A marker can reach past the last event (it is an upper bound): cap it.
+        inflight_upto = min(known.inflight_upto, self._open_head) if known else 0
+        if inflight_upto > self.acked:
             # The process died while handling (acked, inflight_upto]: attempt 1 counts.
-            upto = known.inflight_upto
+            upto = inflight_upto
             in_lane = {r.record.seq for r, _ in schedule}
             pos = self.acked
             while pos < upto:
@@ -338,19 +354,27 @@ class Subscription:
     async def _main_loop(self) -> None:
         while not self._stopping:
             await self._breaker_gate()
+            await self._suspect_gate()
             batch = await self._next_batch()
             if batch is None:
                 break
-            while (self._suspect_running or self._suspect_waiting) and not self._stopping:
-                self._alone.clear()
-                self._lane_wake.set()
-                await self._alone.wait()
+            if self._suspect_running or self._suspect_waiting:
+                # A suspect claimed the floor while this batch was being fetched: put
+                # the batch back (it stays unfinished for drain) and let it run alone.
+                self.channel.extendleft(reversed(batch))
+                continue
             if self.breaker is not None and self.breaker.probing and len(batch) > 1:
                 # Half-open: one event probes whether the cause has gone.
                 self.channel.extendleft(reversed(batch[1:]))
                 batch = batch[:1]
             await self._handle(batch)
         self._lane_wake.set()
+
+    async def _suspect_gate(self) -> None:
+        while (self._suspect_running or self._suspect_waiting) and not self._stopping:
+            self._alone.clear()
+            self._lane_wake.set()
+            await self._alone.wait()
 
     async def _breaker_gate(self) -> None:
         breaker = self.breaker
@@ -399,13 +423,18 @@ class Subscription:
             self.channel.extend(events)
         else:
             records = await self._log.read(self.read_pos, upto, self._filter, room)
+            undecodable: list[DeadRecord] = []
             for rec in records:
                 try:
                     self.channel.append(self._to_event(rec))
                 except msgspec.DecodeError as exc:
                     # Not retryable: the bytes will not change.
-                    self._dead.append(dead_record(self.name, rec, 0, exc, None))
-                    self.stats.dead_lettered += 1
+                    undecodable.append(dead_record(self.name, rec, 0, exc, None))
+            if undecodable:
+                # Committed before the position passes them: an event is never
+                # "finished" without being handled or dead-lettered.
+                await self._commit(WriteBatch(dead=undecodable))
+                self.stats.dead_lettered += len(undecodable)
             self.read_pos = records[-1].seq if len(records) == room else upto
         if not self.channel:
             self._on_progress()  # moved past events of other topics: drain may care
@@ -619,46 +648,48 @@ class Subscription:
     async def _lane_worker(self) -> None:
         ctx = Context(self.name, self._encode, State(self.state_cache))
         while True:
-            record = await self._next_retry()
-            if record is None:
+            picked = await self._next_retry()
+            if picked is None:
                 return
+            record, suspect = picked
             try:
                 await self._run_retry(record, ctx)
             finally:
-                if self._suspect_running:
+                if suspect:  # only the worker that started the suspect ends its turn
                     self._suspect_running = False
                     self._alone.set()
                     self._lane_wake.set()
 
-    async def _next_retry(self) -> RetryRecord | None:
+    async def _next_retry(self) -> tuple[RetryRecord, bool] | None:
         lane = self.lane
         while not self._stopping:
             now = time.monotonic()
             wait = self.breaker.wait_time(now) if self.breaker is not None else 0.0
             due = lane.next_due()
-            if wait <= 0 and due is not None and due <= now:
-                head = lane.peek_due()
-                suspect = head is not None and head.error_type == PROCESS_DIED
-                if self._suspect_running or (suspect and (lane.running or self._busy)):
-                    # A suspect of killing the process runs alone, so that if it does
-                    # again, no innocent event in flight is blamed with it. The main
-                    # lane pauses between batches to let it.
-                    self._suspect_waiting = suspect or self._suspect_waiting
+            head = lane.peek_due() if due is not None and due <= now else None
+            suspect = head is not None and head.error_type == PROCESS_DIED
+            # A suspect of killing the process runs alone, so that if it does again,
+            # no innocent event in flight is blamed with it; the main lane pauses
+            # between batches to let it.
+            blocked = suspect and (bool(lane.running) or self._busy)
+            waiting = suspect and wait <= 0 and not self._suspect_running
+            if waiting != self._suspect_waiting:
+                self._suspect_waiting = waiting
+                if not waiting:
+                    self._alone.set()
+            if wait <= 0 and head is not None:
+                if self._suspect_running or blocked:
                     wait = float("inf")
-                elif (
-                    head is not None
-                    and head.attempt >= 2
-                    and not suspect  # recovery after a death is not a retry storm
-                    and not self.budget.take(now)
-                ):
+                elif head.attempt >= 2 and not suspect and not self.budget.take(now):
+                    # Recovery after a death is not a retry storm: no budget for it.
                     wait = self.budget.wait_time(now)
                 else:
                     record = lane.pop_due(now)
                     if record is not None:
-                        self._suspect_running = suspect
                         if suspect:
+                            self._suspect_running = True
                             self._suspect_waiting = False
-                        return record
+                        return record, suspect
             elif due is not None:
                 wait = max(wait, due - now)
             elif wait <= 0:

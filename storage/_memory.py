@@ -102,7 +102,7 @@ class MemoryStorage:
         for name, upto in batch.inflight.items():
             old = self._subs.get(name)
             if old is not None:
-                self._subs[name] = msgspec.structs.replace(old, inflight_upto=upto)
+                self._subs[name] = msgspec.structs.replace(old, inflight_upto=min(upto, seq))
         for dead in batch.dead:
             self._dead[(dead.subscription, dead.record.seq)] = dead
         for sub, state_key, value in batch.state:

@@ -724,7 +724,8 @@ def _write(
     if batch.inflight:
         conn.executemany(
             "UPDATE subscriptions SET inflight_upto = ? WHERE name = ?",
-            [(upto, name) for name, upto in batch.inflight.items()],
+            # Marks are upper bounds: never past the last event.
+            [(min(upto, seq), name) for name, upto in batch.inflight.items()],
         )
     if batch.dead:
         conn.executemany(
