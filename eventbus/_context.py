@@ -70,9 +70,13 @@ class Context:
 
     def fail(self, event: Event[object], exc: Exception) -> None:
         """In a batch handler: mark one event as failed, so it goes to the retry lane
-        (or the dead letters) while the rest of the batch is acknowledged. Its outbox
-        publishes are kept only if the batch succeeds otherwise; publish for a failed
-        event after it is retried instead.
+        (or the dead letters) while the rest of the batch is acknowledged.
+
+        The batch's outbox publishes and state writes are committed with the rest of
+        the batch, so make none for an event you fail: they would apply again when it
+        is retried. Later events of the failed event's key in the same batch are
+        acknowledged as handled: a handler that fails an event should skip the rest
+        of its key if order matters.
         """
         if not isinstance(exc, Exception):
             raise TypeError(f"ctx.fail needs an exception instance, got {exc!r}")
