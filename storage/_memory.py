@@ -120,11 +120,11 @@ class MemoryStorage:
     ) -> list[Record]:
         self._check_open()
         events = self._events
-        if not events:
+        if not events or limit <= 0:
             return []
         first = events[0].seq
         start = max(after + 1 - first, 0)
-        stop = min(upto + 1 - first, len(events))
+        stop = max(start, min(upto + 1 - first, len(events)))
         if topics is None or "*" in topics:
             return events[start : min(stop, start + limit)]
         out: list[Record] = []

@@ -836,8 +836,10 @@ def _dead_filter(
         params.append(subscription)
     if error_type is not None:
         # The qualified name, or just its last part ("ValueError").
-        clauses.append("(error_type = ? OR error_type LIKE ?)")
-        params.extend([error_type, f"%.{error_type}"])
+        # Exact: the name, or its last dotted part (no LIKE: it ignores case and
+        # treats "_" and "%" as wildcards).
+        clauses.append("(error_type = ? OR substr(error_type, -length(?) - 1) = '.' || ?)")
+        params.extend([error_type, error_type, error_type])
     if since is not None:
         clauses.append("last_failed_at >= ?")
         params.append(since)

@@ -1,12 +1,11 @@
 """A crash right after republishing known idempotency keys loses no later event.
 
-Found by ``test_sigkill.py``: every restart there republishes from 0, so its first
-group commits hold only duplicates. The bus puts the in-flight marker of an idempotent
-subscription in the same transaction as a group commit, at ``head + len(appends)``,
-which is past the head when those appends are duplicates. After a crash the next open
-treats (cursor, marker] as "died while handling" and moves the cursor to the marker:
-past sequence numbers that do not exist yet, so the events that later take them are
-skipped for good.
+Regression test, found by ``test_sigkill.py``: every restart there republishes from
+0, so its first group commits hold only duplicates. The in-flight marker that rides on
+a group commit is an upper bound (``head + len(appends)``), past the head when those
+appends are duplicates; recovery used to move the cursor to it, past sequence numbers
+that did not exist yet, so the events that later took them were skipped for good. The
+storage now caps a marker at the head, and recovery at the head the log had on open.
 
 The crash is taken in-process: the database and its WAL are copied while the bus is
 open (what a SIGKILL leaves on disk), and a new bus opens the copy.
