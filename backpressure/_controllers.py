@@ -1,7 +1,8 @@
-"""Batch-size controllers: pure state machines that pick the next batch size.
+"""Batch-size controllers: the Protocol, its sample, and the static and AIMD policies.
 
 None of them sleeps or reads a clock: the caller passes every measurement in a
-:class:`BatchSample`, so they behave the same under a fake clock in tests.
+:class:`BatchSample`, so they behave the same under a fake clock in tests. The
+adaptive default, :class:`~backpressure.GradientController`, lives in ``_gradient``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ class BatchSample:
 
 @runtime_checkable
 class BatchController(Protocol):
-    """Proposes the next batch size and learns from each finished batch."""
+    """Proposes the next batch size and learns from each finished batch.
+
+    The caller takes ``min(target(), ready)`` items; if fewer than ``target()`` are
+    ready it may wait up to ``linger()`` seconds for more. After the batch it reports
+    what it measured with :meth:`observe`.
+    """
 
     @property
     def min_size(self) -> int: ...
@@ -50,11 +56,18 @@ class BatchController(Protocol):
         """Record a finished batch."""
 
 
-def _check_bounds(min_size: int, max_size: int) -> None:
+def check_bounds(min_size: int, max_size: int) -> None:
+    """Raise ``ValueError`` unless ``1 <= min_size <= max_size``."""
     if min_size < 1:
         raise ValueError(f"min_size must be at least 1, got {min_size}")
     if max_size < min_size:
         raise ValueError(f"max_size ({max_size}) must not be below min_size ({min_size})")
+
+
+def check_latency(target_latency: float) -> None:
+    """Raise ``ValueError`` unless ``target_latency`` is a finite number above 0."""
+    if not (target_latency > 0 and math.isfinite(target_latency)):
+        raise ValueError(f"target_latency must be a positive number, got {target_latency}")
 
 
 class NaturalController:
@@ -65,7 +78,7 @@ class NaturalController:
     """
 
     def __init__(self, min_size: int = 1, max_size: int = 512) -> None:
-        _check_bounds(min_size, max_size)
+        check_bounds(min_size, max_size)
         self._min = min_size
         self._max = max_size
 
@@ -101,8 +114,14 @@ class FixedController(NaturalController):
 
 
 class AIMDController(NaturalController):
-    """Additive increase while batches come back full and fast, multiplicative
-    decrease when they come back short or slower than ``target_latency``."""
+    """Additive increase while batches come back full with a backlog behind them,
+    multiplicative decrease when one comes back slower than ``target_latency`` or
+    shorter than ``decrease`` times the limit (load fell). Never waits.
+
+    The classic TCP rule: it probes upwards one step per batch, so it reaches a large
+    size only after ``max_size / increase`` full batches, and halves on every short
+    batch, so under light load it sits near ``min_size``.
+    """
 
     def __init__(
         self,
@@ -113,8 +132,9 @@ class AIMDController(NaturalController):
         decrease: float = 0.5,
     ) -> None:
         super().__init__(min_size, max_size)
-        if not (target_latency > 0 and math.isfinite(target_latency)):
-            raise ValueError(f"target_latency must be a positive number, got {target_latency}")
+        check_latency(target_latency)
+        if increase < 1:
+            raise ValueError(f"increase must be at least 1, got {increase}")
         if not 0 < decrease < 1:
             raise ValueError(f"decrease must be between 0 and 1, got {decrease}")
         self._target_latency = target_latency
@@ -132,56 +152,3 @@ class AIMDController(NaturalController):
             self._limit = min(float(self._max), self._limit + self._increase)
         elif sample.size < self.target() * self._decrease:
             self._limit = max(float(self._min), self._limit * self._decrease)
-
-
-class GradientController(NaturalController):
-    """The adaptive default: a latency-feedback limit on the batch size.
-
-    In the spirit of TCP Vegas and the gradient concurrency limit: it keeps a smoothed
-    batch service time, compares it with ``target_latency``, and scales the limit by that
-    gradient (bounded to at most halving per step, so a single slow batch cannot
-    collapse it). While a backlog is waiting and latency has room, the limit grows
-    by a square-root step; without a backlog batches are as small as what is ready,
-    so light load keeps its latency low. A dead band of 10% around the target is the
-    hysteresis that stops it oscillating.
-    """
-
-    def __init__(
-        self,
-        min_size: int = 1,
-        max_size: int = 512,
-        target_latency: float = 0.05,
-        smoothing: float = 0.2,
-    ) -> None:
-        super().__init__(min_size, max_size)
-        if not (target_latency > 0 and math.isfinite(target_latency)):
-            raise ValueError(f"target_latency must be a positive number, got {target_latency}")
-        if not 0 < smoothing <= 1:
-            raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
-        self._target_latency = target_latency
-        self._alpha = smoothing
-        self._latency: float | None = None
-        # Start open: batches are never bigger than what is ready, so light load
-        # still gets single-event batches; the limit only matters once latency does.
-        self._limit = float(max_size)
-
-    def target(self) -> int:
-        return max(self._min, min(self._max, int(self._limit)))
-
-    def observe(self, sample: BatchSample) -> None:
-        if sample.size <= 0:
-            return
-        # Service time, not wait time: waiting grows with the backlog whatever the
-        # batch size, while the service time is what the batch size controls.
-        lat = sample.service_time
-        self._latency = (
-            lat
-            if self._latency is None
-            else (self._alpha * lat + (1 - self._alpha) * self._latency)
-        )
-        ratio = self._target_latency / max(self._latency, 1e-9)
-        if ratio < 0.9:
-            self._limit *= max(0.5, ratio)
-        elif ratio > 1.1 and sample.queue_depth > 0 and sample.size >= self.target():
-            self._limit += max(1.0, math.sqrt(self._limit))
-        self._limit = min(float(self._max), max(float(self._min), self._limit))

@@ -35,7 +35,7 @@ from ._errors import (
     SubscriptionError,
 )
 from ._event import Event, Message, Receipt
-from ._metrics import BusMetrics, LatencySummary, SubscriptionMetrics
+from ._metrics import BusMetrics, LatencySummary, LogMetrics, SubscriptionMetrics
 from ._run import run
 from ._state import State, StateReader
 
@@ -58,6 +58,7 @@ __all__ = [
     "EventTooLarge",
     "LatencySummary",
     "LogLocked",
+    "LogMetrics",
     "LogStats",
     "Message",
     "NotALog",

@@ -627,6 +627,7 @@ class Bus:
             pending_publishes=self._writer.pending,
             commits=self._writer.commits,
             committed_events=self._writer.committed_events,
+            log=self._writer.metrics(),
             subscriptions={
                 name: SubscriptionMetrics(
                     handled=s.stats.handled,

@@ -72,7 +72,8 @@ class CommitRecorder:
         events), acknowledgements merged into it, and how long the commit took."""
         self.commits += 1
         self.committed_events += appended
-        self.sizes.append(appended)
+        if appended:  # acknowledgement-only commits say nothing about group commit
+            self.sizes.append(appended)
         self.acks.append(acks)
         self.latency.append(seconds)
 
@@ -145,10 +146,11 @@ class LogMetrics(msgspec.Struct, frozen=True):
         commits: Transactions committed.
         committed_events: Events appended by them (publishes and outbox events).
         commit_target: Events the commit-size controller lets into the next commit.
-        commit_size_p50: Median events appended per commit.
+        commit_size_p50: Median events appended per commit (of those that appended).
         commit_size_max: Most events appended by one commit.
         acks_per_commit_p50: Median acknowledgements merged into one commit.
-        commit_latency: Seconds one commit took (the storage transaction alone).
+        commit_latency: Seconds one commit took (the storage transaction, as the
+            writer awaited it), over every commit.
     """
 
     commits: int

@@ -1,0 +1,110 @@
+"""The batching benchmark as a smoke test: tiny phases, a few settings, one round.
+
+It checks the harness (every event handled, each phase measured, the report and the
+verdict lines printed), not the numbers: for those run ``python bench/batching.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import eventbus
+
+
+def _load() -> ModuleType:
+    name = "bench_batching"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parent.parent / "bench" / "batching.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+bb = _load()
+
+TINY = bb.Plan(light_seconds=0.1, saturated_seconds=0.15, window=64, rounds=1)
+
+
+def settings(*labels: str) -> tuple[object, ...]:
+    return tuple(s for s in bb.SETTINGS if s.label in labels)
+
+
+def test_one_run_measures_every_phase_of_the_step_load() -> None:
+    workload = bb.WORKLOADS[0]
+    (adaptive,) = settings("adaptive")
+    run = eventbus.run(bb.run_one(workload, adaptive, TINY, "/nonexistent"))
+    assert run.events > 0
+    assert run.throughput > 0
+    for phase in bb.PHASES:
+        assert len(run.latencies[phase]) > 0
+        assert all(x > 0 and math.isfinite(x) for x in run.latencies[phase])
+    # Under saturation a call-dominated handler gets more than one event per call.
+    assert run.batch_mean["saturated"] > 1
+
+
+def test_the_report_compares_each_setting_with_the_best_static_one() -> None:
+    report = eventbus.run(
+        bb.measure(TINY, bb.WORKLOADS, settings("adaptive", "natural", "fixed 8"))
+    )
+    text = bb.format_report(report)
+    for name in ("adaptive", "natural", "fixed 8", "call-dominated", "item-dominated"):
+        assert name in text
+    lines = bb.verdicts(report)
+    assert [text.split()[1] for text, _ in lines] == ["call-dominated:", "item-dominated:"]
+    assert all(text.startswith("PASS" if ok else "FAIL") for text, ok in lines)
+    assert report.best_throughput("call-dominated").setting.static
+
+
+def test_io_wait_keeps_the_loop_free_and_lasts_as_long_as_asked() -> None:
+    async def main() -> tuple[float, int]:
+        ticks = 0
+
+        async def other() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await bb.asyncio.sleep(0)
+
+        task = bb.asyncio.get_running_loop().create_task(other())
+        started = bb.time.perf_counter()
+        await bb.io_wait(0.003)
+        elapsed = bb.time.perf_counter() - started
+        task.cancel()
+        return elapsed, ticks
+
+    elapsed, ticks = eventbus.run(main())
+    assert elapsed >= 0.003
+    assert ticks > 10  # other tasks ran while the handler "waited"
+
+
+def test_command_line_quick_run(capsys: pytest.CaptureFixture[str]) -> None:
+    code = bb.main(
+        [
+            "--quick",
+            "--light",
+            "0.05",
+            "--saturated",
+            "0.1",
+            "--workload",
+            "item",
+            "--setting",
+            "natural",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "on uvloop" in out
+    assert "item-dominated" in out
+    assert "call-dominated" not in out
+    assert out.rstrip().splitlines()[-1].startswith(("PASS", "FAIL"))
