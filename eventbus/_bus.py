@@ -81,7 +81,7 @@ class Bus:
         # head; bounded so a burst of large events cannot pin much memory.
         self._recent = RecentEvents(
             log.head,
-            max_events=2 * max(config.max_commit_batch, config.channel_capacity),
+            max_events=8 * max(config.max_commit_batch, config.channel_capacity),
             max_bytes=64 * 1024 * 1024,
             to_event=self._new_to_event,
         )

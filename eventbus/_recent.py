@@ -23,6 +23,7 @@ class RecentEvents:
     def __init__(self, head: int, max_events: int, max_bytes: int, to_event: ToEvent) -> None:
         self._records: list[NewRecord] = []
         self._events: list[Event[object] | None] = []
+        self._sizes: list[int] = []  # bytes accounted per record, for cheap trimming
         self._first = head + 1  # seq of _records[0]
         self._max_events = max_events
         self._max_bytes = max_bytes
@@ -40,9 +41,11 @@ class RecentEvents:
         expected = self._first + len(self._records)
         if n and receipts[0].seq == expected and receipts[-1].seq == expected + n - 1:
             # No duplicates (seqs are dense): append in bulk.
+            sizes = [len(r.payload) + 100 for r in records]
             self._records.extend(records)
             self._events.extend([None] * n)
-            self._bytes += sum(len(r.payload) for r in records) + 100 * n
+            self._sizes.extend(sizes)
+            self._bytes += sum(sizes)
             self._bound()
             return
         for rec, receipt in zip(records, receipts, strict=True):
@@ -52,11 +55,13 @@ class RecentEvents:
                 # A gap (cannot happen with one writer): restart the window there.
                 self._records.clear()
                 self._events.clear()
+                self._sizes.clear()
                 self._bytes = 0
                 self._first = receipt.seq
             self._records.append(rec)
             self._events.append(None)
-            self._bytes += len(rec.payload) + 100
+            self._sizes.append(len(rec.payload) + 100)
+            self._bytes += self._sizes[-1]
         self._bound()
 
     def _bound(self) -> None:
@@ -67,9 +72,10 @@ class RecentEvents:
     def _trim(self, n: int) -> None:
         # Trim in chunks so that the list shifts are amortised over many appends.
         n = min(n, len(self._records))
-        self._bytes -= sum(len(r.payload) + 100 for r in self._records[:n])
+        self._bytes -= sum(self._sizes[:n])
         del self._records[:n]
         del self._events[:n]
+        del self._sizes[:n]
         self._first += n
 
     def take(

@@ -508,16 +508,21 @@ class Subscription:
         (fewer than all only when the circuit breaker opened)."""
         handler = self._call_handler
         ctx = self._ctx
+        # The buffers are replaced only when taken after the batch: marks are lengths.
+        outbox = ctx._outbox
+        writes = ctx.state._writes
         timeout = self.retry.timeout
         breaker = self.breaker
+        lane = self.lane
+        ordered = self.ordered
         ok = 0
         for i, event in enumerate(batch):
-            if self._blocked(event.key, outcome):
+            if ordered and (outcome.blocked or len(lane)) and self._blocked(event.key, outcome):
                 self._park(event, outcome)
                 continue
             ctx._event = event
             ctx.attempt = event.attempt
-            mark = ctx._mark()
+            mark = (len(outbox), len(writes))
             try:
                 if timeout is None:
                     await handler(event, ctx)
