@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import anyio
 import hypothesis  # noqa: F401 - imported early: a late import during the summary hits a CPython 3.11 AST bug
@@ -27,3 +30,18 @@ async def wait_until(bus: object, predicate: Callable[[], bool], timeout: float 
     with anyio.fail_after(timeout):
         while not predicate():
             await bus._progress.wait()  # type: ignore[attr-defined]
+
+
+def load_bench(name: str) -> ModuleType:
+    """Import ``bench/<name>.py`` (bench/ is scripts, not a package) as ``bench_<name>``."""
+    module_name = f"bench_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up while built
+    spec.loader.exec_module(module)
+    return module

@@ -6,29 +6,17 @@ verdict lines printed), not the numbers: for those run ``python bench/batching.p
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 import eventbus
+from tests.conftest import load_bench
 
 
 def _load() -> ModuleType:
-    name = "bench_batching"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().parent.parent / "bench" / "batching.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("batching")
 
 
 bb = _load()

@@ -8,30 +8,18 @@ side-by-side comparison: ``python bench/throughput.py``.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
 import eventbus
+from tests.conftest import load_bench
 
 
 def _load() -> ModuleType:
-    name = "bench_throughput"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("throughput")
 
 
 tp = _load()

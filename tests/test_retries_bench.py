@@ -3,25 +3,17 @@ event dead-lettered, with and without the in-flight marker."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 import eventbus
+from tests.conftest import load_bench
 
 
 def _load() -> ModuleType:
-    path = Path(__file__).resolve().parent.parent / "bench" / "retries.py"
-    spec = importlib.util.spec_from_file_location("bench_retries", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_retries"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("retries")
 
 
 @pytest.mark.parametrize("mark", [True, False])
