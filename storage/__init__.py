@@ -17,7 +17,8 @@ from ._errors import (
 from ._memory import MemoryStorage
 from ._protocol import Storage
 from ._schema import SCHEMA_VERSION
-from ._sqlite import Durability, SQLiteStorage, submit_control
+from ._sqlite import Durability, SQLiteStorage
+from ._statements import submit_control
 from ._types import (
     DeadRecord,
     LogStats,

@@ -174,7 +174,7 @@ async def test_a_transaction_failing_half_way_rolls_back_and_releases_the_lock(
 async def test_a_commit_cancelled_while_its_transaction_runs_leaves_a_consistent_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import storage._sqlite as sqlite_module
+    import storage._statements as sqlite_module
 
     path = tmp_path / "log.db"
     store = SQLiteStorage(path)
@@ -182,7 +182,7 @@ async def test_a_commit_cancelled_while_its_transaction_runs_leaves_a_consistent
     await store.commit(WriteBatch(appends=records(3)))
     inside = threading.Event()
     proceed = threading.Event()
-    real_write = sqlite_module._write
+    real_write = sqlite_module.write_batch
 
     def stalled_write(conn: sqlite3.Connection, batch: WriteBatch, head: int):  # type: ignore[no-untyped-def]
         result = real_write(conn, batch, head)
@@ -190,7 +190,7 @@ async def test_a_commit_cancelled_while_its_transaction_runs_leaves_a_consistent
         assert proceed.wait(10)
         return result
 
-    monkeypatch.setattr(sqlite_module, "_write", stalled_write)
+    monkeypatch.setattr(sqlite_module, "write_batch", stalled_write)
     async with anyio.create_task_group() as tg:
         tg.start_soon(store.commit, WriteBatch(appends=records(5)))
         assert await anyio.to_thread.run_sync(inside.wait, 10)
