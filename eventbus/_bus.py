@@ -613,7 +613,10 @@ class Bus:
         return StateReader(self._log, sub.state_cache if sub else None, subscription)
 
     async def stats(self) -> LogStats:
-        """Read the log's size, cursors, lag and dead-letter counts."""
+        """Read the log's size, cursors, lag, retry and dead-letter counts.
+
+        Cancellation: a read; nothing changes.
+        """
         try:
             return await self._log.stats()
         except _storage.StorageError as exc:

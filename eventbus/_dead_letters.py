@@ -116,6 +116,8 @@ class DeadLetters:
             until: Only those whose last failure is before this unix time.
             limit: At most this many.
             after_seq: Page on: the last ``event.seq`` of the previous page.
+
+        Cancellation: a read; nothing changes.
         """
         try:
             rows = await self._log.dead_letters(
@@ -126,7 +128,10 @@ class DeadLetters:
         return [self._convert(d) for d in rows]
 
     async def get(self, event_id: str) -> builtins.list[DeadLetter]:
-        """The dead letters of one event (one per subscription that gave up on it)."""
+        """The dead letters of one event (one per subscription that gave up on it).
+
+        Cancellation: a read; nothing changes.
+        """
         try:
             rows = await self._log.dead_letters(None, 1000, 0, ids=[event_id])
         except _storage.StorageError as exc:
@@ -184,6 +189,8 @@ class DeadLetters:
         """Delete dead letters for good; returns how many.
 
         ``before`` keeps those whose last failure is at or after that unix time.
+
+        Cancellation: one transaction; if cancelled, it happened entirely or not at all.
         """
         try:
             async with self._lock:

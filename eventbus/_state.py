@@ -88,7 +88,10 @@ class State:
     async def get(self, key: str, default: T) -> object | T: ...
 
     async def get(self, key: str, default: object = None) -> object:
-        """The value under ``key`` (this call's writes included), or ``default``."""
+        """The value under ``key`` (this call's writes included), or ``default``.
+
+        Cancellation: a read; nothing changes.
+        """
         raw = self._overlay[key] if key in self._overlay else await self._cache.get_raw(key)
         return default if raw is None else _DECODER.decode(raw)
 
@@ -143,7 +146,10 @@ class StateReader:
     async def get(self, key: str, default: T) -> object | T: ...
 
     async def get(self, key: str, default: object = None) -> object:
-        """The committed value under ``key``, or ``default``."""
+        """The committed value under ``key``, or ``default``.
+
+        Cancellation: a read; nothing changes.
+        """
         if self._cache is not None:
             raw = await self._cache.get_raw(key)
         else:
