@@ -65,8 +65,6 @@ class Bus:
         )
         self._subs: dict[str, Subscription] = {}
         self._pending_marks: dict[str, int] = {}
-        self._routes: dict[str, list[Subscription]] = {}
-        self._wildcard: list[Subscription] = []
         self._known: dict[str, _SubInfo] = {}
         self._progress = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -412,17 +410,9 @@ class Bus:
     # -- routing (called by the writer after each commit) ---------------------------
 
     def _to_event(self, record: Record) -> Event[object]:
-        return Event(
-            record.id,
-            record.seq,
-            record.topic,
-            record.key,
-            self._decoder.decode(record.payload),
-            _HEADERS.decode(record.headers) if record.headers else {},
-            record.created_at,
-        )
+        return self._new_to_event(record, record.seq)
 
-    def _new_to_event(self, record: NewRecord, seq: int) -> Event[object]:
+    def _new_to_event(self, record: NewRecord | Record, seq: int) -> Event[object]:
         return Event(
             record.id,
             seq,
@@ -438,7 +428,7 @@ class Bus:
         their next batch get their in-flight marker in the same transaction, so
         light load needs no extra commit for crash-loop protection."""
         self._pending_marks = {}  # marks of a failed commit never landed
-        if not batch.appends:
+        if not batch.appends or not self._subs:
             return
         topics = {r.topic for r in batch.appends}
         upto = self._writer.committed_head + len(batch.appends)  # an upper bound
@@ -563,11 +553,6 @@ class Bus:
         )
         assert self._tg is not None
         self._subs[name] = sub
-        if "*" in topics:
-            self._wildcard.append(sub)
-        else:
-            for t in topics:
-                self._routes.setdefault(t, []).append(sub)
         self._tg.start_soon(sub.run, name=f"eventbus subscription {name}")
 
     # -- waiting and looking --------------------------------------------------------

@@ -106,6 +106,3 @@ class RetrySchedule:
             self._push(queue[0], now)
         else:
             del self._keys[key]  # type: ignore[arg-type]
-
-    def items(self) -> list[RetryRecord]:
-        return list(self._items.values())

@@ -17,7 +17,6 @@ T = TypeVar("T")
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder()
-_ABSENT = object()
 
 
 class StateCache:

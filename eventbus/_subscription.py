@@ -140,7 +140,6 @@ class Subscription:
         self._alone = asyncio.Event()
         self._started = False
         self._stopping = False
-        self._dead: list[DeadRecord] = []
         self._rng = random.Random()
         self.scope: anyio.CancelScope | None = None
         self.finished = anyio.Event()
@@ -469,7 +468,7 @@ class Subscription:
                 appends=self._ctx._take_outbox(),
                 state=self._ctx.state._take(),
                 acks={self.name: cursor},
-                dead=self._dead + outcome.dead,
+                dead=outcome.dead,
                 retries=[r for r, _ in outcome.retries],
             )
             if self._mark_batches and self.channel:
@@ -477,7 +476,6 @@ class Subscription:
                 ahead = self.channel[min(self.batch_policy.max_size, len(self.channel)) - 1]
                 if ahead.seq > self._marked:
                     ack.inflight[self.name] = ahead.seq
-            self._dead = []
             await self._commit(ack)
             self.state_cache.committed(ack.state)
             self._marked = max(self._marked, ack.inflight.get(self.name, 0))
