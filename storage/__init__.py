@@ -26,7 +26,10 @@ from ._types import (
     Receipt,
     Record,
     RetryRecord,
+    StepRecord,
     SubscriptionInfo,
+    Unaccounted,
+    WorkflowRecord,
     WriteBatch,
 )
 
@@ -48,8 +51,11 @@ __all__ = [
     "Storage",
     "StorageClosed",
     "StorageError",
+    "StepRecord",
     "StorageFull",
     "SubscriptionInfo",
+    "Unaccounted",
+    "WorkflowRecord",
     "WriteBatch",
     "submit_control",
 ]

@@ -15,9 +15,38 @@ from ._types import (
     Receipt,
     Record,
     RetryRecord,
+    StepRecord,
     SubscriptionInfo,
+    Unaccounted,
+    WorkflowRecord,
     WriteBatch,
 )
+
+_WORKFLOW_PREFIX = "workflow:"
+
+
+class _Ranges:
+    """Disjoint, sorted ranges [lo, hi] of seq; adjacent ones merge."""
+
+    __slots__ = ("his", "los")
+
+    def __init__(self) -> None:
+        self.los: list[int] = []
+        self.his: list[int] = []
+
+    def add(self, lo: int, hi: int) -> None:
+        los, his = self.los, self.his
+        i = bisect.bisect_left(his, lo - 1)
+        j = i
+        while j < len(los) and los[j] <= hi + 1:
+            lo, hi = min(lo, los[j]), max(hi, his[j])
+            j += 1
+        los[i:j] = [lo]
+        his[i:j] = [hi]
+
+    def covers(self, seq: int) -> bool:
+        i = bisect.bisect_left(self.his, seq)
+        return i < len(self.los) and self.los[i] <= seq
 
 
 class MemoryStorage:
@@ -38,6 +67,9 @@ class MemoryStorage:
         self._retries: dict[tuple[str, int], RetryRecord] = {}
         self._state: dict[str, dict[str, bytes]] = {}
         self._effects: dict[str, tuple[bytes, float]] = {}
+        self._acked: dict[str, _Ranges] = {}
+        self._workflows: dict[str, WorkflowRecord] = {}
+        self._steps: dict[str, dict[int, StepRecord]] = {}
         self._closed = False
 
     @property
@@ -83,10 +115,13 @@ class MemoryStorage:
         self._head = seq
         for ikey, receipt in fresh_keys.items():
             self._idempotency[ikey] = (receipt, now)
+        prev = {name: (s.cursor if (s := self._subs.get(name)) else 0) for name in batch.acks}
         for info in batch.subscriptions:
             old = self._subs.get(info.name)
             if old is None:
                 self._subs[info.name] = SubscriptionInfo(info.name, info.topics, info.cursor, now)
+                if info.cursor > 0:
+                    self._ranges(info.name).add(1, info.cursor)
             else:
                 self._subs[info.name] = msgspec.structs.replace(old, topics=info.topics)
         for name, cursor in batch.acks.items():
@@ -113,7 +148,46 @@ class MemoryStorage:
                 table[state_key] = value
         for effect_key, result in batch.effects:
             self._effects.setdefault(effect_key, (result, now))
+        dead_now = {(d.subscription, d.record.seq) for d in batch.dead}
+        for key in batch.settled:
+            if key not in dead_now:
+                self._ranges(key[0]).add(key[1], key[1])
+        for name, cursor in batch.acks.items():
+            if cursor > prev[name]:
+                self._ack_ranges(name, prev[name], cursor)
+        for run in batch.workflow_starts:
+            if run.id not in self._workflows:
+                self._workflows[run.id] = msgspec.structs.replace(run, num=len(self._workflows) + 1)
+        for run in batch.workflows:
+            old_run = self._workflows.get(run.id)
+            num = old_run.num if old_run else len(self._workflows) + 1
+            created = old_run.created_at if old_run else run.created_at
+            self._workflows[run.id] = msgspec.structs.replace(run, num=num, created_at=created)
+        for step in batch.steps:
+            self._steps.setdefault(step.workflow_id, {})[step.position] = step
         return receipts
+
+    def _ranges(self, subscription: str) -> _Ranges:
+        ranges = self._acked.get(subscription)
+        if ranges is None:
+            ranges = self._acked[subscription] = _Ranges()
+        return ranges
+
+    def _ack_ranges(self, name: str, prev: int, cursor: int) -> None:
+        holes = sorted(
+            seq
+            for table in (self._retries, self._dead)
+            for sub, seq in table
+            if sub == name and prev < seq <= cursor
+        )
+        ranges = self._ranges(name)
+        lo = prev + 1
+        for hole in holes:
+            if hole > lo:
+                ranges.add(lo, hole - 1)
+            lo = hole + 1
+        if lo <= cursor:
+            ranges.add(lo, cursor)
 
     async def read(
         self, after: int, upto: int, topics: frozenset[str] | None, limit: int
@@ -219,9 +293,25 @@ class MemoryStorage:
             RetryRecord(d.subscription, d.record, 1, due_at + i * spacing)
             for i, d in enumerate(rows)
         ]
+        now = time.time()
         for r in out:
-            self._retries[(r.subscription, r.record.seq)] = r
             del self._dead[(r.subscription, r.record.seq)]
+            if not r.subscription.startswith(_WORKFLOW_PREFIX):
+                self._retries[(r.subscription, r.record.seq)] = r
+                continue
+            run = self._workflows.get(r.record.id)
+            if run is not None and run.status == "failed":
+                self._workflows[run.id] = msgspec.structs.replace(
+                    run,
+                    status="running",
+                    updated_at=now,
+                    error_type="",
+                    error_message="",
+                    traceback="",
+                )
+                steps = self._steps.get(run.id, {})
+                for pos in [p for p, st in steps.items() if st.status != "done"]:
+                    del steps[pos]
         return out
 
     async def purge(
@@ -236,7 +326,58 @@ class MemoryStorage:
         rows = self._dead_matching(subscription, error_type, None, until, ids)
         for d in rows:
             del self._dead[(d.subscription, d.record.seq)]
+            if not d.subscription.startswith(_WORKFLOW_PREFIX):
+                self._ranges(d.subscription).add(d.record.seq, d.record.seq)
         return len(rows)
+
+    async def workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        self._check_open()
+        return self._workflows.get(workflow_id)
+
+    async def workflows(
+        self,
+        *,
+        name: str | None = None,
+        status: str | None = None,
+        after: int = 0,
+        limit: int = 100,
+    ) -> list[WorkflowRecord]:
+        self._check_open()
+        runs = sorted(self._workflows.values(), key=lambda w: w.num)
+        return [
+            w
+            for w in runs
+            if w.num > after
+            and (name is None or w.name == name)
+            and (status is None or w.status == status)
+        ][:limit]
+
+    async def steps(self, workflow_id: str) -> list[StepRecord]:
+        self._check_open()
+        return sorted(self._steps.get(workflow_id, {}).values(), key=lambda st: st.position)
+
+    async def unaccounted(self, subscription: str, upto: int, limit: int = 100) -> Unaccounted:
+        self._check_open()
+        info = self._subs.get(subscription)
+        if info is None:
+            return Unaccounted(subscription, 0, ())
+        upto = min(upto, info.cursor)
+        everything = "*" in info.topics
+        ranges = self._ranges(subscription)
+        count = 0
+        first: list[int] = []
+        for rec in self._events:
+            if rec.seq > upto:
+                break
+            if not everything and rec.topic not in info.topics:
+                continue
+            key = (subscription, rec.seq)
+            if ranges.covers(rec.seq) or key in self._retries or key in self._dead:
+                continue
+            count += 1
+            if len(first) < limit:
+                first.append(rec.seq)
+        return Unaccounted(subscription, count, tuple(first))
 
     async def take_control(self) -> list[tuple[int, bytes]]:
         return []
@@ -262,6 +403,10 @@ class MemoryStorage:
             del self._idempotency[k]
         for k in [k for k, (_, at) in self._effects.items() if at < idempotency_older_than]:
             del self._effects[k]
+        for run in list(self._workflows.values()):
+            if run.status in ("completed", "cancelled") and run.updated_at < idempotency_older_than:
+                del self._workflows[run.id]
+                self._steps.pop(run.id, None)
         return removed
 
     async def stats(self) -> LogStats:

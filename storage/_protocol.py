@@ -11,7 +11,10 @@ from ._types import (
     Receipt,
     Record,
     RetryRecord,
+    StepRecord,
     SubscriptionInfo,
+    Unaccounted,
+    WorkflowRecord,
     WriteBatch,
 )
 
@@ -102,6 +105,28 @@ class Storage(Protocol):
     ) -> int:
         """Delete matching dead letters; returns how many."""
 
+    async def workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        """The workflow run with this id, if any."""
+
+    async def workflows(
+        self,
+        *,
+        name: str | None = None,
+        status: str | None = None,
+        after: int = 0,
+        limit: int = 100,
+    ) -> list[WorkflowRecord]:
+        """Workflow runs in the order they were first written, filtered; page with
+        ``after`` (the last ``num`` seen)."""
+
+    async def steps(self, workflow_id: str) -> list[StepRecord]:
+        """The step checkpoints of a workflow run, in call order."""
+
+    async def unaccounted(self, subscription: str, upto: int, limit: int = 100) -> Unaccounted:
+        """Events up to ``upto`` (and the subscription's cursor) on its topics that it
+        has neither acknowledged as done, nor in its retry lane, nor dead-lettered:
+        what a correct log never holds. Read from one consistent snapshot."""
+
     async def take_control(self) -> list[tuple[int, bytes]]:
         """Commands other processes queued in the log for its owner."""
 
@@ -113,7 +138,8 @@ class Storage(Protocol):
     ) -> int:
         """Delete up to ``limit`` events with ``seq <= upto`` created before
         ``older_than`` (a unix time), oldest first, and idempotency keys recorded before
-        ``idempotency_older_than``. Returns the number of events deleted; call again
+        ``idempotency_older_than``, and completed or cancelled workflow runs last
+        updated before that too. Returns the number of events deleted; call again
         while it returns ``limit`` (each call is one short transaction)."""
 
     async def stats(self) -> LogStats:

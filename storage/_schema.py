@@ -93,6 +93,48 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 4: what each subscription acknowledged as done (ranges of seq, for
+    # reconciliation), and workflow runs with their step checkpoints.
+    """
+    CREATE TABLE acked (
+        subscription TEXT NOT NULL,
+        lo           INTEGER NOT NULL,
+        hi           INTEGER NOT NULL,
+        PRIMARY KEY (subscription, lo)
+    ) WITHOUT ROWID;
+    CREATE INDEX acked_by_hi ON acked (subscription, hi);
+    INSERT INTO acked (subscription, lo, hi)
+        SELECT name, 1, cursor FROM subscriptions WHERE cursor > 0;
+    CREATE TABLE workflows (
+        num           INTEGER PRIMARY KEY,
+        id            TEXT NOT NULL UNIQUE,
+        name          TEXT NOT NULL,
+        status        TEXT NOT NULL,
+        input         BLOB NOT NULL,
+        output        BLOB,
+        error_type    TEXT NOT NULL,
+        error_message TEXT NOT NULL,
+        traceback     TEXT NOT NULL,
+        created_at    REAL NOT NULL,
+        updated_at    REAL NOT NULL,
+        deadline      REAL,
+        runs          INTEGER NOT NULL
+    );
+    CREATE INDEX workflows_by_status ON workflows (status, name);
+    CREATE TABLE workflow_steps (
+        workflow_id   TEXT NOT NULL,
+        position      INTEGER NOT NULL,
+        name          TEXT NOT NULL,
+        status        TEXT NOT NULL,
+        attempts      INTEGER NOT NULL,
+        started_at    REAL NOT NULL,
+        finished_at   REAL,
+        output        BLOB,
+        error_type    TEXT NOT NULL,
+        error_message TEXT NOT NULL,
+        PRIMARY KEY (workflow_id, position)
+    ) WITHOUT ROWID;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -43,7 +43,10 @@ from ._types import (
     Receipt,
     Record,
     RetryRecord,
+    StepRecord,
     SubscriptionInfo,
+    Unaccounted,
+    WorkflowRecord,
     WriteBatch,
 )
 
@@ -503,6 +506,47 @@ class SQLiteStorage:
         conn = self._conn("w")
         where, params = stmts.dead_filter(subscription, error_type, None, until, ids)
         fn = partial(stmts.purge, conn._conn, where, params)
+        try:
+            return await self._in_thread(conn, fn)
+        except sqlite3.Error as exc:
+            raise _translate(self.path, exc) from exc
+
+    async def workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        rows = await self._fetch(
+            f"SELECT {stmts.WORKFLOW_COLUMNS} FROM workflows WHERE id = ?", [workflow_id]
+        )
+        return stmts.workflow_from_row(rows[0]) if rows else None
+
+    async def workflows(
+        self,
+        *,
+        name: str | None = None,
+        status: str | None = None,
+        after: int = 0,
+        limit: int = 100,
+    ) -> list[WorkflowRecord]:
+        sql = f"SELECT {stmts.WORKFLOW_COLUMNS} FROM workflows WHERE num > ?"
+        params: list[object] = [after]
+        if name is not None:
+            sql += " AND name = ?"
+            params.append(name)
+        if status is not None:
+            sql += " AND status = ?"
+            params.append(status)
+        rows = await self._fetch(sql + " ORDER BY num LIMIT ?", [*params, limit])
+        return [stmts.workflow_from_row(r) for r in rows]
+
+    async def steps(self, workflow_id: str) -> list[StepRecord]:
+        rows = await self._fetch(
+            f"SELECT {stmts.STEP_COLUMNS} FROM workflow_steps WHERE workflow_id = ?"
+            " ORDER BY position",
+            [workflow_id],
+        )
+        return [stmts.step_from_row(r) for r in rows]
+
+    async def unaccounted(self, subscription: str, upto: int, limit: int = 100) -> Unaccounted:
+        conn = self._conn("r")
+        fn = partial(stmts.unaccounted, conn._conn, subscription, upto, limit)
         try:
             return await self._in_thread(conn, fn)
         except sqlite3.Error as exc:

@@ -13,8 +13,19 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from ._types import DeadRecord, Receipt, Record, RetryRecord, WriteBatch
+from ._types import (
+    DeadRecord,
+    Receipt,
+    Record,
+    RetryRecord,
+    StepRecord,
+    Unaccounted,
+    WorkflowRecord,
+    WriteBatch,
+)
 
+# Dead letters of failed workflow runs are filed under "workflow:<name>".
+WORKFLOW_PREFIX = "workflow:"
 EVENT_COLUMNS = "seq, id, topic, key, payload, headers, created_at"
 # SQLite's default limit on host parameters is 32766 since 3.32; stay far below it.
 IN_CHUNK = 500
@@ -43,6 +54,151 @@ _INSERT_DEAD = (
     " first_failed_at, last_failed_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+
+WORKFLOW_COLUMNS = (
+    "id, name, status, input, created_at, updated_at, num, output, error_type,"
+    " error_message, traceback, deadline, runs"
+)
+STEP_COLUMNS = (
+    "workflow_id, position, name, status, attempts, started_at, finished_at, output,"
+    " error_type, error_message"
+)
+_INSERT_WORKFLOW = (
+    "INSERT INTO workflows (id, name, status, input, created_at, updated_at, output,"
+    " error_type, error_message, traceback, deadline, runs)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_WORKFLOW = (
+    f"{_INSERT_WORKFLOW} ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
+    " updated_at = excluded.updated_at, output = excluded.output,"
+    " error_type = excluded.error_type, error_message = excluded.error_message,"
+    " traceback = excluded.traceback, deadline = excluded.deadline, runs = excluded.runs"
+)
+_UPSERT_STEP = (
+    f"INSERT OR REPLACE INTO workflow_steps ({STEP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _workflow_row(w: WorkflowRecord) -> tuple[object, ...]:
+    return (
+        w.id,
+        w.name,
+        w.status,
+        w.input,
+        w.created_at,
+        w.updated_at,
+        w.output,
+        w.error_type,
+        w.error_message,
+        w.traceback,
+        w.deadline,
+        w.runs,
+    )
+
+
+def workflow_from_row(r: Sequence[Any]) -> WorkflowRecord:
+    return WorkflowRecord(
+        r[0],
+        r[1],
+        r[2],
+        bytes(r[3]),
+        r[4],
+        r[5],
+        r[6],
+        None if r[7] is None else bytes(r[7]),
+        *r[8:],
+    )
+
+
+def step_from_row(r: Sequence[Any]) -> StepRecord:
+    output = None if r[7] is None else bytes(r[7])
+    return StepRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], output, r[8], r[9])
+
+
+# -- the acknowledgement ledger ---------------------------------------------------------
+# ``acked`` holds, per subscription, ranges [lo, hi] of seq acknowledged as done.
+# Events the cursor passed that went to the retry lane or the dead letters are holes
+# in it; a retry that succeeds later fills its hole. Reconciliation checks that every
+# event the cursor passed is in exactly one of the three places.
+
+
+def _add_acked(conn: sqlite3.Connection, sub: str, lo: int, hi: int) -> None:
+    right = conn.execute(
+        "SELECT hi FROM acked WHERE subscription = ? AND lo = ?", (sub, hi + 1)
+    ).fetchone()
+    if right is not None:
+        conn.execute("DELETE FROM acked WHERE subscription = ? AND lo = ?", (sub, hi + 1))
+        hi = int(right[0])
+    if conn.execute(
+        "UPDATE acked SET hi = ? WHERE subscription = ? AND hi = ?", (hi, sub, lo - 1)
+    ).rowcount:
+        return
+    conn.execute(
+        "INSERT OR REPLACE INTO acked (subscription, lo, hi) VALUES (?, ?, ?)", (sub, lo, hi)
+    )
+
+
+def _ack_ranges(conn: sqlite3.Connection, sub: str, prev: int, cursor: int) -> None:
+    """Record (prev, cursor] as done for ``sub``, except the events it passed to its
+    retry lane or the dead letters."""
+    holes = conn.execute(
+        "SELECT seq FROM retries WHERE subscription = ? AND seq > ? AND seq <= ?"
+        " UNION SELECT seq FROM dead_letters WHERE subscription = ? AND seq > ? AND seq <= ?"
+        " ORDER BY 1",
+        (sub, prev, cursor, sub, prev, cursor),
+    ).fetchall()
+    lo = prev + 1
+    for (hole,) in holes:
+        if hole > lo:
+            _add_acked(conn, sub, lo, hole - 1)
+        lo = hole + 1
+    if lo <= cursor:
+        _add_acked(conn, sub, lo, cursor)
+
+
+def unaccounted(conn: sqlite3.Connection, sub: str, upto: int, limit: int) -> Unaccounted:
+    """Events up to ``upto`` (and the cursor) on ``sub``'s topics that it has neither
+    acknowledged, nor in its retry lane, nor dead-lettered. One read snapshot."""
+    conn.execute("BEGIN")
+    try:
+        info = conn.execute(
+            "SELECT topics, cursor FROM subscriptions WHERE name = ?", (sub,)
+        ).fetchone()
+        if info is None:
+            return Unaccounted(sub, 0, ())
+        topics = info[0].split("\n")
+        upto = min(upto, int(info[1]))
+        ranges = conn.execute(
+            "SELECT lo, hi FROM acked WHERE subscription = ? ORDER BY lo", (sub,)
+        ).fetchall()
+        held = {
+            int(seq)
+            for (seq,) in conn.execute(
+                "SELECT seq FROM retries WHERE subscription = ?"
+                " UNION SELECT seq FROM dead_letters WHERE subscription = ?",
+                (sub, sub),
+            )
+        }
+        sql = "SELECT seq FROM events WHERE seq <= ?"
+        params: list[object] = [upto]
+        if "*" not in topics:
+            sql += f" AND topic IN ({','.join('?' * len(topics))})"
+            params.extend(topics)
+        count = 0
+        first: list[int] = []
+        i = 0
+        for (seq,) in conn.execute(sql + " ORDER BY seq", params):
+            while i < len(ranges) and ranges[i][1] < seq:
+                i += 1
+            if (i < len(ranges) and ranges[i][0] <= seq) or seq in held:
+                continue
+            count += 1
+            if len(first) < limit:
+                first.append(int(seq))
+        return Unaccounted(sub, count, tuple(first))
+    finally:
+        conn.execute("COMMIT")
 
 
 @contextlib.contextmanager
@@ -129,6 +285,15 @@ def write_batch(
         seq = head + len(appends)
         nbytes = sum(len(r.payload) for r in appends)
     nbytes += 64 * len(appends)
+    prev: dict[str, int] = {}
+    for name in batch.acks:
+        row = conn.execute("SELECT cursor FROM subscriptions WHERE name = ?", (name,)).fetchone()
+        prev[name] = 0 if row is None else int(row[0])
+    for info in batch.subscriptions:
+        new = conn.execute("SELECT 1 FROM subscriptions WHERE name = ?", (info.name,)).fetchone()
+        if new is None and info.cursor > 0:
+            # Events before a subscription existed are not its to handle.
+            _add_acked(conn, info.name, 1, info.cursor)
     if batch.subscriptions:
         conn.executemany(
             _UPSERT_SUBSCRIPTION,
@@ -181,6 +346,40 @@ def write_batch(
                 for d in batch.dead
             ],
         )
+    if batch.settled:
+        dead = {(d.subscription, d.record.seq) for d in batch.dead}
+        for sub, settled_seq in batch.settled:
+            if (sub, settled_seq) not in dead:
+                _add_acked(conn, sub, settled_seq, settled_seq)
+    for name, cursor in batch.acks.items():
+        if cursor > prev[name]:
+            _ack_ranges(conn, name, prev[name], cursor)
+    if batch.workflow_starts:
+        conn.executemany(
+            _INSERT_WORKFLOW + " ON CONFLICT (id) DO NOTHING",
+            [_workflow_row(w) for w in batch.workflow_starts],
+        )
+    if batch.workflows:
+        conn.executemany(_UPSERT_WORKFLOW, [_workflow_row(w) for w in batch.workflows])
+    if batch.steps:
+        conn.executemany(
+            _UPSERT_STEP,
+            [
+                (
+                    st.workflow_id,
+                    st.position,
+                    st.name,
+                    st.status,
+                    st.attempts,
+                    st.started_at,
+                    st.finished_at,
+                    st.output,
+                    st.error_type,
+                    st.error_message,
+                )
+                for st in batch.steps
+            ],
+        )
     return receipts, seq, nbytes
 
 
@@ -207,6 +406,15 @@ def compact(
         )
         conn.execute("DELETE FROM idempotency WHERE created_at < ?", (idem_older_than,))
         conn.execute("DELETE FROM effects WHERE created_at < ?", (idem_older_than,))
+        # Finished workflow runs, after the same retention as idempotency keys: an id
+        # stays known (start_workflow returns the old run) for as long.
+        old = "status IN ('completed', 'cancelled') AND updated_at < ?"
+        conn.execute(
+            "DELETE FROM workflow_steps WHERE workflow_id IN"
+            f" (SELECT id FROM workflows WHERE {old})",
+            (idem_older_than,),
+        )
+        conn.execute(f"DELETE FROM workflows WHERE {old}", (idem_older_than,))
     return int(removed)
 
 
@@ -302,7 +510,23 @@ def redrive(
             RetryRecord(d.subscription, d.record, 1, due_at + i * spacing)
             for i, d in enumerate(dead_from_row(r) for r in rows)
         ]
-        conn.executemany(_UPSERT_RETRY, [_retry_row(r) for r in out])
+        # A failed workflow run goes back to running, its finished steps kept.
+        runs = [r.record.id for r in out if r.subscription.startswith(WORKFLOW_PREFIX)]
+        now = time.time()
+        for run_id in runs:
+            conn.execute(
+                "UPDATE workflows SET status = 'running', updated_at = ?, error_type = '',"
+                " error_message = '', traceback = '' WHERE id = ? AND status = 'failed'",
+                (now, run_id),
+            )
+            conn.execute(
+                "DELETE FROM workflow_steps WHERE workflow_id = ? AND status != 'done'",
+                (run_id,),
+            )
+        conn.executemany(
+            _UPSERT_RETRY,
+            [_retry_row(r) for r in out if not r.subscription.startswith(WORKFLOW_PREFIX)],
+        )
         conn.executemany(
             "DELETE FROM dead_letters WHERE subscription = ? AND seq = ?",
             [(r.subscription, r.record.seq) for r in out],
@@ -312,7 +536,14 @@ def redrive(
 
 def purge(conn: sqlite3.Connection, where: str, params: list[object]) -> int:
     with _immediate(conn):
+        rows = conn.execute(
+            f"SELECT subscription, seq FROM dead_letters WHERE 1 {where}", params
+        ).fetchall()
         n = conn.execute(f"DELETE FROM dead_letters WHERE 1 {where}", params).rowcount
+        # A purged event is settled by the operator's decision: account it as done.
+        for sub, seq in rows:
+            if not sub.startswith(WORKFLOW_PREFIX):
+                _add_acked(conn, sub, int(seq), int(seq))
     return int(n)
 
 

@@ -94,6 +94,55 @@ class RetryRecord(msgspec.Struct, frozen=True, gc=False):
     running: bool = False
 
 
+class WorkflowRecord(msgspec.Struct, frozen=True, gc=False):
+    """One run of a workflow, identified by ``id``.
+
+    Attributes:
+        num: A number the storage gives the run when it is first written (0 before);
+            a failed run's dead letter carries it as its ``seq``.
+        status: ``"running"``, ``"completed"``, ``"failed"`` or ``"cancelled"``.
+        input: The encoded input; ``output`` the encoded result once completed.
+        deadline: Unix time by which the run should have finished, if it has one.
+        runs: How many times the run was started or resumed.
+    """
+
+    id: str
+    name: str
+    status: str
+    input: bytes
+    created_at: float
+    updated_at: float
+    num: int = 0
+    output: bytes | None = None
+    error_type: str = ""
+    error_message: str = ""
+    traceback: str = ""
+    deadline: float | None = None
+    runs: int = 0
+
+
+class StepRecord(msgspec.Struct, frozen=True, gc=False):
+    """The checkpoint of one step of a workflow run, at ``position`` in call order.
+
+    Attributes:
+        status: ``"running"`` while an attempt runs (found so on open: the process
+            stopped during it), ``"done"`` with its encoded ``output``, or
+            ``"failed"`` once its retries gave up.
+        attempts: How many attempts have started.
+    """
+
+    workflow_id: str
+    position: int
+    name: str
+    status: str
+    attempts: int
+    started_at: float
+    finished_at: float | None = None
+    output: bytes | None = None
+    error_type: str = ""
+    error_message: str = ""
+
+
 class WriteBatch(msgspec.Struct, gc=False):
     """Everything one transaction writes: applied all together or not at all.
 
@@ -102,6 +151,9 @@ class WriteBatch(msgspec.Struct, gc=False):
     ``retries`` are written (replacing the same subscription and seq), then
     ``settled`` ones removed from the retry lane. ``inflight`` records, per
     subscription, the last seq handed to a handler before its acknowledgement.
+    ``workflow_starts`` are written only if no run with that id exists;
+    ``workflows`` and ``steps`` replace what is stored under the same id (and
+    position).
     """
 
     appends: list[NewRecord] = msgspec.field(default_factory=list)
@@ -113,6 +165,9 @@ class WriteBatch(msgspec.Struct, gc=False):
     inflight: dict[str, int] = msgspec.field(default_factory=dict)
     state: list[tuple[str, str, bytes | None]] = msgspec.field(default_factory=list)
     effects: list[tuple[str, bytes]] = msgspec.field(default_factory=list)
+    workflow_starts: list[WorkflowRecord] = msgspec.field(default_factory=list)
+    workflows: list[WorkflowRecord] = msgspec.field(default_factory=list)
+    steps: list[StepRecord] = msgspec.field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (
@@ -125,6 +180,9 @@ class WriteBatch(msgspec.Struct, gc=False):
             or self.inflight
             or self.state
             or self.effects
+            or self.workflow_starts
+            or self.workflows
+            or self.steps
         )
 
     def merge(self, other: WriteBatch) -> None:
@@ -140,6 +198,9 @@ class WriteBatch(msgspec.Struct, gc=False):
         self.inflight.update(other.inflight)
         self.state.extend(other.state)
         self.effects.extend(other.effects)
+        self.workflow_starts.extend(other.workflow_starts)
+        self.workflows.extend(other.workflows)
+        self.steps.extend(other.steps)
 
 
 class LogStats(msgspec.Struct, frozen=True):
@@ -154,3 +215,15 @@ class LogStats(msgspec.Struct, frozen=True):
     size_bytes: int
     wal_bytes: int
     retries: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class Unaccounted(msgspec.Struct, frozen=True):
+    """Events a subscription's cursor has passed that are neither acknowledged as
+    done, nor in its retry lane, nor dead-lettered: lost to it.
+
+    ``count`` is the total; ``seqs`` the first of them, in log order.
+    """
+
+    subscription: str
+    count: int
+    seqs: tuple[int, ...]
