@@ -38,6 +38,19 @@ from ._event import Event, Message, Receipt
 from ._metrics import BusMetrics, LatencySummary, LogMetrics, SubscriptionMetrics
 from ._run import run
 from ._state import State, StateReader
+from ._workflow import (
+    StepFailed,
+    StepInfo,
+    StepStatus,
+    Workflow,
+    WorkflowCancelled,
+    WorkflowError,
+    WorkflowFailed,
+    WorkflowHandle,
+    WorkflowIncompatible,
+    WorkflowStatus,
+    current_step,
+)
 
 __all__ = [
     "BatchPolicy",
@@ -68,10 +81,21 @@ __all__ = [
     "SchemaTooNew",
     "State",
     "StateReader",
+    "StepFailed",
+    "StepInfo",
+    "StepStatus",
     "StorageError",
     "StorageFull",
     "SubscriptionError",
     "SubscriptionMetrics",
+    "Workflow",
+    "WorkflowCancelled",
+    "WorkflowError",
+    "WorkflowFailed",
+    "WorkflowHandle",
+    "WorkflowIncompatible",
+    "WorkflowStatus",
+    "current_step",
     "idempotent",
     "run",
 ]

@@ -34,11 +34,19 @@ from ._metrics import BusMetrics, SubscriptionMetrics, summarize
 from ._recent import RecentEvents
 from ._state import StateReader
 from ._subscription import Subscription
+from ._workflow import (
+    WORKFLOW_PREFIX,
+    WorkflowEngine,
+    WorkflowError,
+    WorkflowFunction,
+    WorkflowHandle,
+)
 from ._writer import LogWriter
 
 logger = logging.getLogger(__name__)
 
 H = TypeVar("H", bound=Handler)
+W = TypeVar("W", bound=WorkflowFunction)
 
 _HEADERS = msgspec.msgpack.Decoder(dict[str, str])
 
@@ -72,6 +80,9 @@ class Bus:
         self._writer_done = anyio.Event()
         self._closing = False
         self._closed = False
+        self._workflows = WorkflowEngine(
+            log, self._writer.commit, config.retry, config.workflow_concurrency
+        )
         self.dead_letters = DeadLetters(
             log, self._to_event, self._writer.lock, self._redriven, config.redrive_rate
         )
@@ -137,6 +148,7 @@ class Bus:
             bus._known = await storage.subscriptions()
             async with anyio.create_task_group() as tg:
                 bus._tg = tg
+                bus._workflows.attach(tg)
                 tg.start_soon(bus._run_writer)
                 tg.start_soon(bus._maintenance)
                 try:
@@ -163,6 +175,9 @@ class Bus:
         self._closing = True
         try:
             with anyio.move_on_after(self.config.close_timeout):
+                # Workflow runs stop first, while the writer can still record where
+                # their steps were; they resume on the next open.
+                await self._workflows.stop()
                 await self._writer.flush()
                 for sub in self._subs.values():
                     sub.stop()
@@ -170,6 +185,8 @@ class Bus:
                     await sub.finished.wait()
         finally:
             with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(self.config.close_timeout):
+                    await self._workflows.stop()
                 for sub in self._subs.values():
                     sub.stop()
                     if sub.scope is not None:
@@ -247,6 +264,10 @@ class Bus:
     def _redriven(self, records: list[_storage.RetryRecord]) -> None:
         by_sub: dict[str, list[_storage.RetryRecord]] = {}
         for record in records:
+            if record.subscription.startswith(WORKFLOW_PREFIX):
+                # A redriven workflow run is running again in the log: resume it.
+                self._workflows.launch(record.record.id)
+                continue
             by_sub.setdefault(record.subscription, []).append(record)
         for name, items in by_sub.items():
             sub = self._subs.get(name)
@@ -554,6 +575,75 @@ class Bus:
         assert self._tg is not None
         self._subs[name] = sub
         self._tg.start_soon(sub.run, name=f"eventbus subscription {name}")
+
+    # -- workflows ------------------------------------------------------------------
+
+    def workflow(self, name: str, *, timeout: float | None = None) -> Callable[[W], W]:
+        """Register an async function ``(wf, input)`` as the workflow ``name``.
+
+        Unfinished runs of it in the log resume at once (replaying their
+        checkpointed steps). Inside, ``await wf.step(step_name, fn, *args)`` runs a
+        step and checkpoints its output; ``wf.sleep`` sleeps durably and
+        ``wf.gather`` runs steps concurrently. The input and result are decoded to
+        the function's annotated types.
+
+        Args:
+            name: The durable name runs are recorded under.
+            timeout: Default deadline of a run, in seconds from its start;
+                reconciliation reports runs past it.
+
+        Raises:
+            WorkflowError: The name is taken, or the function's shape is wrong.
+            BusClosed: The bus is closed.
+        """
+        self._check_open()
+
+        def decorator(fn: W) -> W:
+            self._workflows.register(name, fn, timeout)
+            return fn
+
+        return decorator
+
+    async def start_workflow(
+        self,
+        name: str,
+        input: object = None,
+        *,
+        workflow_id: str | None = None,
+        timeout: float | None = None,
+    ) -> WorkflowHandle:
+        """Start a run of the workflow ``name`` with ``input``; returns its handle once
+        the start is committed.
+
+        Idempotent by ``workflow_id``: starting an id that exists returns that run's
+        handle, whatever its state, and starts nothing. A handler that starts one
+        run per event with ``workflow_id=event.id`` therefore starts it exactly once.
+
+        Args:
+            name: A workflow registered with :meth:`workflow`.
+            input: A msgspec-encodable value.
+            workflow_id: The run's id; a fresh unique id by default.
+            timeout: Seconds the run should take at most (overrides the workflow's).
+
+        Raises:
+            WorkflowError: No such workflow, or the id belongs to another workflow.
+            PayloadError: The input cannot be encoded.
+            BusClosed: The bus is closed.
+        """
+        self._check_open()
+        record = await self._workflows.start(name, input, workflow_id, timeout)
+        return WorkflowHandle(self._workflows, self._log, record)
+
+    async def get_workflow(self, workflow_id: str) -> WorkflowHandle:
+        """The handle of an existing run.
+
+        Raises:
+            WorkflowError: No run has this id.
+        """
+        record = await self._log.workflow(workflow_id)
+        if record is None:
+            raise WorkflowError(f"no workflow run with id {workflow_id!r} in this log")
+        return WorkflowHandle(self._workflows, self._log, record)
 
     # -- waiting and looking --------------------------------------------------------
 

@@ -193,6 +193,8 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         redrive_rate: Dead letters per second that ``redrive`` re-injects, at most.
         control_interval: Seconds between checks for commands queued in the log
             file by the ``eventbus`` command line (redrive, purge).
+        workflow_concurrency: Workflow runs that may execute at the same time; the
+            rest wait their turn.
     """
 
     durability: Literal["normal", "full", "off"] = "normal"
@@ -211,6 +213,7 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     breaker: BreakerPolicy | None = msgspec.field(default_factory=BreakerPolicy)
     redrive_rate: float = 100.0
     control_interval: float = 1.0
+    workflow_concurrency: int = 100
 
     def __post_init__(self) -> None:
         _positive("redrive_rate", self.redrive_rate)
@@ -220,6 +223,7 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             "max_event_bytes",
             "channel_capacity",
             "max_commit_batch",
+            "workflow_concurrency",
         ):
             value = getattr(self, key)
             if value < 1:
