@@ -12,11 +12,12 @@ import anyio
 import msgspec
 
 import storage as _storage
-from storage import DeadRecord, LogStats, SQLiteStorage
+from storage import DeadRecord, LogStats, SQLiteStorage, StepRecord, WorkflowRecord
 
 from ._dead_letters import CONTROL_ENCODER, ControlCommand
 
 _JSON = msgspec.json.Encoder()
+_MSGPACK: msgspec.msgpack.Decoder[object] = msgspec.msgpack.Decoder()
 
 
 def _when(ts: float) -> str:
@@ -96,6 +97,91 @@ def _timestamp(text: str) -> float:
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.UTC)
     return when.timestamp()
+
+
+def _decoded(raw: bytes | None) -> object:
+    if raw is None:
+        return None
+    try:
+        return _MSGPACK.decode(raw)
+    except msgspec.DecodeError:
+        return raw.hex()
+
+
+def _run_to_dict(w: WorkflowRecord, steps: list[StepRecord] | None = None) -> dict[str, object]:
+    item: dict[str, object] = {
+        "id": w.id,
+        "name": w.name,
+        "status": w.status,
+        "runs": w.runs,
+        "created_at": w.created_at,
+        "updated_at": w.updated_at,
+        "deadline": w.deadline,
+        "input": _decoded(w.input),
+        "output": _decoded(w.output),
+        "error_type": w.error_type,
+        "error_message": w.error_message,
+    }
+    if steps is not None:
+        item["steps"] = [
+            {
+                "position": s.position,
+                "name": s.name,
+                "status": s.status,
+                "attempts": s.attempts,
+                "started_at": s.started_at,
+                "finished_at": s.finished_at,
+                "output": _decoded(s.output),
+                "error_type": s.error_type,
+                "error_message": s.error_message,
+            }
+            for s in steps
+        ]
+    return item
+
+
+async def _workflows(store: SQLiteStorage, args: argparse.Namespace) -> int:
+    if args.workflows_command == "list":
+        runs = await store.workflows(
+            name=args.name, status=args.status, after=args.after, limit=args.limit
+        )
+        if args.json:
+            print(_JSON.encode([_run_to_dict(w) for w in runs]).decode())
+            return 0
+        if not runs:
+            print("no workflow runs")
+        for w in runs:
+            done = sum(1 for s in await store.steps(w.id) if s.status == "done")
+            problem = f"  {w.error_type}: {w.error_message}" if w.error_message else ""
+            print(
+                f"{w.num:>8}  {w.name}  {w.id}  {w.status:<9}  steps done={done}  "
+                f"runs={w.runs}  updated {_when(w.updated_at)}{problem}"
+            )
+        return 0
+    run = await store.workflow(args.id)
+    if run is None:
+        print(f"eventbus: no workflow run with id {args.id!r}", file=sys.stderr)
+        return 1
+    steps = await store.steps(run.id)
+    item = _run_to_dict(run, steps)
+    if args.json:
+        print(_JSON.encode(item).decode())
+        return 0
+    for key, value in item.items():
+        if key != "steps":
+            print(f"{key:<14}{value}")
+    print("steps")
+    for s in steps:
+        took = "" if s.finished_at is None else f"  {s.finished_at - s.started_at:.3f}s"
+        problem = f"  {s.error_type}: {s.error_message}" if s.error_message else ""
+        print(
+            f"  {s.position:>3}  {s.name:<20}  {s.status:<7}  attempts={s.attempts}{took}{problem}"
+        )
+    if not steps:
+        print("  (none yet)")
+    if run.traceback:
+        print(f"traceback\n{run.traceback}")
+    return 0
 
 
 async def _change_dead_letters(args: argparse.Namespace) -> int:
@@ -186,6 +272,8 @@ async def _run(args: argparse.Namespace) -> int:
                 if not rows:
                     print("no dead letters")
             return 0
+        if args.command == "workflows":
+            return await _workflows(store, args)
         raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
     except _storage.StorageError as exc:
         print(f"eventbus: {exc}", file=sys.stderr)
@@ -197,8 +285,8 @@ async def _run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eventbus",
-        description="Inspect an eventbus log file (safe while a bus runs) and manage its "
-        "dead letters.",
+        description="Inspect an eventbus log file (safe while a bus runs): stats, dead "
+        "letters, workflow runs.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     stats = sub.add_parser("stats", help="head, size, and each subscription's cursor and lag")
@@ -227,6 +315,21 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--id", action="append", help="only this event id (repeatable)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
+    workflows = sub.add_parser("workflows", help="workflow runs and their steps")
+    wf_sub = workflows.add_subparsers(dest="workflows_command", required=True)
+    wf_list = wf_sub.add_parser("list", help="list workflow runs")
+    wf_list.add_argument("file")
+    wf_list.add_argument("--name", help="only runs of this workflow")
+    wf_list.add_argument(
+        "--status", choices=("running", "completed", "failed", "cancelled"), help="only these"
+    )
+    wf_list.add_argument("--limit", type=int, default=100)
+    wf_list.add_argument("--after", type=int, default=0, help="page after this run number")
+    wf_list.add_argument("--json", action="store_true", help="machine-readable output")
+    wf_show = wf_sub.add_parser("show", help="one run with each step's status")
+    wf_show.add_argument("file")
+    wf_show.add_argument("id", help="the workflow id")
+    wf_show.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
