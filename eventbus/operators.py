@@ -30,7 +30,8 @@ retry lane runs, which it does after every crash.
 has seen for that key, minus ``lateness``; it is stored in the key's record, so it is
 recovered with the cursor. As each key's events arrive in publish order, whatever the
 batching, retries or crashes, every result (window totals, join pairs, which events
-are late) is a function of the log alone. As in Kafka Streams, a key that receives no
+are late) is a function of the log alone (a dead letter redriven later is taken
+where it is redriven). As in Kafka Streams, a key that receives no
 more events keeps its last windows open: read them with ``open_windows()``.
 
 **Grouping by something else.** With ``key=``, a first subscription (``NAME:by-key``)
@@ -38,6 +39,10 @@ republishes each event, exactly once through its outbox, to the internal topic
 ``NAME:by-key`` keyed by ``key(event)``; the operator reads that topic. The events
 of one operator key then arrive in the order that step forwards them: log order,
 except around a failure or a crash.
+
+An operator's name is durable: registered again under the same name (after a
+restart), it resumes its state. Changing its window size, slide or function under an
+existing name mixes old and new state: register the new version under a new name.
 
 Errors: bad arguments raise ``TypeError`` or ``ValueError`` at registration. An event
 the operator cannot use (no key, an event time that is not a finite number) is
@@ -48,6 +53,7 @@ its key wait behind it.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Generic, TypeVar, cast, overload
@@ -57,7 +63,7 @@ import msgspec
 from ._bus import Bus
 from ._config import BatchPolicy, RetryPolicy
 from ._context import Context
-from ._errors import BusError
+from ._errors import BusError, SubscriptionError
 from ._event import Event
 
 __all__ = [
@@ -181,6 +187,11 @@ def _check_callable(arg: str, value: object, *, optional: bool = False) -> None:
         return
     if not callable(value):
         raise TypeError(f"{arg}= must be a function, got {type(value).__name__} {value!r}")
+    if inspect.iscoroutinefunction(value):
+        raise TypeError(
+            f"{arg}= must be a plain function, got the async function {value!r}: an "
+            "operator's functions compute; do outside calls in a subscription of its output"
+        )
 
 
 def _check_number(arg: str, value: object, *, positive: bool) -> float:
@@ -261,12 +272,23 @@ class _Operator:
                     f"operator {name!r} would read its own output topic {out!r}: "
                     "emit to a topic it does not subscribe to"
                 )
+        names = [name] if key is None else [name, self._keyed_topic]
+        taken = [n for n in names if n in bus.metrics().subscriptions]
+        if taken:
+            # Checked before subscribing, so that a clash leaves nothing half registered.
+            raise SubscriptionError(
+                f"a subscription named {taken[0]!r} already exists on this bus; give "
+                "each operator a distinct name="
+            )
         policy = _retry_policy(bus, retry)
         if key is None:
-            bus.subscribe(topics, name=name, batch=batch, retry=policy)(self._handle)
+            # ordered=True: per-key state is only safe with events of a key in order.
+            bus.subscribe(topics, name=name, batch=batch, retry=policy, ordered=True)(self._handle)
         else:
             bus.subscribe(topics, name=self._keyed_topic, batch=batch, retry=policy)(self._forward)
-            bus.subscribe(self._keyed_topic, name=name, batch=batch, retry=policy)(self._handle)
+            bus.subscribe(self._keyed_topic, name=name, batch=batch, retry=policy, ordered=True)(
+                self._handle
+            )
 
     async def _forward(self, events: list[Event[object]], ctx: Context) -> None:
         """The ``key=`` step: republish each event keyed by ``key(event)``."""

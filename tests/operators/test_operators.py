@@ -16,7 +16,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eventbus import BatchPolicy, Bus, BusConfig, Context, Event, Message, RetryPolicy
+from eventbus import (
+    BatchPolicy,
+    Bus,
+    BusConfig,
+    Context,
+    Event,
+    Message,
+    RetryPolicy,
+    SubscriptionError,
+)
 from eventbus import operators as ops
 from eventbus.operators import OperatorInputError, _window_starts
 
@@ -543,6 +552,10 @@ async def test_join_by_a_key_function_and_a_late_partner() -> None:
 # -- registration ---------------------------------------------------------------------
 
 
+async def _async_add(acc: int, event: Event[int]) -> int:
+    return acc + event.payload
+
+
 def _windows(bus: Bus, **overrides: object) -> object:
     args: dict[str, object] = {
         "name": "w",
@@ -566,6 +579,7 @@ BAD_ARGUMENTS: list[tuple[str, Callable[[Bus], object], type[Exception], str]] =
     ("late own input", lambda b: _windows(b, late="in"), ValueError, "its own output"),
     ("aggregate", lambda b: _windows(b, aggregate=3), TypeError, "aggregate= must be a function"),
     ("time", lambda b: _windows(b, time="ts"), TypeError, "time= must be a function"),
+    ("async aggregate", lambda b: _windows(b, aggregate=_async_add), TypeError, "plain function"),
     ("initial", lambda b: _windows(b, initial=object()), TypeError, "initial= must be"),
     ("name", lambda b: _windows(b, name=""), TypeError, "name= must be"),
     (
@@ -607,6 +621,14 @@ async def test_bad_arguments_raise_a_clear_error_at_registration(
         with pytest.raises(error, match=message.replace("(", r"\(")):
             make(bus)
         assert bus.metrics().subscriptions == {}  # nothing was registered
+
+
+async def test_a_taken_name_raises_and_leaves_nothing_half_registered() -> None:
+    async with Bus.open(":memory:") as bus:
+        ops.reduce(bus, "in", name="taken", fn=add_amount, initial=0)
+        with pytest.raises(SubscriptionError, match="'taken' already exists"):
+            ops.reduce(bus, "in", name="taken", fn=add_amount, initial=0, key=lambda e: "k")
+        assert set(bus.metrics().subscriptions) == {"taken"}
 
 
 def test_operator_input_error_says_what_to_do() -> None:
