@@ -31,8 +31,8 @@ has seen for that key, minus ``lateness``; it is stored in the key's record, so 
 recovered with the cursor. As each key's events arrive in publish order, whatever the
 batching, retries or crashes, every result (window totals, join pairs, which events
 are late) is a function of the log alone (a dead letter redriven later is taken
-where it is redriven). As in Kafka Streams, a key that receives no
-more events keeps its last windows open: read them with ``open_windows()``.
+where it is redriven). As in Kafka Streams, a key that receives no more events
+keeps its last windows open: read them with ``open_windows()``.
 
 **Grouping by something else.** With ``key=``, a first subscription (``NAME:by-key``)
 republishes each event, exactly once through its outbox, to the internal topic
