@@ -32,6 +32,8 @@ from ._event import Event, Message, new_event_id
 from ._handler import Handler
 from ._metrics import BusMetrics, SubscriptionMetrics, summarize
 from ._recent import RecentEvents
+from ._reconcile import R, Reconciler
+from ._reconcile_report import ReconcileReport
 from ._state import StateReader
 from ._subscription import Subscription
 from ._workflow import (
@@ -86,6 +88,7 @@ class Bus:
         self.dead_letters = DeadLetters(
             log, self._to_event, self._writer.lock, self._redriven, config.redrive_rate
         )
+        self._reconciler = Reconciler(self)
         # Recently committed events, decoded at most once, for subscriptions near the
         # head; bounded so a burst of large events cannot pin much memory.
         self._recent = RecentEvents(
@@ -151,6 +154,7 @@ class Bus:
                 bus._workflows.attach(tg)
                 tg.start_soon(bus._run_writer)
                 tg.start_soon(bus._maintenance)
+                tg.start_soon(bus._reconciler.run)
                 try:
                     yield bus
                 finally:
@@ -173,6 +177,7 @@ class Bus:
                 await self._writer_done.wait()
             return
         self._closing = True
+        self._reconciler.stop()
         try:
             with anyio.move_on_after(self.config.close_timeout):
                 # Workflow runs stop first, while the writer can still record where
@@ -645,6 +650,55 @@ class Bus:
             raise WorkflowError(f"no workflow run with id {workflow_id!r} in this log")
         return WorkflowHandle(self._workflows, self._log, record)
 
+    # -- reconciliation -------------------------------------------------------------
+
+    async def reconcile(self, *, repair: bool = True) -> ReconcileReport:
+        """Account for every event of every subscription in the log, and repair what
+        can be repaired; also runs each user reconciler once. The bus runs the same
+        pass just after open and every ``config.reconcile_interval`` seconds.
+
+        Per subscription: events pending, retrying, dead-lettered, and *lost* (passed
+        by its cursor but neither done, retrying nor dead-lettered: never on a sound
+        log); retries overdue by more than ``config.reconcile_lease`` that nothing
+        runs; handler calls running longer than the lease (*stuck*).
+
+        Args:
+            repair: Re-dispatch lost events through the subscription's retry lane
+                (they end done or dead-lettered), re-arm overdue retries, cancel
+                stuck calls (a failed attempt, ``HandlerStuck``: retried, then
+                dead-lettered after ``max_attempts``), resume orphaned workflow
+                runs. Only subscriptions registered on this bus are repaired.
+
+        Returns:
+            The report: ``report.ok`` is true when nothing is lost.
+
+        Raises:
+            BusClosed: The bus is closed.
+            StorageError: The log could not be read or a repair not written.
+
+        Cancellation: safe. A lost event is written to the retry lane in the log
+        before the running subscription is handed it: a pass cancelled in between
+        leaves it in the log's retry lane, where the next pass (once it is overdue)
+        or the next open picks it up.
+        """
+        self._check_open()
+        return await self._reconciler.reconcile(repair=repair)
+
+    def reconciler(self, *, every: float = 60.0, name: str | None = None) -> Callable[[R], R]:
+        """Register ``async def check(rc: Reconciliation) -> None``, run every
+        ``every`` seconds (and on each :meth:`reconcile`) to compare the bus's view
+        with an outside system: ``rc.bus`` is this bus, ``await rc.publish(...)``
+        emits a corrective event, ``rc.flag(message)`` records an inconsistency. An
+        exception (or a run longer than ``config.reconcile_lease``) is logged and
+        shown in the report; it never stops the bus.
+
+        Raises:
+            ValueError: ``every`` is not a positive number, or the name is taken.
+            BusClosed: The bus is closed.
+        """
+        self._check_open()
+        return self._reconciler.reconciler(every, name)
+
     # -- waiting and looking --------------------------------------------------------
 
     async def drain(self, timeout: float | None = 30.0) -> None:
@@ -706,6 +760,7 @@ class Bus:
             commits=self._writer.commits,
             committed_events=self._writer.committed_events,
             log=self._writer.metrics(),
+            reconcile=self._reconciler.metrics(),
             subscriptions={
                 name: SubscriptionMetrics(
                     handled=s.stats.handled,

@@ -14,7 +14,9 @@ import msgspec
 import storage as _storage
 from storage import DeadRecord, LogStats, SQLiteStorage, StepRecord, WorkflowRecord
 
+from ._config import BusConfig
 from ._dead_letters import CONTROL_ENCODER, ControlCommand
+from ._reconcile import check_log
 
 _JSON = msgspec.json.Encoder()
 _MSGPACK: msgspec.msgpack.Decoder[object] = msgspec.msgpack.Decoder()
@@ -274,6 +276,10 @@ async def _run(args: argparse.Namespace) -> int:
             return 0
         if args.command == "workflows":
             return await _workflows(store, args)
+        if args.command == "reconcile":
+            report = await check_log(store, lease=args.lease)
+            print(_JSON.encode(report.to_dict()).decode() if args.json else report.format())
+            return 0 if report.ok else 1
         raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
     except _storage.StorageError as exc:
         print(f"eventbus: {exc}", file=sys.stderr)
@@ -286,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eventbus",
         description="Inspect an eventbus log file (safe while a bus runs): stats, dead "
-        "letters, workflow runs.",
+        "letters, workflow runs, reconciliation.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     stats = sub.add_parser("stats", help="head, size, and each subscription's cursor and lag")
@@ -330,6 +336,18 @@ def build_parser() -> argparse.ArgumentParser:
     wf_show.add_argument("file")
     wf_show.add_argument("id", help="the workflow id")
     wf_show.add_argument("--json", action="store_true", help="machine-readable output")
+    reconcile = sub.add_parser(
+        "reconcile",
+        help="account for every event of every subscription; exit status 1 if any is lost",
+    )
+    reconcile.add_argument("file")
+    reconcile.add_argument(
+        "--lease",
+        type=float,
+        default=BusConfig().reconcile_lease,
+        help="seconds past due after which a retry counts as overdue (default: %(default)s)",
+    )
+    reconcile.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 

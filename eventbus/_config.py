@@ -195,6 +195,12 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             file by the ``eventbus`` command line (redrive, purge).
         workflow_concurrency: Workflow runs that may execute at the same time; the
             rest wait their turn.
+        reconcile_interval: Seconds between reconciliation passes (the first runs
+            just after open); 0 turns the periodic pass off (``bus.reconcile()``
+            still works).
+        reconcile_lease: Seconds a handler call may run before reconciliation
+            cancels it as stuck (a failed attempt), and a retry may be overdue
+            before it is re-armed; also bounds each run of a user reconciler.
     """
 
     durability: Literal["normal", "full", "off"] = "normal"
@@ -214,6 +220,8 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     redrive_rate: float = 100.0
     control_interval: float = 1.0
     workflow_concurrency: int = 100
+    reconcile_interval: float = 60.0
+    reconcile_lease: float = 300.0
 
     def __post_init__(self) -> None:
         _positive("redrive_rate", self.redrive_rate)
@@ -228,8 +236,9 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             value = getattr(self, key)
             if value < 1:
                 raise ConfigError(key, f"must be at least 1, got {value}")
-        for key in ("retention", "idempotency_retention"):
+        for key in ("retention", "idempotency_retention", "reconcile_interval"):
             _positive(key, getattr(self, key), allow_zero=True)
+        _positive("reconcile_lease", self.reconcile_lease)
         for key in ("compact_interval", "busy_timeout", "open_timeout", "close_timeout"):
             _positive(key, getattr(self, key))
 

@@ -10,6 +10,7 @@
     ├── ConfigError          a configuration key or value is wrong (names the key)
     ├── SubscriptionError    a subscribe() call is wrong (duplicate name, bad handler)
     ├── DrainTimeout         drain() ran out of time; says which subscriptions lag
+    ├── HandlerStuck         reconciliation cancelled a handler call that ran too long
     └── StorageError         the log failed (also a storage.StorageError)
         ├── LogLocked        another process owns the log file
         ├── NotALog          the file is not an event log
@@ -99,6 +100,24 @@ class DrainTimeout(BusError, TimeoutError):
         super().__init__(
             f"drain timed out after {timeout}s; subscriptions still behind (acknowledged "
             f"position): {behind}. Check bus.metrics() or the dead letters"
+        )
+
+
+class HandlerStuck(BusError):
+    """A handler call ran longer than ``BusConfig.reconcile_lease``; reconciliation
+    cancelled it. Raised inside the subscription, never to the caller: it is the
+    failure recorded for that attempt, which is retried (or dead-lettered after
+    ``max_attempts``) like any other."""
+
+    def __init__(self, subscription: str, lease: float, seqs: tuple[int, ...] = ()) -> None:
+        self.subscription = subscription
+        self.lease = lease
+        self.seqs = seqs
+        super().__init__(
+            f"handler of subscription {subscription!r} ran longer than the reconcile lease "
+            f"({lease:g}s); cancelled and retried. Give the handler a RetryPolicy.timeout "
+            "shorter than the lease, or raise BusConfig.reconcile_lease if it is legitimately "
+            "that slow"
         )
 
 

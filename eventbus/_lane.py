@@ -28,6 +28,10 @@ class RetrySchedule:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, seq: int) -> bool:
+        """Whether the event with this seq waits or runs here."""
+        return seq in self._items
+
     def blocks(self, key: str | None) -> bool:
         """Whether a fresh event with ``key`` must wait behind the lane."""
         return self.ordered and key is not None and key in self._keys
@@ -36,9 +40,12 @@ class RetrySchedule:
         """Add an event; ``due`` (monotonic) None parks it behind its key's head.
 
         The first event of a key is due at ``due`` (or at once, if parked with
-        nothing ahead of it).
+        nothing ahead of it). An event already here is left as it is: the log and
+        reconciliation may both hand over the same event.
         """
         seq = record.record.seq
+        if seq in self._items:
+            return
         self._items[seq] = record
         key = record.record.key
         if self.ordered and key is not None:

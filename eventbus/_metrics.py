@@ -162,10 +162,40 @@ class LogMetrics(msgspec.Struct, frozen=True):
     commit_latency: LatencySummary
 
 
+class ReconcileMetrics(msgspec.Struct, frozen=True):
+    """The latest reconciliation pass (periodic or ``bus.reconcile()``).
+
+    Attributes:
+        runs: Passes since the bus opened.
+        last_run_at: Unix time the latest pass started; None before the first.
+        last_duration: Seconds it took.
+        lost: Events it found lost (0 on a sound log).
+        stuck: Events it found held by handler calls running past the lease.
+        overdue: Retries it found due long ago that nothing would run.
+        repaired: What it repaired (lost re-dispatched, stuck cancelled, overdue
+            re-armed, workflow runs resumed).
+        repaired_total: What all passes repaired.
+        flags: Inconsistencies the user reconcilers flagged in their latest runs.
+        reconciler_errors: User reconcilers whose latest run failed.
+    """
+
+    runs: int = 0
+    last_run_at: float | None = None
+    last_duration: float = 0.0
+    lost: int = 0
+    stuck: int = 0
+    overdue: int = 0
+    repaired: int = 0
+    repaired_total: int = 0
+    flags: int = 0
+    reconciler_errors: int = 0
+
+
 class BusMetrics(msgspec.Struct, frozen=True):
     """The bus's counters at one moment.
 
-    ``log`` describes the group commits (None from a bus that does not report it).
+    ``log`` describes the group commits (None from a bus that does not report it);
+    ``reconcile`` the latest reconciliation pass.
     """
 
     head: int
@@ -174,3 +204,4 @@ class BusMetrics(msgspec.Struct, frozen=True):
     committed_events: int
     subscriptions: dict[str, SubscriptionMetrics]
     log: LogMetrics | None = None
+    reconcile: ReconcileMetrics | None = None

@@ -12,6 +12,11 @@ write per batch, usually riding on the previous acknowledgement). If the process
 dies while handling, the next open moves that stretch to the retry lane with one
 attempt counted, so an event that kills the process is dead-lettered after
 ``max_attempts`` deaths instead of crash-looping forever.
+
+Every handler call in flight is visible to reconciliation (:class:`HandlerCall`: when
+it started, the events it holds, a cancel scope of its own). Reconciliation cancels
+one that outlives its lease; the call then fails with :class:`HandlerStuck`, an
+attempt like any other, and the bus closing is still the enclosing scope's business.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from storage import DeadRecord, Record, RetryRecord, SubscriptionInfo, WriteBatc
 from ._breaker import CircuitBreaker, RetryBudget
 from ._config import BatchPolicy, BreakerPolicy, RetryPolicy
 from ._context import Context, Encoder
-from ._errors import BusClosed, StorageError
+from ._errors import BusClosed, HandlerStuck, StorageError
 from ._event import Event
 from ._handler import (
     PROCESS_DIED,
@@ -65,6 +70,41 @@ class _Outcome:
         self.dead: list[DeadRecord] = []
         self.blocked: set[str] = set()
         self.successes = 0
+
+
+class HandlerCall:
+    """A handler call in flight, as reconciliation sees it.
+
+    The main lane reuses one per subscription for a per-event handler (one cancel
+    scope per batch: a scope per event would cost about 4 us, half of what an event
+    costs in memory), moving ``index`` and ``started`` from event to event; a batch
+    handler's calls and retry attempts get one each.
+
+    Attributes:
+        lane: ``"main"`` or ``"retry"``.
+        batch: The events of the call (of the batch, while ``index >= 0``).
+        index: The event of ``batch`` being handled, or -1 when the call holds all.
+        started: When the call (or the event at ``index``) started, monotonic.
+        scope: Cancels the call; None once it has finished.
+        stuck: The lease it outlived, once reconciliation cancelled it.
+    """
+
+    __slots__ = ("batch", "index", "lane", "mark", "scope", "started", "stuck")
+
+    def __init__(self, lane: str, batch: list[Event[object]], index: int = -1) -> None:
+        self.lane = lane
+        self.batch = batch
+        self.index = index
+        self.mark = (0, 0)  # the context's buffers before the event at index
+        self.started = time.monotonic()
+        self.scope: anyio.CancelScope | None = None
+        self.stuck: float | None = None
+
+    def seqs(self) -> tuple[int, ...]:
+        """The events the call holds."""
+        if self.index >= 0:
+            return (self.batch[self.index].seq,)
+        return tuple(e.seq for e in self.batch)
 
 
 class Subscription:
@@ -143,12 +183,34 @@ class Subscription:
         self._rng = random.Random()
         self.scope: anyio.CancelScope | None = None
         self.finished = anyio.Event()
+        self.calls: set[HandlerCall] = set()  # in flight, for reconciliation
+        self._main_call = HandlerCall("main", [])
 
     # -- called by the bus ----------------------------------------------------------
 
     def wake(self) -> None:
         """New events were committed."""
         self._ready.set()
+
+    @property
+    def started(self) -> bool:
+        """Registered in the log and recovered: its retry lane mirrors the log's."""
+        return self._started
+
+    def stuck_calls(self, lease: float, now: float) -> list[HandlerCall]:
+        """Handler calls in flight for more than ``lease`` seconds at ``now``
+        (monotonic), including those already cancelled but not yet unwound."""
+        return [c for c in self.calls if c.scope is not None and now - c.started > lease]
+
+    def cancel_stuck(self, call: HandlerCall, lease: float) -> bool:
+        """Cancel a call in flight: its events fail this attempt with
+        :class:`HandlerStuck` and follow the retry policy (retried, or dead-lettered
+        after ``max_attempts``). False if it had finished or was already cancelled."""
+        if call.stuck is not None or call.scope is None or call not in self.calls:
+            return False
+        call.stuck = lease
+        call.scope.cancel()
+        return True
 
     @property
     def live(self) -> bool:
@@ -460,7 +522,8 @@ class Subscription:
             else:
                 processed = await self._main_events(batch, outcome)
                 if processed < len(batch):
-                    # The breaker opened: the rest waits (in order) for it to close.
+                    # The breaker opened, or a stuck call was cancelled: the rest
+                    # waits (in order) for the next batch.
                     self.channel.extendleft(reversed(batch[processed:]))
                     batch = batch[:processed]
             cursor = self.read_pos if not self.channel else batch[-1].seq
@@ -503,8 +566,33 @@ class Subscription:
 
     async def _main_events(self, batch: list[Event[object]], outcome: _Outcome) -> int:
         """Per-event handler: returns how many events of the batch were processed
-        (fewer than all only when the circuit breaker opened)."""
+        (fewer than all only when the circuit breaker opened, or when reconciliation
+        cancelled a stuck call)."""
+        call = self._main_call
+        call.batch = batch
+        call.stuck = None
+        self.calls.add(call)
+        try:
+            with anyio.CancelScope() as call.scope:
+                return await self._each_event(batch, outcome, call)
+        finally:
+            call.scope = None
+            self.calls.discard(call)
+        # Only reconciliation cancels this scope (the bus closing cancels an enclosing
+        # one, which this one does not absorb): the event in flight failed this attempt.
+        i = call.index
+        self._ctx._rollback_to(call.mark)
+        # Each event before it succeeded, failed or was parked, exactly once.
+        outcome.successes = i - len(outcome.retries) - len(outcome.dead)
+        self._failed(batch[i], HandlerStuck(self.name, call.stuck or 0.0, call.seqs()), outcome)
+        self._record_breaker(0, 1)
+        return i + 1
+
+    async def _each_event(
+        self, batch: list[Event[object]], outcome: _Outcome, call: HandlerCall
+    ) -> int:
         handler = self._call_handler
+        monotonic = time.monotonic
         ctx = self._ctx
         # The buffers are replaced only when taken after the batch: marks are lengths.
         outbox = ctx._outbox
@@ -521,6 +609,9 @@ class Subscription:
             ctx._event = event
             ctx.attempt = event.attempt
             mark = (len(outbox), len(writes))
+            call.index = i
+            call.mark = mark
+            call.started = monotonic()
             try:
                 if timeout is None:
                     await handler(event, ctx)
@@ -559,9 +650,12 @@ class Subscription:
             await self._call(runnable)
         except Exception as exc:  # noqa: BLE001 - isolated below
             self._ctx._rollback_to(mark)
-            if len(runnable) == 1:
-                self._failed(runnable[0], exc, outcome)
-                self._record_breaker(0, 1)
+            if len(runnable) == 1 or isinstance(exc, HandlerStuck):
+                # A stuck call is not split: its halves could hang a lease each. Its
+                # events go to the retry lane, where each runs alone.
+                for event in runnable:
+                    self._failed(event, exc, outcome)
+                self._record_breaker(0, len(runnable))
                 return
             logger.warning(
                 "subscription %s: batch of %d failed (%s: %s); splitting it to isolate "
@@ -601,12 +695,29 @@ class Subscription:
     async def _call(
         self, arg: Event[object] | list[Event[object]], ctx: Context | None = None
     ) -> None:
+        """One handler call with a cancel scope of its own (a batch handler's call, or
+        a retry attempt when ``ctx`` is the lane worker's).
+
+        Raises:
+            HandlerStuck: Reconciliation cancelled the call.
+        """
         timeout = self.retry.timeout
-        if timeout is None:
-            await self._call_handler(arg, ctx or self._ctx)
-        else:
-            with anyio.fail_after(timeout):
-                await self._call_handler(arg, ctx or self._ctx)
+        call = HandlerCall(
+            "main" if ctx is None else "retry", arg if isinstance(arg, list) else [arg]
+        )
+        self.calls.add(call)
+        try:
+            with anyio.CancelScope() as call.scope:
+                if timeout is None:
+                    await self._call_handler(arg, ctx or self._ctx)
+                else:
+                    with anyio.fail_after(timeout):
+                        await self._call_handler(arg, ctx or self._ctx)
+                return
+        finally:
+            call.scope = None
+            self.calls.discard(call)
+        raise HandlerStuck(self.name, call.stuck or 0.0, call.seqs())
 
     def _park(self, event: Event[object], outcome: _Outcome) -> None:
         """An earlier event of this key waits in the retry lane: queue behind it."""
