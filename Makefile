@@ -29,6 +29,7 @@ test: lint typecheck unit
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+	$(PY) examples/fulfilment.py
 
 chaos: $(STAMP)
 	$(PY) -m eventbus.chaos

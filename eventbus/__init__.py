@@ -26,6 +26,7 @@ from ._errors import (
     CorruptLog,
     DrainTimeout,
     EventTooLarge,
+    HandlerStuck,
     LogLocked,
     NotALog,
     PayloadError,
@@ -35,7 +36,15 @@ from ._errors import (
     SubscriptionError,
 )
 from ._event import Event, Message, Receipt
-from ._metrics import BusMetrics, LatencySummary, LogMetrics, SubscriptionMetrics
+from ._metrics import (
+    BusMetrics,
+    LatencySummary,
+    LogMetrics,
+    ReconcileMetrics,
+    SubscriptionMetrics,
+)
+from ._reconcile import Reconciliation
+from ._reconcile_report import ReconcileReport, ReconcilerResult, Repairs, SubscriptionReport
 from ._run import run
 from ._state import State, StateReader
 from ._workflow import (
@@ -69,6 +78,7 @@ __all__ = [
     "DrainTimeout",
     "Event",
     "EventTooLarge",
+    "HandlerStuck",
     "LatencySummary",
     "LogLocked",
     "LogMetrics",
@@ -77,6 +87,11 @@ __all__ = [
     "NotALog",
     "PayloadError",
     "Receipt",
+    "ReconcileMetrics",
+    "ReconcileReport",
+    "ReconcilerResult",
+    "Reconciliation",
+    "Repairs",
     "RetryPolicy",
     "SchemaTooNew",
     "State",
@@ -88,6 +103,7 @@ __all__ = [
     "StorageFull",
     "SubscriptionError",
     "SubscriptionMetrics",
+    "SubscriptionReport",
     "Workflow",
     "WorkflowCancelled",
     "WorkflowError",

@@ -276,7 +276,7 @@ class Workflow:
     async def step(
         self,
         name: str,
-        fn: Callable[..., Awaitable[T]] | Callable[..., T],
+        fn: Callable[..., Awaitable[T]],
         *args: object,
         retry: RetryPolicy | None = None,
         result_type: object = None,
@@ -293,7 +293,7 @@ class Workflow:
         Args:
             name: The step's name; the run must call its steps in the same order
                 every time it replays.
-            fn: An async (or plain) function.
+            fn: An async function (a plain function works too).
             retry: Attempts and backoff for this step.
             result_type: The type to decode the output to; by default ``fn``'s
                 return annotation. The first run returns the decoded value too.
