@@ -271,7 +271,7 @@ class Bus:
         for record in records:
             if record.subscription.startswith(WORKFLOW_PREFIX):
                 # A redriven workflow run is running again in the log: resume it.
-                self._workflows.launch(record.record.id)
+                self._workflows.launch(record.record.id, again=True)
                 continue
             by_sub.setdefault(record.subscription, []).append(record)
         for name, items in by_sub.items():

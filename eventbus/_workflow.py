@@ -23,7 +23,7 @@ import logging
 import random
 import time
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import anyio
@@ -34,7 +34,7 @@ import storage as _storage
 from storage import DeadRecord, Record, StepRecord, WorkflowRecord, WriteBatch
 
 from ._config import RetryPolicy
-from ._errors import BusClosed, BusError, PayloadError
+from ._errors import BusClosed, BusError, PayloadError, translate_storage_error
 from ._event import new_event_id
 from ._handler import error_type_name, format_error
 from ._retry import backoff_delay
@@ -47,7 +47,9 @@ WorkflowFunction = Callable[..., Awaitable[Any]]
 #: Dead letters of failed runs of workflow NAME are filed under "workflow:NAME".
 WORKFLOW_PREFIX = "workflow:"
 
-_SLEEP = "sleep"
+# Names starting with "@" are the engine's own.
+_SLEEP = "@sleep"
+_GATHER_SLOT: contextvars.ContextVar[bool] = contextvars.ContextVar("eventbus_gather_slot")
 
 
 # -- errors ---------------------------------------------------------------------------
@@ -61,17 +63,36 @@ class StepFailed(WorkflowError):
     """A step gave up: its retries are exhausted, or its error is not retried.
 
     Raised inside the workflow function at the ``wf.step`` call, so the workflow can
-    compensate; if it escapes, the run fails and is dead-lettered. The step's own
-    exception is ``__cause__``.
+    compensate; if it escapes, the run fails and is dead-lettered. A replay raises it
+    again at the same call with the same attributes and message; branch on
+    ``error_type`` (the qualified name, e.g. ``"builtins.ValueError"``), not on
+    ``__cause__``, which is the step's exception object on the first run only.
+
+    Attributes:
+        step: The step's name; ``position`` its place in the run's call order.
+        attempts: Attempts made.
+        error_type: The qualified type name of the step's last error.
+        error_message: Its message.
     """
 
-    def __init__(self, workflow_id: str, step: str, attempts: int, reason: str) -> None:
+    def __init__(
+        self,
+        workflow_id: str,
+        step: str,
+        position: int,
+        attempts: int,
+        error_type: str,
+        error_message: str,
+    ) -> None:
         self.workflow_id = workflow_id
         self.step = step
+        self.position = position
         self.attempts = attempts
+        self.error_type = error_type
+        self.error_message = error_message
         super().__init__(
             f"step {step!r} of workflow run {workflow_id!r} failed after {attempts} "
-            f"attempt(s): {reason}"
+            f"attempt(s): {error_type}: {error_message}"
         )
 
 
@@ -110,7 +131,9 @@ class WorkflowCancelled(WorkflowError):
 
 
 class StepStatus(msgspec.Struct, frozen=True):
-    """One step of a run: ``status`` is ``"running"``, ``"done"`` or ``"failed"``."""
+    """One step of a run: ``status`` is ``"running"``, ``"done"``, ``"failed"`` (it
+    gave up and the workflow went on) or ``"fatal"`` (it gave up and that failed the
+    run; a redrive runs it again)."""
 
     position: int
     name: str
@@ -240,14 +263,28 @@ class Workflow:
         self._engine = engine
         self._checkpoints = {s.position: s for s in steps}
         self._next = 0
+        self._in_progress = 0
+        # Positions whose StepFailed was raised with no step called since, and
+        # those the workflow went on from (handled: a redrive replays them).
+        self._raised: list[int] = []
+        self.handled: set[int] = set()
         self._rng = random.Random()
 
     def __repr__(self) -> str:
         return f"<Workflow {self.name!r} id={self.id!r} run={self.runs}>"
 
     def _position(self, name: str) -> tuple[int, StepRecord | None]:
+        if self._in_progress and not _GATHER_SLOT.get(False):
+            raise WorkflowError(
+                f"workflow {self.name!r} run {self.id!r}: step {name!r} started while "
+                "another step of the run was running; steps of one run may only run "
+                "concurrently through wf.gather(wf.step(...), ...), so that a replay "
+                "matches each step to its checkpoint"
+            )
         pos = self._next
         self._next += 1
+        self.handled.update(self._raised)
+        self._raised.clear()
         found = self._checkpoints.get(pos)
         if found is not None and found.name != name:
             raise WorkflowIncompatible(
@@ -304,8 +341,8 @@ class Workflow:
                 checkpointed.
             PayloadError: The output cannot be encoded.
         """
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a step needs a non-empty name, got {name!r}")
+        if not isinstance(name, str) or not name or name.startswith("@"):
+            raise ValueError(f"a step needs a non-empty name not starting with '@', got {name!r}")
         pos, found = self._position(name)
         kind = _return_type(fn) if result_type is None else result_type
         if found is not None and found.status == "done":
@@ -313,10 +350,15 @@ class Workflow:
             return _decoder(kind).decode(found.output)  # type: ignore[no-any-return]
         if found is not None and found.status == "failed":
             # Replayed as it happened, so code that caught it takes the same path.
+            self._raised.append(pos)
             raise StepFailed(
-                self.id, name, found.attempts, f"{found.error_type}: {found.error_message}"
+                self.id, name, pos, found.attempts, found.error_type, found.error_message
             )
-        value: T = await self._run_step(pos, name, fn, args, kwargs, retry, kind, found)
+        self._in_progress += 1
+        try:
+            value: T = await self._run_step(pos, name, fn, args, kwargs, retry, kind, found)
+        finally:
+            self._in_progress -= 1
         return value
 
     async def _run_step(
@@ -339,17 +381,19 @@ class Workflow:
             kwargs = {**kwargs, "idempotency_key": key}
         if attempts >= policy.max_attempts:
             # Every attempt so far ended with the process: do not let it crash-loop.
-            await self._step_failed(pos, name, attempts, started, "ProcessDied", _DIED)
-            raise StepFailed(self.id, name, attempts, _DIED)
+            await self._step_failed(pos, name, attempts, started, _DIED_TYPE, _DIED)
+            self._raised.append(pos)
+            raise StepFailed(self.id, name, pos, attempts, _DIED_TYPE, _DIED)
         previous = 0.0
         while True:
             attempts += 1
-            await engine.commit(
-                WriteBatch(steps=[StepRecord(self.id, pos, name, "running", attempts, started)])
-            )
             token = _CURRENT_STEP.set(StepInfo(self.id, name, pos, attempts, key))
             try:
                 try:
+                    # Inside the cancellation handler: a commit cancelled by a close
+                    # may still land, and must not count as an attempt either.
+                    marker = StepRecord(self.id, pos, name, "running", attempts, started)
+                    await engine.commit(WriteBatch(steps=[marker]))
                     with anyio.fail_after(policy.timeout):
                         value = fn(*args, **kwargs)
                         if inspect.isawaitable(value):
@@ -361,13 +405,13 @@ class Workflow:
                     await engine.interrupted(self.id, pos, name, attempts - 1, started)
                 raise
             except Exception as exc:
+                if isinstance(exc, (BusClosed, _storage.StorageError)):
+                    raise  # the bus, not the step: the run pauses
                 if not policy.retryable(exc) or attempts >= policy.max_attempts:
-                    await self._step_failed(
-                        pos, name, attempts, started, error_type_name(exc), str(exc)
-                    )
-                    raise StepFailed(
-                        self.id, name, attempts, f"{type(exc).__name__}: {exc}"
-                    ) from exc
+                    kind_name, message = error_type_name(exc), str(exc)
+                    await self._step_failed(pos, name, attempts, started, kind_name, message)
+                    self._raised.append(pos)
+                    raise StepFailed(self.id, name, pos, attempts, kind_name, message) from exc
                 logger.info(
                     "workflow %s step %r attempt %d failed: %r", self.id, name, attempts, exc
                 )
@@ -393,26 +437,49 @@ class Workflow:
         if not seconds >= 0:
             raise ValueError(f"sleep needs seconds >= 0, got {seconds!r}")
         pos, found = self._position(_SLEEP)
-        if found is not None and found.status == "done" and found.output is not None:
-            wake = float(_decoder(float).decode(found.output))
-        else:
-            now = time.time()
-            wake = now + seconds
-            done = StepRecord(self.id, pos, _SLEEP, "done", 1, now, now, _encode("sleep", wake))
-            await self._engine.commit(WriteBatch(steps=[done]))
-        await anyio.sleep(max(0.0, wake - time.time()))
+        self._in_progress += 1
+        try:
+            if found is not None and found.status == "done" and found.output is not None:
+                wake = float(_decoder(float).decode(found.output))
+            else:
+                now = time.time()
+                wake = now + seconds
+                raw = _encode("sleep", wake)
+                done = StepRecord(self.id, pos, _SLEEP, "done", 1, now, now, raw)
+                await self._engine.commit(WriteBatch(steps=[done]))
+            await anyio.sleep(max(0.0, wake - time.time()))
+        finally:
+            self._in_progress -= 1
 
     async def gather(self, *steps: Awaitable[T]) -> list[T]:
         """Run steps concurrently; their results in argument order.
 
-        Pass the ``wf.step(...)`` calls themselves: they take their positions in
-        argument order, so a replay matches them to their checkpoints. If one
-        fails, the others are cancelled and its error is raised.
+        Pass the ``wf.step(...)`` (or ``wf.sleep(...)``) calls themselves: they
+        take their positions in argument order, so a replay matches them to their
+        checkpoints. If one fails, the others are cancelled and its error is raised.
+
+        Raises:
+            TypeError: An argument is not a ``wf.step`` or ``wf.sleep`` call (a
+                coroutine running several steps would take positions in whatever
+                order its steps finish, and a replay could not match them).
         """
+        ours = (Workflow.step.__code__, Workflow.sleep.__code__)
+        strays = [aw for aw in steps if getattr(aw, "cr_code", None) not in ours]
+        if strays:
+            for aw in steps:
+                close = getattr(aw, "close", None)
+                if close is not None:
+                    close()  # never awaited: say nothing more about them
+            raise TypeError(
+                "wf.gather takes wf.step(...) and wf.sleep(...) calls only, got "
+                f"{strays[0]!r}; to run a sequence of steps beside others, make it a "
+                "workflow of its own, or gather its steps stage by stage"
+            )
         results: list[Any] = [None] * len(steps)
         failure: list[BaseException] = []
 
         async def run(i: int, aw: Awaitable[T]) -> None:
+            _GATHER_SLOT.set(True)
             try:
                 results[i] = await aw
             except Exception as exc:  # noqa: BLE001 - re-raised below, siblings cancelled
@@ -428,10 +495,19 @@ class Workflow:
         return results
 
 
+_DIED_TYPE = "eventbus.ProcessDied"
 _DIED = "the process stopped during every attempt (crash loop); see the step's logs"
 
 
 # -- the engine -----------------------------------------------------------------------
+
+
+class _Waiters:
+    __slots__ = ("count", "event")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.count = 0
 
 
 class _Definition(msgspec.Struct, frozen=True):
@@ -458,9 +534,11 @@ class WorkflowEngine:
         self._commit = commit
         self.step_retry = step_retry
         self._defs: dict[str, _Definition] = {}
-        self._live: dict[str, anyio.CancelScope | None] = {}
+        # A run executing (or queued to) in this process, with the scope that stops it.
+        self._live: dict[str, anyio.CancelScope] = {}
         self._cancelling: set[str] = set()
-        self._finished: dict[str, anyio.Event] = {}
+        self._again: set[str] = set()
+        self._finished: dict[str, _Waiters] = {}
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._tg: anyio.abc.TaskGroup | None = None
         self._stopping = False
@@ -506,20 +584,32 @@ class WorkflowEngine:
     async def _resume_all(self, name: str | None) -> None:
         """Resume every unfinished run (of ``name``) this process does not run."""
         after = 0
-        while True:
-            runs = await self._log.workflows(name=name, status="running", after=after, limit=500)
-            for run in runs:
-                if run.name in self._defs:
-                    self.launch(run.id)
-            if len(runs) < 500:
-                return
-            after = runs[-1].num
+        try:
+            while True:
+                runs = await self._log.workflows(
+                    name=name, status="running", after=after, limit=500
+                )
+                for run in runs:
+                    if run.name in self._defs:
+                        self.launch(run.id)
+                if len(runs) < 500:
+                    return
+                after = runs[-1].num
+        except (BusClosed, _storage.StorageError) as exc:
+            # Reconciliation looks for unfinished runs again on its next pass.
+            logger.warning("could not look for unfinished %s workflow runs: %s", name, exc)
 
-    def launch(self, workflow_id: str) -> bool:
-        """Run ``workflow_id`` in this process unless it already runs here."""
-        if workflow_id in self._live or self._tg is None or self._stopping:
+    def launch(self, workflow_id: str, *, again: bool = False) -> bool:
+        """Run ``workflow_id`` in this process unless it already runs here. With
+        ``again``, a run that is just finishing here is looked at once more after
+        (it was redriven)."""
+        if self._tg is None or self._stopping:
             return False
-        self._live[workflow_id] = None
+        if workflow_id in self._live:
+            if again:
+                self._again.add(workflow_id)
+            return False
+        self._live[workflow_id] = anyio.CancelScope()
         self._idle = anyio.Event()
         self._tg.start_soon(self._run, workflow_id, name=f"eventbus workflow {workflow_id}")
         return True
@@ -564,29 +654,32 @@ class WorkflowEngine:
         return stored
 
     async def _run(self, workflow_id: str) -> None:
+        # The scope exists from launch on, so cancel() and stop() reach a run that
+        # still waits for a slot or reads its record.
+        scope = self._live[workflow_id]
         try:
-            async with self._limiter:
-                if self._stopping:
-                    return
-                record = await self._log.workflow(workflow_id)
-                if record is None or record.status != "running":
-                    return
-                d = self._defs.get(record.name)
-                if d is None:
-                    return
-                with anyio.CancelScope() as scope:
-                    self._live[workflow_id] = scope
+            with scope:
+                async with self._limiter:
+                    record = await self._log.workflow(workflow_id)
+                    if record is None or record.status != "running":
+                        return
+                    d = self._defs.get(record.name)
+                    if d is None:
+                        return
                     await self._execute(d, record)
         except (BusClosed, _storage.StorageError) as exc:
             # The bus is closing or the log failed: the run stays "running" in the
-            # log and resumes on the next open.
+            # log and resumes on the next open (or reconciliation pass).
             logger.warning("workflow run %s paused: %s", workflow_id, exc)
         finally:
             del self._live[workflow_id]
             self._cancelling.discard(workflow_id)
-            event = self._finished.pop(workflow_id, None)
-            if event is not None:
-                event.set()
+            waiters = self._finished.pop(workflow_id, None)
+            if waiters is not None:
+                waiters.event.set()
+            if workflow_id in self._again:
+                self._again.discard(workflow_id)
+                self.launch(workflow_id)
             if not self._live:
                 self._idle.set()
 
@@ -607,16 +700,33 @@ class WorkflowEngine:
                     await self._cancelled(record)
             raise
         except Exception as exc:  # noqa: BLE001 - the run fails and is dead-lettered
-            await self._fail(record, exc)
+            await self._fail(record, exc, wf.handled)
             return
         done = msgspec.structs.replace(
             record, status="completed", output=output, updated_at=time.time()
         )
         await self.commit(WriteBatch(workflows=[done]))
 
-    async def _fail(self, record: WorkflowRecord, exc: Exception) -> None:
+    async def _fail(self, record: WorkflowRecord, exc: Exception, handled: set[int]) -> None:
+        while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]  # a task group in the workflow: name the real error
         now = time.time()
         steps = await self._log.steps(record.id)
+        fatal: list[StepRecord] = []
+        if (
+            isinstance(exc, StepFailed)
+            and exc.workflow_id == record.id
+            and exc.position not in handled
+        ):
+            # The step whose failure failed the run, with no step called after it:
+            # a redrive runs it again. A failure the workflow went on from (say, it
+            # compensated, then failed the run) replays as it happened.
+            fatal = [
+                msgspec.structs.replace(s, status="fatal")
+                for s in steps
+                if s.position == exc.position and s.status == "failed"
+            ]
+            steps = [fatal[0] if fatal and s.position == exc.position else s for s in steps]
         history = "".join(
             f"  {s.position:>3} {s.name:<24} {s.status:<8} attempts={s.attempts}"
             + (f"  {s.error_type}: {s.error_message}" if s.error_message else "")
@@ -645,7 +755,7 @@ class WorkflowEngine:
             now,
         )
         logger.error("workflow run %s (%s) failed: %s", record.id, record.name, exc)
-        await self.commit(WriteBatch(workflows=[failed], dead=[dead]))
+        await self.commit(WriteBatch(workflows=[failed], dead=[dead], steps=fatal))
 
     async def _cancelled(self, record: WorkflowRecord) -> None:
         done = msgspec.structs.replace(record, status="cancelled", updated_at=time.time())
@@ -663,19 +773,45 @@ class WorkflowEngine:
                     )
                 )
 
+    async def read(self, workflow_id: str) -> WorkflowRecord:
+        try:
+            record = await self._log.workflow(workflow_id)
+        except _storage.StorageError as exc:
+            raise translate_storage_error(exc) from exc
+        if record is None:
+            raise WorkflowError(
+                f"no workflow run with id {workflow_id!r} in this log (never started, or "
+                "finished and compacted after idempotency_retention)"
+            )
+        return record
+
+    @contextlib.contextmanager
+    def _waiting(self, workflow_id: str) -> Iterator[anyio.Event]:
+        """An event set when the run's task here ends; forgotten with its last waiter."""
+        waiters = self._finished.get(workflow_id)
+        if waiters is None:
+            waiters = self._finished[workflow_id] = _Waiters()
+        waiters.count += 1
+        try:
+            yield waiters.event
+        finally:
+            waiters.count -= 1
+            if waiters.count == 0 and self._finished.get(workflow_id) is waiters:
+                del self._finished[workflow_id]
+
     async def cancel(self, workflow_id: str) -> bool:
         """Cancel a run; True if it was running."""
-        record = await self._log.workflow(workflow_id)
-        if record is None or record.status != "running":
+        record = await self.read(workflow_id)
+        if record.status != "running":
             return False
-        scope = self._live.get(workflow_id)
-        if workflow_id in self._live:
-            self._cancelling.add(workflow_id)
+        with self._waiting(workflow_id) as gone:
+            scope = self._live.get(workflow_id)
             if scope is not None:
+                self._cancelling.add(workflow_id)
                 scope.cancel()
-            await self.wait(workflow_id, None)
-        record = await self._log.workflow(workflow_id)
-        if record is not None and record.status == "running":
+                await gone.wait()
+        record = await self.read(workflow_id)
+        if record.status == "running":
             await self._cancelled(record)
         return True
 
@@ -683,15 +819,16 @@ class WorkflowEngine:
         """Wait until the run is no longer running (or ``timeout`` passes)."""
         with anyio.fail_after(timeout):
             while True:
-                event = self._finished.get(workflow_id)
-                if event is None:
-                    event = self._finished[workflow_id] = anyio.Event()
-                record = await self._log.workflow(workflow_id)
-                if record is None:
-                    raise WorkflowError(f"no workflow run with id {workflow_id!r} in this log")
-                if record.status != "running":
-                    return record
-                await event.wait()
+                with self._waiting(workflow_id) as changed:
+                    record = await self.read(workflow_id)
+                    if record.status != "running":
+                        return record
+                    if self._stopping:
+                        raise BusClosed(
+                            f"the bus closed before workflow run {workflow_id!r} finished "
+                            "(it resumes when a bus opens the log again)"
+                        )
+                    await changed.wait()
 
     def decode_result(self, record: WorkflowRecord) -> object:
         if record.status == "failed":
@@ -722,11 +859,13 @@ class WorkflowEngine:
             after = runs[-1].num
 
     async def stop(self) -> None:
-        """Cancel every run (they resume on the next open) and wait for them."""
+        """Cancel every run (they resume on the next open), wake every waiter, and
+        wait for the runs to stop."""
         self._stopping = True
         for scope in list(self._live.values()):
-            if scope is not None:
-                scope.cancel()
+            scope.cancel()
+        for waiters in self._finished.values():
+            waiters.event.set()
         await self._idle.wait()
 
 
@@ -749,10 +888,11 @@ class WorkflowHandle:
 
     async def status(self) -> WorkflowStatus:
         """The run's status and its steps, as committed."""
-        record = await self._log.workflow(self.id)
-        if record is None:
-            raise WorkflowError(f"no workflow run with id {self.id!r} in this log (compacted?)")
-        steps = await self._log.steps(self.id)
+        record = await self._engine.read(self.id)
+        try:
+            steps = await self._log.steps(self.id)
+        except _storage.StorageError as exc:
+            raise translate_storage_error(exc) from exc
         return WorkflowStatus(
             record.id,
             record.name,

@@ -69,6 +69,7 @@ class MemoryStorage:
         self._effects: dict[str, tuple[bytes, float]] = {}
         self._acked: dict[str, _Ranges] = {}
         self._workflows: dict[str, WorkflowRecord] = {}
+        self._workflow_num = 0
         self._steps: dict[str, dict[int, StepRecord]] = {}
         self._closed = False
 
@@ -157,11 +158,17 @@ class MemoryStorage:
                 self._ack_ranges(name, prev[name], cursor)
         for run in batch.workflow_starts:
             if run.id not in self._workflows:
-                self._workflows[run.id] = msgspec.structs.replace(run, num=len(self._workflows) + 1)
+                self._workflow_num += 1
+                self._workflows[run.id] = msgspec.structs.replace(run, num=self._workflow_num)
         for run in batch.workflows:
             old_run = self._workflows.get(run.id)
-            num = old_run.num if old_run else len(self._workflows) + 1
-            created = old_run.created_at if old_run else run.created_at
+            if old_run is None:
+                self._workflow_num += 1
+                num, created = self._workflow_num, run.created_at
+            elif old_run.status != "running":
+                continue  # a late write cannot undo a cancel or a finish
+            else:
+                num, created = old_run.num, old_run.created_at
             self._workflows[run.id] = msgspec.structs.replace(run, num=num, created_at=created)
         for step in batch.steps:
             self._steps.setdefault(step.workflow_id, {})[step.position] = step
@@ -310,7 +317,7 @@ class MemoryStorage:
                     traceback="",
                 )
                 steps = self._steps.get(run.id, {})
-                for pos in [p for p, st in steps.items() if st.status != "done"]:
+                for pos in [p for p, st in steps.items() if st.status in ("fatal", "running")]:
                     del steps[pos]
         return out
 

@@ -74,6 +74,8 @@ _UPSERT_WORKFLOW = (
     " updated_at = excluded.updated_at, output = excluded.output,"
     " error_type = excluded.error_type, error_message = excluded.error_message,"
     " traceback = excluded.traceback, deadline = excluded.deadline, runs = excluded.runs"
+    # Only a running run changes: a late write cannot undo a cancel or a finish.
+    " WHERE workflows.status = 'running'"
 )
 _UPSERT_STEP = (
     f"INSERT OR REPLACE INTO workflow_steps ({STEP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -519,8 +521,11 @@ def redrive(
                 " error_message = '', traceback = '' WHERE id = ? AND status = 'failed'",
                 (now, run_id),
             )
+            # The step that failed the run and those interrupted run again; failures
+            # the workflow handled replay as they happened.
             conn.execute(
-                "DELETE FROM workflow_steps WHERE workflow_id = ? AND status != 'done'",
+                "DELETE FROM workflow_steps WHERE workflow_id = ?"
+                " AND status IN ('fatal', 'running')",
                 (run_id,),
             )
         conn.executemany(

@@ -126,8 +126,9 @@ class StepRecord(msgspec.Struct, frozen=True, gc=False):
 
     Attributes:
         status: ``"running"`` while an attempt runs (found so on open: the process
-            stopped during it), ``"done"`` with its encoded ``output``, or
-            ``"failed"`` once its retries gave up.
+            stopped during it), ``"done"`` with its encoded ``output``, ``"failed"``
+            once its retries gave up, or ``"fatal"``: failed, and its failure failed
+            the run (a redrive runs it again; a ``"failed"`` one replays as failed).
         attempts: How many attempts have started.
     """
 

@@ -18,7 +18,7 @@ STEPS = ("reserve", "charge", "pack", "label", "ship")
 EXPECTED = {"charge": "ch-o-1-42", "shipped": "shipped label-o-1 boxes=2 paid=ch-o-1-42"}
 
 POINTS = [f"{when}:{step}" for step in STEPS for when in ("before", "inside", "after")]
-POINTS.insert(POINTS.index("before:pack"), "after:sleep")
+POINTS.insert(POINTS.index("before:pack"), "after:@sleep")
 
 
 def run(log: Path, sink: Path, kill_at: str = "") -> subprocess.CompletedProcess[str]:

@@ -260,7 +260,7 @@ async def test_durable_sleep_survives_a_restart(log_path: Path) -> None:
 
         async def spy(batch: WriteBatch) -> object:
             result = await commit(batch)
-            if any(step.name == "sleep" for step in batch.steps):
+            if any(step.name == "@sleep" for step in batch.steps):
                 checkpointed.set()
             return result
 
@@ -276,7 +276,7 @@ async def test_durable_sleep_survives_a_restart(log_path: Path) -> None:
         status = await handle.status()
     # The wake-up time was not re-armed by the restart.
     assert status.steps == (before,)
-    assert before.name == "sleep"
+    assert before.name == "@sleep"
     assert before.status == "done"
 
 

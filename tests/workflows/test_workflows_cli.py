@@ -71,7 +71,7 @@ async def test_list_and_show_runs_with_their_steps(log_path: Path) -> None:
     steps = json.loads(shown.stdout)["steps"]
     assert [(s["name"], s["status"], s["attempts"]) for s in steps] == [
         ("double", "done", 1),
-        ("lookup", "failed", 2),
+        ("lookup", "fatal", 2),
     ]
     human = await anyio.run_process(
         [sys.executable, "-m", "eventbus", "workflows", "show", str(log_path), "bad"],
