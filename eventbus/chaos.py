@@ -37,11 +37,14 @@ from pathlib import Path
 import anyio
 import msgspec
 
+import storage as _storage
+
 from ._bus import Bus
 from ._config import BatchPolicy, BusConfig, RetryPolicy
 from ._context import Context
 from ._effects import idempotent
 from ._event import Event, Message
+from ._reconcile import check_log
 
 CUSTOMERS = 97
 CHUNK = 500
@@ -187,12 +190,14 @@ class Report(msgspec.Struct):
     order_violations: int
     dead_letters: int
     expected_dead_letters: int
+    unaccounted: int = 0
 
     @property
     def ok(self) -> bool:
         return (
             self.published == self.events
             and self.lost == 0
+            and self.unaccounted == 0
             and self.duplicate_state == 0
             and self.duplicate_sink_effects == 0
             and self.order_violations == 0
@@ -311,7 +316,19 @@ def account(
         order_violations=violations,
         dead_letters=len(dead_orders),
         expected_dead_letters=events - len(expected),
+        unaccounted=anyio.run(_unaccounted, directory / "log.db"),
     )
+
+
+async def _unaccounted(path: Path) -> int:
+    """Events the log's acknowledgement ledger cannot account for (reconciliation)."""
+    store = _storage.SQLiteStorage(path, read_only=True)
+    await store.open()
+    try:
+        report = await check_log(store, lease=3600.0)
+    finally:
+        await store.close()
+    return report.lost
 
 
 def format_report(report: Report, seed: int) -> str:
@@ -321,6 +338,7 @@ def format_report(report: Report, seed: int) -> str:
         ("handled by enrich", report.handled, "each once, in state"),
         ("redeliveries seen at the sink", report.redeliveries, "deduplicated by key"),
         ("lost", report.lost, "must be 0"),
+        ("unaccounted by reconciliation", report.unaccounted, "must be 0"),
         ("duplicate effects in state", report.duplicate_state, "must be 0"),
         ("duplicate effects at the sink", report.duplicate_sink_effects, "must be 0"),
         ("order-per-key violations", report.order_violations, "must be 0"),
