@@ -42,6 +42,7 @@ from ._metrics import (
     LogMetrics,
     ReconcileMetrics,
     SubscriptionMetrics,
+    WorkflowMetrics,
 )
 from ._reconcile import Reconciliation
 from ._reconcile_report import ReconcileReport, ReconcilerResult, Repairs, SubscriptionReport
@@ -110,6 +111,7 @@ __all__ = [
     "WorkflowFailed",
     "WorkflowHandle",
     "WorkflowIncompatible",
+    "WorkflowMetrics",
     "WorkflowStatus",
     "current_step",
     "idempotent",

@@ -761,6 +761,7 @@ class Bus:
             committed_events=self._writer.committed_events,
             log=self._writer.metrics(),
             reconcile=self._reconciler.metrics(),
+            workflows=self._workflows.metrics(),
             subscriptions={
                 name: SubscriptionMetrics(
                     handled=s.stats.handled,

@@ -191,11 +191,31 @@ class ReconcileMetrics(msgspec.Struct, frozen=True):
     reconciler_errors: int = 0
 
 
+class WorkflowMetrics(msgspec.Struct, frozen=True):
+    """Workflow runs in this process since the bus opened.
+
+    ``running`` runs execute now (``queued`` more wait for a slot, see
+    ``BusConfig.workflow_concurrency``); the rest count runs and steps that ended
+    here. ``step_retries`` counts failed step attempts that were tried again.
+    """
+
+    running: int
+    queued: int
+    started: int
+    completed: int
+    failed: int
+    cancelled: int
+    steps_run: int
+    steps_replayed: int
+    step_retries: int
+    steps_failed: int
+
+
 class BusMetrics(msgspec.Struct, frozen=True):
     """The bus's counters at one moment.
 
     ``log`` describes the group commits (None from a bus that does not report it);
-    ``reconcile`` the latest reconciliation pass.
+    ``reconcile`` the latest reconciliation pass; ``workflows`` the workflow runs.
     """
 
     head: int
@@ -205,3 +225,4 @@ class BusMetrics(msgspec.Struct, frozen=True):
     subscriptions: dict[str, SubscriptionMetrics]
     log: LogMetrics | None = None
     reconcile: ReconcileMetrics | None = None
+    workflows: WorkflowMetrics | None = None

@@ -23,6 +23,7 @@ import logging
 import random
 import time
 import typing
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -37,6 +38,7 @@ from ._config import RetryPolicy
 from ._errors import BusClosed, BusError, PayloadError, translate_storage_error
 from ._event import new_event_id
 from ._handler import error_type_name, format_error
+from ._metrics import WorkflowMetrics
 from ._retry import backoff_delay
 
 logger = logging.getLogger(__name__)
@@ -346,6 +348,7 @@ class Workflow:
         pos, found = self._position(name)
         kind = _return_type(fn) if result_type is None else result_type
         if found is not None and found.status == "done":
+            self._engine.counts["steps_replayed"] += 1
             assert found.output is not None
             return _decoder(kind).decode(found.output)  # type: ignore[no-any-return]
         if found is not None and found.status == "failed":
@@ -408,6 +411,7 @@ class Workflow:
                 if isinstance(exc, (BusClosed, _storage.StorageError)):
                     raise  # the bus, not the step: the run pauses
                 if not policy.retryable(exc) or attempts >= policy.max_attempts:
+                    engine.counts["steps_failed"] += 1
                     kind_name, message = error_type_name(exc), str(exc)
                     await self._step_failed(pos, name, attempts, started, kind_name, message)
                     self._raised.append(pos)
@@ -415,9 +419,11 @@ class Workflow:
                 logger.info(
                     "workflow %s step %r attempt %d failed: %r", self.id, name, attempts, exc
                 )
+                engine.counts["step_retries"] += 1
                 previous = backoff_delay(policy, attempts, previous, self._rng)
                 await anyio.sleep(previous)
                 continue
+            engine.counts["steps_run"] += 1
             raw = _encode(f"the output of step {name!r}", value)
             done = StepRecord(self.id, pos, name, "done", attempts, started, time.time(), raw)
             await engine.commit(WriteBatch(steps=[done]))
@@ -544,6 +550,7 @@ class WorkflowEngine:
         self._stopping = False
         self._idle = anyio.Event()
         self._idle.set()
+        self.counts: Counter[str] = Counter()
 
     async def commit(self, batch: WriteBatch) -> None:
         await self._commit(batch)
@@ -683,10 +690,33 @@ class WorkflowEngine:
             if not self._live:
                 self._idle.set()
 
+    def metrics(self) -> WorkflowMetrics:
+        c = self.counts
+        return WorkflowMetrics(
+            running=c["executing"],
+            queued=len(self._live) - c["executing"],
+            started=c["started"],
+            completed=c["completed"],
+            failed=c["failed"],
+            cancelled=c["cancelled"],
+            steps_run=c["steps_run"],
+            steps_replayed=c["steps_replayed"],
+            step_retries=c["step_retries"],
+            steps_failed=c["steps_failed"],
+        )
+
     async def _execute(self, d: _Definition, record: WorkflowRecord) -> None:
+        self.counts["executing"] += 1
+        try:
+            await self._execute_run(d, record)
+        finally:
+            self.counts["executing"] -= 1
+
+    async def _execute_run(self, d: _Definition, record: WorkflowRecord) -> None:
         record = msgspec.structs.replace(record, runs=record.runs + 1, updated_at=time.time())
         await self.commit(WriteBatch(workflows=[record]))
         steps = await self._log.steps(record.id)
+        self.counts["started"] += 1
         wf = Workflow(self, record, steps)
         try:
             value = await d.fn(wf, _decoder(d.input_type).decode(record.input))
@@ -706,6 +736,7 @@ class WorkflowEngine:
             record, status="completed", output=output, updated_at=time.time()
         )
         await self.commit(WriteBatch(workflows=[done]))
+        self.counts["completed"] += 1
 
     async def _fail(self, record: WorkflowRecord, exc: Exception, handled: set[int]) -> None:
         while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
@@ -756,10 +787,12 @@ class WorkflowEngine:
         )
         logger.error("workflow run %s (%s) failed: %s", record.id, record.name, exc)
         await self.commit(WriteBatch(workflows=[failed], dead=[dead], steps=fatal))
+        self.counts["failed"] += 1
 
     async def _cancelled(self, record: WorkflowRecord) -> None:
         done = msgspec.structs.replace(record, status="cancelled", updated_at=time.time())
         await self.commit(WriteBatch(workflows=[done]))
+        self.counts["cancelled"] += 1
 
     async def interrupted(
         self, workflow_id: str, pos: int, name: str, attempts: int, started: float

@@ -105,6 +105,9 @@ async def test_a_resumed_run_replays_only_unfinished_steps(log_path: Path) -> No
         handle = await bus.get_workflow("w")
         assert await handle.result(timeout=10) == 13
         status = await handle.status()
+        metrics = bus.metrics().workflows
+    assert metrics is not None
+    assert (metrics.steps_replayed, metrics.steps_run) == (1, 1)
     assert ran == {"a": 1, "b": 2}
     # The step cancelled by close did not count as a failed attempt.
     assert [s.attempts for s in status.steps] == [1, 1]
@@ -143,6 +146,11 @@ async def test_a_step_is_retried_then_its_failure_can_be_compensated(log_path: P
         handle = await bus.start_workflow("saga")
         assert await handle.result(timeout=10) == ["ok", "ValueError", "refunded"]
         status = await handle.status()
+        metrics = bus.metrics().workflows
+    assert metrics is not None
+    assert (metrics.started, metrics.completed, metrics.failed) == (1, 1, 0)
+    assert (metrics.steps_run, metrics.step_retries, metrics.steps_failed) == (2, 4, 1)
+    assert (metrics.running, metrics.queued) == (0, 0)
     assert calls == ["flaky"] * 3 + ["broken"] * 3 + ["refund"]
     assert [(s.name, s.status, s.attempts) for s in status.steps] == [
         ("flaky", "done", 3),
