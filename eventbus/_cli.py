@@ -170,6 +170,8 @@ async def _workflows(store: SQLiteStorage, args: argparse.Namespace) -> int:
         print(_JSON.encode(item).decode())
         return 0
     for key, value in item.items():
+        if key in ("created_at", "updated_at", "deadline") and isinstance(value, float):
+            value = f"{_when(value)} UTC"
         if key != "steps":
             print(f"{key:<14}{value}")
     print("steps")
