@@ -84,6 +84,17 @@ def _dead_to_dict(d: DeadRecord, decoder: msgspec.msgpack.Decoder[object]) -> di
     }
 
 
+def _seconds(text: str) -> float:
+    """A positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def _timestamp(text: str) -> float:
     """A unix time, or an ISO 8601 date/time (UTC unless it says otherwise)."""
     try:
@@ -345,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("file")
     reconcile.add_argument(
         "--lease",
-        type=float,
+        type=_seconds,
         default=BusConfig().reconcile_lease,
         help="seconds past due after which a retry counts as overdue (default: %(default)s)",
     )

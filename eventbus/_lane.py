@@ -24,6 +24,8 @@ class RetrySchedule:
         self._due: dict[int, float] = {}
         self._keys: dict[str, deque[int]] = {}  # key -> seqs in log order, head first
         self.running: dict[int, RetryRecord] = {}
+        self._again: dict[int, RetryRecord] = {}
+        self._ending: set[int] = set()  # attempt over, its outcome being committed
 
     def __len__(self) -> int:
         return len(self._items)
@@ -31,6 +33,10 @@ class RetrySchedule:
     def __contains__(self, seq: int) -> bool:
         """Whether the event with this seq waits or runs here."""
         return seq in self._items
+
+    def seqs(self) -> set[int]:
+        """The events waiting or running here."""
+        return set(self._items)
 
     def blocks(self, key: str | None) -> bool:
         """Whether a fresh event with ``key`` must wait behind the lane."""
@@ -44,6 +50,11 @@ class RetrySchedule:
         reconciliation may both hand over the same event.
         """
         seq = record.record.seq
+        if seq in self.running or seq in self._ending:
+            # Handed back (a redrive) while its attempt is ending: the attempt's
+            # settle must not drop it; it runs again after.
+            self._again[seq] = record
+            return
         if seq in self._items:
             return
         self._items[seq] = record
@@ -59,10 +70,18 @@ class RetrySchedule:
         self._due[seq] = due
         heapq.heappush(self._heap, (due, seq))
 
+    def attempt_over(self, seq: int) -> None:
+        """The attempt of a running event has returned; its outcome is being
+        committed (settle or reschedule follows)."""
+        if self.running.pop(seq, None) is not None:
+            self._ending.add(seq)
+
     def reschedule(self, record: RetryRecord, due: float) -> None:
         """A running event failed again: put it back with a new due time."""
         seq = record.record.seq
         self.running.pop(seq, None)
+        self._ending.discard(seq)
+        self._again.pop(seq, None)  # still here: a redrive of it changes nothing
         self._items[seq] = record
         self._push(seq, due)
 
@@ -98,7 +117,15 @@ class RetrySchedule:
         of its key."""
         record = self._items.pop(seq, None)
         self.running.pop(seq, None)
+        self._ending.discard(seq)
         self._due.pop(seq, None)
+        again = self._again.pop(seq, None)
+        if again is not None and record is not None:
+            # Redriven while its last attempt ended: it stays, due now, at the head
+            # of its key.
+            self._items[seq] = again
+            self._push(seq, now)
+            return
         if record is None:
             return
         key = record.record.key

@@ -376,6 +376,10 @@ class Reconciler:
         for info in stats.subscriptions:
             # An in-memory log answers without suspending: let the bus breathe.
             await anyio.lowlevel.checkpoint()
+            sub = bus._subs.get(info.name)
+            # What the lane held before the log is read: a retry that settles while
+            # the read runs is in neither afterwards, and must not look forgotten.
+            held_before = sub.lane.seqs() if sub is not None else set()
             found = await _examine(log, info, head)
             sub = bus._subs.get(info.name)
             if sub is None or not sub.started:
@@ -383,7 +387,7 @@ class Reconciler:
                 overdue = _overdue(found.retries, now - lease)
                 reports.append(_report(found, head, stats, sub is not None, overdue))
                 continue
-            reports.append(await self._live(sub, found, head, stats, now, repair))
+            reports.append(await self._live(sub, found, head, stats, now, repair, held_before))
         resumed: list[str] = []
         if repair and not bus._closing:
             resumed, late = await bus._workflows.reconcile()
@@ -416,21 +420,37 @@ class Reconciler:
         stats: _storage.LogStats,
         now: float,
         repair: bool,
+        held_before: set[int],
     ) -> SubscriptionReport:
         """A subscription running on this bus: what it holds in memory counts too."""
         lease = self._bus.config.reconcile_lease
         repair = repair and not self._bus._closing
-        # A retry the lane holds is its business (it may wait for its key, the
-        # breaker or the budget); one due long ago that the lane does not hold would
-        # never run.
-        overdue = [
-            r
-            for r in found.retries
-            if r.due_at is not None and r.due_at < now - lease and r.record.seq not in sub.lane
-        ]
+        fixed_lost = fixed_stuck = fixed_overdue = 0
+        # Stuck calls first, with no await between finding and cancelling them: the
+        # main lane reuses its call record for the next event once one finishes.
         calls = sub.stuck_calls(lease, time.monotonic())
         stuck = sorted(seq for call in calls for seq in call.seqs())
-        fixed_lost = fixed_stuck = fixed_overdue = 0
+        if calls:
+            logger.warning(
+                "reconciliation: subscription %s has handler calls running longer than %gs "
+                "(events %s)%s",
+                sub.name,
+                lease,
+                ", ".join(map(str, stuck[:SHOWN])),
+                "; cancelling them (a failed attempt each)" if repair else "",
+            )
+            if repair:
+                for call in calls:
+                    if sub.cancel_stuck(call, lease):
+                        fixed_stuck += len(call.seqs())
+        # A retry the lane holds is its business (it may wait for its key, the
+        # breaker or the budget); one due long ago that the lane held neither before
+        # nor after the log was read, and that no attempt runs, would never run.
+        overdue = [
+            r
+            for r in _overdue(found.retries, now - lease)
+            if r.record.seq not in held_before and r.record.seq not in sub.lane
+        ]
         if found.lost.count:
             logger.error(
                 "reconciliation: subscription %s lost %d events (seq %s%s)%s",
@@ -454,19 +474,6 @@ class Reconciler:
             if repair:
                 sub.add_retries(overdue)
                 fixed_overdue = len(overdue)
-        if calls:
-            logger.warning(
-                "reconciliation: subscription %s has handler calls running longer than %gs "
-                "(events %s)%s",
-                sub.name,
-                lease,
-                ", ".join(map(str, stuck[:SHOWN])),
-                "; cancelling them (a failed attempt each)" if repair else "",
-            )
-            if repair:
-                for call in calls:
-                    if sub.cancel_stuck(call, lease):
-                        fixed_stuck += len(call.seqs())
         return _report(
             found,
             head,

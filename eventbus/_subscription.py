@@ -208,6 +208,8 @@ class Subscription:
         after ``max_attempts``). False if it had finished or was already cancelled."""
         if call.stuck is not None or call.scope is None or call not in self.calls:
             return False
+        if time.monotonic() - call.started <= lease:
+            return False  # the stuck event finished; the call now holds a fresh one
         call.stuck = lease
         call.scope.cancel()
         return True
@@ -821,7 +823,7 @@ class Subscription:
         try:
             event = msgspec.structs.replace(self._to_event(record.record), attempt=attempt)
         except msgspec.DecodeError as exc:
-            self.lane.running.pop(seq, None)
+            self.lane.attempt_over(seq)
             dead = dead_record(self.name, record.record, attempt, exc, record.first_failed_at)
             await self._commit(WriteBatch(dead=[dead], settled=[(self.name, seq)]))
             self._settle(seq)
@@ -834,7 +836,7 @@ class Subscription:
         except Exception as exc:  # noqa: BLE001 - retried again or dead-lettered
             error = exc
         # From here the attempt is over: a close must not count it as a death.
-        self.lane.running.pop(seq, None)
+        self.lane.attempt_over(seq)
         if error is None:
             self._record_breaker(1, 0)
             done = WriteBatch(

@@ -68,6 +68,9 @@ class MemoryStorage:
         self._state: dict[str, dict[str, bytes]] = {}
         self._effects: dict[str, tuple[bytes, float]] = {}
         self._acked: dict[str, _Ranges] = {}
+        # Per subscription, the seqs in its retry lane and dead letters (sorted, one
+        # entry per place it is held), so an acknowledgement finds its holes by bisection.
+        self._held: dict[str, list[int]] = {}
         self._workflows: dict[str, WorkflowRecord] = {}
         self._workflow_num = 0
         self._steps: dict[str, dict[int, StepRecord]] = {}
@@ -132,15 +135,22 @@ class MemoryStorage:
             elif cursor > old.cursor:
                 self._subs[name] = msgspec.structs.replace(old, cursor=cursor, updated_at=now)
         for retry in batch.retries:
-            self._retries[(retry.subscription, retry.record.seq)] = retry
+            key = (retry.subscription, retry.record.seq)
+            if key not in self._retries:
+                self._hold(key)
+            self._retries[key] = retry
         for key in batch.settled:
-            self._retries.pop(key, None)
+            if self._retries.pop(key, None) is not None:
+                self._release(key)
         for name, upto in batch.inflight.items():
             old = self._subs.get(name)
             if old is not None:
                 self._subs[name] = msgspec.structs.replace(old, inflight_upto=min(upto, seq))
         for dead in batch.dead:
-            self._dead[(dead.subscription, dead.record.seq)] = dead
+            key = (dead.subscription, dead.record.seq)
+            if key not in self._dead:
+                self._hold(key)
+            self._dead[key] = dead
         for sub, state_key, value in batch.state:
             table = self._state.setdefault(sub, {})
             if value is None:
@@ -180,13 +190,19 @@ class MemoryStorage:
             ranges = self._acked[subscription] = _Ranges()
         return ranges
 
+    def _hold(self, key: tuple[str, int]) -> None:
+        bisect.insort(self._held.setdefault(key[0], []), key[1])
+
+    def _release(self, key: tuple[str, int]) -> None:
+        held = self._held.get(key[0], [])
+        i = bisect.bisect_left(held, key[1])
+        if i < len(held) and held[i] == key[1]:
+            del held[i]
+
     def _ack_ranges(self, name: str, prev: int, cursor: int) -> None:
-        holes = sorted(
-            seq
-            for table in (self._retries, self._dead)
-            for sub, seq in table
-            if sub == name and prev < seq <= cursor
-        )
+        held = self._held.get(name, [])
+        lo_i, hi_i = bisect.bisect_right(held, prev), bisect.bisect_right(held, cursor)
+        holes = sorted(set(held[lo_i:hi_i]))
         ranges = self._ranges(name)
         lo = prev + 1
         for hole in holes:
@@ -303,7 +319,10 @@ class MemoryStorage:
         now = time.time()
         for r in out:
             del self._dead[(r.subscription, r.record.seq)]
+            self._release((r.subscription, r.record.seq))
             if not r.subscription.startswith(_WORKFLOW_PREFIX):
+                if (r.subscription, r.record.seq) not in self._retries:
+                    self._hold((r.subscription, r.record.seq))
                 self._retries[(r.subscription, r.record.seq)] = r
                 continue
             run = self._workflows.get(r.record.id)
@@ -333,6 +352,7 @@ class MemoryStorage:
         rows = self._dead_matching(subscription, error_type, None, until, ids)
         for d in rows:
             del self._dead[(d.subscription, d.record.seq)]
+            self._release((d.subscription, d.record.seq))
             if not d.subscription.startswith(_WORKFLOW_PREFIX):
                 self._ranges(d.subscription).add(d.record.seq, d.record.seq)
         return len(rows)
@@ -371,19 +391,33 @@ class MemoryStorage:
         upto = min(upto, info.cursor)
         everything = "*" in info.topics
         ranges = self._ranges(subscription)
+        events = self._events
         count = 0
         first: list[int] = []
-        for rec in self._events:
-            if rec.seq > upto:
+        if not events:
+            return Unaccounted(subscription, 0, ())
+        base = events[0].seq  # seqs are dense from here: index arithmetic
+        # Only the gaps between acknowledged ranges can hold anything.
+        gaps: list[tuple[int, int]] = []
+        covered = base - 1
+        for lo, hi in zip(ranges.los, ranges.his, strict=True):
+            if covered >= upto:
                 break
-            if not everything and rec.topic not in info.topics:
-                continue
-            key = (subscription, rec.seq)
-            if ranges.covers(rec.seq) or key in self._retries or key in self._dead:
-                continue
-            count += 1
-            if len(first) < limit:
-                first.append(rec.seq)
+            if lo > covered + 1:
+                gaps.append((covered + 1, min(lo - 1, upto)))
+            covered = max(covered, hi)
+        if covered < upto:
+            gaps.append((covered + 1, upto))
+        for a, b in gaps:
+            for rec in events[max(a - base, 0) : max(b - base + 1, 0)]:
+                if not everything and rec.topic not in info.topics:
+                    continue
+                key = (subscription, rec.seq)
+                if key in self._retries or key in self._dead:
+                    continue
+                count += 1
+                if len(first) < limit:
+                    first.append(rec.seq)
         return Unaccounted(subscription, count, tuple(first))
 
     async def take_control(self) -> list[tuple[int, bytes]]:

@@ -126,19 +126,23 @@ def step_from_row(r: Sequence[Any]) -> StepRecord:
 
 
 def _add_acked(conn: sqlite3.Connection, sub: str, lo: int, hi: int) -> None:
-    right = conn.execute(
-        "SELECT hi FROM acked WHERE subscription = ? AND lo = ?", (sub, hi + 1)
-    ).fetchone()
-    if right is not None:
-        conn.execute("DELETE FROM acked WHERE subscription = ? AND lo = ?", (sub, hi + 1))
-        hi = int(right[0])
-    if conn.execute(
-        "UPDATE acked SET hi = ? WHERE subscription = ? AND hi = ?", (hi, sub, lo - 1)
-    ).rowcount:
+    """Add [lo, hi] to ``sub``'s acknowledged ranges, merged with every range it
+    overlaps or touches: ranges only ever grow."""
+    touching = "subscription = ? AND hi >= ? AND lo <= ?"
+    params = (sub, lo - 1, hi + 1)
+    rows = conn.execute(f"SELECT lo, hi FROM acked WHERE {touching}", params).fetchall()
+    if len(rows) == 1 and rows[0][0] <= lo:
+        # The common case: extending the range it follows (or already inside it).
+        if rows[0][1] < hi:
+            conn.execute(
+                "UPDATE acked SET hi = ? WHERE subscription = ? AND lo = ?", (hi, sub, rows[0][0])
+            )
         return
-    conn.execute(
-        "INSERT OR REPLACE INTO acked (subscription, lo, hi) VALUES (?, ?, ?)", (sub, lo, hi)
-    )
+    for r_lo, r_hi in rows:
+        lo, hi = min(lo, r_lo), max(hi, r_hi)
+    if rows:
+        conn.execute(f"DELETE FROM acked WHERE {touching}", params)
+    conn.execute("INSERT INTO acked (subscription, lo, hi) VALUES (?, ?, ?)", (sub, lo, hi))
 
 
 def _ack_ranges(conn: sqlite3.Connection, sub: str, prev: int, cursor: int) -> None:
@@ -159,9 +163,17 @@ def _ack_ranges(conn: sqlite3.Connection, sub: str, prev: int, cursor: int) -> N
         _add_acked(conn, sub, lo, cursor)
 
 
+# Past this many gaps between acknowledged ranges, one scan beats a query per gap.
+_MAX_GAP_QUERIES = 2000
+
+
 def unaccounted(conn: sqlite3.Connection, sub: str, upto: int, limit: int) -> Unaccounted:
     """Events up to ``upto`` (and the cursor) on ``sub``'s topics that it has neither
-    acknowledged, nor in its retry lane, nor dead-lettered. One read snapshot."""
+    acknowledged, nor in its retry lane, nor dead-lettered. One read snapshot.
+
+    Only the gaps between acknowledged ranges are read, so the cost follows the
+    number of events in the retry lane and dead letters, not the size of the log.
+    """
     conn.execute("BEGIN")
     try:
         info = conn.execute(
@@ -182,22 +194,38 @@ def unaccounted(conn: sqlite3.Connection, sub: str, upto: int, limit: int) -> Un
                 (sub, sub),
             )
         }
-        sql = "SELECT seq FROM events WHERE seq <= ?"
-        params: list[object] = [upto]
+        gaps: list[tuple[int, int]] = []
+        covered = 0  # every seq <= covered is in a range
+        for lo, hi in ranges:
+            if covered >= upto:
+                break
+            if lo > covered + 1:
+                gaps.append((covered + 1, min(lo - 1, upto)))
+            covered = max(covered, hi)
+        if covered < upto:
+            gaps.append((covered + 1, upto))
+        if len(gaps) > _MAX_GAP_QUERIES:
+            gaps = [(1, upto)]  # then held and ranges are checked per event below
+        topic_sql, topic_params = "", []
         if "*" not in topics:
-            sql += f" AND topic IN ({','.join('?' * len(topics))})"
-            params.extend(topics)
+            topic_sql = f" AND topic IN ({','.join('?' * len(topics))})"
+            topic_params = topics
         count = 0
         first: list[int] = []
         i = 0
-        for (seq,) in conn.execute(sql + " ORDER BY seq", params):
-            while i < len(ranges) and ranges[i][1] < seq:
-                i += 1
-            if (i < len(ranges) and ranges[i][0] <= seq) or seq in held:
-                continue
-            count += 1
-            if len(first) < limit:
-                first.append(int(seq))
+        for a, b in gaps:
+            rows = conn.execute(
+                f"SELECT seq FROM events WHERE seq BETWEEN ? AND ?{topic_sql} ORDER BY seq",
+                [a, b, *topic_params],
+            )
+            for (seq,) in rows:
+                while i < len(ranges) and ranges[i][1] < seq:
+                    i += 1
+                if (i < len(ranges) and ranges[i][0] <= seq) or seq in held:
+                    continue
+                count += 1
+                if len(first) < limit:
+                    first.append(int(seq))
         return Unaccounted(sub, count, tuple(first))
     finally:
         conn.execute("COMMIT")
