@@ -23,6 +23,7 @@ import logging
 import random
 import time
 import typing
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -246,6 +247,30 @@ def _wants_key(fn: Callable[..., object]) -> bool:
     return p is not None and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
 
 
+# What a step function returns and whether it takes an idempotency key: read once per
+# function (type hints of string annotations cost tens of microseconds a call).
+_STEP_FN: weakref.WeakKeyDictionary[Callable[..., object], tuple[object, bool]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _step_fn(fn: Callable[..., object]) -> tuple[object, bool]:
+    target = getattr(fn, "__func__", fn)  # a bound method: its function
+    try:
+        return _STEP_FN[target]
+    except (KeyError, TypeError):
+        pass
+    found = (_return_type(fn), _wants_key(fn))
+    with contextlib.suppress(TypeError):  # not weakly referable: not cached
+        _STEP_FN[target] = found
+    return found
+
+
+def _deadline(seconds: float | None) -> contextlib.AbstractContextManager[object]:
+    # A cancel scope costs microseconds; with no timeout there is nothing to cancel.
+    return contextlib.nullcontext() if seconds is None else anyio.fail_after(seconds)
+
+
 # -- one run --------------------------------------------------------------------------
 
 
@@ -270,7 +295,7 @@ class Workflow:
         # those the workflow went on from (handled: a redrive replays them).
         self._raised: list[int] = []
         self.handled: set[int] = set()
-        self._rng = random.Random()
+        self._rng: random.Random | None = None  # for backoff jitter, made when needed
 
     def __repr__(self) -> str:
         return f"<Workflow {self.name!r} id={self.id!r} run={self.runs}>"
@@ -346,7 +371,8 @@ class Workflow:
         if not isinstance(name, str) or not name or name.startswith("@"):
             raise ValueError(f"a step needs a non-empty name not starting with '@', got {name!r}")
         pos, found = self._position(name)
-        kind = _return_type(fn) if result_type is None else result_type
+        returns, wants_key = _step_fn(fn)
+        kind = returns if result_type is None else result_type
         if found is not None and found.status == "done":
             self._engine.counts["steps_replayed"] += 1
             assert found.output is not None
@@ -357,6 +383,8 @@ class Workflow:
             raise StepFailed(
                 self.id, name, pos, found.attempts, found.error_type, found.error_message
             )
+        if wants_key:
+            kwargs = {**kwargs, "idempotency_key": self.idempotency_key(name, pos)}
         self._in_progress += 1
         try:
             value: T = await self._run_step(pos, name, fn, args, kwargs, retry, kind, found)
@@ -380,8 +408,6 @@ class Workflow:
         attempts = found.attempts if found is not None else 0
         started = found.started_at if found is not None else time.time()
         key = self.idempotency_key(name, pos)
-        if _wants_key(fn):
-            kwargs = {**kwargs, "idempotency_key": key}
         if attempts >= policy.max_attempts:
             # Every attempt so far ended with the process: do not let it crash-loop.
             await self._step_failed(pos, name, attempts, started, _DIED_TYPE, _DIED)
@@ -397,7 +423,7 @@ class Workflow:
                     # may still land, and must not count as an attempt either.
                     marker = StepRecord(self.id, pos, name, "running", attempts, started)
                     await engine.commit(WriteBatch(steps=[marker]))
-                    with anyio.fail_after(policy.timeout):
+                    with _deadline(policy.timeout):
                         value = fn(*args, **kwargs)
                         if inspect.isawaitable(value):
                             value = await value
@@ -420,6 +446,8 @@ class Workflow:
                     "workflow %s step %r attempt %d failed: %r", self.id, name, attempts, exc
                 )
                 engine.counts["step_retries"] += 1
+                if self._rng is None:
+                    self._rng = random.Random()
                 previous = backoff_delay(policy, attempts, previous, self._rng)
                 await anyio.sleep(previous)
                 continue
@@ -509,11 +537,12 @@ _DIED = "the process stopped during every attempt (crash loop); see the step's l
 
 
 class _Waiters:
-    __slots__ = ("count", "event")
+    __slots__ = ("count", "event", "record")
 
     def __init__(self) -> None:
         self.event = anyio.Event()
         self.count = 0
+        self.record: WorkflowRecord | None = None  # the run as it finished here
 
 
 class _Definition(msgspec.Struct, frozen=True):
@@ -544,6 +573,7 @@ class WorkflowEngine:
         self._live: dict[str, anyio.CancelScope] = {}
         self._cancelling: set[str] = set()
         self._again: set[str] = set()
+        self._fresh: dict[str, WorkflowRecord] = {}
         self._finished: dict[str, _Waiters] = {}
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._tg: anyio.abc.TaskGroup | None = None
@@ -606,16 +636,20 @@ class WorkflowEngine:
             # Reconciliation looks for unfinished runs again on its next pass.
             logger.warning("could not look for unfinished %s workflow runs: %s", name, exc)
 
-    def launch(self, workflow_id: str, *, again: bool = False) -> bool:
+    def launch(
+        self, workflow_id: str, *, again: bool = False, record: WorkflowRecord | None = None
+    ) -> bool:
         """Run ``workflow_id`` in this process unless it already runs here. With
         ``again``, a run that is just finishing here is looked at once more after
-        (it was redriven)."""
+        (it was redriven). ``record``: the run as just read, saving a read."""
         if self._tg is None or self._stopping:
             return False
         if workflow_id in self._live:
             if again:
                 self._again.add(workflow_id)
             return False
+        if record is not None:
+            self._fresh[workflow_id] = record
         self._live[workflow_id] = anyio.CancelScope()
         self._idle = anyio.Event()
         self._tg.start_soon(self._run, workflow_id, name=f"eventbus workflow {workflow_id}")
@@ -657,32 +691,37 @@ class WorkflowEngine:
                 "ids must be unique across workflows"
             )
         if stored.status == "running":
-            self.launch(workflow_id)
+            self.launch(workflow_id, record=stored)
         return stored
 
     async def _run(self, workflow_id: str) -> None:
         # The scope exists from launch on, so cancel() and stop() reach a run that
         # still waits for a slot or reads its record.
         scope = self._live[workflow_id]
+        final: WorkflowRecord | None = None
         try:
             with scope:
                 async with self._limiter:
-                    record = await self._log.workflow(workflow_id)
+                    record = self._fresh.pop(workflow_id, None)
+                    if record is None:
+                        record = await self._log.workflow(workflow_id)
                     if record is None or record.status != "running":
                         return
                     d = self._defs.get(record.name)
                     if d is None:
                         return
-                    await self._execute(d, record)
+                    final = await self._execute(d, record)
         except (BusClosed, _storage.StorageError) as exc:
             # The bus is closing or the log failed: the run stays "running" in the
             # log and resumes on the next open (or reconciliation pass).
             logger.warning("workflow run %s paused: %s", workflow_id, exc)
         finally:
             del self._live[workflow_id]
+            self._fresh.pop(workflow_id, None)
             self._cancelling.discard(workflow_id)
             waiters = self._finished.pop(workflow_id, None)
             if waiters is not None:
+                waiters.record = final  # what the waiters would read: spare the read
                 waiters.event.set()
             if workflow_id in self._again:
                 self._again.discard(workflow_id)
@@ -705,17 +744,19 @@ class WorkflowEngine:
             steps_failed=c["steps_failed"],
         )
 
-    async def _execute(self, d: _Definition, record: WorkflowRecord) -> None:
+    async def _execute(self, d: _Definition, record: WorkflowRecord) -> WorkflowRecord | None:
         self.counts["executing"] += 1
         try:
-            await self._execute_run(d, record)
+            return await self._execute_run(d, record)
         finally:
             self.counts["executing"] -= 1
 
-    async def _execute_run(self, d: _Definition, record: WorkflowRecord) -> None:
+    async def _execute_run(self, d: _Definition, record: WorkflowRecord) -> WorkflowRecord | None:
+        """Run it; returns the finished record (None if it did not finish)."""
+        first = record.runs == 0  # never started: no checkpoints to read
         record = msgspec.structs.replace(record, runs=record.runs + 1, updated_at=time.time())
         await self.commit(WriteBatch(workflows=[record]))
-        steps = await self._log.steps(record.id)
+        steps = [] if first else await self._log.steps(record.id)
         self.counts["started"] += 1
         wf = Workflow(self, record, steps)
         try:
@@ -730,15 +771,17 @@ class WorkflowEngine:
                     await self._cancelled(record)
             raise
         except Exception as exc:  # noqa: BLE001 - the run fails and is dead-lettered
-            await self._fail(record, exc, wf.handled)
-            return
+            return await self._fail(record, exc, wf.handled)
         done = msgspec.structs.replace(
             record, status="completed", output=output, updated_at=time.time()
         )
         await self.commit(WriteBatch(workflows=[done]))
         self.counts["completed"] += 1
+        return done
 
-    async def _fail(self, record: WorkflowRecord, exc: Exception, handled: set[int]) -> None:
+    async def _fail(
+        self, record: WorkflowRecord, exc: Exception, handled: set[int]
+    ) -> WorkflowRecord:
         while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
             exc = exc.exceptions[0]  # a task group in the workflow: name the real error
         now = time.time()
@@ -788,6 +831,7 @@ class WorkflowEngine:
         logger.error("workflow run %s (%s) failed: %s", record.id, record.name, exc)
         await self.commit(WriteBatch(workflows=[failed], dead=[dead], steps=fatal))
         self.counts["failed"] += 1
+        return failed
 
     async def _cancelled(self, record: WorkflowRecord) -> None:
         done = msgspec.structs.replace(record, status="cancelled", updated_at=time.time())
@@ -819,14 +863,14 @@ class WorkflowEngine:
         return record
 
     @contextlib.contextmanager
-    def _waiting(self, workflow_id: str) -> Iterator[anyio.Event]:
+    def _waiting(self, workflow_id: str) -> Iterator[_Waiters]:
         """An event set when the run's task here ends; forgotten with its last waiter."""
         waiters = self._finished.get(workflow_id)
         if waiters is None:
             waiters = self._finished[workflow_id] = _Waiters()
         waiters.count += 1
         try:
-            yield waiters.event
+            yield waiters
         finally:
             waiters.count -= 1
             if waiters.count == 0 and self._finished.get(workflow_id) is waiters:
@@ -842,7 +886,7 @@ class WorkflowEngine:
             if scope is not None:
                 self._cancelling.add(workflow_id)
                 scope.cancel()
-                await gone.wait()
+                await gone.event.wait()
         record = await self.read(workflow_id)
         if record.status == "running":
             await self._cancelled(record)
@@ -850,7 +894,7 @@ class WorkflowEngine:
 
     async def wait(self, workflow_id: str, timeout: float | None) -> WorkflowRecord:
         """Wait until the run is no longer running (or ``timeout`` passes)."""
-        with anyio.fail_after(timeout):
+        with _deadline(timeout):
             while True:
                 with self._waiting(workflow_id) as changed:
                     record = await self.read(workflow_id)
@@ -861,7 +905,9 @@ class WorkflowEngine:
                             f"the bus closed before workflow run {workflow_id!r} finished "
                             "(it resumes when a bus opens the log again)"
                         )
-                    await changed.wait()
+                    await changed.event.wait()
+                    if changed.record is not None:
+                        return changed.record
 
     def decode_result(self, record: WorkflowRecord) -> object:
         if record.status == "failed":
