@@ -56,11 +56,11 @@ from ._workflow import (
     WorkflowCancelled,
     WorkflowError,
     WorkflowFailed,
-    WorkflowHandle,
     WorkflowIncompatible,
     WorkflowStatus,
     current_step,
 )
+from ._workflow_engine import WorkflowHandle
 
 __all__ = [
     "BatchPolicy",

@@ -36,13 +36,8 @@ from ._reconcile import R, Reconciler
 from ._reconcile_report import ReconcileReport
 from ._state import StateReader
 from ._subscription import Subscription
-from ._workflow import (
-    WORKFLOW_PREFIX,
-    WorkflowEngine,
-    WorkflowError,
-    WorkflowFunction,
-    WorkflowHandle,
-)
+from ._workflow import WORKFLOW_PREFIX, WorkflowError, WorkflowFunction
+from ._workflow_engine import WorkflowEngine, WorkflowHandle
 from ._writer import LogWriter
 
 logger = logging.getLogger(__name__)
