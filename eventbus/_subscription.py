@@ -1,29 +1,27 @@
-"""One subscription at run time: its batcher, its main lane and its retry lane.
+"""One subscription at run time: its batcher, its main lane, and what the bus asks of it.
 
 Events reach the main lane in log order (from the window of recent events near the
 head, or from the log further behind); its channel is bounded, so memory does not
 grow with the backlog. A failing event leaves the main lane at once for the retry
-lane (its due time persisted in the same transaction as the batch's
-acknowledgement), so the main lane never sleeps for a retry; with ordering per key,
-later events of that key wait behind it in the retry lane.
+lane (:mod:`._retry_lane`; its due time persisted in the same transaction as the
+batch's acknowledgement), so the main lane never sleeps for a retry; with ordering
+per key, later events of that key wait behind it in the retry lane.
 
 Before a batch is handed to the handler, the log records how far it reaches (one
 write per batch, usually riding on the previous acknowledgement). If the process
-dies while handling, the next open moves that stretch to the retry lane with one
-attempt counted, so an event that kills the process is dead-lettered after
-``max_attempts`` deaths instead of crash-looping forever.
+dies while handling, the next open (:mod:`._recovery`) moves that stretch to the
+retry lane with one attempt counted, so an event that kills the process is
+dead-lettered after ``max_attempts`` deaths instead of crash-looping forever.
 
-Every handler call in flight is visible to reconciliation (:class:`HandlerCall`: when
-it started, the events it holds, a cancel scope of its own). Reconciliation cancels
-one that outlives its lease; the call then fails with :class:`HandlerStuck`, an
-attempt like any other, and the bus closing is still the enclosing scope's business.
+Every handler call in flight is visible to reconciliation (:class:`HandlerCall`), which
+cancels one that outlives its lease: the call then fails with :class:`HandlerStuck`,
+an attempt like any other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 import typing
 from collections import deque
@@ -36,75 +34,26 @@ import storage as _storage
 from backpressure import BatchSample
 from storage import DeadRecord, Record, RetryRecord, SubscriptionInfo, WriteBatch
 
-from ._breaker import CircuitBreaker, RetryBudget
+from ._breaker import CircuitBreaker
+from ._calls import HandlerCall
 from ._config import BatchPolicy, BreakerPolicy, RetryPolicy
 from ._context import Context, Encoder
 from ._errors import BusClosed, HandlerStuck, StorageError
 from ._event import Event
 from ._handler import (
-    PROCESS_DIED,
     Handler,
     dead_record,
-    event_record,
     is_batch_handler,
     make_controller,
-    retry_record,
 )
-from ._lane import RetrySchedule
 from ._metrics import SubscriptionRecorder
 from ._recent import RecentEvents
-from ._retry import backoff_delay
+from ._recovery import recover
+from ._retry_lane import Outcome, RetryLane
 from ._state import State, StateCache
 from ._writer import LogWriter
 
 logger = logging.getLogger(__name__)
-
-
-class _Outcome:
-    """What a main-lane batch decided for its failing and waiting events."""
-
-    __slots__ = ("blocked", "dead", "retries", "successes")
-
-    def __init__(self) -> None:
-        self.retries: list[tuple[RetryRecord, float | None]] = []  # with monotonic due
-        self.dead: list[DeadRecord] = []
-        self.blocked: set[str] = set()
-        self.successes = 0
-
-
-class HandlerCall:
-    """A handler call in flight, as reconciliation sees it.
-
-    The main lane reuses one per subscription for a per-event handler (one cancel
-    scope per batch: a scope per event would cost about 4 us, half of what an event
-    costs in memory), moving ``index`` and ``started`` from event to event; a batch
-    handler's calls and retry attempts get one each.
-
-    Attributes:
-        lane: ``"main"`` or ``"retry"``.
-        batch: The events of the call (of the batch, while ``index >= 0``).
-        index: The event of ``batch`` being handled, or -1 when the call holds all.
-        started: When the call (or the event at ``index``) started, monotonic.
-        scope: Cancels the call; None once it has finished.
-        stuck: The lease it outlived, once reconciliation cancelled it.
-    """
-
-    __slots__ = ("batch", "index", "lane", "mark", "scope", "started", "stuck")
-
-    def __init__(self, lane: str, batch: list[Event[object]], index: int = -1) -> None:
-        self.lane = lane
-        self.batch = batch
-        self.index = index
-        self.mark = (0, 0)  # the context's buffers before the event at index
-        self.started = time.monotonic()
-        self.scope: anyio.CancelScope | None = None
-        self.stuck: float | None = None
-
-    def seqs(self) -> tuple[int, ...]:
-        """The events the call holds."""
-        if self.index >= 0:
-            return (self.batch[self.index].seq,)
-        return tuple(e.seq for e in self.batch)
 
 
 class Subscription:
@@ -143,15 +92,11 @@ class Subscription:
         self.ordered = ordered
         self.controller = make_controller(batch_policy)
         self.breaker = CircuitBreaker(breaker) if breaker is not None else None
-        self.budget = RetryBudget(
-            retry.budget_ratio,
-            retry.budget_floor,
-            # Ten seconds of the floor plus the earnings of a thousand fresh events:
-            # a backlog of retries drains in bursts, a storm still cannot outgrow it.
-            burst=max(10.0, 10 * retry.budget_floor) + 1000 * retry.budget_ratio,
-            now=time.monotonic(),
-        )
-        self.lane = RetrySchedule(ordered=ordered)
+        self.retry_lane = RetryLane(self)
+        # The retry lane's, held here too so that the main lane reaches them directly.
+        self.lane = self.retry_lane.schedule
+        self.budget = self.retry_lane.budget
+        self._lane_wake = self.retry_lane.wake
         self.capacity = capacity
         self.channel: deque[Event[object]] = deque()
         self.read_pos = cursor  # every event with seq <= read_pos has been examined
@@ -172,15 +117,10 @@ class Subscription:
         self._on_progress = on_progress
         self._register = register
         self._ready = asyncio.Event()
-        self._lane_wake = asyncio.Event()
         self._stop = anyio.Event()
         self._busy = False
-        self._suspect_running = False
-        self._suspect_waiting = False
-        self._alone = asyncio.Event()
         self._started = False
         self._stopping = False
-        self._rng = random.Random()
         self.scope: anyio.CancelScope | None = None
         self.finished = anyio.Event()
         self.calls: set[HandlerCall] = set()  # in flight, for reconciliation
@@ -261,17 +201,11 @@ class Subscription:
         self._stopping = True
         self._stop.set()
         self._ready.set()
-        self._lane_wake.set()
-        self._alone.set()
+        self.retry_lane.stop()
 
     def add_retries(self, records: list[RetryRecord]) -> None:
         """Take redriven events into the retry lane (already committed to the log)."""
-        now_wall, now = time.time(), time.monotonic()
-        for record in sorted(records, key=lambda r: r.record.seq):
-            due = now + max(0.0, (record.due_at or now_wall) - now_wall)
-            self.lane.add(record, due)
-        self._lane_wake.set()
-        self._on_progress()
+        self.retry_lane.add(records)
 
     def release(self) -> WriteBatch:
         """At close, after the tasks stopped: what the log must forget so that the
@@ -290,138 +224,29 @@ class Subscription:
         the next open."""
         try:
             with anyio.CancelScope() as self.scope:
-                delay = 0.05
-                while True:
-                    try:
-                        await self._recover()
-                        break
-                    except _storage.StorageError as exc:
-                        logger.warning(
-                            "subscription %s: recovery failed (%s); retrying in %.2fs",
-                            self.name,
-                            exc,
-                            delay,
-                        )
-                        await anyio.sleep(delay)
-                        delay = min(delay * 2, 5.0)
+                await recover(self)
                 self._started = True
                 self._on_progress()
                 async with anyio.create_task_group() as tg:
                     for i in range(self.retry.concurrency):
-                        tg.start_soon(self._lane_worker, name=f"{self.name} retry lane {i}")
+                        tg.start_soon(self.retry_lane.worker, name=f"{self.name} retry lane {i}")
                     await self._main_loop()
         except BusClosed:
             pass
         finally:
             self.finished.set()
 
-    async def _recover(self) -> None:
-        """Register; rebuild the retry lane; settle what a dead process left behind."""
-        batch = WriteBatch(subscriptions=[self._register])
-        now_wall, now = time.time(), time.monotonic()
-        schedule: list[tuple[RetryRecord, float | None]] = []
-        for record in await self._log.retries(self.name):
-            if record.running:
-                # The process died during this attempt: it counts.
-                failed = record.attempt
-                record = msgspec.structs.replace(
-                    record,
-                    running=False,
-                    error_type=PROCESS_DIED,
-                    error_message=f"process died while handling (attempt {failed})",
-                    traceback="",
-                    first_failed_at=record.first_failed_at or now_wall,
-                )
-                if failed >= self.retry.max_attempts:
-                    batch.dead.append(self._died(record.record, failed, record.first_failed_at))
-                    batch.settled.append((self.name, record.record.seq))
-                    continue
-                delay = backoff_delay(self.retry, failed, self.retry.initial_delay, self._rng)
-                record = msgspec.structs.replace(
-                    record, attempt=failed + 1, due_at=now_wall + delay
-                )
-                batch.retries.append(record)
-            schedule.append((record, self._monotonic_due(record.due_at, now_wall, now)))
-        known = self._known
-        # A marker can reach past the last event (it is an upper bound): cap it.
-        inflight_upto = min(known.inflight_upto, self._open_head) if known else 0
-        if inflight_upto > self.acked:
-            # The process died while handling (acked, inflight_upto]: attempt 1 counts.
-            upto = inflight_upto
-            in_lane = {r.record.seq for r, _ in schedule}
-            pos = self.acked
-            while pos < upto:
-                records = await self._log.read(pos, upto, self._filter, 1000)
-                for rec in records:
-                    if rec.seq in in_lane:
-                        continue
-                    if self.retry.max_attempts <= 1:
-                        batch.dead.append(self._died(rec, 1, now_wall))
-                        continue
-                    delay = backoff_delay(self.retry, 1, self.retry.initial_delay, self._rng)
-                    moved = RetryRecord(
-                        self.name,
-                        rec,
-                        2,
-                        now_wall + delay,
-                        now_wall,
-                        PROCESS_DIED,
-                        "process died while handling (attempt 1)",
-                    )
-                    batch.retries.append(moved)
-                    schedule.append((moved, now + delay))
-                pos = records[-1].seq if len(records) == 1000 else upto
-            logger.warning(
-                "subscription %s: the process died while handling events %d..%d; they "
-                "are retried one at a time",
-                self.name,
-                self.acked + 1,
-                upto,
-            )
-            batch.acks[self.name] = upto
-            self.read_pos = self.acked = self._marked = upto
-        batch.inflight[self.name] = self.acked
-        await self._commit(batch)
-        for record, due in sorted(schedule, key=lambda item: item[0].record.seq):
-            self.lane.add(record, due)
-
-    def _monotonic_due(self, due_at: float | None, now_wall: float, now: float) -> float | None:
-        if due_at is None:
-            return None
-        # A wall clock that jumped while the process was down cannot delay a retry
-        # beyond the policy's cap.
-        return now + min(max(0.0, due_at - now_wall), self.retry.max_delay)
-
-    def _died(self, record: Record, attempts: int, first_failed: float | None) -> DeadRecord:
-        logger.error(
-            "subscription %s: the process died %d times while handling event %s (seq %d); "
-            "dead-lettering it",
-            self.name,
-            attempts,
-            record.id,
-            record.seq,
-        )
-        self.stats.dead_lettered += 1
-        return dead_record(
-            self.name,
-            record,
-            attempts,
-            None,
-            first_failed,
-            error_type=PROCESS_DIED,
-            message=f"process died while handling ({attempts} attempts)",
-        )
-
     # -- main lane ------------------------------------------------------------------
 
     async def _main_loop(self) -> None:
+        retries = self.retry_lane
         while not self._stopping:
             await self._breaker_gate()
-            await self._suspect_gate()
+            await retries.suspect_gate()
             batch = await self._next_batch()
             if batch is None:
                 break
-            if self._suspect_running or self._suspect_waiting:
+            if retries.suspect_running or retries.suspect_waiting:
                 # A suspect claimed the floor while this batch was being fetched: put
                 # the batch back (it stays unfinished for drain) and let it run alone.
                 self.channel.extendleft(reversed(batch))
@@ -432,12 +257,6 @@ class Subscription:
                 batch = batch[:1]
             await self._handle(batch)
         self._lane_wake.set()
-
-    async def _suspect_gate(self) -> None:
-        while (self._suspect_running or self._suspect_waiting) and not self._stopping:
-            self._alone.clear()
-            self._lane_wake.set()
-            await self._alone.wait()
 
     async def _breaker_gate(self) -> None:
         breaker = self.breaker
@@ -502,7 +321,7 @@ class Subscription:
         if not self.channel:
             self._on_progress()  # moved past events of other topics: drain may care
 
-    def _blocked(self, key: str | None, outcome: _Outcome) -> bool:
+    def _blocked(self, key: str | None, outcome: Outcome) -> bool:
         return (
             key is not None and self.ordered and (key in outcome.blocked or self.lane.blocks(key))
         )
@@ -512,7 +331,7 @@ class Subscription:
         started = time.monotonic()
         wait_time = max(0.0, time.time() - batch[0].created_at)
         done = False
-        outcome = _Outcome()
+        outcome = Outcome()
         try:
             if self._mark_batches and batch[-1].seq > self._marked:
                 # Record how far this batch reaches before the handler sees it.
@@ -566,7 +385,7 @@ class Subscription:
         )
         self._on_progress()
 
-    async def _main_events(self, batch: list[Event[object]], outcome: _Outcome) -> int:
+    async def _main_events(self, batch: list[Event[object]], outcome: Outcome) -> int:
         """Per-event handler: returns how many events of the batch were processed
         (fewer than all only when the circuit breaker opened, or when reconciliation
         cancelled a stuck call)."""
@@ -586,12 +405,14 @@ class Subscription:
         self._ctx._rollback_to(call.mark)
         # Each event before it succeeded, failed or was parked, exactly once.
         outcome.successes = i - len(outcome.retries) - len(outcome.dead)
-        self._failed(batch[i], HandlerStuck(self.name, call.stuck or 0.0, call.seqs()), outcome)
+        self.retry_lane.failed(
+            batch[i], HandlerStuck(self.name, call.stuck or 0.0, call.seqs()), outcome
+        )
         self._record_breaker(0, 1)
         return i + 1
 
     async def _each_event(
-        self, batch: list[Event[object]], outcome: _Outcome, call: HandlerCall
+        self, batch: list[Event[object]], outcome: Outcome, call: HandlerCall
     ) -> int:
         handler = self._call_handler
         monotonic = time.monotonic
@@ -606,7 +427,7 @@ class Subscription:
         ok = 0
         for i, event in enumerate(batch):
             if ordered and (outcome.blocked or len(lane)) and self._blocked(event.key, outcome):
-                self._park(event, outcome)
+                self.retry_lane.park(event, outcome)
                 continue
             ctx._event = event
             ctx.attempt = event.attempt
@@ -623,7 +444,7 @@ class Subscription:
                 ok += 1
             except Exception as exc:  # noqa: BLE001 - goes to the retry lane or dead letters
                 ctx._rollback_to(mark)
-                self._failed(event, exc, outcome)
+                self.retry_lane.failed(event, exc, outcome)
                 if breaker is not None:
                     now = time.monotonic()
                     breaker.record(ok, 1, now)
@@ -637,12 +458,12 @@ class Subscription:
             breaker.record(ok, 0, time.monotonic())
         return len(batch)
 
-    async def _main_batch(self, events: list[Event[object]], outcome: _Outcome) -> None:
+    async def _main_batch(self, events: list[Event[object]], outcome: Outcome) -> None:
         """Batch handler: on an exception, split the batch to isolate the failures."""
         runnable = []
         for event in events:
             if self._blocked(event.key, outcome):
-                self._park(event, outcome)
+                self.retry_lane.park(event, outcome)
             else:
                 runnable.append(event)
         if not runnable:
@@ -656,7 +477,7 @@ class Subscription:
                 # A stuck call is not split: its halves could hang a lease each. Its
                 # events go to the retry lane, where each runs alone.
                 for event in runnable:
-                    self._failed(event, exc, outcome)
+                    self.retry_lane.failed(event, exc, outcome)
                 self._record_breaker(0, len(runnable))
                 return
             logger.warning(
@@ -675,7 +496,7 @@ class Subscription:
         for event in runnable:
             error = failed.get(event.seq)
             if error is not None:
-                self._failed(event, error, outcome)
+                self.retry_lane.failed(event, error, outcome)
         ok = len(runnable) - len(failed)
         outcome.successes += ok
         self._record_breaker(ok, len(failed))
@@ -720,176 +541,6 @@ class Subscription:
             call.scope = None
             self.calls.discard(call)
         raise HandlerStuck(self.name, call.stuck or 0.0, call.seqs())
-
-    def _park(self, event: Event[object], outcome: _Outcome) -> None:
-        """An earlier event of this key waits in the retry lane: queue behind it."""
-        record = RetryRecord(self.name, event_record(event), event.attempt, None)
-        outcome.retries.append((record, None))
-
-    def _failed(self, event: Event[object], exc: Exception, outcome: _Outcome) -> None:
-        """Decide a failed first attempt: retry lane or, if hopeless, dead letters."""
-        self.stats.failed_attempts += 1
-        attempt = event.attempt
-        if attempt >= self.retry.max_attempts or not self.retry.retryable(exc):
-            logger.error(
-                "subscription %s: event %s (seq %d) failed (%s: %s); dead-lettering it",
-                self.name,
-                event.id,
-                event.seq,
-                type(exc).__name__,
-                exc,
-            )
-            outcome.dead.append(dead_record(self.name, event_record(event), attempt, exc, None))
-            return
-        delay = backoff_delay(self.retry, attempt, self.retry.initial_delay, self._rng)
-        logger.warning(
-            "subscription %s: event %s attempt %d failed (%s: %s); retrying in %.3fs",
-            self.name,
-            event.id,
-            attempt,
-            type(exc).__name__,
-            exc,
-            delay,
-        )
-        now_wall = time.time()
-        record = retry_record(
-            self.name, event_record(event), attempt + 1, now_wall + delay, exc, now_wall
-        )
-        outcome.retries.append((record, time.monotonic() + delay))
-        if self.ordered and event.key is not None:
-            outcome.blocked.add(event.key)
-
-    # -- retry lane -----------------------------------------------------------------
-
-    async def _lane_worker(self) -> None:
-        ctx = Context(self.name, self._encode, State(self.state_cache))
-        while True:
-            picked = await self._next_retry()
-            if picked is None:
-                return
-            record, suspect = picked
-            try:
-                await self._run_retry(record, ctx)
-            finally:
-                if suspect:  # only the worker that started the suspect ends its turn
-                    self._suspect_running = False
-                    self._alone.set()
-                    self._lane_wake.set()
-
-    async def _next_retry(self) -> tuple[RetryRecord, bool] | None:
-        lane = self.lane
-        while not self._stopping:
-            now = time.monotonic()
-            wait = self.breaker.wait_time(now) if self.breaker is not None else 0.0
-            due = lane.next_due()
-            head = lane.peek_due() if due is not None and due <= now else None
-            suspect = head is not None and head.error_type == PROCESS_DIED
-            # A suspect of killing the process runs alone, so that if it does again,
-            # no innocent event in flight is blamed with it; the main lane pauses
-            # between batches to let it.
-            blocked = suspect and (bool(lane.running) or self._busy)
-            waiting = suspect and wait <= 0 and not self._suspect_running
-            if waiting != self._suspect_waiting:
-                self._suspect_waiting = waiting
-                if not waiting:
-                    self._alone.set()
-            if wait <= 0 and head is not None:
-                if self._suspect_running or blocked:
-                    wait = float("inf")
-                elif head.attempt >= 2 and not suspect and not self.budget.take(now):
-                    # Recovery after a death is not a retry storm: no budget for it.
-                    wait = self.budget.wait_time(now)
-                else:
-                    record = lane.pop_due(now)
-                    if record is not None:
-                        if suspect:
-                            self._suspect_running = True
-                            self._suspect_waiting = False
-                        return record, suspect
-            elif due is not None:
-                wait = max(wait, due - now)
-            elif wait <= 0:
-                wait = float("inf")
-            self._lane_wake.clear()
-            with anyio.move_on_after(wait):
-                await self._lane_wake.wait()
-        return None
-
-    async def _run_retry(self, record: RetryRecord, ctx: Context) -> None:
-        seq = record.record.seq
-        attempt = record.attempt
-        # Record the attempt before it runs: if it kills the process, it counts.
-        await self._commit(WriteBatch(retries=[msgspec.structs.replace(record, running=True)]))
-        try:
-            event = msgspec.structs.replace(self._to_event(record.record), attempt=attempt)
-        except msgspec.DecodeError as exc:
-            self.lane.attempt_over(seq)
-            dead = dead_record(self.name, record.record, attempt, exc, record.first_failed_at)
-            await self._commit(WriteBatch(dead=[dead], settled=[(self.name, seq)]))
-            self._settle(seq)
-            return
-        mark = ctx._begin(None if self.is_batch else event, attempt)
-        error: Exception | None = None
-        try:
-            await self._call([event] if self.is_batch else event, ctx)
-            error = ctx._failed.get(seq)
-        except Exception as exc:  # noqa: BLE001 - retried again or dead-lettered
-            error = exc
-        # From here the attempt is over: a close must not count it as a death.
-        self.lane.attempt_over(seq)
-        if error is None:
-            self._record_breaker(1, 0)
-            done = WriteBatch(
-                appends=ctx._take_outbox(), state=ctx.state._take(), settled=[(self.name, seq)]
-            )
-            await self._commit(done)
-            self.state_cache.committed(done.state)
-            self._settle(seq)
-            return
-        ctx._rollback_to(mark)
-        self._record_breaker(0, 1)
-        self.stats.failed_attempts += 1
-        if attempt >= self.retry.max_attempts or not self.retry.retryable(error):
-            logger.error(
-                "subscription %s: event %s (seq %d) failed %d times, dead-lettering it: %s: %s",
-                self.name,
-                record.record.id,
-                seq,
-                attempt,
-                type(error).__name__,
-                error,
-            )
-            dead = dead_record(self.name, record.record, attempt, error, record.first_failed_at)
-            await self._commit(WriteBatch(dead=[dead], settled=[(self.name, seq)]))
-            self.stats.dead_lettered += 1
-            self._settle(seq)
-            return
-        delay = backoff_delay(self.retry, attempt, self.retry.initial_delay, self._rng)
-        logger.warning(
-            "subscription %s: event %s attempt %d failed (%s: %s); retrying in %.3fs",
-            self.name,
-            record.record.id,
-            attempt,
-            type(error).__name__,
-            error,
-            delay,
-        )
-        again = retry_record(
-            self.name,
-            record.record,
-            attempt + 1,
-            time.time() + delay,
-            error,
-            record.first_failed_at,
-        )
-        await self._commit(WriteBatch(retries=[again]))
-        self.lane.reschedule(again, time.monotonic() + delay)
-        self._lane_wake.set()
-
-    def _settle(self, seq: int) -> None:
-        self.lane.settle(seq, time.monotonic())
-        self._lane_wake.set()
-        self._on_progress()
 
     async def _commit(self, batch: WriteBatch) -> None:
         """Commit, retrying storage failures: the handler's work is already done, so
