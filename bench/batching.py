@@ -58,19 +58,16 @@ import asyncio
 import gc
 import itertools
 import math
-import os
-import platform
 import random
-import shutil
-import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 from array import array
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+from _support import loop_name, machine, temp_dir
 
 import eventbus
 from eventbus import BatchPolicy, Bus, BusConfig, Context, Event
@@ -376,7 +373,7 @@ async def measure(
     Call it inside ``eventbus.run`` (uvloop)."""
     say = progress or (lambda _msg: None)
     cells = {w.name: {s.label: Cell(s) for s in settings} for w in workloads}
-    with _temp_dir() as directory:
+    with temp_dir("eventbus-batching-") as directory:
         for r in range(max(1, plan.rounds)):
             order = list(settings[r % len(settings) :] + settings[: r % len(settings)])
             for workload in workloads:
@@ -442,9 +439,7 @@ def format_report(report: Report) -> str:
     lines = [
         "eventbus batching: one subscription, a batch handler costing a fixed part per call"
         " plus a part per event",
-        f"python {platform.python_version()} on {_loop_name()}, sqlite {sqlite3.sqlite_version},"
-        f" {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}; storage"
-        f" {plan.storage}",
+        f"{machine(loop_name())}; storage {plan.storage}",
         f"phases: light {plan.light_seconds:g} s -> saturated {plan.saturated_seconds:g} s"
         f" ({plan.window} in flight) -> light {plan.light_seconds:g} s; {plan.rounds} round(s):"
         " throughput the median, percentiles over all rounds' latencies;"
@@ -487,16 +482,6 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _loop_name() -> str:
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return "(no running loop)"
-    if type(loop).__module__.split(".")[0] == "uvloop":
-        return "uvloop"
-    return f"asyncio ({type(loop).__name__})"
-
-
 @contextmanager
 def _quiet_gc(enabled: bool) -> Iterator[None]:
     """Start each run from a collected heap and, unless ``enabled``, pause the cyclic
@@ -514,15 +499,6 @@ def _quiet_gc(enabled: bool) -> Iterator[None]:
         yield
     finally:
         gc.enable()
-
-
-@contextmanager
-def _temp_dir() -> Iterator[str]:
-    directory = tempfile.mkdtemp(prefix="eventbus-batching-")
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,10 +58,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import logging
 import os
-import platform
 import sqlite3
 import sys
 import threading
@@ -71,9 +69,9 @@ from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
+
+from _support import frozen_gc, load_script, loop_name, machine, temp_dir
 
 import eventbus
 
@@ -82,23 +80,8 @@ if TYPE_CHECKING:
     from workflows import Charge, Measurement, Order, Reservation, Shipment, Workload
 
 
-def _load_workflows() -> ModuleType:
-    """bench/workflows.py, imported by path (bench/ is scripts, not a package) under the
-    name tests/conftest.py's ``load_bench`` gives it, so both share one module."""
-    name = "bench_workflows"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("workflows.py"))
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while built
-    spec.loader.exec_module(module)
-    return module
-
-
 if not TYPE_CHECKING:
-    wb = _load_workflows()
+    wb = load_script("workflows")
 
 INSTALL_HINT = "pip install dbos  (or: pip install -e '.[peers]')"
 BUS_CONCURRENCY = wb.DEFAULT_CONCURRENCY
@@ -254,7 +237,7 @@ async def dbos_runs(work: Workload, setup: DbosSetup) -> DbosRun:
     latencies: list[float] = []
     results: dict[int, object] = {}
     probe = _Probe(setup.synchronous)
-    with wb._temp_dir() as directory:
+    with temp_dir() as directory:
         path = os.path.join(directory, "dbos.sqlite")
         if setup.journal_mode is not None:
             with _closing(sqlite3.connect(path)) as conn:  # the mode persists in the file
@@ -399,12 +382,12 @@ def measure(
     peer_runs: dict[DbosSetup, list[DbosRun]] = {s: [] for s in setups}
     ratios: dict[DbosSetup, list[float]] = {s: [] for s in setups}
     for round_no in range(1, repeat + 1):
-        with wb._quiet_gc():
+        with frozen_gc():
             bus = eventbus.run(wb.bus_runs(work, BUS_CONCURRENCY), use_uvloop=use_uvloop)
         report.bus_runs.append(bus)
         say(f"round {round_no}: {bus.name} {bus.steps_per_s:,.0f} steps/s")
         for setup in setups:
-            with wb._quiet_gc():
+            with frozen_gc():
                 run = eventbus.run(dbos_runs(work, setup), use_uvloop=use_uvloop)
             peer_runs[setup].append(run)
             ratios[setup].append(bus.steps_per_s / run.measurement.steps_per_s)
@@ -434,8 +417,7 @@ def format_report(report: Report, loop: str) -> str:
     lines = [
         f"eventbus workflows vs DBOS Transact {report.version}: {w.runs:,} runs x"
         f" {len(wb.STEPS)} steps, all started at once, each durable on a fresh SQLite file",
-        f"python {platform.python_version()} on {loop}, sqlite {sqlite3.sqlite_version}, "
-        f"{os.cpu_count()} CPUs, {platform.system()} {platform.machine()}",
+        machine(loop),
         f"bus: durability {w.durability!r} (journal_mode=wal synchronous={w.synchronous}),"
         f" workflow_concurrency {BUS_CONCURRENCY} (default)",
         f"{report.repeat} round(s), each: the bus, then each DBOS setup; medians of rates"
@@ -542,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _loop_name() -> str:
-    return wb._loop_name()
+    return loop_name()
 
 
 if __name__ == "__main__":

@@ -35,20 +35,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import gc
 import os
-import platform
-import shutil
 import sqlite3
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
+from _support import frozen_gc, loop_name, machine, temp_dir
 
 import eventbus
 from eventbus import Bus, BusConfig, BusFull, Context, Event, Message
@@ -155,7 +151,7 @@ def sqlite_ceiling(work: Workload, synchronous: Literal["NORMAL", "FULL"]) -> Me
         (i + 1, f"{prefix}{i:016x}", TOPIC, key, encode(payload), None, now)
         for i, (payload, key) in enumerate(zip(work.payloads(), work.keys(), strict=True))
     ]
-    with _temp_dir() as directory:
+    with temp_dir() as directory:
         path = os.path.join(directory, "ceiling.db")
         conn = sqlite3.connect(path, isolation_level=None)
         try:
@@ -199,7 +195,7 @@ async def bus_scenario(
     until ``drain()`` returns (every event handled and acknowledged)."""
     payloads = work.payloads()
     keys = work.keys()
-    with _temp_dir() as directory:
+    with temp_dir() as directory:
         if storage == "memory":
             path, config = ":memory:", BusConfig()
         else:
@@ -346,7 +342,7 @@ _CEILING_OF: dict[StorageKind, str] = {
 
 async def run_ceiling(work: Workload, name: str) -> Measurement:
     """Measure the named ceiling once (``QUEUE``, ``SQLITE_NORMAL`` or ``SQLITE_FULL``)."""
-    with _quiet_gc():
+    with frozen_gc():
         if name == QUEUE:
             return await queue_ceiling(work)
         return sqlite_ceiling(work, "FULL" if name == SQLITE_FULL else "NORMAL")
@@ -356,7 +352,7 @@ async def run_scenario(
     work: Workload, storage: StorageKind, producer: ProducerKind, handler: HandlerKind
 ) -> Measurement:
     """Measure one bus scenario once."""
-    with _quiet_gc():
+    with frozen_gc():
         return await bus_scenario(work, storage, producer, handler)
 
 
@@ -440,8 +436,7 @@ def format_report(report: Report) -> str:
     w = report.work
     lines = [
         f"eventbus throughput: {w.events:,} events, ~{w.payload_bytes} B payload, one subscription",
-        f"python {platform.python_version()} on {_loop_name()}, sqlite {sqlite3.sqlite_version}, "
-        f"{os.cpu_count()} CPUs, {platform.system()} {platform.machine()}",
+        machine(loop_name()),
         f"each scenario run {report.repeat}x right after its ceiling; medians of rates and of"
         " the paired ratios",
         "",
@@ -473,41 +468,9 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _loop_name() -> str:
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return "(no running loop)"
-    if type(loop).__module__.split(".")[0] == "uvloop":
-        return "uvloop"
-    return f"asyncio ({type(loop).__name__})"
-
-
 def _check(handled: int, expected: int, what: str) -> None:
     if handled != expected:
         raise RuntimeError(f"{what}: handled {handled} events, expected {expected}")
-
-
-@contextmanager
-def _quiet_gc() -> Iterator[None]:
-    """Collect, then freeze what is alive (the harness's inputs) for one measurement, so
-    the cyclic GC does not rescan 100 000 pre-built payloads on the bus's account; the
-    objects the bus allocates while running are collected as usual."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-@contextmanager
-def _temp_dir() -> Iterator[str]:
-    directory = tempfile.mkdtemp(prefix="eventbus-bench-")
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

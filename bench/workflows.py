@@ -46,13 +46,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
-import platform
-import shutil
 import sqlite3
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import msgspec
+from _support import frozen_gc, loop_name, machine, temp_dir
 
 import eventbus
 from eventbus import Bus, BusConfig, BusMetrics, Workflow
@@ -211,7 +208,7 @@ CEILING_BATCHED = "batched"
 @contextmanager
 def _saga_db(work: Workload) -> Iterator[sqlite3.Connection]:
     """A fresh WAL file with the bus's schema, set up as the bus sets up its writer."""
-    with _temp_dir() as directory:
+    with temp_dir() as directory:
         conn = sqlite3.connect(os.path.join(directory, "saga.db"), isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode = WAL")
@@ -328,7 +325,7 @@ async def bus_runs(work: Workload, concurrency: int) -> Measurement:
     inputs = orders(work.runs)
     latencies: list[float] = []
     config = BusConfig(durability=work.durability, workflow_concurrency=concurrency)
-    with _temp_dir() as directory:
+    with temp_dir() as directory:
         async with Bus.open(os.path.join(directory, "bus.db"), config=config) as bus:
             bus.workflow(WORKFLOW)(fulfil)
             results: dict[int, object] = {}
@@ -413,9 +410,9 @@ async def measure(
     runs: dict[int, list[Measurement]] = {c: [] for c in concurrencies}
     ratios: dict[int, list[tuple[float, float]]] = {c: [] for c in concurrencies}
     for round_no in range(1, repeat + 1):
-        with _quiet_gc():
+        with frozen_gc():
             per_step = saga_per_step(work)
-        with _quiet_gc():
+        with frozen_gc():
             batched = saga_batched(work)
         report.ceilings.setdefault(CEILING_PER_STEP, []).append(per_step)
         report.ceilings.setdefault(CEILING_BATCHED, []).append(batched)
@@ -424,7 +421,7 @@ async def measure(
             f" {CEILING_BATCHED} {batched.steps_per_s:,.0f} steps/s"
         )
         for concurrency in concurrencies:
-            with _quiet_gc():
+            with frozen_gc():
                 run = await bus_runs(work, concurrency)
             runs[concurrency].append(run)
             ratios[concurrency].append(
@@ -477,8 +474,7 @@ def format_report(report: Report) -> str:
     lines = [
         f"eventbus workflows: {w.runs:,} runs x {len(STEPS)} steps, all started at once,"
         f" SQLite file, durability {w.durability!r} (synchronous={w.synchronous})",
-        f"python {platform.python_version()} on {_loop_name()}, sqlite {sqlite3.sqlite_version}, "
-        f"{os.cpu_count()} CPUs, {platform.system()} {platform.machine()}",
+        machine(loop_name()),
         f"{report.repeat} round(s), each: both ceilings, then each bus setting; medians of"
         " rates and of the paired ratios",
         "",
@@ -513,36 +509,6 @@ def format_report(report: Report) -> str:
     lines.append("")
     lines += [text for text, _ in verdicts(report)]
     return "\n".join(lines)
-
-
-def _loop_name() -> str:
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return "(no running loop)"
-    if type(loop).__module__.split(".")[0] == "uvloop":
-        return "uvloop"
-    return f"asyncio ({type(loop).__name__})"
-
-
-@contextmanager
-def _quiet_gc() -> Iterator[None]:
-    """Collect before a measurement, so one run does not pay for the last one's garbage."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-@contextmanager
-def _temp_dir() -> Iterator[str]:
-    directory = tempfile.mkdtemp(prefix="eventbus-bench-")
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,14 +33,9 @@ async def wait_until(bus: object, predicate: Callable[[], bool], timeout: float 
 
 def load_bench(name: str) -> ModuleType:
     """Import ``bench/<name>.py`` (bench/ is scripts, not a package) as ``bench_<name>``."""
-    module_name = f"bench_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses look their module up while built
-    spec.loader.exec_module(module)
-    return module
+    bench = str(Path(__file__).resolve().parent.parent / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)  # where a script run from bench/ finds _support
+    import _support
+
+    return _support.load_script(name)

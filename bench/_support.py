@@ -1,0 +1,80 @@
+"""Helpers the benchmark scripts share.
+
+bench/ is scripts, not a package: run as ``python bench/<name>.py``, a script finds
+this module because Python puts bench/ first on ``sys.path``; tests load the scripts
+with :func:`load_script` after putting bench/ there too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib.util
+import os
+import platform
+import shutil
+import sqlite3
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
+BENCH = Path(__file__).resolve().parent
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``bench/<name>.py`` as ``bench_<name>`` (once: later calls return it)."""
+    module_name = f"bench_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, BENCH / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up while built
+    spec.loader.exec_module(module)
+    return module
+
+
+def loop_name() -> str:
+    """The running event loop's kind: ``uvloop`` or ``asyncio (...)``."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return "(no running loop)"
+    if type(loop).__module__.split(".")[0] == "uvloop":
+        return "uvloop"
+    return f"asyncio ({type(loop).__name__})"
+
+
+def machine(loop: str) -> str:
+    """One line naming what the figures were measured on."""
+    return (
+        f"python {platform.python_version()} on {loop}, sqlite {sqlite3.sqlite_version}, "
+        f"{os.cpu_count()} CPUs, {platform.system()} {platform.machine()}"
+    )
+
+
+@contextmanager
+def frozen_gc() -> Iterator[None]:
+    """Collect, then freeze what is alive (the harness's inputs) for one measurement,
+    so the cyclic GC does not rescan pre-built inputs on the bus's account; objects
+    allocated while the measurement runs are collected as usual."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@contextmanager
+def temp_dir(prefix: str = "eventbus-bench-") -> Iterator[str]:
+    """A scratch directory, removed afterwards."""
+    directory = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
