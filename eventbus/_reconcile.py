@@ -36,6 +36,7 @@ from storage import Receipt, Record, RetryRecord, SubscriptionInfo, Unaccounted,
 from ._errors import BusClosed, translate_storage_error
 from ._metrics import ReconcileMetrics
 from ._reconcile_report import SHOWN, ReconcileReport, ReconcilerResult, Repairs, SubscriptionReport
+from ._workflow_engine import unfinished_runs
 
 if TYPE_CHECKING:
     from ._bus import Bus
@@ -83,14 +84,11 @@ def _overdue(retries: list[RetryRecord], before: float) -> list[RetryRecord]:
 
 
 async def _late_workflows(log: _storage.Storage, now: float) -> list[str]:
-    late: list[str] = []
-    after = 0
-    while True:
-        runs = await log.workflows(status="running", after=after, limit=500)
-        late.extend(r.id for r in runs if r.deadline is not None and r.deadline < now)
-        if len(runs) < 500:
-            return late
-        after = runs[-1].num
+    return [
+        run.id
+        async for run in unfinished_runs(log)
+        if run.deadline is not None and run.deadline < now
+    ]
 
 
 async def check_log(log: _storage.Storage, *, lease: float) -> ReconcileReport:

@@ -8,7 +8,7 @@ import inspect
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -41,6 +41,20 @@ from ._workflow import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+async def unfinished_runs(
+    log: _storage.Storage, name: str | None = None
+) -> AsyncIterator[WorkflowRecord]:
+    """Every run (of workflow ``name``) still running in the log, a page at a time."""
+    after = 0
+    while True:
+        runs = await log.workflows(name=name, status="running", after=after, limit=500)
+        for run in runs:
+            yield run
+        if len(runs) < 500:
+            return
+        after = runs[-1].num
 
 
 class _Waiters:
@@ -95,13 +109,6 @@ class WorkflowEngine:
     def attach(self, tg: anyio.abc.TaskGroup) -> None:
         self._tg = tg
 
-    @property
-    def names(self) -> list[str]:
-        return sorted(self._defs)
-
-    def live(self) -> list[str]:
-        return list(self._live)
-
     def register(self, name: str, fn: WorkflowFunction, timeout: float | None) -> None:
         if not isinstance(name, str) or not name:
             raise WorkflowError(f"a workflow needs a non-empty name, got {name!r}")
@@ -127,18 +134,10 @@ class WorkflowEngine:
 
     async def _resume_all(self, name: str | None) -> None:
         """Resume every unfinished run (of ``name``) this process does not run."""
-        after = 0
         try:
-            while True:
-                runs = await self._log.workflows(
-                    name=name, status="running", after=after, limit=500
-                )
-                for run in runs:
-                    if run.name in self._defs:
-                        self.launch(run.id)
-                if len(runs) < 500:
-                    return
-                after = runs[-1].num
+            async for run in unfinished_runs(self._log, name):
+                if run.name in self._defs:
+                    self.launch(run.id)
         except (BusClosed, _storage.StorageError) as exc:
             # Reconciliation looks for unfinished runs again on its next pass.
             logger.warning("could not look for unfinished %s workflow runs: %s", name, exc)
@@ -432,17 +431,12 @@ class WorkflowEngine:
         resumed: list[str] = []
         overdue: list[str] = []
         now = time.time()
-        after = 0
-        while True:
-            runs = await self._log.workflows(status="running", after=after, limit=500)
-            for run in runs:
-                if run.deadline is not None and run.deadline < now:
-                    overdue.append(run.id)
-                if run.name in self._defs and self.launch(run.id):
-                    resumed.append(run.id)
-            if len(runs) < 500:
-                return resumed, overdue
-            after = runs[-1].num
+        async for run in unfinished_runs(self._log):
+            if run.deadline is not None and run.deadline < now:
+                overdue.append(run.id)
+            if run.name in self._defs and self.launch(run.id):
+                resumed.append(run.id)
+        return resumed, overdue
 
     async def stop(self) -> None:
         """Cancel every run (they resume on the next open), wake every waiter, and
