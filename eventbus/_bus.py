@@ -14,7 +14,15 @@ import anyio
 import msgspec
 
 import storage as _storage
-from storage import LogStats, MemoryStorage, NewRecord, Receipt, Record, SQLiteStorage
+from storage import (
+    WORKFLOW_PREFIX,
+    LogStats,
+    MemoryStorage,
+    NewRecord,
+    Receipt,
+    Record,
+    SQLiteStorage,
+)
 from storage import SubscriptionInfo as _SubInfo
 
 from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy
@@ -36,7 +44,7 @@ from ._reconcile import R, Reconciler
 from ._reconcile_report import ReconcileReport
 from ._state import StateReader
 from ._subscription import Subscription
-from ._workflow import WORKFLOW_PREFIX, WorkflowError, WorkflowFunction
+from ._workflow import WorkflowError, WorkflowFunction
 from ._workflow_engine import WorkflowEngine, WorkflowHandle
 from ._writer import LogWriter
 

@@ -47,8 +47,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 WorkflowFunction = Callable[..., Awaitable[Any]]
 
-#: Dead letters of failed runs of workflow NAME are filed under "workflow:NAME".
-WORKFLOW_PREFIX = "workflow:"
 
 # Names starting with "@" are the engine's own.
 _SLEEP = "@sleep"

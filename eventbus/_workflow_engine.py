@@ -16,7 +16,14 @@ import anyio.abc
 import msgspec
 
 import storage as _storage
-from storage import DeadRecord, Record, StepRecord, WorkflowRecord, WriteBatch
+from storage import (
+    WORKFLOW_PREFIX,
+    DeadRecord,
+    Record,
+    StepRecord,
+    WorkflowRecord,
+    WriteBatch,
+)
 
 from ._config import RetryPolicy
 from ._errors import BusClosed, translate_storage_error
@@ -24,7 +31,6 @@ from ._event import new_event_id
 from ._handler import error_type_name, format_error
 from ._metrics import WorkflowMetrics
 from ._workflow import (
-    WORKFLOW_PREFIX,
     StepFailed,
     Workflow,
     WorkflowCancelled,

@@ -20,6 +20,7 @@ from ._schema import SCHEMA_VERSION
 from ._sqlite import Durability, SQLiteStorage
 from ._statements import submit_control
 from ._types import (
+    WORKFLOW_PREFIX,
     DeadRecord,
     LogStats,
     NewRecord,
@@ -34,6 +35,7 @@ from ._types import (
 )
 
 __all__ = [
+    "WORKFLOW_PREFIX",
     "SCHEMA_VERSION",
     "CorruptLog",
     "DeadRecord",

@@ -10,6 +10,7 @@ import msgspec
 
 from ._errors import StorageClosed
 from ._types import (
+    WORKFLOW_PREFIX,
     DeadRecord,
     LogStats,
     Receipt,
@@ -21,8 +22,6 @@ from ._types import (
     WorkflowRecord,
     WriteBatch,
 )
-
-_WORKFLOW_PREFIX = "workflow:"
 
 
 class _Ranges:
@@ -320,7 +319,7 @@ class MemoryStorage:
         for r in out:
             del self._dead[(r.subscription, r.record.seq)]
             self._release((r.subscription, r.record.seq))
-            if not r.subscription.startswith(_WORKFLOW_PREFIX):
+            if not r.subscription.startswith(WORKFLOW_PREFIX):
                 if (r.subscription, r.record.seq) not in self._retries:
                     self._hold((r.subscription, r.record.seq))
                 self._retries[(r.subscription, r.record.seq)] = r
@@ -353,7 +352,7 @@ class MemoryStorage:
         for d in rows:
             del self._dead[(d.subscription, d.record.seq)]
             self._release((d.subscription, d.record.seq))
-            if not d.subscription.startswith(_WORKFLOW_PREFIX):
+            if not d.subscription.startswith(WORKFLOW_PREFIX):
                 self._ranges(d.subscription).add(d.record.seq, d.record.seq)
         return len(rows)
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from ._types import (
+    WORKFLOW_PREFIX,
     DeadRecord,
     Receipt,
     Record,
@@ -24,8 +25,6 @@ from ._types import (
     WriteBatch,
 )
 
-# Dead letters of failed workflow runs are filed under "workflow:<name>".
-WORKFLOW_PREFIX = "workflow:"
 EVENT_COLUMNS = "seq, id, topic, key, payload, headers, created_at"
 # SQLite's default limit on host parameters is 32766 since 3.32; stay far below it.
 IN_CHUNK = 500
@@ -48,10 +47,12 @@ _ACK = (
     " ON CONFLICT (name) DO UPDATE SET cursor = max(cursor, excluded.cursor),"
     " updated_at = excluded.updated_at"
 )
+DEAD_COLUMNS = (
+    "subscription, seq, id, topic, key, payload, headers, created_at, attempts,"
+    " error_type, error_message, traceback, first_failed_at, last_failed_at"
+)
 _INSERT_DEAD = (
-    "INSERT OR REPLACE INTO dead_letters (subscription, seq, id, topic, key, payload,"
-    " headers, created_at, attempts, error_type, error_message, traceback,"
-    " first_failed_at, last_failed_at)"
+    f"INSERT OR REPLACE INTO dead_letters ({DEAD_COLUMNS})"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
@@ -448,10 +449,6 @@ def compact(
     return int(removed)
 
 
-DEAD_COLUMNS = (
-    "subscription, seq, id, topic, key, payload, headers, created_at, attempts,"
-    " error_type, error_message, traceback, first_failed_at, last_failed_at"
-)
 RETRY_COLUMNS = (
     "subscription, seq, id, topic, key, payload, headers, created_at, attempt, due_at,"
     " first_failed_at, error_type, error_message, traceback, running"

@@ -94,6 +94,10 @@ class RetryRecord(msgspec.Struct, frozen=True, gc=False):
     running: bool = False
 
 
+#: Dead letters of failed runs of workflow NAME are filed under "workflow:NAME".
+WORKFLOW_PREFIX = "workflow:"
+
+
 class WorkflowRecord(msgspec.Struct, frozen=True, gc=False):
     """One run of a workflow, identified by ``id``.
 
