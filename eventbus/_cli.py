@@ -63,18 +63,14 @@ def _print_stats(stats: LogStats) -> None:
         )
 
 
-def _dead_to_dict(d: DeadRecord, decoder: msgspec.msgpack.Decoder[object]) -> dict[str, object]:
-    try:
-        payload: object = decoder.decode(d.record.payload)
-    except msgspec.DecodeError:
-        payload = d.record.payload.hex()
+def _dead_to_dict(d: DeadRecord) -> dict[str, object]:
     return {
         "subscription": d.subscription,
         "seq": d.record.seq,
         "id": d.record.id,
         "topic": d.record.topic,
         "key": d.record.key,
-        "payload": payload,
+        "payload": _decoded(d.record.payload),
         "attempts": d.attempts,
         "error_type": d.error_type,
         "error_message": d.error_message,
@@ -262,13 +258,12 @@ async def _run(args: argparse.Namespace) -> int:
                 until=args.until,
                 ids=[args.id] if show and not args.id.isdigit() else None,
             )
-            decoder: msgspec.msgpack.Decoder[object] = msgspec.msgpack.Decoder()
             if show:
                 rows = [r for r in rows if r.record.id == args.id or str(r.record.seq) == args.id]
                 if not rows:
                     print(f"eventbus: no dead letter with id or seq {args.id!r}", file=sys.stderr)
                     return 1
-            items = [_dead_to_dict(r, decoder) for r in rows]
+            items = [_dead_to_dict(r) for r in rows]
             if args.json:
                 print(_JSON.encode(items).decode())
             elif show:

@@ -339,6 +339,15 @@ class SQLiteStorage:
         """
         return await conn._execute(fn)  # type: ignore[no-untyped-call,no-any-return]
 
+    async def _run(self, which: str, fn: Callable[..., T], *args: object) -> T:
+        """``fn(connection, *args)`` on the reader's (``"r"``) or writer's (``"w"``)
+        thread, its SQLite errors translated."""
+        conn = self._conn(which)
+        try:
+            return await self._in_thread(conn, partial(fn, conn._conn, *args))
+        except sqlite3.Error as exc:
+            raise _translate(self.path, exc) from exc
+
     async def commit(self, batch: WriteBatch) -> list[Receipt]:
         if self.read_only:
             raise StorageError(f"{self.path!r} was opened read-only")
@@ -487,13 +496,8 @@ class SQLiteStorage:
         spacing: float = 0.0,
         limit: int = 1_000_000,
     ) -> list[RetryRecord]:
-        conn = self._conn("w")
         where, params = stmts.dead_filter(subscription, error_type, None, None, ids)
-        fn = partial(stmts.redrive, conn._conn, where, params, due_at, spacing, limit)
-        try:
-            return await self._in_thread(conn, fn)
-        except sqlite3.Error as exc:
-            raise _translate(self.path, exc) from exc
+        return await self._run("w", stmts.redrive, where, params, due_at, spacing, limit)
 
     async def purge(
         self,
@@ -503,13 +507,8 @@ class SQLiteStorage:
         error_type: str | None = None,
         until: float | None = None,
     ) -> int:
-        conn = self._conn("w")
         where, params = stmts.dead_filter(subscription, error_type, None, until, ids)
-        fn = partial(stmts.purge, conn._conn, where, params)
-        try:
-            return await self._in_thread(conn, fn)
-        except sqlite3.Error as exc:
-            raise _translate(self.path, exc) from exc
+        return await self._run("w", stmts.purge, where, params)
 
     async def workflow(self, workflow_id: str) -> WorkflowRecord | None:
         rows = await self._fetch(
@@ -545,12 +544,7 @@ class SQLiteStorage:
         return [stmts.step_from_row(r) for r in rows]
 
     async def unaccounted(self, subscription: str, upto: int, limit: int = 100) -> Unaccounted:
-        conn = self._conn("r")
-        fn = partial(stmts.unaccounted, conn._conn, subscription, upto, limit)
-        try:
-            return await self._in_thread(conn, fn)
-        except sqlite3.Error as exc:
-            raise _translate(self.path, exc) from exc
+        return await self._run("r", stmts.unaccounted, subscription, upto, limit)
 
     async def take_control(self) -> list[tuple[int, bytes]]:
         """Commands queued in the file by another process (the CLI), oldest first."""
@@ -560,29 +554,14 @@ class SQLiteStorage:
     async def done_control(self, ids: Sequence[int]) -> None:
         if not ids:
             return
-        conn = self._conn("w")
-        fn = partial(stmts.done_control, conn._conn, list(ids))
-        try:
-            await self._in_thread(conn, fn)
-        except sqlite3.Error as exc:
-            raise _translate(self.path, exc) from exc
+        await self._run("w", stmts.done_control, list(ids))
 
     async def compact(
         self, upto: int, older_than: float, idempotency_older_than: float, limit: int = 10_000
     ) -> int:
-        conn = self._conn("w")
-        fn = partial(
-            stmts.compact,
-            conn._conn,
-            min(upto, self._head),
-            older_than,
-            idempotency_older_than,
-            limit,
+        return await self._run(
+            "w", stmts.compact, min(upto, self._head), older_than, idempotency_older_than, limit
         )
-        try:
-            return await self._in_thread(conn, fn)
-        except sqlite3.Error as exc:
-            raise _translate(self.path, exc) from exc
 
     async def stats(self) -> LogStats:
         conn = self._conn("r")
