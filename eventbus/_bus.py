@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Literal, TypeVar
@@ -38,13 +37,13 @@ from ._errors import (
 )
 from ._event import Event, Message, new_event_id
 from ._handler import Handler
-from ._metrics import BusMetrics, SubscriptionMetrics, summarize
+from ._metrics import BusMetrics, SubscriptionMetrics, median, summarize
 from ._recent import RecentEvents
 from ._reconcile import R, Reconciler
 from ._reconcile_report import ReconcileReport
 from ._state import StateReader
 from ._subscription import Subscription
-from ._workflow import WorkflowError, WorkflowFunction
+from ._workflow import WorkflowFunction
 from ._workflow_engine import WorkflowEngine, WorkflowHandle
 from ._writer import LogWriter
 
@@ -640,7 +639,7 @@ class Bus:
         """
         self._check_open()
         record = await self._workflows.start(name, input, workflow_id, timeout)
-        return WorkflowHandle(self._workflows, self._log, record)
+        return WorkflowHandle(self._workflows, record)
 
     async def get_workflow(self, workflow_id: str) -> WorkflowHandle:
         """The handle of an existing run.
@@ -648,10 +647,7 @@ class Bus:
         Raises:
             WorkflowError: No run has this id.
         """
-        record = await self._log.workflow(workflow_id)
-        if record is None:
-            raise WorkflowError(f"no workflow run with id {workflow_id!r} in this log")
-        return WorkflowHandle(self._workflows, self._log, record)
+        return WorkflowHandle(self._workflows, await self._workflows.read(workflow_id))
 
     # -- reconciliation -------------------------------------------------------------
 
@@ -777,9 +773,7 @@ class Bus:
                     live=s.live,
                     batch_target=s.controller.target(),
                     throughput=s.stats.throughput(),
-                    batch_size_p50=statistics.median(s.stats.batch_sizes)
-                    if s.stats.batch_sizes
-                    else 0.0,
+                    batch_size_p50=median(s.stats.batch_sizes),
                     batch_size_max=max(s.stats.batch_sizes, default=0),
                     handler_latency=summarize(s.stats.handler_latency),
                     end_to_end_latency=summarize(s.stats.end_to_end),

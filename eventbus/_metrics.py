@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 
 import msgspec
 
@@ -84,14 +85,15 @@ class CommitRecorder:
             commits=self.commits,
             committed_events=self.committed_events,
             commit_target=target,
-            commit_size_p50=_median(self.sizes),
+            commit_size_p50=median(self.sizes),
             commit_size_max=max(self.sizes, default=0),
-            acks_per_commit_p50=_median(self.acks),
+            acks_per_commit_p50=median(self.acks),
             commit_latency=summarize(self.latency),
         )
 
 
-def _median(samples: deque[int]) -> float:
+def median(samples: Iterable[int]) -> float:
+    """The median of ``samples`` (0.0 when there are none)."""
     values = sorted(samples)
     if not values:
         return 0.0

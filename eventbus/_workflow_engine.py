@@ -374,6 +374,12 @@ class WorkflowEngine:
             )
         return record
 
+    async def steps(self, workflow_id: str) -> list[StepRecord]:
+        try:
+            return await self._log.steps(workflow_id)
+        except _storage.StorageError as exc:
+            raise translate_storage_error(exc) from exc
+
     @contextlib.contextmanager
     def _waiting(self, workflow_id: str) -> Iterator[_Waiters]:
         """An event set when the run's task here ends; forgotten with its last waiter."""
@@ -463,11 +469,10 @@ class WorkflowHandle:
         name: The workflow's name.
     """
 
-    def __init__(self, engine: WorkflowEngine, log: _storage.Storage, record: WorkflowRecord):
+    def __init__(self, engine: WorkflowEngine, record: WorkflowRecord):
         self.id = record.id
         self.name = record.name
         self._engine = engine
-        self._log = log
 
     def __repr__(self) -> str:
         return f"<WorkflowHandle {self.name!r} id={self.id!r}>"
@@ -475,10 +480,7 @@ class WorkflowHandle:
     async def status(self) -> WorkflowStatus:
         """The run's status and its steps, as committed."""
         record = await self._engine.read(self.id)
-        try:
-            steps = await self._log.steps(self.id)
-        except _storage.StorageError as exc:
-            raise translate_storage_error(exc) from exc
+        steps = await self._engine.steps(self.id)
         return WorkflowStatus(
             record.id,
             record.name,
