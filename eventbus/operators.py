@@ -273,7 +273,7 @@ class _Operator:
                     "emit to a topic it does not subscribe to"
                 )
         names = [name] if key is None else [name, self._keyed_topic]
-        taken = [n for n in names if n in bus.metrics().subscriptions]
+        taken = [n for n in names if n in bus._subs]
         if taken:
             # Checked before subscribing, so that a clash leaves nothing half registered.
             raise SubscriptionError(
@@ -372,12 +372,13 @@ class _Timed(_Operator):
         late: str | None,
         batch: BatchPolicy | None,
         retry: RetryPolicy | None,
-        outputs: Iterable[str | None],
+        emit: str,
     ) -> None:
         self._time = time
         self.lateness = lateness
         self.late_topic = late
-        super().__init__(bus, name, topics, key, batch, retry, (*outputs, late))
+        self.emit = emit
+        super().__init__(bus, name, topics, key, batch, retry, (emit, late))
 
     def _event_time(self, event: Event[object]) -> object:
         return event.created_at if self._time is None else self._time(event)
@@ -547,7 +548,6 @@ class Windows(_Timed, Generic[A]):
     ) -> None:
         self.size = size
         self.slide = slide
-        self.emit = emit
         self._aggregate = cast("Callable[[object, Event[object]], object]", aggregate)
         self._initial = _fresh(initial)
         super().__init__(
@@ -560,7 +560,7 @@ class Windows(_Timed, Generic[A]):
             late,
             batch,
             retry,
-            (emit,),
+            emit,
         )
 
     async def _step(
@@ -584,13 +584,15 @@ class Windows(_Timed, Generic[A]):
             if top is None or t > top:
                 top = t
                 mark = top - self.lateness
-        for start in sorted(windows):
+        still_open: list[tuple[float, object]] = []
+        for start, value in sorted(windows.items()):
             if start + size <= mark:
-                result = {"key": key, "start": start, "end": start + size, "value": windows[start]}
+                result = {"key": key, "start": start, "end": start + size, "value": value}
                 await ctx.publish(self.emit, result, key=key)
-                del windows[start]
+            else:
+                still_open.append((start, value))
         await self._late(key, late, ctx)
-        return _WindowState(top, state.late + len(late), sorted(windows.items()))
+        return _WindowState(top, state.late + len(late), still_open)
 
     async def open_windows(self) -> AsyncIterator[Window[A]]:
         """Every window not closed yet, as committed, by key then start (a scan of
@@ -823,7 +825,6 @@ class Join(_Timed):
         self.left = left
         self.right = right
         self.within = within
-        self.emit = emit
         super().__init__(
             bus,
             name,
@@ -834,7 +835,7 @@ class Join(_Timed):
             late,
             batch,
             retry,
-            (emit,),
+            emit,
         )
 
     async def _step(
