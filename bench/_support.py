@@ -16,10 +16,13 @@ import shutil
 import sqlite3
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Any, TypeVar, overload
+
+T = TypeVar("T")
 
 BENCH = Path(__file__).resolve().parent
 
@@ -36,6 +39,15 @@ def load_script(name: str) -> ModuleType:
     sys.modules[module_name] = module  # dataclasses look their module up while built
     spec.loader.exec_module(module)
     return module
+
+
+@overload
+def median(values: Sequence[float]) -> float: ...
+@overload
+def median(values: Sequence[T], key: Callable[[T], float]) -> T: ...
+def median(values: Sequence[Any], key: Callable[[Any], float] | None = None) -> Any:
+    """The middle value (the upper one of an even count, so it is a value measured)."""
+    return sorted(values, key=key)[len(values) // 2]
 
 
 def loop_name() -> str:

@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from _support import frozen_gc, load_script, loop_name, machine, temp_dir
+from _support import frozen_gc, load_script, loop_name, machine, median, temp_dir
 
 import eventbus
 
@@ -351,15 +351,7 @@ class Report:
 
     @property
     def bus(self) -> Measurement:
-        return _median(self.bus_runs)
-
-
-def _median(runs: list[Measurement]) -> Measurement:
-    return sorted(runs, key=lambda m: m.seconds)[len(runs) // 2]
-
-
-def _median_of(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
+        return median(self.bus_runs, key=lambda m: m.seconds)
 
 
 def measure(
@@ -398,12 +390,12 @@ def measure(
             )
     for setup in setups:
         runs = peer_runs[setup]
-        median = sorted(runs, key=lambda r: r.measurement.seconds)[len(runs) // 2]
+        middle = median(runs, key=lambda r: r.measurement.seconds)
         report.peers.append(
             PeerRow(
                 setup,
-                median,
-                _median_of(ratios[setup]),
+                middle,
+                median(ratios[setup]),
                 tuple(r.measurement.steps_per_s for r in runs),
                 tuple(r.warnings for r in runs),
             )

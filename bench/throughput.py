@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
-from _support import frozen_gc, loop_name, machine, temp_dir
+from _support import frozen_gc, loop_name, machine, median, temp_dir
 
 import eventbus
 from eventbus import Bus, BusConfig, BusFull, Context, Event, Message
@@ -321,7 +321,7 @@ class Report:
 
     def ceiling_median(self, name: str) -> Measurement | None:
         runs = self.ceilings.get(name)
-        return _median(runs) if runs else None
+        return median(runs, key=_seconds) if runs else None
 
     def find(
         self, storage: StorageKind, producer: ProducerKind, handler: HandlerKind
@@ -356,8 +356,8 @@ async def run_scenario(
         return await bus_scenario(work, storage, producer, handler)
 
 
-def _median(runs: list[Measurement]) -> Measurement:
-    return sorted(runs, key=lambda m: m.seconds)[len(runs) // 2]
+def _seconds(m: Measurement) -> float:
+    return m.seconds
 
 
 async def measure(
@@ -394,8 +394,8 @@ async def measure(
                     runs.append(run)
                     ratios.append(run.rate / ceiling.rate)
                 report.ceilings.setdefault(ceiling_name, []).extend(ceilings)
-                ratio = sorted(ratios)[len(ratios) // 2]
-                mid = _median(runs)
+                ratio = median(ratios)
+                mid = median(runs, key=_seconds)
                 say(
                     f"{name}: {mid.rate:,.0f}/s ({ratio:.1%} of {ceiling_name});"
                     f" runs {', '.join(f'{m.rate:,.0f}' for m in runs)}"
@@ -406,7 +406,7 @@ async def measure(
                         producer_label(producer, work),
                         "batch (list[Event])" if handler == "batch" else "per-event",
                         mid,
-                        _median(ceilings),
+                        median(ceilings, key=_seconds),
                         ratio,
                         tuple(m.rate for m in runs),
                     )

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import msgspec
-from _support import frozen_gc, loop_name, machine, temp_dir
+from _support import frozen_gc, loop_name, machine, median, temp_dir
 
 import eventbus
 from eventbus import Bus, BusConfig, BusMetrics, Workflow
@@ -381,18 +381,14 @@ class Report:
     rows: list[Row] = field(default_factory=list)
 
     def ceiling(self, name: str) -> Measurement:
-        return _median(self.ceilings[name])
+        return median(self.ceilings[name], key=_seconds)
 
     def row(self, concurrency: int) -> Row | None:
         return next((r for r in self.rows if r.concurrency == concurrency), None)
 
 
-def _median(runs: list[Measurement]) -> Measurement:
-    return sorted(runs, key=lambda m: m.seconds)[len(runs) // 2]
-
-
-def _median_of(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
+def _seconds(m: Measurement) -> float:
+    return m.seconds
 
 
 async def measure(
@@ -435,9 +431,9 @@ async def measure(
         report.rows.append(
             Row(
                 concurrency,
-                _median(runs[concurrency]),
-                _median_of([a for a, _ in ratios[concurrency]]),
-                _median_of([b for _, b in ratios[concurrency]]),
+                median(runs[concurrency], key=_seconds),
+                median([a for a, _ in ratios[concurrency]]),
+                median([b for _, b in ratios[concurrency]]),
                 tuple(m.steps_per_s for m in runs[concurrency]),
             )
         )
