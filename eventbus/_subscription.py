@@ -279,7 +279,9 @@ class Subscription:
                     continue
                 await self._fill()
                 continue
-            target = self.controller.target()
+            # A batch never outgrows the channel: waiting for more than it can hold
+            # would spin (a full channel takes nothing more, without awaiting).
+            target = min(self.controller.target(), self.capacity)
             linger = self.controller.linger()
             if linger > 0 and len(channel) < target:
                 with anyio.move_on_after(linger):

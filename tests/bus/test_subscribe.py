@@ -299,3 +299,22 @@ async def test_subscribing_twice_under_one_name_is_refused() -> None:
 
         with pytest.raises(SubscriptionError, match="two parameters"):
             bus.subscribe("t", name="bad")(lambda e: None)  # type: ignore[arg-type,return-value]
+
+
+@pytest.mark.anyio
+async def test_a_batch_larger_than_the_channel_does_not_spin_the_linger() -> None:
+    # A fixed batch of 32 with a linger, through a channel of 8: the batcher used to
+    # wait for more than the channel can hold, spinning without awaiting.
+    config = BusConfig(channel_capacity=8)
+    seen: list[int] = []
+    async with Bus.open(":memory:", config=config) as bus:
+
+        @bus.subscribe("t", name="s", batch=BatchPolicy(mode="fixed", max_size=32, max_wait=0.05))
+        async def handle(events: list[Event[int]], ctx: Context) -> None:
+            seen.extend(e.payload for e in events)
+
+        for i in range(100):
+            await bus.publish("t", i)
+        with anyio.fail_after(10):
+            await bus.drain(timeout=5)
+    assert seen == list(range(100))
