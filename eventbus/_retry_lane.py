@@ -212,9 +212,7 @@ class RetryLane:
             event = msgspec.structs.replace(sub._to_event(record.record), attempt=attempt)
         except msgspec.DecodeError as exc:
             self.schedule.attempt_over(seq)
-            dead = dead_record(sub.name, record.record, attempt, exc, record.first_failed_at)
-            await sub._commit(WriteBatch(dead=[dead], settled=[(sub.name, seq)]))
-            self._settle(seq)
+            await self._dead_letter(record, exc)
             return
         mark = ctx._begin(None if sub.is_batch else event, attempt)
         error: Exception | None = None
@@ -247,10 +245,7 @@ class RetryLane:
                 type(error).__name__,
                 error,
             )
-            dead = dead_record(sub.name, record.record, attempt, error, record.first_failed_at)
-            await sub._commit(WriteBatch(dead=[dead], settled=[(sub.name, seq)]))
-            sub.stats.dead_lettered += 1
-            self._settle(seq)
+            await self._dead_letter(record, error)
             return
         delay = backoff_delay(sub.retry, attempt, sub.retry.initial_delay, self.rng)
         logger.warning(
@@ -273,6 +268,15 @@ class RetryLane:
         await sub._commit(WriteBatch(retries=[again]))
         self.schedule.reschedule(again, time.monotonic() + delay)
         self.wake.set()
+
+    async def _dead_letter(self, record: RetryRecord, exc: BaseException) -> None:
+        """Give up on the event: dead-letter it and take it out of the lane."""
+        sub = self._sub
+        seq = record.record.seq
+        dead = dead_record(sub.name, record.record, record.attempt, exc, record.first_failed_at)
+        await sub._commit(WriteBatch(dead=[dead], settled=[(sub.name, seq)]))
+        sub.stats.dead_lettered += 1
+        self._settle(seq)
 
     def _settle(self, seq: int) -> None:
         self.schedule.settle(seq, time.monotonic())
