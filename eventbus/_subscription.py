@@ -462,12 +462,15 @@ class Subscription:
 
     async def _main_batch(self, events: list[Event[object]], outcome: Outcome) -> None:
         """Batch handler: on an exception, split the batch to isolate the failures."""
-        runnable = []
-        for event in events:
-            if self._blocked(event.key, outcome):
-                self.retry_lane.park(event, outcome)
-            else:
-                runnable.append(event)
+        runnable = events
+        if self.ordered and (outcome.blocked or len(self.lane)):
+            # Only then can an event of the batch have to wait behind its key.
+            runnable = []
+            for event in events:
+                if self._blocked(event.key, outcome):
+                    self.retry_lane.park(event, outcome)
+                else:
+                    runnable.append(event)
         if not runnable:
             return
         mark = self._ctx._begin(None, max(e.attempt for e in runnable))
