@@ -16,7 +16,6 @@ from storage import LogStats
 from ._bus import Bus
 from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy
 from ._context import Context
-from ._dead_letters import DeadLetter, DeadLetters
 from ._effects import idempotent
 from ._errors import (
     BusClosed,
@@ -44,11 +43,17 @@ from ._metrics import (
     SubscriptionMetrics,
     WorkflowMetrics,
 )
-from ._reconcile import Reconciliation
-from ._reconcile_report import ReconcileReport, ReconcilerResult, Repairs, SubscriptionReport
 from ._run import run
 from ._state import State, StateReader
-from ._workflow import (
+from .failures import DeadLetter, DeadLetters
+from .reconcile import (
+    ReconcileReport,
+    ReconcilerResult,
+    Reconciliation,
+    Repairs,
+    SubscriptionReport,
+)
+from .workflows import (
     StepFailed,
     StepInfo,
     StepStatus,
@@ -56,11 +61,11 @@ from ._workflow import (
     WorkflowCancelled,
     WorkflowError,
     WorkflowFailed,
+    WorkflowHandle,
     WorkflowIncompatible,
     WorkflowStatus,
     current_step,
 )
-from ._workflow_engine import WorkflowHandle
 
 __all__ = [
     "BatchPolicy",

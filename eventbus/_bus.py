@@ -25,8 +25,6 @@ from storage import (
 from storage import SubscriptionInfo as _SubInfo
 
 from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy
-from ._dead_letters import CONTROL_DECODER as _CONTROL
-from ._dead_letters import DeadLetters
 from ._errors import (
     BusClosed,
     DrainTimeout,
@@ -38,14 +36,13 @@ from ._errors import (
 from ._event import Event, Message, new_event_id
 from ._handler import Handler
 from ._metrics import BusMetrics, SubscriptionMetrics, median, summarize
-from ._recent import RecentEvents
-from ._reconcile import R, Reconciler
-from ._reconcile_report import ReconcileReport
 from ._state import StateReader
 from ._subscription import Subscription
-from ._workflow import WorkflowFunction
-from ._workflow_engine import WorkflowEngine, WorkflowHandle
-from ._writer import LogWriter
+from .failures import CONTROL_DECODER as _CONTROL
+from .failures import DeadLetters
+from .publish import LogWriter, RecentEvents
+from .reconcile import R, Reconciler, ReconcileReport
+from .workflows import WorkflowEngine, WorkflowFunction, WorkflowHandle
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,7 @@ import msgspec
 import storage as _storage
 from storage import DeadRecord, Record, RetryRecord, WriteBatch
 
-from ._handler import PROCESS_DIED, dead_record
-from ._retry import backoff_delay
+from .failures import PROCESS_DIED, backoff_delay, dead_record
 
 if TYPE_CHECKING:
     from ._subscription import Subscription

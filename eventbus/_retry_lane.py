@@ -26,10 +26,9 @@ from storage import DeadRecord, RetryRecord, WriteBatch
 from ._breaker import RetryBudget
 from ._context import Context
 from ._event import Event
-from ._handler import PROCESS_DIED, dead_record, event_record, retry_record
 from ._lane import RetrySchedule
-from ._retry import backoff_delay
 from ._state import State
+from .failures import PROCESS_DIED, backoff_delay, dead_record, event_record, retry_record
 
 if TYPE_CHECKING:
     from ._subscription import Subscription

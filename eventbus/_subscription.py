@@ -40,18 +40,13 @@ from ._config import BatchPolicy, BreakerPolicy, RetryPolicy
 from ._context import Context, Encoder
 from ._errors import BusClosed, HandlerStuck, StorageError
 from ._event import Event
-from ._handler import (
-    Handler,
-    dead_record,
-    is_batch_handler,
-    make_controller,
-)
+from ._handler import Handler, is_batch_handler, make_controller
 from ._metrics import SubscriptionRecorder
-from ._recent import RecentEvents
 from ._recovery import recover
 from ._retry_lane import Outcome, RetryLane
 from ._state import State, StateCache
-from ._writer import LogWriter
+from .failures import dead_record
+from .publish import LogWriter, RecentEvents
 
 logger = logging.getLogger(__name__)
 

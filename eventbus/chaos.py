@@ -44,7 +44,7 @@ from ._config import BatchPolicy, BusConfig, RetryPolicy
 from ._context import Context
 from ._effects import idempotent
 from ._event import Event, Message
-from ._reconcile import check_log
+from .reconcile import check_log
 
 CUSTOMERS = 97
 CHUNK = 500

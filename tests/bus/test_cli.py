@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from eventbus import Bus, BusConfig, Context, Event, RetryPolicy
-from eventbus._cli import main
+from eventbus.cli import main
 from tests.conftest import wait_until
 
 

@@ -11,7 +11,7 @@ import pytest
 from backpressure import FixedController
 from eventbus import Bus, BusConfig, Context, Event, Message
 from eventbus._metrics import CommitRecorder
-from eventbus._writer import COMMIT_TARGET_LATENCY, LogWriter
+from eventbus.publish import COMMIT_TARGET_LATENCY, LogWriter
 from storage import MemoryStorage, NewRecord, Receipt, WriteBatch
 
 pytestmark = pytest.mark.anyio

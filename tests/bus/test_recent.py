@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from eventbus._event import Event
-from eventbus._recent import RecentEvents
+from eventbus.publish import RecentEvents
 from storage import NewRecord, Receipt
 
 

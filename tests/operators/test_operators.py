@@ -27,7 +27,8 @@ from eventbus import (
     SubscriptionError,
 )
 from eventbus import operators as ops
-from eventbus.operators import OperatorInputError, _window_starts
+from eventbus.operators import OperatorInputError
+from eventbus.operators._operators import _window_starts
 
 pytestmark = pytest.mark.anyio
 

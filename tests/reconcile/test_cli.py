@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from eventbus import Bus, BusConfig, Context, Event, RetryPolicy
-from eventbus._cli import main
+from eventbus.cli import main
 from tests.reconcile.test_lost import punch_hole
 
 MANUAL = BusConfig(reconcile_interval=0)

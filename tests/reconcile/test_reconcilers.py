@@ -8,8 +8,7 @@ import json
 import anyio
 import pytest
 
-from eventbus import Bus, BusConfig, ConfigError, Context, Event
-from eventbus._reconcile import Reconciliation
+from eventbus import Bus, BusConfig, ConfigError, Context, Event, Reconciliation
 
 pytestmark = pytest.mark.anyio
 

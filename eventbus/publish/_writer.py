@@ -19,8 +19,8 @@ import storage as _storage
 from backpressure import BatchController, BatchSample, GradientController
 from storage import NewRecord, Receipt, WriteBatch
 
-from ._errors import BusClosed, BusFull, translate_storage_error
-from ._metrics import CommitRecorder, LogMetrics
+from .._errors import BusClosed, BusFull, translate_storage_error
+from .._metrics import CommitRecorder, LogMetrics
 
 logger = logging.getLogger(__name__)
 

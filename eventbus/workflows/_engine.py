@@ -25,11 +25,11 @@ from storage import (
     WriteBatch,
 )
 
-from ._config import RetryPolicy
-from ._errors import BusClosed, translate_storage_error
-from ._event import new_event_id
-from ._handler import error_type_name, format_error
-from ._metrics import WorkflowMetrics
+from .._config import RetryPolicy
+from .._errors import BusClosed, translate_storage_error
+from .._event import new_event_id
+from .._metrics import WorkflowMetrics
+from ..failures import error_type_name, format_error
 from ._workflow import (
     StepFailed,
     Workflow,

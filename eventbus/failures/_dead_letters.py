@@ -13,8 +13,8 @@ import msgspec
 import storage as _storage
 from storage import DeadRecord, Record, RetryRecord
 
-from ._errors import translate_storage_error
-from ._event import Event
+from .._errors import translate_storage_error
+from .._event import Event
 
 
 class DeadLetter(msgspec.Struct, frozen=True):

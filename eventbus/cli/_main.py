@@ -14,9 +14,9 @@ import msgspec
 import storage as _storage
 from storage import DeadRecord, LogStats, SQLiteStorage, StepRecord, WorkflowRecord
 
-from ._config import BusConfig
-from ._dead_letters import CONTROL_ENCODER, ControlCommand
-from ._reconcile import check_log
+from .._config import BusConfig
+from ..failures import CONTROL_ENCODER, ControlCommand
+from ..reconcile import check_log
 
 _JSON = msgspec.json.Encoder()
 _MSGPACK: msgspec.msgpack.Decoder[object] = msgspec.msgpack.Decoder()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from storage import NewRecord, Receipt
 
-from ._event import Event
+from .._event import Event
 
 ToEvent = Callable[[NewRecord, int], Event[object]]
 

@@ -34,13 +34,12 @@ import msgspec
 import storage as _storage
 from storage import StepRecord, WorkflowRecord, WriteBatch
 
-from ._config import RetryPolicy
-from ._errors import BusClosed, BusError, PayloadError
-from ._handler import error_type_name
-from ._retry import backoff_delay
+from .._config import RetryPolicy
+from .._errors import BusClosed, BusError, PayloadError
+from ..failures import backoff_delay, error_type_name
 
 if TYPE_CHECKING:
-    from ._workflow_engine import WorkflowEngine
+    from ._engine import WorkflowEngine
 
 logger = logging.getLogger(__name__)
 

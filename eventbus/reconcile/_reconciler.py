@@ -33,14 +33,14 @@ import anyio.lowlevel
 import storage as _storage
 from storage import Receipt, Record, RetryRecord, SubscriptionInfo, Unaccounted, WriteBatch
 
-from ._errors import BusClosed, translate_storage_error
-from ._metrics import ReconcileMetrics
-from ._reconcile_report import SHOWN, ReconcileReport, ReconcilerResult, Repairs, SubscriptionReport
-from ._workflow_engine import unfinished_runs
+from .._errors import BusClosed, translate_storage_error
+from .._metrics import ReconcileMetrics
+from ..workflows import unfinished_runs
+from ._report import SHOWN, ReconcileReport, ReconcilerResult, Repairs, SubscriptionReport
 
 if TYPE_CHECKING:
-    from ._bus import Bus
-    from ._subscription import Subscription
+    from .._bus import Bus
+    from .._subscription import Subscription
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,28 @@
+"""Failures: backoff, the records a failure leaves (retries, dead letters) and the
+dead-letter API."""
+
+from ._backoff import backoff_delay
+from ._dead_letters import CONTROL_DECODER, CONTROL_ENCODER, ControlCommand, DeadLetter, DeadLetters
+from ._records import (
+    PROCESS_DIED,
+    dead_record,
+    error_type_name,
+    event_record,
+    format_error,
+    retry_record,
+)
+
+__all__ = [
+    "CONTROL_DECODER",
+    "CONTROL_ENCODER",
+    "PROCESS_DIED",
+    "ControlCommand",
+    "DeadLetter",
+    "DeadLetters",
+    "backoff_delay",
+    "dead_record",
+    "error_type_name",
+    "event_record",
+    "format_error",
+    "retry_record",
+]

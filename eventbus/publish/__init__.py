@@ -1,0 +1,6 @@
+"""Publishing: the log writer (group commit) and the window of recent events."""
+
+from ._recent import RecentEvents
+from ._writer import COMMIT_TARGET_LATENCY, LogWriter
+
+__all__ = ["COMMIT_TARGET_LATENCY", "LogWriter", "RecentEvents"]
