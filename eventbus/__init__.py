@@ -15,7 +15,6 @@ from storage import LogStats
 
 from ._bus import Bus
 from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy
-from ._context import Context
 from ._effects import idempotent
 from ._errors import (
     BusClosed,
@@ -43,16 +42,11 @@ from ._metrics import (
     SubscriptionMetrics,
     WorkflowMetrics,
 )
+from ._reconciliation import Reconciliation
 from ._run import run
-from ._state import State, StateReader
+from .dispatch import Context, State, StateReader
 from .failures import DeadLetter, DeadLetters
-from .reconcile import (
-    ReconcileReport,
-    ReconcilerResult,
-    Reconciliation,
-    Repairs,
-    SubscriptionReport,
-)
+from .reconcile import ReconcileReport, ReconcilerResult, Repairs, SubscriptionReport
 from .workflows import (
     StepFailed,
     StepInfo,

@@ -193,6 +193,9 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         redrive_rate: Dead letters per second that ``redrive`` re-injects, at most.
         control_interval: Seconds between checks for commands queued in the log
             file by the ``eventbus`` command line (redrive, purge).
+        concurrency: Handler calls of one subscription that may run at once (the
+            default of ``subscribe(..., concurrency=)``); events of one key never run
+            at once in an ordered subscription.
         workflow_concurrency: Workflow runs that may execute at the same time; the
             rest wait their turn.
         reconcile_interval: Seconds between reconciliation passes (the first runs
@@ -219,6 +222,7 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     breaker: BreakerPolicy | None = msgspec.field(default_factory=BreakerPolicy)
     redrive_rate: float = 100.0
     control_interval: float = 1.0
+    concurrency: int = 1
     workflow_concurrency: int = 100
     reconcile_interval: float = 60.0
     reconcile_lease: float = 300.0
@@ -231,6 +235,7 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             "max_event_bytes",
             "channel_capacity",
             "max_commit_batch",
+            "concurrency",
             "workflow_concurrency",
         ):
             value = getattr(self, key)

@@ -93,13 +93,19 @@ class SubscriptionError(BusError):
 class DrainTimeout(BusError, TimeoutError):
     """``drain`` timed out before every subscription caught up."""
 
-    def __init__(self, timeout: float, lagging: dict[str, int]) -> None:
+    def __init__(
+        self, timeout: float, lagging: dict[str, int], pending: dict[str, str] | None = None
+    ) -> None:
         self.timeout = timeout
         self.lagging = lagging
-        behind = ", ".join(f"{name} at {pos}" for name, pos in sorted(lagging.items()))
+        self.pending = pending or {}
+        behind = "; ".join(
+            f"{name} {self.pending[name]}" if name in self.pending else f"{name} at {pos}"
+            for name, pos in sorted(lagging.items())
+        )
         super().__init__(
-            f"drain timed out after {timeout}s; subscriptions still behind (acknowledged "
-            f"position): {behind}. Check bus.metrics() or the dead letters"
+            f"drain timed out after {timeout}s; subscriptions still behind: {behind}. "
+            "Check bus.metrics() or the dead letters"
         )
 
 

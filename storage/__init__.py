@@ -5,6 +5,7 @@ Imports nothing from the rest of the project. :class:`Storage` is the contract;
 log with no durability.
 """
 
+from ._calls import CallSlots, NoCallSlots
 from ._errors import (
     CorruptLog,
     LogLocked,
@@ -20,6 +21,7 @@ from ._schema import SCHEMA_VERSION
 from ._sqlite import Durability, SQLiteStorage
 from ._statements import submit_control
 from ._types import (
+    PROCESS_DIED,
     WORKFLOW_PREFIX,
     DeadRecord,
     LogStats,
@@ -35,7 +37,9 @@ from ._types import (
 )
 
 __all__ = [
+    "PROCESS_DIED",
     "WORKFLOW_PREFIX",
+    "CallSlots",
     "SCHEMA_VERSION",
     "CorruptLog",
     "DeadRecord",
@@ -43,6 +47,7 @@ __all__ = [
     "LogLocked",
     "LogStats",
     "MemoryStorage",
+    "NoCallSlots",
     "NewRecord",
     "NotALog",
     "Receipt",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from ._calls import CallSlots
 from ._types import (
     DeadRecord,
     LogStats,
@@ -49,6 +50,19 @@ class Storage(Protocol):
         self, after: int, upto: int, topics: frozenset[str] | None, limit: int
     ) -> list[Record]:
         """Events with ``after < seq <= upto`` on ``topics`` (all if None), in order."""
+
+    async def finished_ahead(self, subscription: str, after: int) -> list[tuple[int, int]]:
+        """Ranges ``(lo, hi)`` of events past ``after`` that the subscription has
+        finished (acknowledged as done, or dead-lettered), in order: what it finished
+        ahead of its cursor, which must not be handled again."""
+
+    def calls(self, subscription: str, slots: int, width: int) -> CallSlots:
+        """Slots in which ``subscription`` records the handler calls it runs (at most
+        ``slots`` at once, each of at most ``width`` events), so that a death is
+        blamed on exactly those. A log that outlives the process counts, when it is
+        next opened, one failed attempt (``PROCESS_DIED``) for every event whose call
+        was in flight: events in the retry lane get their attempt counted there,
+        unfinished ones enter the retry lane at attempt 2."""
 
     async def subscriptions(self) -> dict[str, SubscriptionInfo]:
         """Every registered subscription with its cursor."""

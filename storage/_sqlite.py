@@ -27,6 +27,7 @@ import aiosqlite
 import anyio
 
 from . import _statements as stmts
+from ._calls import CallJournal, CallSlots, NoCallSlots, read_journal
 from ._errors import (
     CorruptLog,
     LogLocked,
@@ -38,6 +39,7 @@ from ._errors import (
 )
 from ._schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from ._types import (
+    PROCESS_DIED,
     DeadRecord,
     LogStats,
     Receipt,
@@ -160,6 +162,7 @@ class SQLiteStorage:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._lock = _LockFile(self.path + ".lock")
+        self._journal: CallJournal | None = None
         self._head = 0
         self._bytes_since_checkpoint = 0
 
@@ -201,6 +204,26 @@ class SQLiteStorage:
         await self._check_schema(self._writer)
         self._reader = await self._connect(writer=False)
         self._head = await self._read_head(self._writer)
+        if not self.read_only:
+            await self._open_journal()
+
+    async def _open_journal(self) -> None:
+        """Count the deaths the previous life's call journal records, then start this
+        life's journal."""
+        path = self.path + "-calls"
+        previous = await anyio.to_thread.run_sync(read_journal, path)
+        generation, inflight = previous or (0, {})
+        charged = await self._run("w", stmts.charge_deaths, generation, inflight, time.time())
+        if charged:
+            logger.warning(
+                "log %s: the process died while handling %d events; each counts as a "
+                "failed attempt (%s)",
+                self.path,
+                charged,
+                PROCESS_DIED,
+            )
+        generation = int.from_bytes(os.urandom(8), "little") >> 1
+        self._journal = await anyio.to_thread.run_sync(CallJournal, path, generation)
 
     async def _close_connections(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -312,6 +335,9 @@ class SQLiteStorage:
                         # Leave a small file behind: fold the WAL back into the database.
                         await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 await conn.close()
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
         self._lock.release()
 
     # -- writing --------------------------------------------------------------------
@@ -421,13 +447,20 @@ class SQLiteStorage:
 
     async def subscriptions(self) -> dict[str, SubscriptionInfo]:
         rows = await self._fetch(
-            "SELECT name, topics, cursor, updated_at, inflight_upto FROM subscriptions"
-            " ORDER BY name"
+            "SELECT name, topics, cursor, updated_at FROM subscriptions ORDER BY name"
         )
         return {
-            name: SubscriptionInfo(name, tuple(topics.split("\n")), cursor, updated, inflight)
-            for name, topics, cursor, updated, inflight in rows
+            name: SubscriptionInfo(name, tuple(topics.split("\n")), cursor, updated)
+            for name, topics, cursor, updated in rows
         }
+
+    async def finished_ahead(self, subscription: str, after: int) -> list[tuple[int, int]]:
+        return await self._run("r", stmts.finished_ahead, subscription, after)
+
+    def calls(self, subscription: str, slots: int, width: int) -> CallSlots:
+        if self._journal is None:
+            return NoCallSlots()  # read-only: nothing runs
+        return self._journal.region(subscription, slots, width)
 
     async def _fetch(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         conn = self._conn("r")

@@ -1,10 +1,13 @@
 """The log writer: one task that turns many publishes and acks into one transaction.
 
-Publishes wait in a bounded FIFO; acknowledgements (with their outbox events and dead
-letters) in a second queue that is emptied on every cycle, so consumers keep moving
-even while producers flood the log. Each cycle takes the waiting publishes, as many
-as the commit-size controller allows (at most ``max_commit_batch`` events), and every
-waiting acknowledgement, and commits them with one ``Storage.commit``: group commit.
+Publishes wait in a bounded FIFO. Subscriptions are *sources*: each keeps its own
+pending acknowledgement (cursor, outbox events, state, retries, dead letters) and
+tells the writer when it has one; every cycle takes them all, so consumers keep
+moving even while producers flood the log, and a subscription's acknowledgements
+commit in the order it made them. Each cycle takes the waiting publishes, as many as
+the commit-size controller allows (at most ``max_commit_batch`` events), every
+source's pending writes and every queued one-off write (:meth:`LogWriter.commit`),
+and commits them with one ``Storage.commit``: group commit.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import storage as _storage
 from backpressure import BatchController, BatchSample, GradientController
@@ -26,6 +30,26 @@ logger = logging.getLogger(__name__)
 
 _Appends = NewRecord | list[NewRecord]
 OnCommitted = Callable[[list[NewRecord], list[Receipt]], None]
+
+# A source whose writes failed to commit (the disk is full, the file locked) waits
+# this long before the next try, doubling up to the cap; publishes are not held back.
+_SOURCE_RETRY_DELAY = 0.05
+_SOURCE_RETRY_CAP = 5.0
+
+
+class Source(Protocol):
+    """A subscription's acknowledgements, as the writer sees them."""
+
+    def take_writes(self) -> WriteBatch | None:
+        """Everything pending, to commit in this cycle (None: nothing after all)."""
+
+    def committed(self, batch: WriteBatch) -> None:
+        """``batch`` (from :meth:`take_writes`) committed."""
+
+    def commit_failed(self, batch: WriteBatch) -> None:
+        """``batch`` did not commit: keep it, ahead of anything newer, for the next
+        cycle."""
+
 
 # What one group commit may take before the controller lets fewer publishes into the
 # next one. A full commit of ordinary events stays below it (4096 events of ~100 bytes:
@@ -55,11 +79,9 @@ class LogWriter:
         max_pending: int,
         max_commit_batch: int,
         on_committed: OnCommitted,
-        before_commit: Callable[[WriteBatch], None] | None = None,
         controller: BatchController | None = None,
     ) -> None:
         self._log = log
-        self._before_commit = before_commit
         self._max_pending = max_pending
         self.controller = controller or GradientController(
             1,
@@ -71,6 +93,10 @@ class LogWriter:
         self._appends: deque[tuple[_Appends, asyncio.Future[object] | None]] = deque()
         self._pending = 0  # events waiting in _appends
         self._acks: list[tuple[WriteBatch, asyncio.Future[list[Receipt]]]] = []
+        self._dirty: dict[Source, None] = {}  # sources with writes pending, in order
+        self._source_retry_at = 0.0
+        self._source_delay = _SOURCE_RETRY_DELAY
+        self._timer: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
@@ -169,9 +195,22 @@ class LogWriter:
         self._wake.set()
         return await fut
 
+    def notify(self, source: Source) -> None:
+        """``source`` has writes pending: take them in the next cycle."""
+        if source not in self._dirty:
+            self._dirty[source] = None
+            self._wake.set()
+
+    def _sources_ready(self) -> bool:
+        # Loop time, like the timer that ends a retry delay.
+        return bool(self._dirty) and (
+            not self._source_retry_at or asyncio.get_running_loop().time() >= self._source_retry_at
+        )
+
     async def flush(self) -> None:
-        """Wait until everything queued before this call is committed (or failed)."""
-        while self._appends or self._acks or self._busy:
+        """Wait until everything queued before this call is committed (or failed),
+        sources' pending writes included (unless their commits keep failing)."""
+        while self._appends or self._acks or self._busy or self._sources_ready():
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._cycle_waiters.append(fut)
             await fut
@@ -191,17 +230,28 @@ class LogWriter:
         the events are in the log)."""
         try:
             while True:
-                if not self._appends and not self._acks:
+                if not self._appends and not self._acks and not self._sources_ready():
                     self._notify_cycle()
                     if self._stopping:
                         return
                     self._wake.clear()
+                    if self._dirty and self._timer is None:
+                        # Sources wait out their retry delay; wake when it is over.
+                        loop = asyncio.get_running_loop()
+                        self._timer = loop.call_at(self._source_retry_at, self._retry_sources)
                     await self._wake.wait()
                     continue
                 await self._cycle()
         finally:
             self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._fail_all(BusClosed("the bus closed before this write was committed"))
+
+    def _retry_sources(self) -> None:
+        self._timer = None
+        self._wake.set()
 
     async def _cycle(self) -> None:
         batch = WriteBatch()
@@ -227,8 +277,14 @@ class LogWriter:
             start = len(batch.appends)
             batch.merge(ack_batch)
             ack_slices.append((start, len(batch.appends)))
-        if self._before_commit is not None:
-            self._before_commit(batch)
+        sourced: list[tuple[Source, WriteBatch]] = []
+        if self._sources_ready():
+            dirty, self._dirty = self._dirty, {}
+            for source in dirty:
+                writes = source.take_writes()
+                if writes is not None:
+                    batch.merge(writes)
+                    sourced.append((source, writes))
         self._busy = True
         try:
             async with self.lock:
@@ -239,9 +295,11 @@ class LogWriter:
             error = translate_storage_error(exc)
             logger.error("group commit of %d events failed: %s", len(batch.appends), error)
             self._fail(taken, acks, error)
+            self._sources_failed(sourced)
             return
         except BaseException:
             self._fail(taken, acks, BusClosed("the bus closed during this write's commit"))
+            self._sources_failed(sourced)
             raise
         finally:
             self._busy = False
@@ -256,6 +314,11 @@ class LogWriter:
                     n, finished - started, max(0.0, time.time() - oldest), self._pending, finished
                 )
             )
+        if sourced:
+            self._source_delay = _SOURCE_RETRY_DELAY
+            self._source_retry_at = 0.0
+            for source, writes in sourced:
+                source.committed(writes)
         self._on_committed(batch.appends, receipts)
         i = 0
         for payload, fut in taken:
@@ -271,6 +334,23 @@ class LogWriter:
             if not ack_fut.done():
                 ack_fut.set_result(receipts[start:end])
         self._notify_cycle()
+
+    def _sources_failed(self, sourced: list[tuple[Source, WriteBatch]]) -> None:
+        """Hand failed writes back to their sources, and hold sources off for a while
+        (a full disk or a lock held elsewhere does not clear at once)."""
+        if not sourced:
+            return
+        for source, writes in sourced:
+            source.commit_failed(writes)
+            self._dirty[source] = None
+        delay = self._source_delay
+        self._source_retry_at = asyncio.get_running_loop().time() + delay
+        self._source_delay = min(delay * 2, _SOURCE_RETRY_CAP)
+        logger.warning(
+            "acknowledgements of %d subscriptions did not commit; retrying in %.2fs",
+            len(sourced),
+            delay,
+        )
 
     def _notify_cycle(self) -> None:
         waiters, self._cycle_waiters = self._cycle_waiters, []

@@ -450,6 +450,14 @@ class WorkflowEngine:
                 resumed.append(run.id)
         return resumed, overdue
 
+    def idle(self) -> bool:
+        """No run executes (or waits for a slot) in this process."""
+        return self._idle.is_set()
+
+    async def wait_idle(self) -> None:
+        """Until no run executes in this process."""
+        await self._idle.wait()
+
     async def stop(self) -> None:
         """Cancel every run (they resume on the next open), wake every waiter, and
         wait for the runs to stop."""

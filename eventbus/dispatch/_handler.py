@@ -1,5 +1,4 @@
-"""Handlers: recognising batch handlers, choosing a batch controller, and turning a
-failure into a retry or a dead letter."""
+"""Handlers: recognising batch handlers and choosing a subscription's batch controller."""
 
 from __future__ import annotations
 
@@ -15,10 +14,10 @@ from backpressure import (
     NaturalController,
 )
 
-from ._config import BatchPolicy
+from .._config import BatchPolicy
+from .._errors import SubscriptionError
+from .._event import Event
 from ._context import Context
-from ._errors import SubscriptionError
-from ._event import Event
 
 EventHandler = Callable[[Event[typing.Any], Context], Awaitable[None]]
 BatchHandler = Callable[[list[Event[typing.Any]], Context], Awaitable[None]]
