@@ -7,6 +7,7 @@ log with no durability.
 
 from ._errors import (
     CorruptLog,
+    LogBusy,
     LogLocked,
     NotALog,
     SchemaTooNew,
@@ -40,6 +41,7 @@ __all__ = [
     "CorruptLog",
     "DeadRecord",
     "Durability",
+    "LogBusy",
     "LogLocked",
     "LogStats",
     "MemoryStorage",
