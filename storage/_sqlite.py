@@ -471,14 +471,34 @@ class SQLiteStorage:
         since: float | None = None,
         until: float | None = None,
         ids: Sequence[str] | None = None,
+        after_subscription: str | None = None,
     ) -> list[DeadRecord]:
         where, params = stmts.dead_filter(subscription, error_type, since, until, ids)
+        start_params: list[object] = [after_seq]
+        if after_subscription is None:
+            start = "seq > ?"
+        else:
+            start = "(seq > ? OR (seq = ? AND subscription > ?))"
+            start_params += [after_seq, after_subscription]
         rows = await self._fetch(
-            f"SELECT {stmts.DEAD_COLUMNS} FROM dead_letters WHERE seq > ? {where}"
+            f"SELECT {stmts.DEAD_COLUMNS} FROM dead_letters WHERE {start} {where}"
             " ORDER BY seq, subscription LIMIT ?",
-            [after_seq, *params, limit],
+            [*start_params, *params, limit],
         )
         return [stmts.dead_from_row(r) for r in rows]
+
+    async def count_dead_letters(
+        self,
+        subscription: str | None = None,
+        *,
+        error_type: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> int:
+        where, params = stmts.dead_filter(subscription, error_type, since, until, ids)
+        ((n,),) = await self._fetch(f"SELECT count(*) FROM dead_letters WHERE 1 {where}", params)
+        return int(n)
 
     async def get_state(self, subscription: str, keys: Sequence[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
@@ -559,6 +579,21 @@ class SQLiteStorage:
             params.append(status)
         rows = await self._fetch(sql + " ORDER BY num LIMIT ?", [*params, limit])
         return [stmts.workflow_from_row(r) for r in rows]
+
+    async def count_workflows(self, *, name: str | None = None, status: str | None = None) -> int:
+        sql = "SELECT count(*) FROM workflows WHERE 1"
+        params: list[object] = []
+        if name is not None:
+            sql += " AND name = ?"
+            params.append(name)
+        if status is not None:
+            sql += " AND status = ?"
+            params.append(status)
+        ((n,),) = await self._fetch(sql, params)
+        return int(n)
+
+    async def drop_subscription(self, name: str) -> bool:
+        return await self._run("w", stmts.drop_subscription, name)
 
     async def steps(self, workflow_id: str) -> list[StepRecord]:
         rows = await self._fetch(
