@@ -46,7 +46,7 @@ from ._metrics import (
 )
 from ._run import run
 from ._state import State, StateReader
-from .failures import DeadLetter, DeadLetters
+from .failures import DeadLetter, DeadLetterPage, DeadLetters
 from .reconcile import (
     ReconcileReport,
     ReconcilerResult,
@@ -81,6 +81,7 @@ __all__ = [
     "Context",
     "CorruptLog",
     "DeadLetter",
+    "DeadLetterPage",
     "DeadLetters",
     "DrainTimeout",
     "Event",

@@ -2,7 +2,14 @@
 dead-letter API."""
 
 from ._backoff import backoff_delay
-from ._dead_letters import CONTROL_DECODER, CONTROL_ENCODER, ControlCommand, DeadLetter, DeadLetters
+from ._dead_letters import (
+    CONTROL_DECODER,
+    CONTROL_ENCODER,
+    ControlCommand,
+    DeadLetter,
+    DeadLetterPage,
+    DeadLetters,
+)
 from ._records import (
     PROCESS_DIED,
     dead_record,
@@ -18,6 +25,7 @@ __all__ = [
     "PROCESS_DIED",
     "ControlCommand",
     "DeadLetter",
+    "DeadLetterPage",
     "DeadLetters",
     "backoff_delay",
     "dead_record",
