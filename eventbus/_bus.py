@@ -44,7 +44,7 @@ from .publish import LogWriter, RecentEvents
 from .reconcile import R, Reconciler, ReconcileReport
 from .workflows import WorkflowEngine, WorkflowFunction, WorkflowHandle
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("eventbus.bus")
 
 H = TypeVar("H", bound=Handler)
 W = TypeVar("W", bound=WorkflowFunction)

@@ -22,7 +22,6 @@ runs one from the file alone.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
@@ -34,6 +33,7 @@ import storage as _storage
 from storage import Receipt, Record, RetryRecord, SubscriptionInfo, Unaccounted, WriteBatch
 
 from .._errors import BusClosed, translate_storage_error
+from .._logging import get_logger
 from .._metrics import ReconcileMetrics
 from ..workflows import unfinished_runs
 from ._report import SHOWN, ReconcileReport, ReconcilerResult, Repairs, SubscriptionReport
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from .._bus import Bus
     from .._subscription import Subscription
 
-logger = logging.getLogger(__name__)
+logger = get_logger("reconcile")
 
 # Lost events re-dispatched per transaction.
 _CHUNK = 1000
