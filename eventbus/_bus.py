@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Literal, TypeVar
 
 import anyio
@@ -24,7 +24,7 @@ from storage import (
 )
 from storage import SubscriptionInfo as _SubInfo
 
-from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy
+from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy, subscription_policies
 from ._errors import (
     BusClosed,
     DrainTimeout,
@@ -483,9 +483,9 @@ class Bus:
         topic: str | Iterable[str],
         *,
         name: str | None = None,
-        batch: BatchPolicy | None = None,
-        retry: RetryPolicy | None = None,
-        breaker: BreakerPolicy | Literal["default"] | None = "default",
+        batch: BatchPolicy | Mapping[str, object] | None = None,
+        retry: RetryPolicy | Mapping[str, object] | None = None,
+        breaker: BreakerPolicy | Mapping[str, object] | Literal["default"] | None = "default",
         ordered: bool = True,
         start: Literal["earliest", "latest"] = "earliest",
     ) -> Callable[[H], H]:
@@ -499,10 +499,14 @@ class Bus:
             topic: The topic(s) to receive; ``"*"`` for every topic.
             name: The durable name of the subscription: its position in the log is
                 kept under it across restarts. Defaults to the handler's qualified name.
-            batch: How events are batched; ``config.batch`` by default.
-            retry: How failures are retried; ``config.retry`` by default.
+            batch: How events are batched; ``config.batch`` by default. A policy
+                object is used whole (its unset fields take the class defaults); a
+                dict changes only its keys of ``config.batch``.
+            retry: How failures are retried; ``config.retry`` by default, a
+                :class:`RetryPolicy` (whole) or a dict (changes to ``config.retry``).
             breaker: When to pause on persistent failure; ``config.breaker`` by
-                default, None for no circuit breaker.
+                default, a :class:`BreakerPolicy`, a dict (changes to
+                ``config.breaker``), or None for no circuit breaker.
             ordered: Keep events of one key in publish order: while one waits for a
                 retry, later events of its key wait behind it. False lets them pass.
             start: Where a subscription new to this log begins: ``"earliest"``
@@ -511,9 +515,14 @@ class Bus:
 
         Raises:
             SubscriptionError: The name is taken, or the handler's shape is wrong.
+            ConfigError: A policy is neither a policy, a dict nor None, or a dict's
+                key is unknown or its value impossible.
             BusClosed: The bus is closed.
         """
         self._check_open()
+        batch_policy, retry_policy, breaker_policy = subscription_policies(
+            self.config, batch, retry, breaker
+        )
         topics = frozenset([topic] if isinstance(topic, str) else topic)
         if not topics or not all(isinstance(t, str) and t for t in topics):
             raise SubscriptionError(f"subscribe needs one or more topic names, got {topic!r}")
@@ -531,9 +540,9 @@ class Bus:
                 sub_name,
                 topics,
                 handler,
-                batch or self.config.batch,
-                retry or self.config.retry,
-                self.config.breaker if breaker == "default" else breaker,
+                batch_policy,
+                retry_policy,
+                breaker_policy,
                 ordered,
                 start,
             )
