@@ -38,6 +38,7 @@ from ._handler import Handler
 from ._metrics import BusMetrics, SubscriptionMetrics, median, summarize
 from ._state import StateReader
 from ._subscription import Subscription
+from ._unclaimed import apply_drop, warn_unclaimed
 from .failures import CONTROL_DECODER as _CONTROL
 from .failures import DeadLetters
 from .publish import LogWriter, RecentEvents
@@ -154,6 +155,7 @@ class Bus:
                 tg.start_soon(bus._run_writer)
                 tg.start_soon(bus._maintenance)
                 tg.start_soon(bus._reconciler.run)
+                tg.start_soon(warn_unclaimed, bus)
                 try:
                     yield bus
                 finally:
@@ -243,6 +245,9 @@ class Bus:
                 command = _CONTROL.decode(raw)
             except msgspec.DecodeError:
                 logger.error("ignoring a malformed command queued in the log: %r", raw[:100])
+                continue
+            if command.action == "drop":
+                await apply_drop(self, command.subscription)
                 continue
             if command.action == "redrive":
                 n = await self.dead_letters.redrive(
