@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import anyio
@@ -199,7 +200,7 @@ def test_purge_needs_a_filter_or_all_and_dry_run_changes_nothing(log_path: Path)
 def test_version_and_a_help_line_for_every_argument() -> None:
     version = cli("--version")
     assert version.returncode == 0
-    assert version.stdout == "eventbus 0.1.0\n"
+    assert version.stdout == f"eventbus {metadata.version('eventbus')}\n"
     missing: list[str] = []
 
     def walk(parser: object, path: str) -> None:

@@ -48,7 +48,8 @@ async def test_a_publish_blocked_by_a_lock_held_elsewhere_fails_after_busy_timeo
             with pytest.raises(eventbus.LogBusy) as info:
                 await bus.publish("orders", 2)
             waited = time.monotonic() - started
-            assert 0.35 <= waited < 1.2, f"waited {waited:.2f}s for busy_timeout=0.4"
+            # Five retries of busy_timeout each made it more than 4 s.
+            assert 0.35 <= waited < 2.0, f"waited {waited:.2f}s for busy_timeout=0.4"
             error = info.value
             assert isinstance(error, eventbus.StorageError)
             assert error.waited == 0.4
