@@ -179,12 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--work", type=float, default=0.001, help="seconds per healthy event")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--strict", action="store_true", help="exit 1 on FAIL")
     args = parser.parse_args(argv)
     total = 2000 if args.quick else args.events
     results = eventbus.run(measure(total, args.work, args.quick))
-    code = report(results, total, args.work)
-    return code if args.strict else 0
+    return report(results, total, args.work)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from ._errors import (
     DrainTimeout,
     EventTooLarge,
     HandlerStuck,
+    LogBusy,
     LogLocked,
     NotALog,
     PayloadError,
@@ -45,7 +46,7 @@ from ._metrics import (
 from ._reconciliation import Reconciliation
 from ._run import run
 from .dispatch import Context, State, StateReader
-from .failures import DeadLetter, DeadLetters
+from .failures import DeadLetter, DeadLetterPage, DeadLetters
 from .reconcile import ReconcileReport, ReconcilerResult, Repairs, SubscriptionReport
 from .workflows import (
     StepFailed,
@@ -74,12 +75,14 @@ __all__ = [
     "Context",
     "CorruptLog",
     "DeadLetter",
+    "DeadLetterPage",
     "DeadLetters",
     "DrainTimeout",
     "Event",
     "EventTooLarge",
     "HandlerStuck",
     "LatencySummary",
+    "LogBusy",
     "LogLocked",
     "LogMetrics",
     "LogStats",

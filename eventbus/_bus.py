@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Literal, TypeVar
 
 import anyio
@@ -25,7 +25,7 @@ from storage import (
 from storage import SubscriptionInfo as _SubInfo
 
 from ._clock import Clock, LoopClock
-from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy
+from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy, subscription_policies
 from ._effect_log import EffectLog
 from ._errors import (
     BusClosed,
@@ -38,6 +38,7 @@ from ._errors import (
 from ._event import Event, Message, new_event_id
 from ._metrics import BusMetrics
 from ._reconciliation import Reconciliation
+from ._unclaimed import apply_drop, warn_unclaimed
 from .dispatch import Handler, StateReader, Subscription
 from .failures import CONTROL_DECODER as _CONTROL
 from .failures import DeadLetters
@@ -45,7 +46,7 @@ from .publish import LogWriter, RecentEvents
 from .reconcile import R, Reconciler, ReconcileReport
 from .workflows import WorkflowEngine, WorkflowFunction, WorkflowHandle
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("eventbus.bus")
 
 H = TypeVar("H", bound=Handler)
 W = TypeVar("W", bound=WorkflowFunction)
@@ -175,6 +176,7 @@ class Bus:
                 tg.start_soon(bus._run_writer)
                 tg.start_soon(bus._maintenance)
                 tg.start_soon(bus._reconciler.run)
+                tg.start_soon(warn_unclaimed, bus)
                 try:
                     yield bus
                 except BaseException as exc:  # noqa: BLE001 - re-raised below, as it is
@@ -275,6 +277,9 @@ class Bus:
                 command = _CONTROL.decode(raw)
             except msgspec.DecodeError:
                 logger.error("ignoring a malformed command queued in the log: %r", raw[:100])
+                continue
+            if command.action == "drop":
+                await apply_drop(self, command.subscription)
                 continue
             if command.action == "redrive":
                 n = await self.dead_letters.redrive(
@@ -488,9 +493,9 @@ class Bus:
         topic: str | Iterable[str],
         *,
         name: str | None = None,
-        batch: BatchPolicy | None = None,
-        retry: RetryPolicy | None = None,
-        breaker: BreakerPolicy | Literal["default"] | None = "default",
+        batch: BatchPolicy | Mapping[str, object] | None = None,
+        retry: RetryPolicy | Mapping[str, object] | None = None,
+        breaker: BreakerPolicy | Mapping[str, object] | Literal["default"] | None = "default",
         ordered: bool = True,
         start: Literal["earliest", "latest"] = "earliest",
         concurrency: int | None = None,
@@ -505,10 +510,14 @@ class Bus:
             topic: The topic(s) to receive; ``"*"`` for every topic.
             name: The durable name of the subscription: its position in the log is
                 kept under it across restarts. Defaults to the handler's qualified name.
-            batch: How events are batched; ``config.batch`` by default.
-            retry: How failures are retried; ``config.retry`` by default.
+            batch: How events are batched; ``config.batch`` by default. A policy
+                object is used whole (its unset fields take the class defaults); a
+                dict changes only its keys of ``config.batch``.
+            retry: How failures are retried; ``config.retry`` by default, a
+                :class:`RetryPolicy` (whole) or a dict (changes to ``config.retry``).
             breaker: When to pause on persistent failure; ``config.breaker`` by
-                default, None for no circuit breaker.
+                default, a :class:`BreakerPolicy`, a dict (changes to
+                ``config.breaker``), or None for no circuit breaker.
             ordered: Keep events of one key in publish order: while one waits for a
                 retry, later events of its key wait behind it. False lets them pass.
             start: Where a subscription new to this log begins: ``"earliest"``
@@ -522,9 +531,14 @@ class Bus:
 
         Raises:
             SubscriptionError: The name is taken, or the handler's shape is wrong.
+            ConfigError: A policy is neither a policy, a dict nor None, or a dict's
+                key is unknown or its value impossible.
             BusClosed: The bus is closed.
         """
         self._check_open()
+        batch_policy, retry_policy, breaker_policy = subscription_policies(
+            self.config, batch, retry, breaker
+        )
         topics = frozenset([topic] if isinstance(topic, str) else topic)
         if not topics or not all(isinstance(t, str) and t for t in topics):
             raise SubscriptionError(f"subscribe needs one or more topic names, got {topic!r}")
@@ -548,9 +562,9 @@ class Bus:
                 sub_name,
                 topics,
                 handler,
-                batch or self.config.batch,
-                retry or self.config.retry,
-                self.config.breaker if breaker == "default" else breaker,
+                batch_policy,
+                retry_policy,
+                breaker_policy,
                 ordered,
                 start,
                 concurrency,

@@ -13,6 +13,7 @@
     ├── HandlerStuck         reconciliation cancelled a handler call that ran too long
     └── StorageError         the log failed (also a storage.StorageError)
         ├── LogLocked        another process owns the log file
+        ├── LogBusy          another connection held the write lock past busy_timeout
         ├── NotALog          the file is not an event log
         ├── CorruptLog       SQLite reports the file as damaged
         ├── SchemaTooNew     written by a newer eventbus
@@ -135,6 +136,10 @@ class LogLocked(StorageError, _storage.LogLocked):
     """Another process owns the log file."""
 
 
+class LogBusy(StorageError, _storage.LogBusy):
+    """Another connection held the log's write lock past ``busy_timeout``; retryable."""
+
+
 class NotALog(StorageError, _storage.NotALog):
     """The file is not an event log."""
 
@@ -153,6 +158,7 @@ class StorageFull(StorageError, _storage.StorageFull):
 
 _TRANSLATION: tuple[tuple[type[_storage.StorageError], type[StorageError]], ...] = (
     (_storage.LogLocked, LogLocked),
+    (_storage.LogBusy, LogBusy),
     (_storage.NotALog, NotALog),
     (_storage.CorruptLog, CorruptLog),
     (_storage.SchemaTooNew, SchemaTooNew),

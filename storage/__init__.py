@@ -8,6 +8,7 @@ log with no durability.
 from ._calls import CallSlots, NoCallSlots
 from ._errors import (
     CorruptLog,
+    LogBusy,
     LogLocked,
     NotALog,
     SchemaTooNew,
@@ -44,6 +45,7 @@ __all__ = [
     "CorruptLog",
     "DeadRecord",
     "Durability",
+    "LogBusy",
     "LogLocked",
     "LogStats",
     "MemoryStorage",

@@ -284,10 +284,26 @@ class MemoryStorage:
         since: float | None = None,
         until: float | None = None,
         ids: Sequence[str] | None = None,
+        after_subscription: str | None = None,
     ) -> list[DeadRecord]:
         self._check_open()
         rows = self._dead_matching(subscription, error_type, since, until, ids)
-        return [d for d in rows if d.record.seq > after_seq][:limit]
+        if after_subscription is None:
+            return [d for d in rows if d.record.seq > after_seq][:limit]
+        start = (after_seq, after_subscription)
+        return [d for d in rows if (d.record.seq, d.subscription) > start][:limit]
+
+    async def count_dead_letters(
+        self,
+        subscription: str | None = None,
+        *,
+        error_type: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> int:
+        self._check_open()
+        return len(self._dead_matching(subscription, error_type, since, until, ids))
 
     async def get_state(self, subscription: str, keys: Sequence[str]) -> dict[str, bytes]:
         self._check_open()
@@ -391,6 +407,25 @@ class MemoryStorage:
             and (name is None or w.name == name)
             and (status is None or w.status == status)
         ][:limit]
+
+    async def count_workflows(self, *, name: str | None = None, status: str | None = None) -> int:
+        self._check_open()
+        return sum(
+            1
+            for w in self._workflows.values()
+            if (name is None or w.name == name) and (status is None or w.status == status)
+        )
+
+    async def drop_subscription(self, name: str) -> bool:
+        self._check_open()
+        existed = self._subs.pop(name, None) is not None
+        self._acked.pop(name, None)
+        self._held.pop(name, None)
+        self._state.pop(name, None)
+        for table in (self._retries, self._dead):
+            for key in [k for k in table if k[0] == name]:
+                del table[key]
+        return existed
 
     async def steps(self, workflow_id: str) -> list[StepRecord]:
         self._check_open()

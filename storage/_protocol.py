@@ -77,10 +77,24 @@ class Storage(Protocol):
         since: float | None = None,
         until: float | None = None,
         ids: Sequence[str] | None = None,
+        after_subscription: str | None = None,
     ) -> list[DeadRecord]:
-        """Dead-lettered events in log order, filtered; page with ``after_seq``.
-        ``error_type`` matches the qualified name or its last part; ``since`` and
-        ``until`` bound the last failure time."""
+        """Dead-lettered events in ``(seq, subscription)`` order, filtered; page with
+        ``after_seq`` (and ``after_subscription``: then the page resumes after that
+        subscription's letter of event ``after_seq``, where several subscriptions
+        dead-lettered one event). ``error_type`` matches the qualified name or its
+        last part; ``since`` and ``until`` bound the last failure time."""
+
+    async def count_dead_letters(
+        self,
+        subscription: str | None = None,
+        *,
+        error_type: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> int:
+        """How many dead letters match the filters of :meth:`dead_letters`."""
 
     async def get_state(self, subscription: str, keys: Sequence[str]) -> dict[str, bytes]:
         """Committed state values of ``keys`` (absent keys are left out)."""
@@ -132,6 +146,14 @@ class Storage(Protocol):
     ) -> list[WorkflowRecord]:
         """Workflow runs in the order they were first written, filtered; page with
         ``after`` (the last ``num`` seen)."""
+
+    async def count_workflows(self, *, name: str | None = None, status: str | None = None) -> int:
+        """How many workflow runs match the filters of :meth:`workflows`."""
+
+    async def drop_subscription(self, name: str) -> bool:
+        """Forget the subscription ``name`` in one transaction: its cursor, its
+        acknowledgement ledger, retry lane, dead letters and state. Returns whether
+        it existed."""
 
     async def steps(self, workflow_id: str) -> list[StepRecord]:
         """The step checkpoints of a workflow run, in call order."""

@@ -658,6 +658,14 @@ def purge(conn: sqlite3.Connection, where: str, params: list[object]) -> int:
     return int(n)
 
 
+def drop_subscription(conn: sqlite3.Connection, name: str) -> bool:
+    with _immediate(conn):
+        existed = conn.execute("DELETE FROM subscriptions WHERE name = ?", (name,)).rowcount
+        for table in ("acked", "retries", "dead_letters", "state"):
+            conn.execute(f"DELETE FROM {table} WHERE subscription = ?", (name,))
+    return bool(existed)
+
+
 def done_control(conn: sqlite3.Connection, ids: list[int]) -> None:
     with _immediate(conn):
         conn.executemany("DELETE FROM control WHERE id = ?", [(i,) for i in ids])

@@ -2,7 +2,14 @@
 dead-letter API."""
 
 from ._breaker import CircuitBreaker, RetryBudget
-from ._dead_letters import CONTROL_DECODER, CONTROL_ENCODER, ControlCommand, DeadLetter, DeadLetters
+from ._dead_letters import (
+    CONTROL_DECODER,
+    CONTROL_ENCODER,
+    ControlCommand,
+    DeadLetter,
+    DeadLetterPage,
+    DeadLetters,
+)
 from ._policy import (
     Decision,
     GiveUp,
@@ -33,6 +40,7 @@ __all__ = [
     "PROCESS_DIED",
     "ControlCommand",
     "DeadLetter",
+    "DeadLetterPage",
     "DeadLetters",
     "backoff_delay",
     "dead_record",

@@ -22,7 +22,6 @@ runs one from the file alone.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -36,12 +35,13 @@ from storage import Record, RetryRecord, SubscriptionInfo, Unaccounted, WriteBat
 from .._clock import Clock
 from .._config import BusConfig
 from .._errors import BusClosed, translate_storage_error
+from .._logging import get_logger
 from .._metrics import ReconcileMetrics
 from ..dispatch import Subscription
 from ..workflows import WorkflowEngine, unfinished_runs
 from ._report import SHOWN, ReconcileReport, ReconcilerResult, Repairs, SubscriptionReport
 
-logger = logging.getLogger(__name__)
+logger = get_logger("reconcile")
 
 # Lost events re-dispatched per transaction.
 _CHUNK = 1000
