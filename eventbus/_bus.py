@@ -38,6 +38,7 @@ from ._errors import (
 from ._event import Event, Message, new_event_id
 from ._metrics import BusMetrics
 from ._reconciliation import Reconciliation
+from ._stopping import stop_requested
 from ._unclaimed import apply_drop, warn_unclaimed
 from .dispatch import Handler, StateReader, Subscription
 from .failures import CONTROL_DECODER as _CONTROL
@@ -147,7 +148,8 @@ class Bus:
         enclosing cancel scope) closes the bus at once, without waiting for handlers:
         calls in flight are abandoned, their events delivered again on the next open
         and not counted as failed attempts; what the writer already holds is
-        committed; the cancellation then propagates.
+        committed; the cancellation then propagates. Under :func:`eventbus.run`, a
+        SIGTERM or SIGINT closes it gracefully instead, as a normal exit does.
         """
         config = config or BusConfig()
         if storage is None:
@@ -183,7 +185,7 @@ class Bus:
                     # Raised after the task group, as it is: the group is ours.
                     body_error = exc
                     with anyio.CancelScope(shield=True):
-                        await bus._shutdown(abandon=_is_cancellation(exc))
+                        await bus._shutdown(abandon=_is_cancellation(exc) and not stop_requested())
                 else:
                     await bus.close()
         finally:

@@ -234,6 +234,8 @@ class Scheduler:
         self.retry_changed = False
         #: Set when the main lane may have work again; the shell clears it.
         self.main_changed = False
+        #: The circuit breaker's last change of state (from, to); the shell clears it.
+        self.breaker_moved: tuple[str, str] | None = None
 
     # -- input ----------------------------------------------------------------------
 
@@ -540,6 +542,7 @@ class Scheduler:
         call.ok = 0
         if breaker.state != was:
             self.retry_changed = self.main_changed = True
+            self.breaker_moved = (was, breaker.state)
 
     # -- the retry lane -------------------------------------------------------------
 

@@ -22,7 +22,6 @@ call that reconciliation cancels as stuck fails with :class:`HandlerStuck`.
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import typing
 from collections import deque
@@ -46,6 +45,7 @@ from .._clock import Clock
 from .._config import BatchPolicy, BreakerPolicy, RetryPolicy
 from .._errors import BusClosed, HandlerStuck
 from .._event import Event
+from .._logging import event_fields, get_logger
 from .._metrics import SubscriptionMetrics, SubscriptionRecorder, median, summarize
 from ..failures import (
     CircuitBreaker,
@@ -60,7 +60,7 @@ from ._scheduler import MAIN, RETRY, RUN, STOP, Call, Entry, Pending, Scheduler
 from ._state import StateCache
 from ._writes import PendingWrites, Undecodable, event_id
 
-logger = logging.getLogger("eventbus.dispatch")
+logger = get_logger("dispatch")
 
 Decode = Callable[[Record], Event[object]]
 
@@ -477,6 +477,9 @@ class Subscription:
     def _signal(self) -> None:
         """Act on what the scheduler says changed."""
         sched = self._sched
+        if sched.breaker_moved is not None:
+            self._log_breaker(*sched.breaker_moved)
+            sched.breaker_moved = None
         if sched.retry_changed:
             sched.retry_changed = False
             self._retry_wake.set()
@@ -484,6 +487,22 @@ class Subscription:
             sched.main_changed = False
             if self._idle:
                 self._wake_workers(max(1, sched.buffered))
+
+    def _log_breaker(self, was: str, now: str) -> None:
+        if now == "open":
+            logger.warning(
+                "subscription %s: circuit breaker opened (%s); new events wait in the log "
+                "until a probe succeeds",
+                self.name,
+                "the probe failed" if was == "half_open" else "too many failures",
+                extra={"subscription": self.name},
+            )
+        elif now == "closed":
+            logger.warning(
+                "subscription %s: circuit breaker closed: the probe succeeded",
+                self.name,
+                extra={"subscription": self.name},
+            )
 
     def _event_of(self, entry: Entry) -> Event[object]:
         """The event to hand to the handler, at the entry's attempt.
@@ -701,12 +720,7 @@ class Subscription:
                 error_type_name(error),
                 error,
                 entry.delay,
-                extra={
-                    "subscription": self.name,
-                    "event_id": event_id(entry),
-                    "seq": entry.seq,
-                    "attempt": attempt,
-                },
+                extra=event_fields(self.name, event_id(entry), entry.seq, attempt),
             )
 
     def _observe(self, call: Call, handled: int, started: float) -> None:

@@ -9,13 +9,13 @@ not in the same transaction. A commit that fails is put back ahead of anything n
 
 from __future__ import annotations
 
-import logging
 import typing
 
 from storage import PROCESS_DIED, DeadRecord, NewRecord, Record, RetryRecord, WriteBatch
 
 from .._clock import Clock
 from .._event import Event
+from .._logging import event_fields, get_logger
 from .._metrics import SubscriptionRecorder
 from ..failures import dead_record, event_record, retry_record
 from ..publish import LogWriter
@@ -23,7 +23,7 @@ from ._context import CallBuffer
 from ._scheduler import PARKED, Entry, Scheduler
 from ._state import StateCache
 
-logger = logging.getLogger("eventbus.dispatch")
+logger = get_logger("dispatch")
 
 
 class Undecodable:
@@ -153,12 +153,7 @@ class PendingWrites:
             dead.attempts,
             dead.error_type,
             dead.error_message,
-            extra={
-                "subscription": self.name,
-                "event_id": record.id,
-                "seq": entry.seq,
-                "attempt": dead.attempts,
-            },
+            extra=event_fields(self.name, record.id, entry.seq, dead.attempts),
         )
         self.touch()
 

@@ -26,7 +26,7 @@ from storage import NewRecord, Receipt, WriteBatch
 from .._errors import BusClosed, BusFull, translate_storage_error
 from .._metrics import CommitRecorder, LogMetrics
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("eventbus.publish")
 
 _Appends = NewRecord | list[NewRecord]
 OnCommitted = Callable[[list[NewRecord], list[Receipt]], None]

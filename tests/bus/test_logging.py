@@ -12,6 +12,7 @@ import pytest
 import backpressure
 import eventbus
 import storage
+from eventbus import BreakerPolicy, Bus, BusConfig, Context, Event, RetryPolicy
 from eventbus._logging import EVENT_FIELDS, LOGGERS, event_fields, get_logger
 
 
@@ -58,3 +59,36 @@ def test_event_fields_become_attributes_of_the_record(caplog: pytest.LogCaptureF
         "seq": 42,
         "attempt": 2,
     }
+
+
+@pytest.mark.anyio
+async def test_retries_dead_letters_and_the_breaker_log_where_the_readme_says(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Retries at INFO, dead letters and breaker changes at WARNING, on
+    eventbus.dispatch, each record about one event with its fields."""
+    caplog.set_level(logging.INFO, logger="eventbus")
+    breaker = BreakerPolicy(failure_ratio=0.5, min_calls=2, cooldown=0.05, max_cooldown=0.05)
+    retry = RetryPolicy(max_attempts=2, initial_delay=0.0, max_delay=0.0)
+    async with Bus.open(":memory:", config=BusConfig(breaker=breaker)) as bus:
+
+        @bus.subscribe("t", name="s", retry=retry)
+        async def handler(event: Event[int], ctx: Context) -> None:
+            if event.payload < 3:
+                raise ValueError(f"event {event.payload} fails")
+
+        for i in range(5):
+            await bus.publish("t", i, key=f"k{i}")
+        await bus.drain(timeout=10)
+    dispatch = [r for r in caplog.records if r.name == "eventbus.dispatch"]
+    retries = [r for r in dispatch if "retrying" in r.getMessage()]
+    dead = [r for r in dispatch if "dead-lettered" in r.getMessage()]
+    breaker_records = [r for r in dispatch if "circuit breaker" in r.getMessage()]
+    assert retries
+    assert all(r.levelno == logging.INFO for r in retries)
+    assert len(dead) == 3
+    assert all(r.levelno == logging.WARNING for r in dead)
+    assert {getattr(r, "subscription", None) for r in retries + dead} == {"s"}
+    assert all(isinstance(getattr(r, "seq", None), int) for r in retries + dead)
+    assert any("opened" in r.getMessage() for r in breaker_records)
+    assert all(r.levelno == logging.WARNING for r in breaker_records)
