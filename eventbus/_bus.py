@@ -37,7 +37,7 @@ from ._errors import (
 )
 from ._event import Event, Message, new_event_id
 from ._metrics import BusMetrics
-from ._reconciliation import Reconciliation
+from ._reconciliation import ReconciliationBase
 from ._stopping import stop_requested
 from ._unclaimed import apply_drop, warn_unclaimed
 from .dispatch import Handler, StateReader, Subscription
@@ -53,6 +53,13 @@ H = TypeVar("H", bound=Handler)
 W = TypeVar("W", bound=WorkflowFunction)
 
 _HEADERS = msgspec.msgpack.Decoder(dict[str, str])
+
+
+class Reconciliation(ReconciliationBase["Bus"]):
+    """What a user reconciler gets on each run: ``rc.bus`` is this bus,
+    ``await rc.publish(...)`` emits a corrective event (counted unless its
+    idempotency key was already in the log), ``rc.flag(message)`` records an
+    inconsistency it cannot correct."""
 
 
 class Bus:
@@ -178,7 +185,7 @@ class Bus:
                 tg.start_soon(bus._run_writer)
                 tg.start_soon(bus._maintenance)
                 tg.start_soon(bus._reconciler.run)
-                tg.start_soon(warn_unclaimed, bus)
+                tg.start_soon(bus._warn_unclaimed)
                 try:
                     yield bus
                 except BaseException as exc:  # noqa: BLE001 - re-raised below, as it is
@@ -243,6 +250,10 @@ class Bus:
                     self._tg.cancel_scope.cancel()
                 self._closed = True
 
+    async def _warn_unclaimed(self) -> None:
+        """At the body's first await: subscriptions in the log that no handler took."""
+        warn_unclaimed(self._known, self._subs, self._writer.committed_head)
+
     async def _run_writer(self) -> None:
         try:
             await self._writer.run()
@@ -281,7 +292,9 @@ class Bus:
                 logger.error("ignoring a malformed command queued in the log: %r", raw[:100])
                 continue
             if command.action == "drop":
-                await apply_drop(self, command.subscription)
+                await apply_drop(
+                    self._log, self._writer.lock, self._known, self._subs, command.subscription
+                )
                 continue
             if command.action == "redrive":
                 n = await self.dead_letters.redrive(
