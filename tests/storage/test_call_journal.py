@@ -113,7 +113,7 @@ async def test_calls_that_ended_are_not_charged_and_a_clean_close_leaves_nothing
     slots.started(0, [1, 2])
     slots.ended(0)
     await store.close()
-    generation, inflight = read_journal(f"{path}-calls") or (0, {})
+    _, inflight = read_journal(f"{path}-calls") or (0, {})
     assert inflight == {}
     assert await _lane(path) == {}
 
