@@ -682,6 +682,9 @@ class Bus:
             WorkflowError: No such workflow, or the id belongs to another workflow.
             PayloadError: The input cannot be encoded.
             BusClosed: The bus is closed.
+
+        Cancellation: the start may still commit (and the run then starts); calling
+        again with the same ``workflow_id`` returns that run's handle.
         """
         self._check_open()
         record = await self._workflows.start(name, input, workflow_id, timeout)
@@ -692,6 +695,8 @@ class Bus:
 
         Raises:
             WorkflowError: No run has this id.
+
+        Cancellation: a read; nothing changes.
         """
         return WorkflowHandle(self._workflows, await self._workflows.read(workflow_id))
 

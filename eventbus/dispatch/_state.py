@@ -176,7 +176,10 @@ class StateReader:
         return default if raw is None else _DECODER.decode(raw)
 
     async def items(self) -> AsyncIterator[tuple[str, object]]:
-        """Every committed key and value, in key order (paged from the log)."""
+        """Every committed key and value, in key order (paged from the log).
+
+        Cancellation: a read; nothing changes.
+        """
         after = ""
         while True:
             try:
