@@ -352,17 +352,12 @@ class WorkflowEngine:
         await self.commit(WriteBatch(workflows=[done]))
         self.counts["cancelled"] += 1
 
-    async def interrupted(
-        self, workflow_id: str, pos: int, name: str, attempts: int, started: float
-    ) -> None:
-        """A step was cancelled (bus closing, run cancelled): not a failed attempt."""
+    async def interrupted(self, step: StepRecord) -> None:
+        """A step was cancelled (bus closing, run cancelled): its checkpoint goes back
+        to ``step``, as before the attempt, which counts neither as failed nor died."""
         with anyio.move_on_after(2.0):
             with contextlib.suppress(BusClosed, _storage.StorageError):
-                await self.commit(
-                    WriteBatch(
-                        steps=[StepRecord(workflow_id, pos, name, "running", attempts, started)]
-                    )
-                )
+                await self.commit(WriteBatch(steps=[step]))
 
     async def read(self, workflow_id: str) -> WorkflowRecord:
         try:

@@ -402,24 +402,36 @@ class Workflow:
     ) -> Any:
         engine = self._engine
         policy = retry or engine.step_retry
-        attempts = found.attempts if found is not None else 0
-        started = found.started_at if found is not None else time.time()
+        # An attempt ends in one of three ways, counted apart: it raises (the retry
+        # policy gives up after max_attempts of those), the process stops during it
+        # (a crash loop after max_attempts of those), or a close interrupts it (not
+        # counted at all). So a crash never uses up a step's retries.
+        step = found or StepRecord(self.id, pos, name, "running", 0, time.time())
         key = self.idempotency_key(name, pos)
-        if attempts >= policy.max_attempts:
-            # Every attempt so far ended with the process: do not let it crash-loop.
-            await self._step_failed(pos, name, attempts, started, _DIED_TYPE, _DIED)
+        if step.died >= policy.max_attempts:
+            # The process stopped during max_attempts of its attempts: a crash loop.
+            message = _DIED.format(died=step.died)
+            await self._step_failed(step, _DIED_TYPE, message)
             self._raised.append(pos)
-            raise StepFailed(self.id, name, pos, attempts, _DIED_TYPE, _DIED)
+            raise StepFailed(self.id, name, pos, step.attempts, _DIED_TYPE, message)
         previous = 0.0
+        failed = False  # the last attempt raised; ``step`` records it
         while True:
-            attempts += 1
-            token = _CURRENT_STEP.set(StepInfo(self.id, name, pos, attempts, key))
+            attempts = step.attempts + 1
             try:
+                # Inside the cancellation handler: a commit cancelled by a close may
+                # still land, and must not count as an attempt either.
+                if failed:
+                    # The failed attempt ended here: the process stopping during the
+                    # backoff must not count it as died.
+                    await engine.commit(WriteBatch(steps=[step]))
+                    await anyio.sleep(previous)
+                # Counted as died until it ends otherwise: if the process stops, no
+                # code runs to count it.
+                marker = msgspec.structs.replace(step, attempts=attempts, died=step.died + 1)
+                await engine.commit(WriteBatch(steps=[marker]))
+                token = _CURRENT_STEP.set(StepInfo(self.id, name, pos, attempts, key))
                 try:
-                    # Inside the cancellation handler: a commit cancelled by a close
-                    # may still land, and must not count as an attempt either.
-                    marker = StepRecord(self.id, pos, name, "running", attempts, started)
-                    await engine.commit(WriteBatch(steps=[marker]))
                     with _deadline(policy.timeout):
                         value = fn(*args, **kwargs)
                         if inspect.isawaitable(value):
@@ -428,37 +440,56 @@ class Workflow:
                     _CURRENT_STEP.reset(token)
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True):
-                    await engine.interrupted(self.id, pos, name, attempts - 1, started)
+                    await engine.interrupted(step)
                 raise
             except Exception as exc:
                 if isinstance(exc, (BusClosed, _storage.StorageError)):
                     raise  # the bus, not the step: the run pauses
-                if not policy.retryable(exc) or attempts >= policy.max_attempts:
+                step = msgspec.structs.replace(
+                    step,
+                    attempts=attempts,
+                    error_type=error_type_name(exc),
+                    error_message=str(exc),
+                )
+                failures = step.attempts - step.died
+                if not policy.retryable(exc) or failures >= policy.max_attempts:
                     engine.counts["steps_failed"] += 1
-                    kind_name, message = error_type_name(exc), str(exc)
-                    await self._step_failed(pos, name, attempts, started, kind_name, message)
+                    await self._step_failed(step, step.error_type, step.error_message)
                     self._raised.append(pos)
-                    raise StepFailed(self.id, name, pos, attempts, kind_name, message) from exc
+                    raise StepFailed(
+                        self.id, name, pos, attempts, step.error_type, step.error_message
+                    ) from exc
                 logger.info(
                     "workflow %s step %r attempt %d failed: %r", self.id, name, attempts, exc
                 )
                 engine.counts["step_retries"] += 1
                 if self._rng is None:
                     self._rng = random.Random()
-                previous = backoff_delay(policy, attempts, previous, self._rng)
-                await anyio.sleep(previous)
+                previous = backoff_delay(policy, failures, previous, self._rng)
+                failed = True
                 continue
             engine.counts["steps_run"] += 1
             raw = _encode(f"the output of step {name!r}", value)
-            done = StepRecord(self.id, pos, name, "done", attempts, started, time.time(), raw)
+            done = msgspec.structs.replace(
+                step,
+                status="done",
+                attempts=attempts,
+                finished_at=time.time(),
+                output=raw,
+                error_type="",
+                error_message="",
+            )
             await engine.commit(WriteBatch(steps=[done]))
             return _decoder(kind).decode(raw)
 
-    async def _step_failed(
-        self, pos: int, name: str, attempts: int, started: float, kind: str, message: str
-    ) -> None:
-        record = StepRecord(
-            self.id, pos, name, "failed", attempts, started, time.time(), None, kind, message
+    async def _step_failed(self, step: StepRecord, kind: str, message: str) -> None:
+        record = msgspec.structs.replace(
+            step,
+            status="failed",
+            finished_at=time.time(),
+            output=None,
+            error_type=kind,
+            error_message=message,
         )
         await self._engine.commit(WriteBatch(steps=[record]))
 
@@ -527,4 +558,4 @@ class Workflow:
 
 
 _DIED_TYPE = "eventbus.ProcessDied"
-_DIED = "the process stopped during every attempt (crash loop); see the step's logs"
+_DIED = "the process stopped during {died} of its attempts (crash loop); see the step's logs"
