@@ -38,6 +38,7 @@ from ._workflow import (
     WorkflowFailed,
     WorkflowFunction,
     WorkflowStatus,
+    _Checkpoints,
     _deadline,
     _decoder,
     _encode,
@@ -270,10 +271,11 @@ class WorkflowEngine:
         await self.commit(WriteBatch(workflows=[record]))
         steps = [] if first else await self._log.steps(record.id)
         self.counts["started"] += 1
-        wf = Workflow(self, record, steps)
+        checkpoints = _Checkpoints(record, steps)
+        wf = Workflow(self, record, checkpoints)
         try:
             value = await d.fn(wf, _decoder(d.input_type).decode(record.input))
-            wf._check_replayed()
+            checkpoints.check_all_reached()
             output = _encode(f"the result of workflow {record.name!r}", value)
         except (BusClosed, _storage.StorageError):
             raise

@@ -271,6 +271,54 @@ def _deadline(seconds: float | None) -> contextlib.AbstractContextManager[object
 # -- one run --------------------------------------------------------------------------
 
 
+class _Checkpoints:
+    """A run's step checkpoints as the log holds them, and how far the run has reached
+    them again. The engine makes one per execution, hands it to the :class:`Workflow`
+    (which claims a position per step) and, when the workflow function returns,
+    checks that every checkpoint was reached."""
+
+    __slots__ = ("_by_position", "_id", "_name", "_next")
+
+    def __init__(self, record: WorkflowRecord, steps: list[StepRecord]) -> None:
+        self._name = record.name
+        self._id = record.id
+        self._by_position = {s.position: s for s in steps}
+        self._next = 0
+
+    def claim(self, name: str) -> tuple[int, StepRecord | None]:
+        """The next position, taken by the step ``name``, and its checkpoint if any.
+
+        Raises:
+            WorkflowIncompatible: The checkpoint there is another step's.
+        """
+        pos = self._next
+        self._next += 1
+        found = self._by_position.get(pos)
+        if found is not None and found.name != name:
+            raise WorkflowIncompatible(
+                f"workflow {self._name!r} run {self._id!r}: step {pos} was checkpointed as "
+                f"{found.name!r} but the code now calls {name!r} there; the code changed "
+                "incompatibly with the run's checkpoints. Finish old runs on the old code "
+                "or name the new version differently, then redrive the run"
+            )
+        return pos, found
+
+    def check_all_reached(self) -> None:
+        """At the end of a run: every checkpoint must have been reached again.
+
+        Raises:
+            WorkflowIncompatible: The run ended before a checkpointed step.
+        """
+        missed = sorted(p for p in self._by_position if p >= self._next)
+        if missed:
+            names = ", ".join(repr(self._by_position[p].name) for p in missed)
+            raise WorkflowIncompatible(
+                f"workflow {self._name!r} run {self._id!r} finished without reaching its "
+                f"checkpointed step(s) {names}; the code changed incompatibly with the "
+                "run's checkpoints"
+            )
+
+
 class Workflow:
     """The ``wf`` a workflow function receives: its steps, sleeps and gathers.
 
@@ -280,13 +328,12 @@ class Workflow:
         runs: 1 on the first run, counting up each time the run is resumed.
     """
 
-    def __init__(self, engine: WorkflowEngine, record: WorkflowRecord, steps: list[StepRecord]):
+    def __init__(self, engine: WorkflowEngine, record: WorkflowRecord, checkpoints: _Checkpoints):
         self.id = record.id
         self.name = record.name
         self.runs = record.runs
         self._engine = engine
-        self._checkpoints = {s.position: s for s in steps}
-        self._next = 0
+        self._checkpoints = checkpoints
         self._in_progress = 0
         # Positions whose StepFailed was raised with no step called since, and
         # those the workflow went on from (handled: a redrive replays them).
@@ -305,30 +352,9 @@ class Workflow:
                 "concurrently through wf.gather(wf.step(...), ...), so that a replay "
                 "matches each step to its checkpoint"
             )
-        pos = self._next
-        self._next += 1
         self.handled.update(self._raised)
         self._raised.clear()
-        found = self._checkpoints.get(pos)
-        if found is not None and found.name != name:
-            raise WorkflowIncompatible(
-                f"workflow {self.name!r} run {self.id!r}: step {pos} was checkpointed as "
-                f"{found.name!r} but the code now calls {name!r} there; the code changed "
-                "incompatibly with the run's checkpoints. Finish old runs on the old code "
-                "or name the new version differently, then redrive the run"
-            )
-        return pos, found
-
-    def _check_replayed(self) -> None:
-        """At the end of a run: every checkpoint must have been reached again."""
-        missed = sorted(p for p in self._checkpoints if p >= self._next)
-        if missed:
-            names = ", ".join(repr(self._checkpoints[p].name) for p in missed)
-            raise WorkflowIncompatible(
-                f"workflow {self.name!r} run {self.id!r} finished without reaching its "
-                f"checkpointed step(s) {names}; the code changed incompatibly with the "
-                "run's checkpoints"
-            )
+        return self._checkpoints.claim(name)
 
     def idempotency_key(self, step: str, position: int) -> str:
         """The stable idempotency key of the step ``step`` at ``position``."""
