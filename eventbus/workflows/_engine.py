@@ -38,6 +38,7 @@ from ._workflow import (
     WorkflowFailed,
     WorkflowFunction,
     WorkflowStatus,
+    _Checkpoints,
     _deadline,
     _decoder,
     _encode,
@@ -270,10 +271,11 @@ class WorkflowEngine:
         await self.commit(WriteBatch(workflows=[record]))
         steps = [] if first else await self._log.steps(record.id)
         self.counts["started"] += 1
-        wf = Workflow(self, record, steps)
+        checkpoints = _Checkpoints(record, steps)
+        wf = Workflow(self, record, checkpoints)
         try:
             value = await d.fn(wf, _decoder(d.input_type).decode(record.input))
-            wf._check_replayed()
+            checkpoints.check_all_reached()
             output = _encode(f"the result of workflow {record.name!r}", value)
         except (BusClosed, _storage.StorageError):
             raise
@@ -352,17 +354,12 @@ class WorkflowEngine:
         await self.commit(WriteBatch(workflows=[done]))
         self.counts["cancelled"] += 1
 
-    async def interrupted(
-        self, workflow_id: str, pos: int, name: str, attempts: int, started: float
-    ) -> None:
-        """A step was cancelled (bus closing, run cancelled): not a failed attempt."""
+    async def interrupted(self, step: StepRecord) -> None:
+        """A step was cancelled (bus closing, run cancelled): its checkpoint goes back
+        to ``step``, as before the attempt, which counts neither as failed nor died."""
         with anyio.move_on_after(2.0):
             with contextlib.suppress(BusClosed, _storage.StorageError):
-                await self.commit(
-                    WriteBatch(
-                        steps=[StepRecord(workflow_id, pos, name, "running", attempts, started)]
-                    )
-                )
+                await self.commit(WriteBatch(steps=[step]))
 
     async def read(self, workflow_id: str) -> WorkflowRecord:
         try:
