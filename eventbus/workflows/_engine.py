@@ -485,7 +485,10 @@ class WorkflowHandle:
         return f"<WorkflowHandle {self.name!r} id={self.id!r}>"
 
     async def status(self) -> WorkflowStatus:
-        """The run's status and its steps, as committed."""
+        """The run's status and its steps, as committed.
+
+        Cancellation: a read; nothing changes.
+        """
         record = await self._engine.read(self.id)
         steps = await self._engine.steps(self.id)
         return WorkflowStatus(
@@ -508,11 +511,16 @@ class WorkflowHandle:
             WorkflowFailed: The run failed (it is in the dead letters).
             WorkflowCancelled: The run was cancelled.
             TimeoutError: ``timeout`` seconds passed first; the run goes on.
+
+        Cancellation: only the wait stops; the run goes on.
         """
         record = await self._engine.wait(self.id, timeout)
         return self._engine.decode_result(record)
 
     async def cancel(self) -> bool:
         """Cancel the run: a step in progress is cancelled and no further step runs.
-        Returns False if it had already finished."""
+        Returns False if it had already finished.
+
+        Cancellation: the cancel may still commit; calling it again is harmless.
+        """
         return await self._engine.cancel(self.id)

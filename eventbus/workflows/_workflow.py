@@ -23,8 +23,9 @@ import random
 import time
 import typing
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.abc
@@ -38,8 +39,19 @@ from .._errors import BusClosed, BusError, PayloadError
 from .._logging import get_logger
 from ..failures import backoff_delay, error_type_name
 
-if TYPE_CHECKING:
-    from ._engine import WorkflowEngine
+
+class StepHost(Protocol):
+    """What a run's steps need of the engine that runs them."""
+
+    step_retry: RetryPolicy
+    counts: Counter[str]
+
+    async def commit(self, batch: WriteBatch) -> None:
+        """Commit step checkpoints (through the log writer)."""
+
+    async def interrupted(self, step: StepRecord) -> None:
+        """A step's attempt was cancelled: its checkpoint goes back to ``step``."""
+
 
 logger = get_logger("workflows")
 
@@ -328,7 +340,7 @@ class Workflow:
         runs: 1 on the first run, counting up each time the run is resumed.
     """
 
-    def __init__(self, engine: WorkflowEngine, record: WorkflowRecord, checkpoints: _Checkpoints):
+    def __init__(self, engine: StepHost, record: WorkflowRecord, checkpoints: _Checkpoints):
         self.id = record.id
         self.name = record.name
         self.runs = record.runs
@@ -390,6 +402,9 @@ class Workflow:
             WorkflowIncompatible: The code reached another step here than the one
                 checkpointed.
             PayloadError: The output cannot be encoded.
+
+        Cancellation: the step's attempt is abandoned, counted neither as failed nor
+        as died; the run replays the step when it resumes.
         """
         if not isinstance(name, str) or not name or name.startswith("@"):
             raise ValueError(f"a step needs a non-empty name not starting with '@', got {name!r}")
@@ -521,7 +536,10 @@ class Workflow:
 
     async def sleep(self, seconds: float) -> None:
         """Sleep durably: the wake-up time is checkpointed, so a run resumed after a
-        restart sleeps only what is left (or not at all)."""
+        restart sleeps only what is left (or not at all).
+
+        Cancellation: the wake-up time stays checkpointed; a resumed run sleeps until it.
+        """
         if not seconds >= 0:
             raise ValueError(f"sleep needs seconds >= 0, got {seconds!r}")
         pos, found = self._position(_SLEEP)
@@ -550,6 +568,8 @@ class Workflow:
             TypeError: An argument is not a ``wf.step`` or ``wf.sleep`` call (a
                 coroutine running several steps would take positions in whatever
                 order its steps finish, and a replay could not match them).
+
+        Cancellation: every step of the gather is cancelled, as :meth:`step` says.
         """
         ours = (Workflow.step.__code__, Workflow.sleep.__code__)
         strays = [aw for aw in steps if getattr(aw, "cr_code", None) not in ours]
