@@ -28,19 +28,17 @@ from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy
 from ._errors import (
     BusClosed,
     DrainTimeout,
-    EventTooLarge,
-    PayloadError,
     SubscriptionError,
     translate_storage_error,
 )
-from ._event import Event, Message, new_event_id
+from ._event import Event, Message
 from ._handler import Handler
 from ._metrics import BusMetrics, SubscriptionMetrics, median, summarize
 from ._state import StateReader
 from ._subscription import Subscription
 from .failures import CONTROL_DECODER as _CONTROL
 from .failures import DeadLetters
-from .publish import LogWriter, RecentEvents
+from .publish import EventEncoder, LogWriter, RecentEvents
 from .reconcile import R, Reconciler, ReconcileReport
 from .workflows import WorkflowEngine, WorkflowFunction, WorkflowHandle
 
@@ -63,7 +61,7 @@ class Bus:
     def __init__(self, log: _storage.Storage, config: BusConfig) -> None:
         self.config = config
         self._log = log
-        self._encoder = msgspec.msgpack.Encoder()
+        self._events = EventEncoder(config.max_event_bytes)
         self._decoder = msgspec.msgpack.Decoder()
         self._writer = LogWriter(
             log,
@@ -328,32 +326,7 @@ class Bus:
         idempotency_key: str | None = None,
         now: float | None = None,
     ) -> NewRecord:
-        if not isinstance(topic, str) or not topic or topic == "*":
-            raise ValueError(f"topic must be a non-empty string other than '*', got {topic!r}")
-        if key is not None and not isinstance(key, str):
-            raise ValueError(f"key must be a string or None, got {type(key).__name__}")
-        try:
-            data = self._encoder.encode(payload)
-        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
-            raise PayloadError(topic, str(exc)) from exc
-        size = len(data) + len(topic) + (len(key) if key else 0)
-        raw_headers = None
-        if headers:
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
-                raise PayloadError(topic, "headers must map str to str")
-            raw_headers = self._encoder.encode(headers)
-            size += len(raw_headers)
-        if size > self.config.max_event_bytes:
-            raise EventTooLarge(topic, size, self.config.max_event_bytes)
-        return NewRecord(
-            new_event_id(),
-            topic,
-            key,
-            data,
-            raw_headers,
-            time.time() if now is None else now,
-            idempotency_key,
-        )
+        return self._events.encode(topic, payload, key, headers, idempotency_key, now)
 
     def _check_open(self) -> None:
         if self._closing:
@@ -382,8 +355,13 @@ class Bus:
             The receipt: ``seq``, ``id`` and ``duplicate``.
 
         Raises:
-            PayloadError: The payload or headers cannot be encoded (nothing written).
-            EventTooLarge: Over ``max_event_bytes`` (nothing written).
+            InvalidEvent: The topic, key or idempotency key is not allowed: not a
+                ``str`` (None for the keys), an empty topic or ``"*"``, not valid
+                Unicode (nothing written).
+            PayloadError: The payload or headers cannot be encoded, or the payload is
+                nested too deeply or cyclic (nothing written).
+            EventTooLarge: Over ``max_event_bytes`` (nothing written; a payload is
+                never encoded much past the limit).
             BusClosed: The bus is closed or closed before the commit.
             StorageError: The log failed to commit (nothing written).
 
@@ -411,7 +389,8 @@ class Bus:
 
         Raises:
             BusFull: ``max_pending_publishes`` events are already waiting.
-            PayloadError, EventTooLarge, BusClosed: as for :meth:`publish`.
+            InvalidEvent, PayloadError, EventTooLarge, BusClosed: as for
+                :meth:`publish`; nothing is queued.
         """
         self._check_open()
         record = self._encode(topic, payload, key, headers, idempotency_key)
@@ -421,16 +400,14 @@ class Bus:
         """Append several events in one transaction: all are committed, or none.
 
         Raises:
-            PayloadError, EventTooLarge: One message is bad; nothing is written.
+            InvalidEvent, PayloadError, EventTooLarge: One message is bad; nothing
+                is written.
             BusClosed, StorageError: As for :meth:`publish`.
 
         Cancellation: as for :meth:`publish`.
         """
         self._check_open()
-        records = [
-            self._encode(m.topic, m.payload, m.key, m.headers, m.idempotency_key) for m in messages
-        ]
-        return await self._writer.submit_many(records)
+        return await self._writer.submit_many(self._events.encode_many(messages))
 
     # -- routing (called by the writer after each commit) ---------------------------
 

@@ -7,6 +7,7 @@
     ├── BusFull              publish_nowait found max_pending_publishes waiting
     ├── EventTooLarge        the encoded event exceeds max_event_bytes; nothing written
     ├── PayloadError         the payload or headers cannot be encoded; nothing written
+    ├── InvalidEvent         a topic, key or idempotency key is not allowed; nothing written
     ├── ConfigError          a configuration key or value is wrong (names the key)
     ├── SubscriptionError    a subscribe() call is wrong (duplicate name, bad handler)
     ├── DrainTimeout         drain() ran out of time; says which subscriptions lag
@@ -23,6 +24,8 @@ here) and translated once, at the bus's boundary, by :func:`translate_storage_er
 """
 
 from __future__ import annotations
+
+import reprlib
 
 import storage as _storage
 
@@ -53,14 +56,16 @@ class BusFull(BusError):
 class EventTooLarge(BusError):
     """The encoded event is larger than ``BusConfig.max_event_bytes``."""
 
-    def __init__(self, topic: str, size: int, limit: int) -> None:
+    def __init__(self, topic: str, size: int, limit: int, *, at_least: bool = False) -> None:
         self.topic = topic
-        self.size = size
+        self.size = size  # a lower bound when at_least: encoding stopped there
         self.limit = limit
+        self.at_least = at_least
+        more = "at least " if at_least else ""
         super().__init__(
-            f"event on topic {topic!r} encodes to {size} bytes, over the limit of {limit} "
-            "(BusConfig.max_event_bytes); nothing was written. Store large blobs elsewhere "
-            "and publish a reference, or raise the limit"
+            f"event on topic {topic!r} encodes to {more}{size} bytes, over the limit of "
+            f"{limit} (BusConfig.max_event_bytes); nothing was written. Store large blobs "
+            "elsewhere and publish a reference, or raise the limit"
         )
 
 
@@ -74,6 +79,20 @@ class PayloadError(BusError, TypeError):
             f"cannot encode the event for topic {topic!r}: {reason}; payloads must be "
             "msgspec-encodable (dicts, lists, str, int, float, bool, None, bytes, "
             "msgspec.Struct, dataclasses...)"
+        )
+
+
+class InvalidEvent(BusError, ValueError):
+    """A topic, key or idempotency key given to a publish is not allowed (wrong type,
+    empty topic, ``"*"``, text that is not valid Unicode); nothing was written."""
+
+    def __init__(self, field: str, value: object, expected: str) -> None:
+        self.field = field
+        self.value_type = type(value).__name__
+        self.expected = expected
+        super().__init__(
+            f"{field} must be {expected}, got {self.value_type} {reprlib.repr(value)}; nothing was "
+            "written. Fix the argument and publish again"
         )
 
 
