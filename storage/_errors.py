@@ -8,6 +8,7 @@
     ├── CorruptLog               the file is damaged (SQLite refuses it)
     ├── SchemaTooNew             written by a newer version of this library
     ├── StorageFull              the disk (or quota) is full
+    ├── RecordRejected           the database refused a value of one write
     └── StorageClosed            the storage was closed
 
 The bus re-raises each of these as its own subclass of ``eventbus.BusError``.
@@ -72,6 +73,20 @@ class SchemaTooNew(StorageError):
 
 class StorageFull(StorageError):
     """The disk is full: the write was rolled back and can be retried once space returns."""
+
+
+class RecordRejected(StorageError):
+    """The database refused a value in a write (a type or size it cannot store); the
+    transaction was rolled back. Unlike the other errors this says nothing about the
+    log itself: the other records of a group commit can be committed without it."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(
+            f"the log {path!r} refused a value of this write ({detail}); nothing was "
+            "written. Check the types of what was published"
+        )
 
 
 class StorageClosed(StorageError):

@@ -31,6 +31,7 @@ from ._errors import (
     CorruptLog,
     LogLocked,
     NotALog,
+    RecordRejected,
     SchemaTooNew,
     StorageClosed,
     StorageError,
@@ -65,6 +66,16 @@ _CHECKPOINT_EVERY_BYTES = 32 * 1024 * 1024
 _BUSY_RETRIES = 5
 
 
+# A value SQLite would not bind or store (a list, a string past SQLITE_MAX_LENGTH, a
+# constraint): the fault of one record, not of the log.
+_REFUSED_VALUE = (
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+    sqlite3.IntegrityError,
+)
+
+
 def _translate(path: str, exc: BaseException) -> StorageError:
     """Turn a sqlite3 error into the storage error tree (the one boundary for it)."""
     if isinstance(exc, StorageError):
@@ -82,6 +93,8 @@ def _translate(path: str, exc: BaseException) -> StorageError:
             or "not a database" in str(exc)
         ):
             return CorruptLog(path, str(exc))
+        if isinstance(exc, _REFUSED_VALUE):
+            return RecordRejected(path, str(exc))
         return StorageError(f"SQLite failed on {path!r}: {exc}")
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return StorageFull(f"the disk holding {path!r} is full: {exc}")

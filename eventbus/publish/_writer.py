@@ -5,6 +5,8 @@ letters) in a second queue that is emptied on every cycle, so consumers keep mov
 even while producers flood the log. Each cycle takes the waiting publishes, as many
 as the commit-size controller allows (at most ``max_commit_batch`` events), and every
 waiting acknowledgement, and commits them with one ``Storage.commit``: group commit.
+A commit that fails over one record is committed again in parts (``_isolation``), so
+only that record's publisher fails.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import storage as _storage
 from backpressure import BatchController, BatchSample, GradientController
 from storage import NewRecord, Receipt, WriteBatch
 
-from .._errors import BusClosed, BusFull, translate_storage_error
+from .._errors import BusClosed, BusFull
 from .._metrics import CommitRecorder, LogMetrics
+from ._isolation import COMMIT_ERRORS, commit_apart, commit_error, rejects_a_record
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +207,25 @@ class LogWriter:
             self._fail_all(BusClosed("the bus closed before this write was committed"))
 
     async def _cycle(self) -> None:
-        batch = WriteBatch()
+        taken = self._take_appends()
+        acks, self._acks = self._acks, []
+        self._busy = True
+        try:
+            await self._commit(taken, acks)
+        except COMMIT_ERRORS as exc:
+            if len(taken) + len(acks) > 1 and rejects_a_record(exc):
+                await commit_apart(taken, acks, self._commit, self._fail_commit)
+            else:
+                self._fail_commit(taken, acks, exc)
+        except BaseException:
+            self._fail(taken, acks, BusClosed("the bus closed during this write's commit"))
+            raise
+        finally:
+            self._busy = False
+        self._notify_cycle()
+
+    def _take_appends(self) -> list[tuple[_Appends, asyncio.Future[object] | None]]:
+        """The waiting publishes the next commit takes: as many as the controller allows."""
         taken: list[tuple[_Appends, asyncio.Future[object] | None]] = []
         appends = self._appends
         n = 0
@@ -212,16 +233,26 @@ class LogWriter:
         while appends and n < limit:
             item = appends.popleft()
             taken.append(item)
-            if isinstance(item[0], NewRecord):
-                batch.appends.append(item[0])
-                n += 1
-            else:
-                batch.appends.extend(item[0])
-                n += len(item[0])
+            n += 1 if isinstance(item[0], NewRecord) else len(item[0])
         self._pending -= n
         if self._pending < self._max_pending:
             self._space.set()
-        acks, self._acks = self._acks, []
+        return taken
+
+    async def _commit(
+        self,
+        taken: list[tuple[_Appends, asyncio.Future[object] | None]],
+        acks: list[tuple[WriteBatch, asyncio.Future[list[Receipt]]]],
+    ) -> None:
+        """Commit these appends and acknowledgements in one transaction and resolve
+        their futures; raise (futures untouched) if the storage fails."""
+        batch = WriteBatch()
+        for payload, _ in taken:
+            if isinstance(payload, NewRecord):
+                batch.appends.append(payload)
+            else:
+                batch.appends.extend(payload)
+        n = len(batch.appends)
         ack_slices: list[tuple[int, int]] = []
         for ack_batch, _ in acks:
             start = len(batch.appends)
@@ -229,22 +260,10 @@ class LogWriter:
             ack_slices.append((start, len(batch.appends)))
         if self._before_commit is not None:
             self._before_commit(batch)
-        self._busy = True
-        try:
-            async with self.lock:
-                started = time.monotonic()
-                receipts = await self._log.commit(batch)
-                finished = time.monotonic()
-        except _storage.StorageError as exc:
-            error = translate_storage_error(exc)
-            logger.error("group commit of %d events failed: %s", len(batch.appends), error)
-            self._fail(taken, acks, error)
-            return
-        except BaseException:
-            self._fail(taken, acks, BusClosed("the bus closed during this write's commit"))
-            raise
-        finally:
-            self._busy = False
+        async with self.lock:
+            started = time.monotonic()
+            receipts = await self._log.commit(batch)
+            finished = time.monotonic()
         if receipts:
             self.committed_head = max(self.committed_head, max(r.seq for r in receipts))
         self.stats.commit(len(batch.appends), len(acks), finished - started)
@@ -270,7 +289,17 @@ class LogWriter:
         for (_, ack_fut), (start, end) in zip(acks, ack_slices, strict=True):
             if not ack_fut.done():
                 ack_fut.set_result(receipts[start:end])
-        self._notify_cycle()
+
+    def _fail_commit(
+        self,
+        taken: list[tuple[_Appends, asyncio.Future[object] | None]],
+        acks: list[tuple[WriteBatch, asyncio.Future[list[Receipt]]]],
+        exc: BaseException,
+    ) -> None:
+        error = commit_error(exc)
+        events = sum(1 if isinstance(p, NewRecord) else len(p) for p, _ in taken)
+        logger.error("group commit of %d events failed: %s", events, error)
+        self._fail(taken, acks, error)
 
     def _notify_cycle(self) -> None:
         waiters, self._cycle_waiters = self._cycle_waiters, []
