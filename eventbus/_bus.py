@@ -32,7 +32,13 @@ from ._errors import (
     translate_storage_error,
 )
 from ._event import Event, Message
-from ._handler import Handler
+from ._handler import (
+    Handler,
+    check_handler,
+    check_topics,
+    subscription_name,
+    warn_of_replay,
+)
 from ._metrics import BusMetrics, SubscriptionMetrics, median, summarize
 from ._state import StateReader
 from ._subscription import Subscription
@@ -73,6 +79,7 @@ class Bus:
         self._subs: dict[str, Subscription] = {}
         self._pending_marks: dict[str, int] = {}
         self._known: dict[str, _SubInfo] = {}
+        self._oldest = 1  # the first seq still in the log when it was opened
         self._progress = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._maintenance_scope = anyio.CancelScope()
@@ -146,6 +153,8 @@ class Bus:
         try:
             bus = cls(storage, config)
             bus._known = await storage.subscriptions()
+            first = await storage.read(0, storage.head, None, 1)
+            bus._oldest = first[0].seq if first else storage.head + 1
             async with anyio.create_task_group() as tg:
                 bus._tg = tg
                 bus._workflows.attach(tg)
@@ -470,12 +479,22 @@ class Bus:
 
         A handler is ``async def h(event: Event, ctx: Context)``, or a batch handler
         ``async def h(events: list[Event], ctx: Context)`` (recognised by the
-        ``list[...]`` annotation on its first parameter).
+        ``list[...]`` annotation on its first parameter). Its shape is checked here:
+        a plain ``def``, a lambda, a third required parameter or ``(ctx, event)``
+        is refused at once rather than failing every event later.
+
+        A subscription new to the log that starts at the earliest event logs a
+        warning when more than 10,000 events (``REPLAY_WARNING``) are already in the
+        log: a renamed subscription would replay them all.
 
         Args:
             topic: The topic(s) to receive; ``"*"`` for every topic.
             name: The durable name of the subscription: its position in the log is
-                kept under it across restarts. Defaults to the handler's qualified name.
+                kept under it across restarts. Defaults to the handler's function
+                name (``__name__``: ``"bill"`` for ``async def bill``), the same
+                however the program is started or where the function is defined;
+                renaming the function renames the subscription. A handler without
+                a plain name (a partial, a callable object) needs ``name=``.
             batch: How events are batched; ``config.batch`` by default.
             retry: How failures are retried; ``config.retry`` by default.
             breaker: When to pause on persistent failure; ``config.breaker`` by
@@ -487,23 +506,26 @@ class Bus:
                 from now on).
 
         Raises:
-            SubscriptionError: The name is taken, or the handler's shape is wrong.
+            SubscriptionError: The name is taken; the topic is not a name or an
+                iterable of names (or the decorator was used without parentheses);
+                the handler is not an ``async def`` taking ``(event, ctx)``.
             BusClosed: The bus is closed.
         """
         self._check_open()
-        topics = frozenset([topic] if isinstance(topic, str) else topic)
-        if not topics or not all(isinstance(t, str) and t for t in topics):
-            raise SubscriptionError(f"subscribe needs one or more topic names, got {topic!r}")
+        topics = check_topics(topic)
         if start not in ("earliest", "latest"):
-            raise ValueError(f"start must be 'earliest' or 'latest', got {start!r}")
+            raise SubscriptionError(f"start must be 'earliest' or 'latest', got {start!r}")
 
         def decorator(handler: H) -> H:
-            sub_name = name or f"{handler.__module__}.{handler.__qualname__}"
+            check_handler(handler)
+            sub_name = subscription_name(handler, name, self._known)
             if sub_name in self._subs:
                 raise SubscriptionError(
                     f"a subscription named {sub_name!r} already exists on this bus; "
                     "give each subscription a distinct name="
                 )
+            if start == "earliest" and sub_name not in self._known:
+                warn_of_replay(sub_name, self._writer.committed_head - self._oldest + 1)
             self._start_subscription(
                 sub_name,
                 topics,
