@@ -27,6 +27,7 @@ from ._errors import (
     EventTooLarge,
     HandlerStuck,
     InvalidEvent,
+    LogDirectoryMissing,
     LogLocked,
     NotALog,
     PayloadError,
@@ -34,6 +35,7 @@ from ._errors import (
     StorageError,
     StorageFull,
     SubscriptionError,
+    UnsupportedPlatform,
 )
 from ._event import Event, Message, Receipt
 from ._metrics import (
@@ -88,6 +90,7 @@ __all__ = [
     "HandlerStuck",
     "InvalidEvent",
     "LatencySummary",
+    "LogDirectoryMissing",
     "LogLocked",
     "LogMetrics",
     "LogStats",
@@ -112,6 +115,7 @@ __all__ = [
     "SubscriptionError",
     "SubscriptionMetrics",
     "SubscriptionReport",
+    "UnsupportedPlatform",
     "Workflow",
     "WorkflowCancelled",
     "WorkflowError",

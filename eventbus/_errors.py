@@ -3,21 +3,23 @@
 ::
 
     BusError
-    ├── BusClosed            the bus is closed (or closing): open a new one
-    ├── BusFull              publish_nowait found max_pending_publishes waiting
-    ├── EventTooLarge        the encoded event exceeds max_event_bytes; nothing written
-    ├── PayloadError         the payload or headers cannot be encoded; nothing written
-    ├── InvalidEvent         a topic, key or idempotency key is not allowed; nothing written
-    ├── ConfigError          a configuration key or value is wrong (names the key)
-    ├── SubscriptionError    a subscribe() call is wrong (duplicate name, bad handler)
-    ├── DrainTimeout         drain() ran out of time; says which subscriptions lag
-    ├── HandlerStuck         reconciliation cancelled a handler call that ran too long
-    └── StorageError         the log failed (also a storage.StorageError)
-        ├── LogLocked        another process owns the log file
-        ├── NotALog          the file is not an event log
-        ├── CorruptLog       SQLite reports the file as damaged
-        ├── SchemaTooNew     written by a newer eventbus
-        └── StorageFull      the disk is full; the write was rolled back
+    ├── BusClosed                the bus is closed (or closing): open a new one
+    ├── BusFull                  publish_nowait found max_pending_publishes waiting
+    ├── EventTooLarge            the event exceeds max_event_bytes; nothing written
+    ├── PayloadError             the payload or headers cannot be encoded; nothing written
+    ├── InvalidEvent             a topic, key or idempotency key is not allowed
+    ├── ConfigError              a configuration key or value is wrong (names the key)
+    ├── SubscriptionError        a subscribe() call is wrong (bad topic, handler, name)
+    ├── DrainTimeout             drain() ran out of time; says which subscriptions lag
+    ├── HandlerStuck             reconciliation cancelled a handler call that ran too long
+    └── StorageError             the log failed (also a storage.StorageError)
+        ├── LogLocked            another process owns the log file (names its pid)
+        ├── LogDirectoryMissing  the log's directory does not exist
+        ├── UnsupportedPlatform  a log file needs a POSIX system
+        ├── NotALog              the file is not an event log
+        ├── CorruptLog           SQLite reports the file as damaged
+        ├── SchemaTooNew         written by a newer eventbus
+        └── StorageFull          the disk is full; the write was rolled back
 
 Storage errors are raised by the ``storage`` package (which imports nothing from
 here) and translated once, at the bus's boundary, by :func:`translate_storage_error`.
@@ -148,6 +150,14 @@ class LogLocked(StorageError, _storage.LogLocked):
     """Another process owns the log file."""
 
 
+class LogDirectoryMissing(StorageError, _storage.LogDirectoryMissing):
+    """The directory that should hold the log does not exist."""
+
+
+class UnsupportedPlatform(StorageError, _storage.UnsupportedPlatform):
+    """A log file needs a POSIX system (Linux, macOS, BSD)."""
+
+
 class NotALog(StorageError, _storage.NotALog):
     """The file is not an event log."""
 
@@ -166,6 +176,8 @@ class StorageFull(StorageError, _storage.StorageFull):
 
 _TRANSLATION: tuple[tuple[type[_storage.StorageError], type[StorageError]], ...] = (
     (_storage.LogLocked, LogLocked),
+    (_storage.LogDirectoryMissing, LogDirectoryMissing),
+    (_storage.UnsupportedPlatform, UnsupportedPlatform),
     (_storage.NotALog, NotALog),
     (_storage.CorruptLog, CorruptLog),
     (_storage.SchemaTooNew, SchemaTooNew),

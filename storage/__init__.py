@@ -7,6 +7,7 @@ log with no durability.
 
 from ._errors import (
     CorruptLog,
+    LogDirectoryMissing,
     LogLocked,
     NotALog,
     RecordRejected,
@@ -14,6 +15,7 @@ from ._errors import (
     StorageClosed,
     StorageError,
     StorageFull,
+    UnsupportedPlatform,
 )
 from ._memory import MemoryStorage
 from ._protocol import Storage
@@ -41,6 +43,7 @@ __all__ = [
     "CorruptLog",
     "DeadRecord",
     "Durability",
+    "LogDirectoryMissing",
     "LogLocked",
     "LogStats",
     "MemoryStorage",
@@ -59,6 +62,7 @@ __all__ = [
     "StorageFull",
     "SubscriptionInfo",
     "Unaccounted",
+    "UnsupportedPlatform",
     "WorkflowRecord",
     "WriteBatch",
     "submit_control",

@@ -4,6 +4,8 @@
 
     StorageError                 the log could not do what was asked
     ├── LogLocked                another process owns the log file
+    ├── LogDirectoryMissing      the directory that should hold the log does not exist
+    ├── UnsupportedPlatform      a file log needs a POSIX system (its lock)
     ├── NotALog                  the file exists but is not an event log
     ├── CorruptLog               the file is damaged (SQLite refuses it)
     ├── SchemaTooNew             written by a newer version of this library
@@ -22,15 +24,48 @@ class StorageError(Exception):
 
 
 class LogLocked(StorageError):
-    """Another process holds the log's lock file."""
+    """Another process holds the log's lock file.
 
-    def __init__(self, path: str, owner: str) -> None:
+    Attributes:
+        path: The log, as it was given.
+        owner: Who owns it, as ``"pid 1234"`` (or ``"unknown"``).
+        pid: The owner's process id, when known.
+    """
+
+    def __init__(self, path: str, owner: str, pid: int | None = None) -> None:
         self.path = path
         self.owner = owner
+        self.pid = pid
         super().__init__(
             f"the log {path!r} is owned by another process ({owner}); only one process "
             "may run a bus on a SQLite log at a time. Stop that process, or use a "
             "different file, or the PostgreSQL backend for several processes"
+        )
+
+
+class LogDirectoryMissing(StorageError):
+    """The directory that should hold the log does not exist (or is not a directory);
+    nothing was created."""
+
+    def __init__(self, path: str, directory: str) -> None:
+        self.path = path
+        self.directory = directory
+        super().__init__(
+            f"cannot open the log {path!r}: the directory {directory!r} does not exist "
+            "or is not a directory. Create it first, or check the path"
+        )
+
+
+class UnsupportedPlatform(StorageError):
+    """A log file needs a POSIX system: its single owner is enforced with ``flock``."""
+
+    def __init__(self, path: str, platform: str) -> None:
+        self.path = path
+        self.platform = platform
+        super().__init__(
+            f"cannot open the log {path!r}: a SQLite log needs a POSIX system (Linux, "
+            f"macOS, BSD) for the lock that keeps it to one owner, and this is "
+            f"{platform!r}. Use Bus.open(':memory:') here, or run under WSL"
         )
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import sqlite3
@@ -29,7 +28,6 @@ import anyio
 from . import _statements as stmts
 from ._errors import (
     CorruptLog,
-    LogLocked,
     NotALog,
     RecordRejected,
     SchemaTooNew,
@@ -37,6 +35,7 @@ from ._errors import (
     StorageError,
     StorageFull,
 )
+from ._ownership import LogOwnership
 from ._schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from ._types import (
     DeadRecord,
@@ -107,35 +106,6 @@ def _is_busy(exc: BaseException) -> bool:
     )
 
 
-class _LockFile:
-    """An advisory ``flock`` on ``<log>.lock``: released by the kernel when the owner
-    dies, so a ``kill -9`` never leaves the log locked."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            finally:
-                os.close(fd)
-            raise LogLocked(self.path[: -len(".lock")], owner) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-
 class SQLiteStorage:
     """A log in one SQLite file (WAL mode).
 
@@ -172,7 +142,7 @@ class SQLiteStorage:
         self.checkpoint_bytes = checkpoint_bytes
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._lock = _LockFile(self.path + ".lock")
+        self._lock = LogOwnership(self.path)
         self._head = 0
         self._bytes_since_checkpoint = 0
 
@@ -183,12 +153,13 @@ class SQLiteStorage:
     # -- opening --------------------------------------------------------------------
 
     async def open(self) -> None:
-        await anyio.to_thread.run_sync(self._precheck)
-        if not self.read_only:
-            await anyio.to_thread.run_sync(self._lock.acquire)
         deadline = time.monotonic() + self.open_timeout
         delay = 0.01
         try:
+            if not self.read_only:
+                # Owned before the file is read at all: see _ownership.
+                await anyio.to_thread.run_sync(self._lock.acquire)
+            await anyio.to_thread.run_sync(self._precheck)
             while True:
                 try:
                     await self._open_connections()
