@@ -65,9 +65,9 @@ class EventTooLarge(BusError):
         self.at_least = at_least
         more = "at least " if at_least else ""
         super().__init__(
-            f"event on topic {topic!r} encodes to {more}{size} bytes, over the limit of "
-            f"{limit} (BusConfig.max_event_bytes); nothing was written. Store large blobs "
-            "elsewhere and publish a reference, or raise the limit"
+            f"event on topic {reprlib.repr(topic)} encodes to {more}{size} bytes, over the "
+            f"limit of {limit} (BusConfig.max_event_bytes); nothing was written. Store large "
+            "blobs elsewhere and publish a reference, or raise the limit"
         )
 
 
@@ -78,7 +78,7 @@ class PayloadError(BusError, TypeError):
         self.topic = topic
         self.reason = reason
         super().__init__(
-            f"cannot encode the event for topic {topic!r}: {reason}; payloads must be "
+            f"cannot encode the event for topic {reprlib.repr(topic)}: {reason}; payloads must be "
             "msgspec-encodable (dicts, lists, str, int, float, bool, None, bytes, "
             "msgspec.Struct, dataclasses...)"
         )

@@ -26,9 +26,11 @@ from .._event import Message, new_event_id
 
 __all__ = ["EventEncoder"]
 
-# Payload types whose encoded size is known without encoding them.
-_SCALARS = (int, float, bool, type(None))
-_BYTES = (bytes, bytearray, memoryview)
+# Payload types whose encoded size is known without encoding them: at most 9 bytes
+# (an int past 64 bits does not encode at all), and byte strings (their length and a
+# header of at most 5).
+_FIXED_SIZE = frozenset({int, float, bool, type(None)})
+_BUFFERS = frozenset({bytes, bytearray, memoryview})
 # msgpack headers are at most 9 bytes (a float64 or uint64, or a str32 / bin32 prefix).
 _HEADER = 9
 # The first bounded buffer; each retry is this many times larger. Most events fit
@@ -97,13 +99,25 @@ class EventEncoder:
             EventTooLarge: The event would encode to more than ``max_event_bytes``.
         """
         limit = self.max_event_bytes
-        size = _text_size("topic", topic, topic, limit)
-        if not topic or topic == "*":
-            raise InvalidEvent("topic", topic, "a non-empty str other than '*'")
+        # The common case first: ASCII str topic and keys, measured without encoding.
+        if type(topic) is str and topic.isascii() and topic and topic != "*":
+            size = len(topic)
+        else:
+            size = _text_size("topic", topic, topic, limit)
+            if not topic or topic == "*":
+                raise InvalidEvent("topic", topic, "a non-empty str other than '*'")
         if key is not None:
-            size += _text_size("key", key, topic, limit)
+            if type(key) is str and key.isascii():
+                size += len(key)
+            else:
+                size += _text_size("key", key, topic, limit)
         if idempotency_key is not None:
-            size += _text_size("idempotency_key", idempotency_key, topic, limit)
+            if type(idempotency_key) is str and idempotency_key.isascii():
+                size += len(idempotency_key)
+            else:
+                size += _text_size("idempotency_key", idempotency_key, topic, limit)
+        if size > limit:
+            raise EventTooLarge(topic, size, limit)
         raw_headers = None
         if headers is not None:
             raw_headers = self._headers(topic, headers, limit - size)
@@ -172,19 +186,24 @@ class EventEncoder:
         return EventTooLarge(topic, limit + 1, limit, at_least=True)
 
     def _payload(self, topic: str, payload: object, budget: int) -> bytes | None:
-        """The encoded payload, or None when it would take more than ``budget`` bytes."""
-        if budget < 1:
-            return None
-        if isinstance(payload, _SCALARS):
+        """The encoded payload, or None when it would take more than ``budget`` bytes.
+
+        Exact types are dispatched on ``type()`` (three isinstance calls against
+        tuples cost more than the encoding of a small event)."""
+        kind = type(payload)
+        if kind is dict and _BOUNDED:  # the most common payload first
+            return self._encode_bounded(topic, payload, budget)
+        if kind in _FIXED_SIZE:
             return self._encode(topic, payload)
-        if isinstance(payload, _BYTES):
-            size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
-            return None if size > budget else self._encode(topic, payload)
-        if isinstance(payload, str):
-            if len(payload) > budget:
+        if kind is str:
+            length = len(payload)  # type: ignore[arg-type]
+            if length > budget:
                 return None  # at least one byte per character
-            if 4 * len(payload) + _HEADER <= budget:
+            if 4 * length + _HEADER <= budget:
                 return self._encode(topic, payload)
+        elif kind in _BUFFERS:
+            length = payload.nbytes if isinstance(payload, memoryview) else len(payload)  # type: ignore[arg-type]
+            return None if length > budget else self._encode(topic, payload)
         if not _BOUNDED:
             return self._encode(topic, payload)
         return self._encode_bounded(topic, payload, budget)
@@ -199,13 +218,12 @@ class EventEncoder:
 
     def _encode_bounded(self, topic: str, payload: object, budget: int) -> bytes | None:
         """Encode into buffers that a live memoryview keeps from growing: msgspec's
-        resize fails with ``BufferError`` as soon as the encoding outgrows one. Try
-        a small buffer, then larger ones up to the budget."""
+        resize fails with ``BufferError`` as soon as the encoding outgrows one. A
+        small buffer first (most events fit), then larger ones up to the budget."""
         size = _FIRST_BUFFER
         while True:
             last = size >= budget
-            size = min(size, budget + _SLACK)
-            buffer = bytearray(size)
+            buffer = bytearray(budget + _SLACK if last else size)
             view = memoryview(buffer)
             try:
                 self._encoder.encode_into(payload, buffer)
@@ -238,6 +256,7 @@ def _text_size(field: str, value: object, topic: object, limit: int) -> int:
         except UnicodeEncodeError:
             raise InvalidEvent(field, value, "valid Unicode (no lone surrogates)") from None
     if size > limit:
-        shown = topic if isinstance(topic, str) and len(topic) <= 200 else "?"
-        raise EventTooLarge(shown, size, limit, at_least=not value.isascii())
+        raise EventTooLarge(
+            topic if isinstance(topic, str) else "?", size, limit, at_least=not value.isascii()
+        )
     return size
