@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 # pid. The owner writes it microseconds after it takes the lock; this is ample.
 OWNER_WAIT = 2.0
 _RETRY = 0.005
-_PID = re.compile(rb"pid (\d+)\n")
+_PID = re.compile(rb"pid (\d+)\n")  # the newline: written in full, not half-way
+_OLD_PID = re.compile(rb"pid (\d+)")
 
 
 class LogOwnership:
@@ -95,6 +96,9 @@ class LogOwnership:
             if pid is not None and _alive(pid):
                 raise LogLocked(self.path, f"pid {pid}", pid)
             if time.monotonic() >= deadline:
+                if pid is None and (match := _OLD_PID.fullmatch(found)):
+                    pid = int(match.group(1))  # written by an earlier version
+                    raise LogLocked(self.path, f"pid {pid}", pid)
                 owner = "unknown" if pid is None else f"pid {pid}, which is not running here"
                 raise LogLocked(self.path, owner, pid)
             time.sleep(_RETRY)  # on a worker thread, never on the event loop
