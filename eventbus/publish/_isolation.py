@@ -9,24 +9,18 @@ with ``publish_nowait`` beside it, or the acknowledgements riding in the same co
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import storage as _storage
-from storage import NewRecord, Receipt, WriteBatch
 
 from .._errors import BusClosed, BusError, StorageError, translate_storage_error
 
 logger = logging.getLogger(__name__)
 
-Taken = tuple[NewRecord | list[NewRecord], asyncio.Future[object] | None]
-Ack = tuple[WriteBatch, asyncio.Future[list[Receipt]]]
-Part = tuple[list[Taken], list[Ack]]
-Commit = Callable[[list[Taken], list[Ack]], Awaitable[None]]
-Fail = Callable[[list[Taken], list[Ack], BaseException], None]
-
+U = TypeVar("U")
 
 # What a storage commit raises for a write it could not make: its own errors, and the
 # errors Python raises for a value a driver cannot take (an unhashable key, a string
@@ -57,44 +51,49 @@ def commit_error(exc: BaseException) -> BaseException:
     return error
 
 
-async def commit_apart(taken: list[Taken], acks: list[Ack], commit: Commit, fail: Fail) -> None:
-    """Commit the appends and acknowledgements of a failed group commit in halves,
-    halving again whichever half fails with :func:`rejects_a_record`, until the
-    failing publish (or publish_many, or acknowledgement) is alone and fails alone.
+async def commit_apart(
+    units: Sequence[U],
+    commit: Callable[[list[U]], Awaitable[None]],
+    fail: Callable[[list[U], BaseException], None],
+) -> None:
+    """Commit the units of a failed group commit (each publish, ``publish_many`` or
+    acknowledgement it held) in halves, halving again whichever half fails with
+    :func:`rejects_a_record`, until the failing unit is alone and fails alone.
 
     Parts commit in their original order, so sequence numbers still follow publish
-    order. One bad record among ``n`` costs about ``2 log2 n`` transactions.
+    order. One bad record among ``n`` units costs about ``2 log2 n`` transactions.
+
+    Args:
+        units: What the failed commit held, in order.
+        commit: Commit these units in one transaction (resolving their futures), or
+            raise.
+        fail: Fail these units with this error.
 
     Cancellation: the part being committed, and every part not yet committed, fail
     with ``BusClosed``; parts already committed stay committed.
     """
     logger.warning(
-        "a group commit of %d publishes and %d acknowledgements was refused over one "
-        "record; committing them in parts so that only its own publisher fails",
-        len(taken),
-        len(acks),
+        "a group commit of %d publishes and acknowledgements was refused over one record; "
+        "committing them in parts so that only its own publisher fails",
+        len(units),
     )
-    todo: deque[Part] = deque(_halves(taken, acks))
+    todo: deque[list[U]] = deque(_halves(list(units)))
     while todo:
         part = todo.popleft()
         try:
-            await commit(*part)
+            await commit(part)
         except COMMIT_ERRORS as exc:
-            if len(part[0]) + len(part[1]) > 1 and rejects_a_record(exc):
-                todo.extendleft(reversed(_halves(*part)))
+            if len(part) > 1 and rejects_a_record(exc):
+                todo.extendleft(reversed(_halves(part)))
             else:
-                fail(*part, exc)
+                fail(part, exc)
         except BaseException:
             closed = BusClosed("the bus closed during this write's commit")
             for rest in (part, *todo):
-                fail(*rest, closed)
+                fail(rest, closed)
             raise
 
 
-def _halves(taken: list[Taken], acks: list[Ack]) -> list[Part]:
-    """Split appends-then-acknowledgements in two at the middle, keeping the order."""
-    half = (len(taken) + len(acks)) // 2
-    if half <= len(taken):
-        return [(taken[:half], []), (taken[half:], acks)]
-    cut = half - len(taken)
-    return [(taken, acks[:cut]), ([], acks[cut:])]
+def _halves(units: list[U]) -> list[list[U]]:
+    half = len(units) // 2
+    return [units[:half], units[half:]]

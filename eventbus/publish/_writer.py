@@ -28,6 +28,9 @@ from ._isolation import COMMIT_ERRORS, commit_apart, commit_error, rejects_a_rec
 logger = logging.getLogger(__name__)
 
 _Appends = NewRecord | list[NewRecord]
+_Taken = tuple[_Appends, "asyncio.Future[object] | None"]
+_Ack = tuple[WriteBatch, "asyncio.Future[list[Receipt]]"]
+_Unit = tuple[_Taken | None, _Ack | None]  # one publish or one acknowledgement
 OnCommitted = Callable[[list[NewRecord], list[Receipt]], None]
 
 # What one group commit may take before the controller lets fewer publishes into the
@@ -214,7 +217,9 @@ class LogWriter:
             await self._commit(taken, acks)
         except COMMIT_ERRORS as exc:
             if len(taken) + len(acks) > 1 and rejects_a_record(exc):
-                await commit_apart(taken, acks, self._commit, self._fail_commit)
+                units: list[_Unit] = [(item, None) for item in taken]
+                units += [(None, ack) for ack in acks]
+                await commit_apart(units, self._commit_units, self._fail_units)
             else:
                 self._fail_commit(taken, acks, exc)
         except BaseException:
@@ -224,9 +229,9 @@ class LogWriter:
             self._busy = False
         self._notify_cycle()
 
-    def _take_appends(self) -> list[tuple[_Appends, asyncio.Future[object] | None]]:
+    def _take_appends(self) -> list[_Taken]:
         """The waiting publishes the next commit takes: as many as the controller allows."""
-        taken: list[tuple[_Appends, asyncio.Future[object] | None]] = []
+        taken: list[_Taken] = []
         appends = self._appends
         n = 0
         limit = self.controller.target()
@@ -241,8 +246,8 @@ class LogWriter:
 
     async def _commit(
         self,
-        taken: list[tuple[_Appends, asyncio.Future[object] | None]],
-        acks: list[tuple[WriteBatch, asyncio.Future[list[Receipt]]]],
+        taken: list[_Taken],
+        acks: list[_Ack],
     ) -> None:
         """Commit these appends and acknowledgements in one transaction and resolve
         their futures; raise (futures untouched) if the storage fails."""
@@ -290,10 +295,23 @@ class LogWriter:
             if not ack_fut.done():
                 ack_fut.set_result(receipts[start:end])
 
+    async def _commit_units(self, units: list[_Unit]) -> None:
+        await self._commit(
+            [item for item, _ in units if item is not None],
+            [ack for _, ack in units if ack is not None],
+        )
+
+    def _fail_units(self, units: list[_Unit], exc: BaseException) -> None:
+        self._fail_commit(
+            [item for item, _ in units if item is not None],
+            [ack for _, ack in units if ack is not None],
+            exc,
+        )
+
     def _fail_commit(
         self,
-        taken: list[tuple[_Appends, asyncio.Future[object] | None]],
-        acks: list[tuple[WriteBatch, asyncio.Future[list[Receipt]]]],
+        taken: list[_Taken],
+        acks: list[_Ack],
         exc: BaseException,
     ) -> None:
         error = commit_error(exc)
