@@ -521,7 +521,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--gc", action="store_true", help="keep the cyclic GC on during runs")
     parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio loop")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when a verdict FAILs")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else Plan()
     plan = Plan(
@@ -552,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = eventbus.run(run(), use_uvloop=not args.no_uvloop)
     failed = any(not ok for _, ok in verdicts(report))
-    return 1 if args.strict and failed else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -488,7 +488,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", help="only scenarios whose storage/producer/handler has this")
     parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio loop")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when a target FAILs")
     args = parser.parse_args(argv)
     events = 10_000 if args.quick and args.events == 100_000 else args.events
     work = Workload(
@@ -513,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = eventbus.run(run(), use_uvloop=not args.no_uvloop)
     failed = any(ok is False for _, ok in verdicts(report))
-    return 1 if args.strict and failed else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from storage import LogStats
 
 from ._bus import Bus
 from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy
-from ._context import Context
 from ._effects import idempotent
 from ._errors import (
     BusClosed,
@@ -27,6 +26,7 @@ from ._errors import (
     EventTooLarge,
     HandlerStuck,
     InvalidEvent,
+    LogBusy,
     LogDirectoryMissing,
     LogLocked,
     NotALog,
@@ -46,16 +46,11 @@ from ._metrics import (
     SubscriptionMetrics,
     WorkflowMetrics,
 )
+from ._reconciliation import Reconciliation
 from ._run import run
-from ._state import State, StateReader
-from .failures import DeadLetter, DeadLetters
-from .reconcile import (
-    ReconcileReport,
-    ReconcilerResult,
-    Reconciliation,
-    Repairs,
-    SubscriptionReport,
-)
+from .dispatch import Context, State, StateReader
+from .failures import DeadLetter, DeadLetterPage, DeadLetters
+from .reconcile import ReconcileReport, ReconcilerResult, Repairs, SubscriptionReport
 from .workflows import (
     StepFailed,
     StepInfo,
@@ -83,6 +78,7 @@ __all__ = [
     "Context",
     "CorruptLog",
     "DeadLetter",
+    "DeadLetterPage",
     "DeadLetters",
     "DrainTimeout",
     "Event",
@@ -90,6 +86,7 @@ __all__ = [
     "HandlerStuck",
     "InvalidEvent",
     "LatencySummary",
+    "LogBusy",
     "LogDirectoryMissing",
     "LogLocked",
     "LogMetrics",

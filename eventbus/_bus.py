@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
-import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Literal, TypeVar
 
 import anyio
@@ -24,7 +24,9 @@ from storage import (
 )
 from storage import SubscriptionInfo as _SubInfo
 
-from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy
+from ._clock import Clock, LoopClock
+from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy, subscription_policies
+from ._effect_log import EffectLog
 from ._errors import (
     BusClosed,
     DrainTimeout,
@@ -32,23 +34,26 @@ from ._errors import (
     translate_storage_error,
 )
 from ._event import Event, Message
-from ._handler import (
+from ._metrics import BusMetrics
+from ._reconciliation import Reconciliation
+from ._stopping import stop_requested
+from ._unclaimed import apply_drop, warn_unclaimed
+from .dispatch import (
     Handler,
+    StateReader,
+    Subscription,
     check_handler,
     check_topics,
     subscription_name,
     warn_of_replay,
 )
-from ._metrics import BusMetrics, SubscriptionMetrics, median, summarize
-from ._state import StateReader
-from ._subscription import Subscription
 from .failures import CONTROL_DECODER as _CONTROL
 from .failures import DeadLetters
 from .publish import EventEncoder, LogWriter, RecentEvents
 from .reconcile import R, Reconciler, ReconcileReport
 from .workflows import WorkflowEngine, WorkflowFunction, WorkflowHandle
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("eventbus.bus")
 
 H = TypeVar("H", bound=Handler)
 W = TypeVar("W", bound=WorkflowFunction)
@@ -64,9 +69,10 @@ class Bus:
     them in the same transaction as its outbox publishes.
     """
 
-    def __init__(self, log: _storage.Storage, config: BusConfig) -> None:
+    def __init__(self, log: _storage.Storage, config: BusConfig, clock: Clock) -> None:
         self.config = config
         self._log = log
+        self._clock = clock
         self._events = EventEncoder(config.max_event_bytes)
         self._decoder = msgspec.msgpack.Decoder()
         self._writer = LogWriter(
@@ -74,10 +80,8 @@ class Bus:
             max_pending=config.max_pending_publishes,
             max_commit_batch=config.max_commit_batch,
             on_committed=self._route,
-            before_commit=self._mark_idle,
         )
         self._subs: dict[str, Subscription] = {}
-        self._pending_marks: dict[str, int] = {}
         self._known: dict[str, _SubInfo] = {}
         self._oldest = 1  # the first seq still in the log when it was opened
         self._progress = anyio.Event()
@@ -92,7 +96,19 @@ class Bus:
         self.dead_letters = DeadLetters(
             log, self._to_event, self._writer.lock, self._redriven, config.redrive_rate
         )
-        self._reconciler = Reconciler(self)
+        #: Results of outside effects recorded by :func:`eventbus.idempotent`.
+        self.effects = EffectLog(log, self._writer.commit)
+        self._reconciler = Reconciler(
+            log=log,
+            config=config,
+            clock=clock,
+            commit=self._writer.commit,
+            subscriptions=self._subs,
+            workflows=self._workflows,
+            is_closing=lambda: self._closing,
+            wait_for_progress=self._wait_for_progress,
+            new_run=lambda name: Reconciliation(self, name),
+        )
         # Recently committed events, decoded at most once, for subscriptions near the
         # head; bounded so a burst of large events cannot pin much memory.
         self._recent = RecentEvents(
@@ -112,6 +128,7 @@ class Bus:
         *,
         config: BusConfig | None = None,
         storage: _storage.Storage | None = None,
+        clock: Clock | None = None,
     ) -> AsyncIterator[Bus]:
         """Open a bus on the log at ``path`` (``":memory:"`` for no durability).
 
@@ -122,6 +139,8 @@ class Bus:
             path: A SQLite file (created if missing), or ``":memory:"``.
             config: Settings; ``BusConfig()`` by default.
             storage: A ready :class:`storage.Storage` to use instead of ``path``.
+            clock: Where the bus reads time; the event loop's clock by default
+                (so a loop with a virtual clock runs the whole bus on it).
 
         Raises:
             LogLocked: Another process runs a bus on this file.
@@ -129,9 +148,15 @@ class Bus:
             CorruptLog: SQLite reports the file as damaged.
             SchemaTooNew: A newer eventbus wrote the file.
 
-        Cancellation: cancelling the body closes the bus at once: batches in flight
-        are abandoned (and redelivered on the next open), queued publishes that did
-        not commit fail with ``BusClosed``.
+        An exception raised in the body leaves as it is (not in an exception group),
+        after the bus has closed.
+
+        Cancellation: cancelling the task that runs the body (``task.cancel()`` or an
+        enclosing cancel scope) closes the bus at once, without waiting for handlers:
+        calls in flight are abandoned, their events delivered again on the next open
+        and not counted as failed attempts; what the writer already holds is
+        committed; the cancellation then propagates. Under :func:`eventbus.run`, a
+        SIGTERM or SIGINT closes it gracefully instead, as a normal exit does.
         """
         config = config or BusConfig()
         if storage is None:
@@ -150,8 +175,9 @@ class Bus:
             await storage.open()
         except _storage.StorageError as exc:
             raise translate_storage_error(exc) from exc
+        body_error: BaseException | None = None
         try:
-            bus = cls(storage, config)
+            bus = cls(storage, config, clock or LoopClock())
             bus._known = await storage.subscriptions()
             first = await storage.read(0, storage.head, None, 1)
             bus._oldest = first[0].seq if first else storage.head + 1
@@ -161,23 +187,35 @@ class Bus:
                 tg.start_soon(bus._run_writer)
                 tg.start_soon(bus._maintenance)
                 tg.start_soon(bus._reconciler.run)
+                tg.start_soon(warn_unclaimed, bus)
                 try:
                     yield bus
-                finally:
+                except BaseException as exc:  # noqa: BLE001 - re-raised below, as it is
+                    # Raised after the task group, as it is: the group is ours.
+                    body_error = exc
+                    with anyio.CancelScope(shield=True):
+                        await bus._shutdown(abandon=_is_cancellation(exc) and not stop_requested())
+                else:
                     await bus.close()
         finally:
             with anyio.CancelScope(shield=True):
                 await storage.close()
+        if body_error is not None:
+            raise body_error
 
     async def close(self) -> None:
-        """Stop the bus: flush queued publishes, let in-flight batches finish for up to
-        ``close_timeout`` seconds, commit their acknowledgements and stop the writer.
-        Idempotent; publishing afterwards raises ``BusClosed``.
+        """Stop the bus: flush queued publishes, let handler calls in flight finish
+        for up to ``close_timeout`` seconds, commit their acknowledgements and stop
+        the writer. Idempotent; publishing afterwards raises ``BusClosed``.
 
         Cancellation: a cancelled close still stops every task and commits what the
-        writer holds (shielded); batches still running are abandoned and delivered
-        again on the next open.
+        writer holds (shielded); calls still running are abandoned and their events
+        delivered again on the next open.
         """
+        await self._shutdown(abandon=False)
+
+    async def _shutdown(self, *, abandon: bool) -> None:
+        """Close; with ``abandon``, without waiting for handler calls."""
         if self._closing:
             with anyio.CancelScope(shield=True):
                 await self._writer_done.wait()
@@ -185,27 +223,26 @@ class Bus:
         self._closing = True
         self._reconciler.stop()
         try:
-            with anyio.move_on_after(self.config.close_timeout):
-                # Workflow runs stop first, while the writer can still record where
-                # their steps were; they resume on the next open.
-                await self._workflows.stop()
-                await self._writer.flush()
-                for sub in self._subs.values():
-                    sub.stop()
-                for sub in self._subs.values():
-                    await sub.finished.wait()
+            if not abandon:
+                with anyio.move_on_after(self.config.close_timeout):
+                    # Workflow runs stop first, while the writer can still record
+                    # where their steps were; they resume on the next open.
+                    await self._workflows.stop()
+                    await self._writer.flush()
+                    for sub in self._subs.values():
+                        sub.stop()
+                    for sub in self._subs.values():
+                        await sub.finished.wait()
         finally:
             with anyio.CancelScope(shield=True):
+                for sub in self._subs.values():
+                    sub.cancel()
                 with anyio.move_on_after(self.config.close_timeout):
                     await self._workflows.stop()
                 for sub in self._subs.values():
-                    sub.stop()
-                    if sub.scope is not None:
-                        sub.scope.cancel()
-                for sub in self._subs.values():
                     await sub.finished.wait()
-                await self._persist_idle_positions()
-                await self._release_abandoned()
+                for sub in self._subs.values():
+                    sub.flush_position()
                 self._maintenance_scope.cancel()
                 self._writer.stop()
                 with anyio.move_on_after(self.config.close_timeout) as timer:
@@ -225,16 +262,17 @@ class Bus:
         """Compaction every ``compact_interval``; commands queued by the command line
         every ``control_interval``."""
         config = self.config
+        now = self._clock.now
         with self._maintenance_scope:
-            next_compaction = time.monotonic() + config.compact_interval
+            next_compaction = now() + config.compact_interval
             while True:
                 await anyio.sleep(min(config.control_interval, config.compact_interval))
                 try:
                     await self._apply_control()
                 except _storage.StorageError as exc:
                     logger.warning("reading queued commands failed, will retry: %s", exc)
-                if time.monotonic() >= next_compaction:
-                    next_compaction = time.monotonic() + config.compact_interval
+                if now() >= next_compaction:
+                    next_compaction = now() + config.compact_interval
                     await self._persist_idle_positions()
                     try:
                         await self.compact()
@@ -251,6 +289,9 @@ class Bus:
             except msgspec.DecodeError:
                 logger.error("ignoring a malformed command queued in the log: %r", raw[:100])
                 continue
+            if command.action == "drop":
+                await apply_drop(self, command.subscription)
+                continue
             if command.action == "redrive":
                 n = await self.dead_letters.redrive(
                     command.subscription, ids=command.ids, error_type=command.error_type
@@ -262,15 +303,6 @@ class Bus:
             logger.warning("applied a queued %s command: %d dead letters", command.action, n)
         async with self._writer.lock:
             await self._log.done_control([i for i, _ in commands])
-
-    async def _release_abandoned(self) -> None:
-        """Forget in-flight markers of work abandoned at close (not a process death)."""
-        batch = _storage.WriteBatch()
-        for sub in self._subs.values():
-            batch.merge(sub.release())
-        if not batch.is_empty() and not self._writer_done.is_set():
-            with contextlib.suppress(BusClosed, _storage.StorageError):
-                await self._writer.commit(batch)
 
     def _redriven(self, records: list[_storage.RetryRecord]) -> None:
         by_sub: dict[str, list[_storage.RetryRecord]] = {}
@@ -288,17 +320,10 @@ class Bus:
     async def _persist_idle_positions(self) -> None:
         """Move idle subscriptions' cursors past events on other topics, so lag and
         compaction see them as caught up."""
-        acks: dict[str, int] = {}
         for sub in self._subs.values():
-            pos = sub.idle_position()
-            if pos is not None:
-                acks[sub.name] = pos
-        if acks and not self._writer_done.is_set():
-            with contextlib.suppress(BusClosed, _storage.StorageError):
-                await self._writer.commit(_storage.WriteBatch(acks=acks))
-                for name, pos in acks.items():
-                    sub = self._subs[name]
-                    sub.acked = max(sub.acked, pos)
+            sub.flush_position()
+        if not self._writer_done.is_set():
+            await self._writer.flush()
 
     async def compact(self) -> int:
         """Delete events every subscription has finished and that are older than
@@ -308,7 +333,7 @@ class Bus:
         """
         subs = await self._log.subscriptions()
         upto = min((s.cursor for s in subs.values()), default=self._writer.committed_head)
-        now = time.time()
+        now = self._clock.wall()
         removed = 0
         chunk = 10_000
         while True:
@@ -335,7 +360,14 @@ class Bus:
         idempotency_key: str | None = None,
         now: float | None = None,
     ) -> NewRecord:
-        return self._events.encode(topic, payload, key, headers, idempotency_key, now)
+        return self._events.encode(
+            topic,
+            payload,
+            key,
+            headers,
+            idempotency_key,
+            self._clock.wall() if now is None else now,
+        )
 
     def _check_open(self) -> None:
         if self._closing:
@@ -434,33 +466,22 @@ class Bus:
             record.created_at,
         )
 
-    def _mark_idle(self, batch: _storage.WriteBatch) -> None:
-        """Before a group commit: idle subscriptions that will take these appends as
-        their next batch get their in-flight marker in the same transaction, so
-        light load needs no extra commit for crash-loop protection."""
-        self._pending_marks = {}  # marks of a failed commit never landed
-        if not batch.appends or not self._subs:
-            return
-        topics = {r.topic for r in batch.appends}
-        upto = self._writer.committed_head + len(batch.appends)  # an upper bound
-        for sub in self._subs.values():
-            if sub.name not in batch.inflight and sub.wants_mark(topics, upto):
-                batch.inflight[sub.name] = upto
-                self._pending_marks[sub.name] = upto
-
     def _route(self, appended: list[NewRecord], receipts: list[Receipt]) -> None:
-        marks, self._pending_marks = self._pending_marks, {}
-        for name, upto in marks.items():
-            self._subs[name].marked(upto)
-        self._recent.append(appended, receipts)
-        for sub in self._subs.values():
-            sub.wake()
+        """After each group commit: new events are in the window; wake subscribers."""
+        if appended:
+            self._recent.append(appended, receipts)
+            for sub in self._subs.values():
+                sub.wake()
         self._notify_progress()
 
     def _notify_progress(self) -> None:
         # Broadcast: whoever waits holds the current event; the next waits get a new one.
         self._progress.set()
         self._progress = anyio.Event()
+
+    async def _wait_for_progress(self) -> None:
+        """Until the next commit or change of a subscription's progress."""
+        await self._progress.wait()
 
     # -- subscribing ----------------------------------------------------------------
 
@@ -469,11 +490,12 @@ class Bus:
         topic: str | Iterable[str],
         *,
         name: str | None = None,
-        batch: BatchPolicy | None = None,
-        retry: RetryPolicy | None = None,
-        breaker: BreakerPolicy | Literal["default"] | None = "default",
+        batch: BatchPolicy | Mapping[str, object] | None = None,
+        retry: RetryPolicy | Mapping[str, object] | None = None,
+        breaker: BreakerPolicy | Mapping[str, object] | Literal["default"] | None = "default",
         ordered: bool = True,
         start: Literal["earliest", "latest"] = "earliest",
+        concurrency: int | None = None,
     ) -> Callable[[H], H]:
         """Register a handler for ``topic`` (a name, several names, or ``"*"``).
 
@@ -495,26 +517,46 @@ class Bus:
                 however the program is started or where the function is defined;
                 renaming the function renames the subscription. A handler without
                 a plain name (a partial, a callable object) needs ``name=``.
-            batch: How events are batched; ``config.batch`` by default.
-            retry: How failures are retried; ``config.retry`` by default.
+            batch: How events are batched; ``config.batch`` by default. A policy
+                object is used whole (its unset fields take the class defaults); a
+                dict changes only its keys of ``config.batch``.
+            retry: How failures are retried; ``config.retry`` by default, a
+                :class:`RetryPolicy` (whole) or a dict (changes to ``config.retry``).
             breaker: When to pause on persistent failure; ``config.breaker`` by
-                default, None for no circuit breaker.
+                default, a :class:`BreakerPolicy`, a dict (changes to
+                ``config.breaker``), or None for no circuit breaker.
             ordered: Keep events of one key in publish order: while one waits for a
                 retry, later events of its key wait behind it. False lets them pass.
             start: Where a subscription new to this log begins: ``"earliest"``
                 (every event still in the log) or ``"latest"`` (events published
                 from now on).
+            concurrency: Handler calls of this subscription that may run at once
+                (``config.concurrency`` by default, 1): for handlers that wait on
+                outside I/O. While ``ordered``, two events of one key never run at
+                once and each key keeps its order; a batch handler gets up to this
+                many batches at once, their keys disjoint.
 
         Raises:
             SubscriptionError: The name is taken; the topic is not a name or an
                 iterable of names (or the decorator was used without parentheses);
                 the handler is not an ``async def`` taking ``(event, ctx)``.
+            ConfigError: A policy is neither a policy, a dict nor None, or a dict's
+                key is unknown or its value impossible.
             BusClosed: The bus is closed.
         """
         self._check_open()
         topics = check_topics(topic)
+        batch_policy, retry_policy, breaker_policy = subscription_policies(
+            self.config, batch, retry, breaker
+        )
         if start not in ("earliest", "latest"):
             raise SubscriptionError(f"start must be 'earliest' or 'latest', got {start!r}")
+        if concurrency is None:
+            concurrency = self.config.concurrency
+        elif isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise SubscriptionError(
+                f"concurrency must be a whole number of calls, at least 1; got {concurrency!r}"
+            )
 
         def decorator(handler: H) -> H:
             check_handler(handler)
@@ -530,11 +572,12 @@ class Bus:
                 sub_name,
                 topics,
                 handler,
-                batch or self.config.batch,
-                retry or self.config.retry,
-                self.config.breaker if breaker == "default" else breaker,
+                batch_policy,
+                retry_policy,
+                breaker_policy,
                 ordered,
                 start,
+                concurrency,
             )
             return handler
 
@@ -550,6 +593,7 @@ class Bus:
         breaker: BreakerPolicy | None,
         ordered: bool,
         start: str,
+        concurrency: int,
     ) -> None:
         known = self._known.get(name)
         if known is not None:
@@ -564,16 +608,17 @@ class Bus:
             retry=retry,
             breaker=breaker,
             ordered=ordered,
+            concurrency=concurrency,
             capacity=self.config.channel_capacity,
-            known=known,
             cursor=cursor,
             writer=self._writer,
             log=self._log,
             recent=self._recent,
-            to_event=self._to_event,
+            decode=self._to_event,
             encode=self._encode,
+            clock=self._clock,
             on_progress=self._notify_progress,
-            register=_SubInfo(name, tuple(sorted(topics)), cursor, time.time()),
+            register=_SubInfo(name, tuple(sorted(topics)), cursor, self._clock.wall()),
         )
         assert self._tg is not None
         self._subs[name] = sub
@@ -696,13 +741,18 @@ class Bus:
 
     # -- waiting and looking --------------------------------------------------------
 
-    async def drain(self, timeout: float | None = 30.0) -> None:
+    async def drain(self, timeout: float | None = 30.0, *, workflows: bool = False) -> None:
         """Wait until every event committed so far is finished (handled and
         acknowledged, or dead-lettered) by every subscription of this bus, including
-        events waiting in retry lanes.
+        events waiting in retry lanes, and outbox events those publish meanwhile.
+
+        Workflow runs are not waited for (a run may sleep durably for days) unless
+        ``workflows`` is true: then also until no run executes in this process.
 
         Raises:
-            DrainTimeout: ``timeout`` seconds passed first; it names the laggards.
+            DrainTimeout: ``timeout`` seconds passed first; it names each
+                subscription behind and what it still holds (backlog, calls in
+                flight, retries waiting and why, events parked behind a retry).
 
         Cancellation: safe; nothing changes.
         """
@@ -711,24 +761,26 @@ class Bus:
                 while True:
                     await self._writer.flush()
                     target = self._writer.committed_head
-                    lagging = {
-                        s.name: s.finished_upto()
-                        for s in self._subs.values()
-                        if s.finished_upto() < target or not s.settled()
-                    }
-                    if not lagging and self._writer.committed_head == target:
+                    if not self._lagging(target) and self._writer.committed_head == target:
                         # Nothing behind, and no outbox event appeared meanwhile.
                         if not self._writer.pending:
+                            if workflows and not self._workflows.idle():
+                                await self._workflows.wait_idle()
+                                continue
                             return
                         continue
                     await self._progress.wait()
         except TimeoutError:
-            lagging = {
-                s.name: s.finished_upto()
-                for s in self._subs.values()
-                if s.finished_upto() < self._writer.committed_head or not s.settled()
-            }
-            raise DrainTimeout(timeout or 0.0, lagging) from None
+            head = self._writer.committed_head
+            behind = self._lagging(head)
+            raise DrainTimeout(
+                timeout or 0.0,
+                {s.name: s.finished_upto() for s in behind},
+                {s.name: _describe(s, head) for s in behind},
+            ) from None
+
+    def _lagging(self, target: int) -> list[Subscription]:
+        return [s for s in self._subs.values() if s.finished_upto() < target or not s.settled()]
 
     def state(self, subscription: str) -> StateReader:
         """A read view of ``subscription``'s committed state (``ctx.state`` writes
@@ -757,23 +809,44 @@ class Bus:
             log=self._writer.metrics(),
             reconcile=self._reconciler.metrics(),
             workflows=self._workflows.metrics(),
-            subscriptions={
-                name: SubscriptionMetrics(
-                    handled=s.stats.handled,
-                    batches=s.stats.batches,
-                    failed_attempts=s.stats.failed_attempts,
-                    dead_lettered=s.stats.dead_lettered,
-                    acked=s.acked,
-                    lag=max(0, head - s.finished_upto()),
-                    buffered=len(s.channel),
-                    live=s.live,
-                    batch_target=s.controller.target(),
-                    throughput=s.stats.throughput(),
-                    batch_size_p50=median(s.stats.batch_sizes),
-                    batch_size_max=max(s.stats.batch_sizes, default=0),
-                    handler_latency=summarize(s.stats.handler_latency),
-                    end_to_end_latency=summarize(s.stats.end_to_end),
-                )
-                for name, s in self._subs.items()
-            },
+            subscriptions={name: s.metrics(head) for name, s in self._subs.items()},
         )
+
+    @property
+    def subscription_names(self) -> frozenset[str]:
+        """The names of the subscriptions made on this bus."""
+        return frozenset(self._subs)
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is the cancellation of the task that runs the bus."""
+    return isinstance(exc, asyncio.CancelledError | anyio.get_cancelled_exc_class())
+
+
+def _describe(sub: Subscription, head: int) -> str:
+    """What a subscription behind still holds, for ``DrainTimeout``."""
+    pending = sub.pending()
+    parts = [f"at {sub.finished_upto()} of {head}"]
+    if pending.buffered:
+        parts.append(f"{pending.buffered} buffered")
+    if pending.in_flight:
+        parts.append(f"{pending.in_flight} calls in flight")
+    if pending.retries_waiting:
+        why = []
+        if pending.suspects:
+            why.append(f"{pending.suspects} suspects of killing the process, run alone")
+        if pending.blocked_by_breaker:
+            why.append("the circuit breaker is open")
+        if pending.waiting_for_budget:
+            why.append("held by the retry budget (RetryPolicy.budget_floor per second)")
+        due = f"{pending.retries_due} due now"
+        if pending.next_due is not None and pending.retries_due < pending.retries_waiting:
+            due += ", the next later"
+        parts.append(
+            f"{pending.retries_waiting} retries waiting ({due}"
+            + (f"; {'; '.join(why)}" if why else "")
+            + ")"
+        )
+    if pending.parked:
+        parts.append(f"{pending.parked} parked behind a retry of their key")
+    return ", ".join(parts)

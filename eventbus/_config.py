@@ -1,9 +1,16 @@
 """Configuration: :class:`BusConfig`, :class:`BatchPolicy`, :class:`RetryPolicy`,
 :class:`BreakerPolicy`.
 
-All four are msgspec Structs, validated on construction (types and values), loadable
-from TOML and ``EVENTBUS_*`` environment variables. Unknown keys, values of the wrong
-type and impossible values raise :class:`~eventbus.ConfigError` naming the key.
+All are msgspec Structs, validated on construction (types and values), loadable from
+TOML and ``EVENTBUS_*`` environment variables, or both (:meth:`BusConfig.load`: the
+environment overrides the file, key by key). Unknown keys, values of the wrong type
+and impossible values raise :class:`~eventbus.ConfigError` naming the key.
+
+How a subscription's policies combine with the bus's: ``subscribe(retry=...)`` takes
+a complete policy (``RetryPolicy(max_attempts=3)``: the fields it does not set take
+the class defaults, not the bus's), or a dict of the fields to change in the bus's
+policy (``{"max_attempts": 3}``: the others keep ``config.retry``'s values, from the
+file or the environment); see :func:`merge_policy`.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import os
 import re
 import tomllib
 import typing
+from collections.abc import Mapping
 from typing import Literal, TypeVar
 
 import msgspec
@@ -226,7 +234,9 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         retention: Seconds a finished event stays in the log before compaction.
         compact_interval: Seconds between compaction passes.
         idempotency_retention: Seconds an idempotency key is remembered.
-        busy_timeout: Seconds a write waits for SQLite's lock.
+        busy_timeout: Seconds a write waits, in all, for a lock another connection
+            holds (a backup, an operator's ``sqlite3`` shell) before it fails with
+            ``LogBusy``, which is retryable.
         open_timeout: Seconds opening keeps retrying a busy (recovering) file.
         close_timeout: Seconds ``close`` lets in-flight handlers finish before
             abandoning their batch (it is redelivered on the next open).
@@ -236,6 +246,9 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         redrive_rate: Dead letters per second that ``redrive`` re-injects, at most.
         control_interval: Seconds between checks for commands queued in the log
             file by the ``eventbus`` command line (redrive, purge).
+        concurrency: Handler calls of one subscription that may run at once (the
+            default of ``subscribe(..., concurrency=)``); events of one key never run
+            at once in an ordered subscription.
         workflow_concurrency: Workflow runs that may execute at the same time; the
             rest wait their turn.
         reconcile_interval: Seconds between reconciliation passes (the first runs
@@ -262,6 +275,7 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     breaker: BreakerPolicy | None = msgspec.field(default_factory=BreakerPolicy)
     redrive_rate: float = 100.0
     control_interval: float = 1.0
+    concurrency: int = 1
     workflow_concurrency: int = 100
     reconcile_interval: float = 60.0
     reconcile_lease: float = 300.0
@@ -275,6 +289,7 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             "max_event_bytes",
             "channel_capacity",
             "max_commit_batch",
+            "concurrency",
             "workflow_concurrency",
         ):
             value = getattr(self, key)
@@ -304,14 +319,7 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             ConfigError: The file is missing or malformed, or a key is unknown or
                 its value impossible.
         """
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(os.fspath(path), "no such configuration file") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(os.fspath(path), f"not valid TOML: {exc}") from exc
-        return _convert(data, cls, strict=True)
+        return _convert(_read_toml(path), cls, strict=True)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> BusConfig:
@@ -322,27 +330,140 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             ConfigError: An ``EVENTBUS_*`` variable names no setting, or its value
                 does not parse.
         """
-        env = os.environ if environ is None else environ
-        data: dict[str, object] = {}
-        for name, value in env.items():
-            if not name.upper().startswith("EVENTBUS_"):
-                continue
-            path = name[len("EVENTBUS_") :].lower().split("__")
-            node = data
-            for part in path[:-1]:
-                child = node.setdefault(part, {})
-                if not isinstance(child, dict):
-                    raise ConfigError(name, "conflicts with another variable")
-                node = child
-            node[path[-1]] = None if value.lower() in ("none", "null") else value
-        return _convert(data, cls, strict=False)
+        return _convert(_read_env(environ), cls, strict=False)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+    ) -> BusConfig:
+        """Settings from a TOML file (as :meth:`from_toml`), overridden by the
+        ``EVENTBUS_*`` environment variables (as :meth:`from_env`), key by key: with
+        ``[retry] max_attempts = 7`` in the file and ``EVENTBUS_RETRY__TIMEOUT=2``
+        in the environment, both apply; a key set in both takes the environment's.
+
+        Args:
+            path: The TOML file; None for the environment alone.
+            environ: The variables to read; ``os.environ`` by default (``{}`` for
+                the file alone).
+
+        Raises:
+            ConfigError: The file is missing or malformed, a key in either source
+                is unknown, or a value impossible.
+        """
+        from_file = _read_toml(path) if path is not None else {}
+        from_env = _read_env(environ)
+        # Each source checked on its own first, so an error names where it came from.
+        _convert(from_file, cls, strict=True)
+        _convert(from_env, cls, strict=False)
+        return _convert(_overlay(from_file, from_env), cls, strict=False)
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, object]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(os.fspath(path), "no such configuration file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(os.fspath(path), f"not valid TOML: {exc}") from exc
+
+
+def _read_env(environ: Mapping[str, str] | None) -> dict[str, object]:
+    env = os.environ if environ is None else environ
+    data: dict[str, object] = {}
+    for name, value in env.items():
+        if not name.upper().startswith("EVENTBUS_"):
+            continue
+        path = name[len("EVENTBUS_") :].lower().split("__")
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(name, "conflicts with another variable")
+            node = child
+        node[path[-1]] = None if value.lower() in ("none", "null") else value
+    return data
+
+
+def _overlay(base: Mapping[str, object], top: Mapping[str, object]) -> dict[str, object]:
+    """``base`` with ``top``'s keys on it; nested tables merge key by key."""
+    merged = dict(base)
+    for key, value in top.items():
+        under = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(under, Mapping):
+            merged[key] = _overlay(under, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+P = TypeVar("P", BatchPolicy, RetryPolicy, BreakerPolicy)
+
+
+def merge_policy(override: P | Mapping[str, object] | None, default: P, key: str) -> P:
+    """The policy a subscription runs with, from what ``subscribe`` was given.
+
+    Args:
+        override: None: ``default``, as is. A policy object: that policy, whole
+            (its unset fields have the class defaults, not ``default``'s). A dict:
+            ``default`` with the dict's fields changed (``{"max_attempts": 3}``).
+        default: The bus's policy (``config.retry``, ``config.batch``, ...).
+        key: The setting's name in error messages (``"retry"``).
+
+    Raises:
+        ConfigError: ``override`` is neither a policy, a dict nor None; or a key
+            of the dict is unknown or its value impossible.
+    """
+    kind = type(default)
+    if override is None:
+        return default
+    if isinstance(override, kind):
+        return override
+    if not isinstance(override, Mapping) or not all(isinstance(k, str) for k in override):
+        raise ConfigError(
+            key,
+            f"must be a {kind.__name__}, a dict of the {kind.__name__} fields to change "
+            f"in the bus's default, or None; got {type(override).__name__}",
+        )
+    current = msgspec.structs.asdict(default)
+    return _convert({**current, **override}, kind, strict=True, prefix=key)
 
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 _UNKNOWN = re.compile(r"unknown field `([^`]*)`")
 
 
-def _convert(data: dict[str, object], cls: type[T], *, strict: bool) -> T:
+def subscription_policies(
+    config: BusConfig,
+    batch: BatchPolicy | Mapping[str, object] | None,
+    retry: RetryPolicy | Mapping[str, object] | None,
+    breaker: BreakerPolicy | Mapping[str, object] | Literal["default"] | None,
+) -> tuple[BatchPolicy, RetryPolicy, BreakerPolicy | None]:
+    """The batch, retry and breaker policies of a subscription, from ``subscribe``'s
+    arguments and the bus's ``config`` (see :func:`merge_policy`); ``breaker=None``
+    turns the breaker off, ``"default"`` takes ``config.breaker``.
+
+    Raises:
+        ConfigError: An argument is of the wrong kind, or a dict's key is unknown or
+            its value impossible.
+    """
+    if breaker == "default":
+        breaker_policy = config.breaker
+    elif breaker is None:
+        breaker_policy = None
+    else:
+        breaker_policy = merge_policy(breaker, config.breaker or BreakerPolicy(), "breaker")
+    return (
+        merge_policy(batch, config.batch, "batch"),
+        merge_policy(retry, config.retry, "retry"),
+        breaker_policy,
+    )
+
+
+def _convert(data: Mapping[str, object], cls: type[T], *, strict: bool, prefix: str = "") -> T:
     try:
         return msgspec.convert(data, cls, strict=strict)
     except ConfigError:
@@ -353,10 +474,11 @@ def _convert(data: dict[str, object], cls: type[T], *, strict: bool) -> T:
         if isinstance(cause, ConfigError):
             raise cause from None
         where = _PATH.search(message)
-        prefix = where.group(1) if where else ""
+        path = ".".join(p for p in (prefix, where.group(1) if where else "") if p)
         unknown = _UNKNOWN.search(message)
         if unknown:
-            key = f"{prefix}.{unknown.group(1)}" if prefix else unknown.group(1)
-            raise ConfigError(key, "unknown setting; see BusConfig for the valid keys") from None
-        key = prefix or "<config>"
-        raise ConfigError(key, message.split(" - at ")[0]) from None
+            key = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+            raise ConfigError(
+                key, f"unknown setting; see {cls.__name__} for the valid keys"
+            ) from None
+        raise ConfigError(path or "<config>", message.split(" - at ")[0]) from None

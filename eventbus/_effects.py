@@ -11,10 +11,7 @@ from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
 
 import msgspec
 
-import storage as _storage
-from storage import WriteBatch
-
-from ._errors import PayloadError, translate_storage_error
+from ._errors import PayloadError
 
 if TYPE_CHECKING:
     from ._bus import Bus
@@ -64,10 +61,7 @@ def idempotent(bus: Bus, *, result_type: type | None = None) -> _Decorator:
             lock = locks.setdefault(key, asyncio.Lock())
             try:
                 async with lock:
-                    try:
-                        recorded = await bus._log.get_effect(key)
-                    except _storage.StorageError as exc:
-                        raise translate_storage_error(exc) from exc
+                    recorded = await bus.effects.get(key)
                     if recorded is not None:
                         return typing.cast(R, decoder.decode(recorded))
                     result: R = await fn(*args, **kwargs)
@@ -75,7 +69,7 @@ def idempotent(bus: Bus, *, result_type: type | None = None) -> _Decorator:
                         raw = _ENCODER.encode(result)
                     except (TypeError, ValueError, msgspec.EncodeError) as exc:
                         raise PayloadError(f"effect:{key}", str(exc)) from exc
-                    await bus._writer.commit(WriteBatch(effects=[(key, raw)]))
+                    await bus.effects.record(key, raw)
                     return result
             finally:
                 if not lock.locked() and locks.get(key) is lock:

@@ -14,6 +14,7 @@
     ├── HandlerStuck             reconciliation cancelled a handler call that ran too long
     └── StorageError             the log failed (also a storage.StorageError)
         ├── LogLocked            another process owns the log file (names its pid)
+        ├── LogBusy              another connection held the write lock past busy_timeout
         ├── LogDirectoryMissing  the log's directory does not exist
         ├── UnsupportedPlatform  a log file needs a POSIX system
         ├── NotALog              the file is not an event log
@@ -114,13 +115,19 @@ class SubscriptionError(BusError):
 class DrainTimeout(BusError, TimeoutError):
     """``drain`` timed out before every subscription caught up."""
 
-    def __init__(self, timeout: float, lagging: dict[str, int]) -> None:
+    def __init__(
+        self, timeout: float, lagging: dict[str, int], pending: dict[str, str] | None = None
+    ) -> None:
         self.timeout = timeout
         self.lagging = lagging
-        behind = ", ".join(f"{name} at {pos}" for name, pos in sorted(lagging.items()))
+        self.pending = pending or {}
+        behind = "; ".join(
+            f"{name} {self.pending[name]}" if name in self.pending else f"{name} at {pos}"
+            for name, pos in sorted(lagging.items())
+        )
         super().__init__(
-            f"drain timed out after {timeout}s; subscriptions still behind (acknowledged "
-            f"position): {behind}. Check bus.metrics() or the dead letters"
+            f"drain timed out after {timeout}s; subscriptions still behind: {behind}. "
+            "Check bus.metrics() or the dead letters"
         )
 
 
@@ -150,6 +157,10 @@ class LogLocked(StorageError, _storage.LogLocked):
     """Another process owns the log file."""
 
 
+class LogBusy(StorageError, _storage.LogBusy):
+    """Another connection held the log's write lock past ``busy_timeout``; retryable."""
+
+
 class LogDirectoryMissing(StorageError, _storage.LogDirectoryMissing):
     """The directory that should hold the log does not exist."""
 
@@ -176,6 +187,7 @@ class StorageFull(StorageError, _storage.StorageFull):
 
 _TRANSLATION: tuple[tuple[type[_storage.StorageError], type[StorageError]], ...] = (
     (_storage.LogLocked, LogLocked),
+    (_storage.LogBusy, LogBusy),
     (_storage.LogDirectoryMissing, LogDirectoryMissing),
     (_storage.UnsupportedPlatform, UnsupportedPlatform),
     (_storage.NotALog, NotALog),

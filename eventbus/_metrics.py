@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Iterable
 
@@ -32,25 +31,30 @@ class SubscriptionRecorder:
         self._window: deque[tuple[float, int]] = deque(maxlen=_SAMPLES)
 
     def batch(
-        self, size: int, handler_seconds: float, oldest_created: float, newest_created: float
+        self,
+        size: int,
+        handler_seconds: float,
+        oldest_created: float,
+        newest_created: float,
+        wall: float,
+        now: float,
     ) -> None:
-        """Record a committed batch: its size, handler time, and the publish times of
-        its oldest and newest events (end-to-end latency is measured to now)."""
-        now = time.time()
+        """Record a handled call: its size, handler time, and the publish times of its
+        oldest and newest events (end-to-end latency is measured to ``wall``, unix
+        time; ``now`` is the monotonic time)."""
         self.handled += size
         self.batches += 1
         self.batch_sizes.append(size)
         self.handler_latency.append(handler_seconds)
-        self.end_to_end.append(now - oldest_created)
+        self.end_to_end.append(wall - oldest_created)
         if newest_created != oldest_created:
-            self.end_to_end.append(now - newest_created)
-        self._window.append((time.monotonic(), size))
+            self.end_to_end.append(wall - newest_created)
+        self._window.append((now, size))
 
-    def throughput(self) -> float:
-        """Events per second over the recent batches (0 when idle for 5 s)."""
+    def throughput(self, now: float) -> float:
+        """Events per second over the recent calls (0 when idle for 5 s)."""
         if not self._window:
             return 0.0
-        now = time.monotonic()
         recent = [(t, n) for t, n in self._window if now - t <= 5.0]
         if len(recent) < 2:
             return 0.0
@@ -120,7 +124,15 @@ class SubscriptionMetrics(msgspec.Struct, frozen=True):
     """One subscription's counters and recent latencies.
 
     ``lag`` is the distance in sequence numbers from the log head to the last
-    finished position (0 when caught up). Latencies cover the latest batches.
+    finished position (0 when caught up). Latencies cover the latest calls.
+
+    What is not finished, and why: ``buffered`` events read and waiting for a
+    worker, ``in_flight`` handler calls, ``retries_waiting`` events in the retry lane
+    with a due time (``retries_due`` of them due now, held by the retry budget, the
+    circuit breaker or a suspect running alone), and ``parked`` events waiting in
+    the retry lane behind an earlier event of their key. ``breaker_state`` is the
+    circuit breaker's (``"closed"``, ``"open"``, ``"half_open"``; ``"closed"`` when
+    the subscription has none) and ``breaker_trips`` how often it opened.
     """
 
     handled: int
@@ -137,6 +149,13 @@ class SubscriptionMetrics(msgspec.Struct, frozen=True):
     batch_size_max: int
     handler_latency: LatencySummary
     end_to_end_latency: LatencySummary
+    in_flight: int = 0
+    retries_waiting: int = 0
+    retries_due: int = 0
+    parked: int = 0
+    concurrency: int = 1
+    breaker_state: str = "closed"
+    breaker_trips: int = 0
 
 
 class LogMetrics(msgspec.Struct, frozen=True):

@@ -41,9 +41,9 @@ import storage as _storage
 
 from ._bus import Bus
 from ._config import BatchPolicy, BusConfig, RetryPolicy
-from ._context import Context
 from ._effects import idempotent
 from ._event import Event, Message
+from .dispatch import Context
 from .reconcile import check_log
 
 CUSTOMERS = 97

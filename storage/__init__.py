@@ -5,8 +5,10 @@ Imports nothing from the rest of the project. :class:`Storage` is the contract;
 log with no durability.
 """
 
+from ._calls import CallSlots, NoCallSlots
 from ._errors import (
     CorruptLog,
+    LogBusy,
     LogDirectoryMissing,
     LogLocked,
     NotALog,
@@ -23,6 +25,7 @@ from ._schema import SCHEMA_VERSION
 from ._sqlite import Durability, SQLiteStorage
 from ._statements import submit_control
 from ._types import (
+    PROCESS_DIED,
     WORKFLOW_PREFIX,
     DeadRecord,
     LogStats,
@@ -38,15 +41,19 @@ from ._types import (
 )
 
 __all__ = [
+    "PROCESS_DIED",
     "WORKFLOW_PREFIX",
+    "CallSlots",
     "SCHEMA_VERSION",
     "CorruptLog",
     "DeadRecord",
     "Durability",
+    "LogBusy",
     "LogDirectoryMissing",
     "LogLocked",
     "LogStats",
     "MemoryStorage",
+    "NoCallSlots",
     "NewRecord",
     "NotALog",
     "Receipt",

@@ -4,6 +4,7 @@
 
     StorageError                 the log could not do what was asked
     ├── LogLocked                another process owns the log file
+    ├── LogBusy                  a lock held by another connection outlasted busy_timeout
     ├── LogDirectoryMissing      the directory that should hold the log does not exist
     ├── UnsupportedPlatform      a file log needs a POSIX system (its lock)
     ├── NotALog                  the file exists but is not an event log
@@ -39,7 +40,8 @@ class LogLocked(StorageError):
         super().__init__(
             f"the log {path!r} is owned by another process ({owner}); only one process "
             "may run a bus on a SQLite log at a time. Stop that process, or use a "
-            "different file, or the PostgreSQL backend for several processes"
+            "different file; the eventbus command line reads the log (and queues "
+            "redrive, purge and drop for its owner) while it runs"
         )
 
 
@@ -103,6 +105,36 @@ class SchemaTooNew(StorageError):
         super().__init__(
             f"{path!r} has schema version {found}, but this version of eventbus reads "
             f"up to {supported}; upgrade eventbus to open it"
+        )
+
+
+class LogBusy(StorageError):
+    """Another connection held SQLite's write lock for longer than ``busy_timeout``.
+
+    Retryable: nothing was written, and the same write succeeds once the lock is
+    released.
+
+    Attributes:
+        path: The log file.
+        waited: Seconds the write waited for the lock.
+        holders: The local processes seen holding the lock (``"pid 4242 (sqlite3)"``);
+            empty when none can be seen.
+    """
+
+    def __init__(self, path: str, waited: float, holders: tuple[str, ...] = ()) -> None:
+        self.path = path
+        self.waited = waited
+        self.holders = holders
+        held = (
+            f", held by {', '.join(holders)}"
+            if holders
+            else " (no other local process is seen holding it: another connection of "
+            "this process, or a process in another container)"
+        )
+        super().__init__(
+            f"the log {path!r} stayed locked by another connection for {waited:.3g}s "
+            f"(busy_timeout){held}; nothing was written. This is retryable: try again "
+            "once that connection commits or closes, or raise busy_timeout to wait longer"
         )
 
 

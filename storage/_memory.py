@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from ._calls import CallSlots, NoCallSlots
 from ._errors import StorageClosed
 from ._types import (
     WORKFLOW_PREFIX,
@@ -141,10 +142,6 @@ class MemoryStorage:
         for key in batch.settled:
             if self._retries.pop(key, None) is not None:
                 self._release(key)
-        for name, upto in batch.inflight.items():
-            old = self._subs.get(name)
-            if old is not None:
-                self._subs[name] = msgspec.structs.replace(old, inflight_upto=min(upto, seq))
         for dead in batch.dead:
             key = (dead.subscription, dead.record.seq)
             if key not in self._dead:
@@ -165,6 +162,8 @@ class MemoryStorage:
         for name, cursor in batch.acks.items():
             if cursor > prev[name]:
                 self._ack_ranges(name, prev[name], cursor)
+        for name, lo, hi in batch.done:
+            self._ranges(name).add(lo, hi)
         for run in batch.workflow_starts:
             if run.id not in self._workflows:
                 self._workflow_num += 1
@@ -210,6 +209,21 @@ class MemoryStorage:
             lo = hole + 1
         if lo <= cursor:
             ranges.add(lo, cursor)
+
+    async def finished_ahead(self, subscription: str, after: int) -> list[tuple[int, int]]:
+        self._check_open()
+        ranges = self._ranges(subscription)
+        out = [
+            (max(lo, after + 1), hi)
+            for lo, hi in zip(ranges.los, ranges.his, strict=True)
+            if hi > after
+        ]
+        out.extend((seq, seq) for sub, seq in self._dead if sub == subscription and seq > after)
+        return sorted(out)
+
+    def calls(self, subscription: str, slots: int, width: int) -> CallSlots:
+        """Nothing outlives the process here: no call needs remembering."""
+        return NoCallSlots()
 
     async def read(
         self, after: int, upto: int, topics: frozenset[str] | None, limit: int
@@ -270,10 +284,26 @@ class MemoryStorage:
         since: float | None = None,
         until: float | None = None,
         ids: Sequence[str] | None = None,
+        after_subscription: str | None = None,
     ) -> list[DeadRecord]:
         self._check_open()
         rows = self._dead_matching(subscription, error_type, since, until, ids)
-        return [d for d in rows if d.record.seq > after_seq][:limit]
+        if after_subscription is None:
+            return [d for d in rows if d.record.seq > after_seq][:limit]
+        start = (after_seq, after_subscription)
+        return [d for d in rows if (d.record.seq, d.subscription) > start][:limit]
+
+    async def count_dead_letters(
+        self,
+        subscription: str | None = None,
+        *,
+        error_type: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> int:
+        self._check_open()
+        return len(self._dead_matching(subscription, error_type, since, until, ids))
 
     async def get_state(self, subscription: str, keys: Sequence[str]) -> dict[str, bytes]:
         self._check_open()
@@ -377,6 +407,25 @@ class MemoryStorage:
             and (name is None or w.name == name)
             and (status is None or w.status == status)
         ][:limit]
+
+    async def count_workflows(self, *, name: str | None = None, status: str | None = None) -> int:
+        self._check_open()
+        return sum(
+            1
+            for w in self._workflows.values()
+            if (name is None or w.name == name) and (status is None or w.status == status)
+        )
+
+    async def drop_subscription(self, name: str) -> bool:
+        self._check_open()
+        existed = self._subs.pop(name, None) is not None
+        self._acked.pop(name, None)
+        self._held.pop(name, None)
+        self._state.pop(name, None)
+        for table in (self._retries, self._dead):
+            for key in [k for k in table if k[0] == name]:
+                del table[key]
+        return existed
 
     async def steps(self, workflow_id: str) -> list[StepRecord]:
         self._check_open()

@@ -40,7 +40,7 @@ except ImportError:  # not a POSIX system
 else:
     _POSIX = True
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("eventbus.storage")
 
 # How long a process that found the log owned keeps reading the lock for the owner's
 # pid. The owner writes it microseconds after it takes the lock; this is ample.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from ._calls import CallSlots
 from ._types import (
     DeadRecord,
     LogStats,
@@ -50,6 +51,19 @@ class Storage(Protocol):
     ) -> list[Record]:
         """Events with ``after < seq <= upto`` on ``topics`` (all if None), in order."""
 
+    async def finished_ahead(self, subscription: str, after: int) -> list[tuple[int, int]]:
+        """Ranges ``(lo, hi)`` of events past ``after`` that the subscription has
+        finished (acknowledged as done, or dead-lettered), in order: what it finished
+        ahead of its cursor, which must not be handled again."""
+
+    def calls(self, subscription: str, slots: int, width: int) -> CallSlots:
+        """Slots in which ``subscription`` records the handler calls it runs (at most
+        ``slots`` at once, each of at most ``width`` events), so that a death is
+        blamed on exactly those. A log that outlives the process counts, when it is
+        next opened, one failed attempt (``PROCESS_DIED``) for every event whose call
+        was in flight: events in the retry lane get their attempt counted there,
+        unfinished ones enter the retry lane at attempt 2."""
+
     async def subscriptions(self) -> dict[str, SubscriptionInfo]:
         """Every registered subscription with its cursor."""
 
@@ -63,10 +77,24 @@ class Storage(Protocol):
         since: float | None = None,
         until: float | None = None,
         ids: Sequence[str] | None = None,
+        after_subscription: str | None = None,
     ) -> list[DeadRecord]:
-        """Dead-lettered events in log order, filtered; page with ``after_seq``.
-        ``error_type`` matches the qualified name or its last part; ``since`` and
-        ``until`` bound the last failure time."""
+        """Dead-lettered events in ``(seq, subscription)`` order, filtered; page with
+        ``after_seq`` (and ``after_subscription``: then the page resumes after that
+        subscription's letter of event ``after_seq``, where several subscriptions
+        dead-lettered one event). ``error_type`` matches the qualified name or its
+        last part; ``since`` and ``until`` bound the last failure time."""
+
+    async def count_dead_letters(
+        self,
+        subscription: str | None = None,
+        *,
+        error_type: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> int:
+        """How many dead letters match the filters of :meth:`dead_letters`."""
 
     async def get_state(self, subscription: str, keys: Sequence[str]) -> dict[str, bytes]:
         """Committed state values of ``keys`` (absent keys are left out)."""
@@ -118,6 +146,14 @@ class Storage(Protocol):
     ) -> list[WorkflowRecord]:
         """Workflow runs in the order they were first written, filtered; page with
         ``after`` (the last ``num`` seen)."""
+
+    async def count_workflows(self, *, name: str | None = None, status: str | None = None) -> int:
+        """How many workflow runs match the filters of :meth:`workflows`."""
+
+    async def drop_subscription(self, name: str) -> bool:
+        """Forget the subscription ``name`` in one transaction: its cursor, its
+        acknowledgement ledger, retry lane, dead letters and state. Returns whether
+        it existed."""
 
     async def steps(self, workflow_id: str) -> list[StepRecord]:
         """The step checkpoints of a workflow run, in call order."""

@@ -26,8 +26,10 @@ import aiosqlite
 import anyio
 
 from . import _statements as stmts
+from ._calls import CallJournal, CallSlots, NoCallSlots, read_journal
 from ._errors import (
     CorruptLog,
+    LogBusy,
     NotALog,
     RecordRejected,
     SchemaTooNew,
@@ -35,9 +37,11 @@ from ._errors import (
     StorageError,
     StorageFull,
 )
+from ._holders import write_lock_holders
 from ._ownership import LogOwnership
 from ._schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from ._types import (
+    PROCESS_DIED,
     DeadRecord,
     LogStats,
     Receipt,
@@ -50,7 +54,7 @@ from ._types import (
     WriteBatch,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("eventbus.storage")
 
 T = TypeVar("T")
 
@@ -61,8 +65,9 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 # Checkpoint explicitly once this much has been appended since the last one, so the
 # WAL stays bounded even when a reader keeps the passive auto-checkpoint from finishing.
 _CHECKPOINT_EVERY_BYTES = 32 * 1024 * 1024
-# Commits that find the database locked beyond busy_timeout are retried this often.
-_BUSY_RETRIES = 5
+# The first wait between tries of a commit that SQLite refused as busy before
+# busy_timeout ran out (as it does while another connection recovers or checkpoints).
+_BUSY_FIRST_DELAY = 0.01
 
 
 # A value SQLite would not bind or store (a list, a string past SQLITE_MAX_LENGTH, a
@@ -114,7 +119,9 @@ class SQLiteStorage:
         durability: ``"normal"`` (synchronous=NORMAL: a commit survives a killed
             process), ``"full"`` (synchronous=FULL: it survives power loss) or
             ``"off"`` (the OS decides when data reaches the disk).
-        busy_timeout: Seconds a write waits for SQLite's lock before failing.
+        busy_timeout: Seconds a commit waits, in all, for a write lock another
+            connection holds (an operator's ``sqlite3`` shell, a backup) before it
+            fails with :class:`LogBusy`.
         open_timeout: Seconds :meth:`open` keeps retrying while the file is busy,
             as it is while SQLite recovers a log left by a crashed process.
         read_only: Open for inspection only: no lock file, no writes. Safe while
@@ -143,6 +150,7 @@ class SQLiteStorage:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._lock = LogOwnership(self.path)
+        self._journal: CallJournal | None = None
         self._head = 0
         self._bytes_since_checkpoint = 0
 
@@ -185,6 +193,26 @@ class SQLiteStorage:
         await self._check_schema(self._writer)
         self._reader = await self._connect(writer=False)
         self._head = await self._read_head(self._writer)
+        if not self.read_only:
+            await self._open_journal()
+
+    async def _open_journal(self) -> None:
+        """Count the deaths the previous life's call journal records, then start this
+        life's journal."""
+        path = self.path + "-calls"
+        previous = await anyio.to_thread.run_sync(read_journal, path)
+        generation, inflight = previous or (0, {})
+        charged = await self._run("w", stmts.charge_deaths, generation, inflight, time.time())
+        if charged:
+            logger.warning(
+                "log %s: the process died while handling %d events; each counts as a "
+                "failed attempt (%s)",
+                self.path,
+                charged,
+                PROCESS_DIED,
+            )
+        generation = int.from_bytes(os.urandom(8), "little") >> 1
+        self._journal = await anyio.to_thread.run_sync(CallJournal, path, generation)
 
     async def _close_connections(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -296,6 +324,9 @@ class SQLiteStorage:
                         # Leave a small file behind: fold the WAL back into the database.
                         await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 await conn.close()
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
         self._lock.release()
 
     # -- writing --------------------------------------------------------------------
@@ -330,6 +361,9 @@ class SQLiteStorage:
         try:
             return await self._in_thread(conn, partial(fn, conn._conn, *args))
         except sqlite3.Error as exc:
+            if which == "w" and _is_busy(exc):
+                holders = await anyio.to_thread.run_sync(write_lock_holders, self.path)
+                raise LogBusy(self.path, self.busy_timeout, holders) from exc
             raise _translate(self.path, exc) from exc
 
     async def commit(self, batch: WriteBatch) -> list[Receipt]:
@@ -338,35 +372,52 @@ class SQLiteStorage:
         conn = self._conn("w")
         raw = conn._conn
         head = self._head
-        delay = 0.01
-        for attempt in range(_BUSY_RETRIES + 1):
-            try:
-                receipts, new_head, nbytes = await self._in_thread(
-                    conn, partial(stmts.apply_batch, raw, batch, head)
-                )
-                break
-            except sqlite3.Error as exc:
-                if not _is_busy(exc) or attempt == _BUSY_RETRIES:
-                    raise _translate(self.path, exc) from exc
-                # Another connection held the write lock past busy_timeout (a backup,
-                # an operator's sqlite3 shell): the transaction rolled back; retry.
-                logger.warning("log %s is busy (%s); retrying the commit", self.path, exc)
-            except BaseException:
-                # Cancelled while the transaction ran in the thread: it may have
-                # committed. Wait for it to finish, then trust the file.
-                with anyio.CancelScope(shield=True):
-                    self._head = await self._in_thread(conn, partial(stmts.read_head, raw))
-                raise
-            await anyio.sleep(delay)
-            delay = min(delay * 4, 1.0)
-        else:  # pragma: no cover - the loop always breaks or raises
-            raise AssertionError("unreachable")
+        # One bound on the whole commit: SQLite's busy handler waits up to the
+        # connection's busy_timeout inside each try, so a retry gets only what is left.
+        deadline = time.monotonic() + self.busy_timeout
+        delay = _BUSY_FIRST_DELAY
+        shortened = False
+        try:
+            while True:
+                try:
+                    receipts, new_head, nbytes = await self._in_thread(
+                        conn, partial(stmts.apply_batch, raw, batch, head)
+                    )
+                    break
+                except sqlite3.Error as exc:
+                    left = deadline - time.monotonic()
+                    if not _is_busy(exc):
+                        raise _translate(self.path, exc) from exc
+                    if left <= 0.001:
+                        holders = await anyio.to_thread.run_sync(write_lock_holders, self.path)
+                        raise LogBusy(self.path, self.busy_timeout, holders) from exc
+                    # Refused early (a connection recovering or checkpointing the
+                    # file): the transaction rolled back; try again in the time left.
+                    logger.info("log %s is busy (%s); retrying the commit", self.path, exc)
+                except BaseException:
+                    # Cancelled while the transaction ran in the thread: it may have
+                    # committed. Wait for it to finish, then trust the file.
+                    with anyio.CancelScope(shield=True):
+                        self._head = await self._in_thread(conn, partial(stmts.read_head, raw))
+                    raise
+                await anyio.sleep(min(delay, left))
+                delay = min(delay * 4, 1.0)
+                shortened = True
+                with contextlib.suppress(sqlite3.Error):  # then the try waits longer
+                    await self._set_busy_timeout(conn, deadline - time.monotonic())
+        finally:
+            if shortened:
+                with anyio.CancelScope(shield=True), contextlib.suppress(sqlite3.Error):
+                    await self._set_busy_timeout(conn, self.busy_timeout)
         self._head = new_head
         self._bytes_since_checkpoint += nbytes
         if self._bytes_since_checkpoint >= self.checkpoint_bytes:
             self._bytes_since_checkpoint = 0
             await self._checkpoint(conn)
         return receipts
+
+    async def _set_busy_timeout(self, conn: aiosqlite.Connection, seconds: float) -> None:
+        await conn.execute(f"PRAGMA busy_timeout = {max(1, int(seconds * 1000))}")
 
     async def _checkpoint(self, conn: aiosqlite.Connection) -> None:
         # A TRUNCATE checkpoint waits (busy handler) for readers of old snapshots;
@@ -405,13 +456,20 @@ class SQLiteStorage:
 
     async def subscriptions(self) -> dict[str, SubscriptionInfo]:
         rows = await self._fetch(
-            "SELECT name, topics, cursor, updated_at, inflight_upto FROM subscriptions"
-            " ORDER BY name"
+            "SELECT name, topics, cursor, updated_at FROM subscriptions ORDER BY name"
         )
         return {
-            name: SubscriptionInfo(name, tuple(topics.split("\n")), cursor, updated, inflight)
-            for name, topics, cursor, updated, inflight in rows
+            name: SubscriptionInfo(name, tuple(topics.split("\n")), cursor, updated)
+            for name, topics, cursor, updated in rows
         }
+
+    async def finished_ahead(self, subscription: str, after: int) -> list[tuple[int, int]]:
+        return await self._run("r", stmts.finished_ahead, subscription, after)
+
+    def calls(self, subscription: str, slots: int, width: int) -> CallSlots:
+        if self._journal is None:
+            return NoCallSlots()  # read-only: nothing runs
+        return self._journal.region(subscription, slots, width)
 
     async def _fetch(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         conn = self._conn("r")
@@ -430,14 +488,34 @@ class SQLiteStorage:
         since: float | None = None,
         until: float | None = None,
         ids: Sequence[str] | None = None,
+        after_subscription: str | None = None,
     ) -> list[DeadRecord]:
         where, params = stmts.dead_filter(subscription, error_type, since, until, ids)
+        start_params: list[object] = [after_seq]
+        if after_subscription is None:
+            start = "seq > ?"
+        else:
+            start = "(seq > ? OR (seq = ? AND subscription > ?))"
+            start_params += [after_seq, after_subscription]
         rows = await self._fetch(
-            f"SELECT {stmts.DEAD_COLUMNS} FROM dead_letters WHERE seq > ? {where}"
+            f"SELECT {stmts.DEAD_COLUMNS} FROM dead_letters WHERE {start} {where}"
             " ORDER BY seq, subscription LIMIT ?",
-            [after_seq, *params, limit],
+            [*start_params, *params, limit],
         )
         return [stmts.dead_from_row(r) for r in rows]
+
+    async def count_dead_letters(
+        self,
+        subscription: str | None = None,
+        *,
+        error_type: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> int:
+        where, params = stmts.dead_filter(subscription, error_type, since, until, ids)
+        ((n,),) = await self._fetch(f"SELECT count(*) FROM dead_letters WHERE 1 {where}", params)
+        return int(n)
 
     async def get_state(self, subscription: str, keys: Sequence[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
@@ -518,6 +596,21 @@ class SQLiteStorage:
             params.append(status)
         rows = await self._fetch(sql + " ORDER BY num LIMIT ?", [*params, limit])
         return [stmts.workflow_from_row(r) for r in rows]
+
+    async def count_workflows(self, *, name: str | None = None, status: str | None = None) -> int:
+        sql = "SELECT count(*) FROM workflows WHERE 1"
+        params: list[object] = []
+        if name is not None:
+            sql += " AND name = ?"
+            params.append(name)
+        if status is not None:
+            sql += " AND status = ?"
+            params.append(status)
+        ((n,),) = await self._fetch(sql, params)
+        return int(n)
+
+    async def drop_subscription(self, name: str) -> bool:
+        return await self._run("w", stmts.drop_subscription, name)
 
     async def steps(self, workflow_id: str) -> list[StepRecord]:
         rows = await self._fetch(

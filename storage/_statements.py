@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from ._types import (
+    PROCESS_DIED,
     WORKFLOW_PREFIX,
     DeadRecord,
     Receipt,
@@ -166,6 +167,17 @@ def _ack_ranges(conn: sqlite3.Connection, sub: str, prev: int, cursor: int) -> N
 
 # Past this many gaps between acknowledged ranges, one scan beats a query per gap.
 _MAX_GAP_QUERIES = 2000
+
+
+def finished_ahead(conn: sqlite3.Connection, sub: str, after: int) -> list[tuple[int, int]]:
+    """``sub``'s acknowledged ranges and dead letters past ``after``, in order."""
+    rows = conn.execute(
+        "SELECT max(lo, ? + 1), hi FROM acked WHERE subscription = ? AND hi > ?"
+        " UNION ALL SELECT seq, seq FROM dead_letters WHERE subscription = ? AND seq > ?"
+        " ORDER BY 1",
+        (after, sub, after, sub, after),
+    ).fetchall()
+    return [(int(lo), int(hi)) for lo, hi in rows]
 
 
 def unaccounted(conn: sqlite3.Connection, sub: str, upto: int, limit: int) -> Unaccounted:
@@ -348,12 +360,6 @@ def write_batch(
             "INSERT OR IGNORE INTO effects (key, result, created_at) VALUES (?, ?, ?)",
             [(key, result, now) for key, result in batch.effects],
         )
-    if batch.inflight:
-        conn.executemany(
-            "UPDATE subscriptions SET inflight_upto = ? WHERE name = ?",
-            # Marks are upper bounds: never past the last event.
-            [(min(upto, seq), name) for name, upto in batch.inflight.items()],
-        )
     if batch.dead:
         conn.executemany(
             _INSERT_DEAD,
@@ -385,6 +391,8 @@ def write_batch(
     for name, cursor in batch.acks.items():
         if cursor > prev[name]:
             _ack_ranges(conn, name, prev[name], cursor)
+    for name, lo, hi in batch.done:
+        _add_acked(conn, name, lo, hi)
     if batch.workflow_starts:
         conn.executemany(
             _INSERT_WORKFLOW + " ON CONFLICT (id) DO NOTHING",
@@ -412,6 +420,79 @@ def write_batch(
             ],
         )
     return receipts, seq, nbytes
+
+
+# -- deaths --------------------------------------------------------------------------
+
+
+def charge_deaths(
+    conn: sqlite3.Connection, generation: int, inflight: dict[str, list[int]], now: float
+) -> int:
+    """Count a failed attempt for every event whose handler call was in flight when
+    the process died (``inflight``, from the call journal of life ``generation``), in
+    one transaction; returns how many were charged.
+
+    An event in the retry lane gets its attempt counted there; an unfinished event
+    enters the retry lane at attempt 2. Events already done or dead-lettered are left
+    alone (their call ended but the journal did not say so yet). A journal is charged
+    once: its generation is recorded with the charge. Attempts recorded as running by
+    an earlier version of the log count as deaths too.
+    """
+    with _immediate(conn):
+        row = conn.execute("SELECT value FROM meta WHERE key = 'calls_generation'").fetchone()
+        charged = 0
+        if inflight and (row is None or row[0] != str(generation)):
+            for sub, seqs in inflight.items():
+                info = conn.execute(
+                    "SELECT cursor FROM subscriptions WHERE name = ?", (sub,)
+                ).fetchone()
+                if info is None:
+                    continue
+                for seq in sorted(set(seqs)):
+                    charged += _charge(conn, sub, seq, now)
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('calls_generation', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(generation),),
+            )
+        # Logs written before the call journal marked running retry attempts instead.
+        for sub, seq in conn.execute(
+            "SELECT subscription, seq FROM retries WHERE running = 1"
+        ).fetchall():
+            charged += _charge(conn, sub, int(seq), now)
+    return charged
+
+
+def _charge(conn: sqlite3.Connection, sub: str, seq: int, now: float) -> int:
+    row = conn.execute(
+        "SELECT attempt FROM retries WHERE subscription = ? AND seq = ?", (sub, seq)
+    ).fetchone()
+    if row is not None:
+        failed = int(row[0])
+        conn.execute(
+            "UPDATE retries SET attempt = ?, due_at = ?, running = 0,"
+            " first_failed_at = coalesce(first_failed_at, ?), error_type = ?,"
+            " error_message = ?, traceback = '' WHERE subscription = ? AND seq = ?",
+            (failed + 1, now, now, PROCESS_DIED, _died(failed), sub, seq),
+        )
+        return 1
+    finished = conn.execute(
+        "SELECT 1 FROM dead_letters WHERE subscription = ? AND seq = ?"
+        " UNION ALL SELECT 1 FROM acked WHERE subscription = ? AND lo <= ? AND hi >= ?",
+        (sub, seq, sub, seq, seq),
+    ).fetchone()
+    if finished is not None:
+        return 0
+    event = conn.execute(f"SELECT {EVENT_COLUMNS} FROM events WHERE seq = ?", (seq,)).fetchone()
+    if event is None:
+        return 0
+    record = RetryRecord(sub, Record(*event), 2, now, now, PROCESS_DIED, _died(1))
+    conn.execute(_UPSERT_RETRY, _retry_row(record))
+    return 1
+
+
+def _died(attempt: int) -> str:
+    return f"process died while handling (attempt {attempt})"
 
 
 def compact(
@@ -575,6 +656,14 @@ def purge(conn: sqlite3.Connection, where: str, params: list[object]) -> int:
             if not sub.startswith(WORKFLOW_PREFIX):
                 _add_acked(conn, sub, int(seq), int(seq))
     return int(n)
+
+
+def drop_subscription(conn: sqlite3.Connection, name: str) -> bool:
+    with _immediate(conn):
+        existed = conn.execute("DELETE FROM subscriptions WHERE name = ?", (name,)).rowcount
+        for table in ("acked", "retries", "dead_letters", "state"):
+            conn.execute(f"DELETE FROM {table} WHERE subscription = ?", (name,))
+    return bool(existed)
 
 
 def done_control(conn: sqlite3.Connection, ids: list[int]) -> None:

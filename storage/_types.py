@@ -66,7 +66,6 @@ class SubscriptionInfo(msgspec.Struct, frozen=True, gc=False):
     topics: tuple[str, ...]
     cursor: int
     updated_at: float
-    inflight_upto: int = 0
 
 
 class RetryRecord(msgspec.Struct, frozen=True, gc=False):
@@ -93,6 +92,9 @@ class RetryRecord(msgspec.Struct, frozen=True, gc=False):
     traceback: str = ""
     running: bool = False
 
+
+#: The error type of an attempt that was running when the process died.
+PROCESS_DIED = "eventbus.ProcessDied"
 
 #: Dead letters of failed runs of workflow NAME are filed under "workflow:NAME".
 WORKFLOW_PREFIX = "workflow:"
@@ -154,8 +156,9 @@ class WriteBatch(msgspec.Struct, gc=False):
     ``acks`` maps a subscription name to its new cursor; cursors only move forward.
     ``subscriptions`` registers subscriptions (an existing one keeps its cursor).
     ``retries`` are written (replacing the same subscription and seq), then
-    ``settled`` ones removed from the retry lane. ``inflight`` records, per
-    subscription, the last seq handed to a handler before its acknowledgement.
+    ``settled`` ones removed from the retry lane. ``done`` adds ranges
+    ``(subscription, lo, hi)`` to the acknowledgement ledger: events handled ahead
+    of the cursor (which only passes a prefix that is all finished).
     ``workflow_starts`` are written only if no run with that id exists;
     ``workflows`` and ``steps`` replace what is stored under the same id (and
     position).
@@ -167,7 +170,7 @@ class WriteBatch(msgspec.Struct, gc=False):
     dead: list[DeadRecord] = msgspec.field(default_factory=list)
     retries: list[RetryRecord] = msgspec.field(default_factory=list)
     settled: list[tuple[str, int]] = msgspec.field(default_factory=list)
-    inflight: dict[str, int] = msgspec.field(default_factory=dict)
+    done: list[tuple[str, int, int]] = msgspec.field(default_factory=list)
     state: list[tuple[str, str, bytes | None]] = msgspec.field(default_factory=list)
     effects: list[tuple[str, bytes]] = msgspec.field(default_factory=list)
     workflow_starts: list[WorkflowRecord] = msgspec.field(default_factory=list)
@@ -182,7 +185,7 @@ class WriteBatch(msgspec.Struct, gc=False):
             or self.dead
             or self.retries
             or self.settled
-            or self.inflight
+            or self.done
             or self.state
             or self.effects
             or self.workflow_starts
@@ -200,7 +203,7 @@ class WriteBatch(msgspec.Struct, gc=False):
         self.dead.extend(other.dead)
         self.retries.extend(other.retries)
         self.settled.extend(other.settled)
-        self.inflight.update(other.inflight)
+        self.done.extend(other.done)
         self.state.extend(other.state)
         self.effects.extend(other.effects)
         self.workflow_starts.extend(other.workflow_starts)

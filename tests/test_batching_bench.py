@@ -76,23 +76,38 @@ def test_io_wait_keeps_the_loop_free_and_lasts_as_long_as_asked() -> None:
     assert ticks > 10  # other tasks ran while the handler "waited"
 
 
-def test_command_line_quick_run(capsys: pytest.CaptureFixture[str]) -> None:
-    code = bb.main(
-        [
-            "--quick",
-            "--light",
-            "0.05",
-            "--saturated",
-            "0.1",
-            "--workload",
-            "item",
-            "--setting",
-            "natural",
-        ]
-    )
+QUICK_RUN = [
+    "--quick",
+    "--light",
+    "0.05",
+    "--saturated",
+    "0.1",
+    "--workload",
+    "item",
+    "--setting",
+    "natural",
+]
+
+
+def test_command_line_quick_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A bar every run clears, so the exit status shows the mechanics, not the machine.
+    monkeypatch.setattr(bb, "THROUGHPUT_SHARE", 0.0)
+    monkeypatch.setattr(bb, "P99_FACTOR", float("inf"))
+    code = bb.main(QUICK_RUN)
     assert code == 0
     out = capsys.readouterr().out
     assert "on uvloop" in out
     assert "item-dominated" in out
     assert "call-dominated" not in out
     assert out.rstrip().splitlines()[-1].startswith(("PASS", "FAIL"))
+
+
+def test_a_failed_verdict_exits_non_zero(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Regression: a run that printed FAIL exited 0 unless --strict was given.
+    monkeypatch.setattr(bb, "THROUGHPUT_SHARE", 1e9)
+    assert bb.main(QUICK_RUN) == 1
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("FAIL")

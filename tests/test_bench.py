@@ -87,12 +87,23 @@ def test_report_and_verdicts() -> None:
     assert "sqlite3 executemany" in text
 
 
-def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
-    code = tp.main(
-        ["--events", "300", "--repeat", "1", "--storage", "memory", "--only", "publish_many/"]
-    )
+SMALL_RUN = ["--events", "300", "--repeat", "1", "--storage", "memory", "--only", "publish_many/"]
+
+
+def test_command_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(tp, "MEMORY_TARGET", 0.0)  # judged, and met whatever the machine
+    code = tp.main(SMALL_RUN)
     assert code == 0
     out = capsys.readouterr().out
     assert "on uvloop" in out
     assert "memory/publish_many" not in out  # rows show labels, not scenario ids
     assert "publish_many 4x1000" in out
+
+
+def test_a_failed_target_exits_non_zero_even_in_a_quick_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Regression: a run that printed FAIL lines exited 0 unless --strict was given.
+    monkeypatch.setattr(tp, "MEMORY_TARGET", 1e9)
+    assert tp.main(["--quick", *SMALL_RUN]) == 1
+    assert "FAIL memory" in capsys.readouterr().out

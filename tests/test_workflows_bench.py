@@ -53,8 +53,11 @@ def test_the_bus_finishes_every_run_with_its_result(concurrency: int) -> None:
 
 
 def test_quick_command_line_prints_the_table_and_three_verdicts(
-    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # Targets every run meets, so the exit status shows the mechanics, not the machine.
+    for target in ("PER_STEP_TARGET", "BATCHED_TARGET", "GROUP_COMMIT_TARGET"):
+        monkeypatch.setattr(wb, target, 0.0)
     assert wb.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "200 runs x 3 steps" in out
@@ -70,12 +73,10 @@ def test_quick_command_line_prints_the_table_and_three_verdicts(
     assert all(line.startswith(("PASS ", "FAIL ")) for line in verdicts)
 
 
-def test_strict_exits_non_zero_when_a_target_fails(
+def test_a_failed_target_exits_non_zero(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(wb, "GROUP_COMMIT_TARGET", 1e9)
-    args = ["--runs", "20", "--repeat", "1"]
-    assert wb.main(args) == 0  # without --strict a FAIL is only reported
-    assert wb.main([*args, "--strict"]) == 1
+    assert wb.main(["--runs", "20", "--repeat", "1"]) == 1
     out = capsys.readouterr().out
     assert "FAIL bus at concurrency 100 (default), normal >= 1000000000.0x" in out

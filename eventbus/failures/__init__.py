@@ -1,8 +1,23 @@
 """Failures: backoff, the records a failure leaves (retries, dead letters) and the
 dead-letter API."""
 
-from ._backoff import backoff_delay
-from ._dead_letters import CONTROL_DECODER, CONTROL_ENCODER, ControlCommand, DeadLetter, DeadLetters
+from ._breaker import CircuitBreaker, RetryBudget
+from ._dead_letters import (
+    CONTROL_DECODER,
+    CONTROL_ENCODER,
+    ControlCommand,
+    DeadLetter,
+    DeadLetterPage,
+    DeadLetters,
+)
+from ._policy import (
+    Decision,
+    GiveUp,
+    Retry,
+    backoff_delay,
+    decide,
+    estimated_previous_delay,
+)
 from ._records import (
     PROCESS_DIED,
     dead_record,
@@ -13,11 +28,19 @@ from ._records import (
 )
 
 __all__ = [
+    "CircuitBreaker",
+    "Decision",
+    "GiveUp",
+    "Retry",
+    "RetryBudget",
+    "decide",
+    "estimated_previous_delay",
     "CONTROL_DECODER",
     "CONTROL_ENCODER",
     "PROCESS_DIED",
     "ControlCommand",
     "DeadLetter",
+    "DeadLetterPage",
     "DeadLetters",
     "backoff_delay",
     "dead_record",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Literal
 
 import msgspec
@@ -41,10 +41,31 @@ class DeadLetter(msgspec.Struct, frozen=True):
     last_failed_at: float
 
 
-class ControlCommand(msgspec.Struct, frozen=True, tag=True):
-    """A dead-letter command queued in the log file for the bus that owns it."""
+class DeadLetterPage(builtins.list[DeadLetter]):
+    """One page of dead letters, as :meth:`DeadLetters.list` returns it: a list, which
+    also says whether it is all there is.
 
-    action: Literal["redrive", "purge"]
+    Attributes:
+        total: How many dead letters match the filters, on every page.
+        more: Whether more follow this page: ask for them with
+            ``list(..., after=page[-1])``, or walk every one with
+            :meth:`DeadLetters.iter`.
+    """
+
+    def __init__(self, items: Iterable[DeadLetter], *, total: int, more: bool) -> None:
+        super().__init__(items)
+        self.total = total
+        self.more = more
+
+    def __repr__(self) -> str:
+        return f"DeadLetterPage({super().__repr__()}, total={self.total}, more={self.more})"
+
+
+class ControlCommand(msgspec.Struct, frozen=True, tag=True):
+    """A command queued in the log file for the bus that owns it (dead letters:
+    redrive, purge; subscriptions: drop)."""
+
+    action: Literal["redrive", "purge", "drop"]
     subscription: str | None = None
     ids: list[str] | None = None
     error_type: str | None = None
@@ -104,9 +125,14 @@ class DeadLetters:
         since: float | None = None,
         until: float | None = None,
         limit: int = 100,
+        after: DeadLetter | None = None,
         after_seq: int = 0,
-    ) -> builtins.list[DeadLetter]:
-        """Dead letters in log order.
+    ) -> DeadLetterPage:
+        """One page of dead letters, in log order (then by subscription).
+
+        The page is a list that says whether it holds everything: ``page.more`` is
+        true when more match, ``page.total`` counts them all. For every one, use
+        :meth:`iter`.
 
         Args:
             subscription: Only this subscription's.
@@ -115,17 +141,118 @@ class DeadLetters:
             since: Only those whose last failure is at or after this unix time.
             until: Only those whose last failure is before this unix time.
             limit: At most this many.
-            after_seq: Page on: the last ``event.seq`` of the previous page.
+            after: Page on: the last dead letter of the previous page.
+            after_seq: Page on from this ``event.seq`` (every subscription's letter
+                of it skipped); ``after`` is exact where several subscriptions
+                dead-lettered one event.
+
+        Returns:
+            The page: a ``list[DeadLetter]`` with ``total`` and ``more``.
+
+        Raises:
+            ValueError: ``limit`` is below 1.
+            StorageError: The log could not be read.
+
+        Cancellation: a read; nothing changes.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit!r}")
+        try:
+            rows = await self._log.dead_letters(
+                subscription,
+                limit + 1,  # one more, to know whether more follow
+                after.event.seq if after is not None else after_seq,
+                error_type=error_type,
+                since=since,
+                until=until,
+                after_subscription=after.subscription if after is not None else None,
+            )
+            total = await self._log.count_dead_letters(
+                subscription, error_type=error_type, since=since, until=until
+            )
+        except _storage.StorageError as exc:
+            raise translate_storage_error(exc) from exc
+        return DeadLetterPage(
+            (self._convert(d) for d in rows[:limit]), total=total, more=len(rows) > limit
+        )
+
+    async def iter(
+        self,
+        subscription: str | None = None,
+        *,
+        error_type: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = None,
+        page_size: int = 500,
+    ) -> AsyncIterator[DeadLetter]:
+        """Every matching dead letter, in log order (then by subscription), read from
+        the log a page at a time: ``async for letter in bus.dead_letters.iter():``.
+
+        Args:
+            subscription: Only this subscription's.
+            error_type: Only this error type (qualified or its last part).
+            since: Only those whose last failure is at or after this unix time.
+            until: Only those whose last failure is before this unix time.
+            limit: Stop after this many; None (the default) for all of them.
+            page_size: Dead letters read from the log at a time.
+
+        Raises:
+            ValueError: ``limit`` is negative or ``page_size`` below 1.
+            StorageError: The log could not be read.
+
+        Cancellation: a read; nothing changes. Letters dead-lettered or redriven
+        while the iteration runs may or may not be seen.
+        """
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be None or at least 0, got {limit!r}")
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size!r}")
+        left = limit
+        after: DeadLetter | None = None
+        while left is None or left > 0:
+            size = page_size if left is None else min(page_size, left)
+            try:
+                rows = await self._log.dead_letters(
+                    subscription,
+                    size,
+                    after.event.seq if after is not None else 0,
+                    error_type=error_type,
+                    since=since,
+                    until=until,
+                    after_subscription=after.subscription if after is not None else None,
+                )
+            except _storage.StorageError as exc:
+                raise translate_storage_error(exc) from exc
+            for row in rows:
+                after = self._convert(row)
+                yield after
+            if left is not None:
+                left -= len(rows)
+            if len(rows) < size:
+                return
+
+    async def count(
+        self,
+        subscription: str | None = None,
+        *,
+        error_type: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> int:
+        """How many dead letters match (the filters are those of :meth:`list`).
+
+        Raises:
+            StorageError: The log could not be read.
 
         Cancellation: a read; nothing changes.
         """
         try:
-            rows = await self._log.dead_letters(
-                subscription, limit, after_seq, error_type=error_type, since=since, until=until
+            return await self._log.count_dead_letters(
+                subscription, error_type=error_type, since=since, until=until
             )
         except _storage.StorageError as exc:
             raise translate_storage_error(exc) from exc
-        return [self._convert(d) for d in rows]
 
     async def get(self, event_id: str) -> builtins.list[DeadLetter]:
         """The dead letters of one event (one per subscription that gave up on it).

@@ -31,16 +31,47 @@ def event_record(event: Event[object]) -> Record:
     )
 
 
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+# Exceptions of a chain kept in a record: the latest ones, where the cause is.
+_MAX_CHAIN = 8
+
+
 def format_error(exc: BaseException, limit: int = 30) -> str:
-    """The traceback of ``exc``, without the column carets that Python 3.11 computes
-    by parsing source (hundreds of microseconds each: too slow for every failure)."""
-    lines = ["Traceback (most recent call last):\n"]
+    """The traceback of ``exc`` with its chain (``raise ... from cause`` and the
+    exception being handled when it was raised), oldest first as Python prints it,
+    without the column carets that Python 3.11 computes by parsing source (hundreds
+    of microseconds each: too slow for every failure)."""
+    chain: list[tuple[BaseException, str]] = []  # (exception, how it led to the next)
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    link = ""
+    while current is not None and id(current) not in seen and len(chain) < _MAX_CHAIN:
+        seen.add(id(current))
+        chain.append((current, link))
+        if current.__cause__ is not None:
+            current, link = current.__cause__, _CAUSE
+        elif current.__context__ is not None and not current.__suppress_context__:
+            current, link = current.__context__, _CONTEXT
+        else:
+            current = None
+    lines: list[str] = []
+    for error, leads_on in reversed(chain):
+        _format_one(error, limit, lines)
+        lines.append(leads_on)
+    return "".join(lines)
+
+
+def _format_one(exc: BaseException, limit: int, lines: list[str]) -> None:
+    lines.append("Traceback (most recent call last):\n")
     for frame in traceback.extract_tb(exc.__traceback__, limit=-limit):
         lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}\n')
         if frame.line:
             lines.append(f"    {frame.line}\n")
     lines.append(f"{error_type_name(exc)}: {exc}\n")
-    return "".join(lines)
+    if isinstance(exc, BaseExceptionGroup):
+        for i, inner in enumerate(exc.exceptions, 1):
+            lines.append(f"  +-- {i}: {error_type_name(inner)}: {inner}\n")
 
 
 def error_type_name(exc: BaseException) -> str:

@@ -12,9 +12,9 @@ import msgspec
 
 from .._bus import Bus
 from .._config import BatchPolicy, RetryPolicy
-from .._context import Context
 from .._errors import BusError, SubscriptionError
 from .._event import Event
+from ..dispatch import Context
 
 __all__ = [
     "Join",

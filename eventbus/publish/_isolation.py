@@ -18,7 +18,7 @@ import storage as _storage
 
 from .._errors import BusClosed, BusError, StorageError, translate_storage_error
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("eventbus.publish")
 
 U = TypeVar("U")
 

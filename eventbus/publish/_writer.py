@@ -1,12 +1,15 @@
 """The log writer: one task that turns many publishes and acks into one transaction.
 
-Publishes wait in a bounded FIFO; acknowledgements (with their outbox events and dead
-letters) in a second queue that is emptied on every cycle, so consumers keep moving
-even while producers flood the log. Each cycle takes the waiting publishes, as many
-as the commit-size controller allows (at most ``max_commit_batch`` events), and every
-waiting acknowledgement, and commits them with one ``Storage.commit``: group commit.
-A commit that fails over one record is committed again in parts (``_isolation``), so
-only that record's publisher fails.
+Publishes wait in a bounded FIFO. Subscriptions are *sources*: each keeps its own
+pending acknowledgement (cursor, outbox events, state, retries, dead letters) and
+tells the writer when it has one; every cycle takes them all, so consumers keep
+moving even while producers flood the log, and a subscription's acknowledgements
+commit in the order it made them. Each cycle takes the waiting publishes, as many as
+the commit-size controller allows (at most ``max_commit_batch`` events), every
+source's pending writes and every queued one-off write (:meth:`LogWriter.commit`),
+and commits them with one ``Storage.commit``: group commit. A commit that fails over
+one record is committed again in parts (``_isolation``), so only that record's
+publisher fails.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import storage as _storage
 from backpressure import BatchController, BatchSample, GradientController
@@ -25,13 +29,35 @@ from .._errors import BusClosed, BusFull
 from .._metrics import CommitRecorder, LogMetrics
 from ._isolation import COMMIT_ERRORS, commit_apart, commit_error, rejects_a_record
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("eventbus.publish")
 
 _Appends = NewRecord | list[NewRecord]
 _Taken = tuple[_Appends, "asyncio.Future[object] | None"]
 _Ack = tuple[WriteBatch, "asyncio.Future[list[Receipt]]"]
-_Unit = tuple[_Taken | None, _Ack | None]  # one publish or one acknowledgement
+_Sourced = tuple["Source", WriteBatch]
+# One publish, one one-off write or one subscription's pending writes.
+_Unit = tuple[_Taken | None, _Ack | None, _Sourced | None]
 OnCommitted = Callable[[list[NewRecord], list[Receipt]], None]
+
+# A source whose writes failed to commit (the disk is full, the file locked) waits
+# this long before the next try, doubling up to the cap; publishes are not held back.
+_SOURCE_RETRY_DELAY = 0.05
+_SOURCE_RETRY_CAP = 5.0
+
+
+class Source(Protocol):
+    """A subscription's acknowledgements, as the writer sees them."""
+
+    def take_writes(self) -> WriteBatch | None:
+        """Everything pending, to commit in this cycle (None: nothing after all)."""
+
+    def committed(self, batch: WriteBatch) -> None:
+        """``batch`` (from :meth:`take_writes`) committed."""
+
+    def commit_failed(self, batch: WriteBatch) -> None:
+        """``batch`` did not commit: keep it, ahead of anything newer, for the next
+        cycle."""
+
 
 # What one group commit may take before the controller lets fewer publishes into the
 # next one. A full commit of ordinary events stays below it (4096 events of ~100 bytes:
@@ -61,11 +87,9 @@ class LogWriter:
         max_pending: int,
         max_commit_batch: int,
         on_committed: OnCommitted,
-        before_commit: Callable[[WriteBatch], None] | None = None,
         controller: BatchController | None = None,
     ) -> None:
         self._log = log
-        self._before_commit = before_commit
         self._max_pending = max_pending
         self.controller = controller or GradientController(
             1,
@@ -77,6 +101,10 @@ class LogWriter:
         self._appends: deque[tuple[_Appends, asyncio.Future[object] | None]] = deque()
         self._pending = 0  # events waiting in _appends
         self._acks: list[tuple[WriteBatch, asyncio.Future[list[Receipt]]]] = []
+        self._dirty: dict[Source, None] = {}  # sources with writes pending, in order
+        self._source_retry_at = 0.0
+        self._source_delay = _SOURCE_RETRY_DELAY
+        self._timer: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
@@ -175,9 +203,22 @@ class LogWriter:
         self._wake.set()
         return await fut
 
+    def notify(self, source: Source) -> None:
+        """``source`` has writes pending: take them in the next cycle."""
+        if source not in self._dirty:
+            self._dirty[source] = None
+            self._wake.set()
+
+    def _sources_ready(self) -> bool:
+        # Loop time, like the timer that ends a retry delay.
+        return bool(self._dirty) and (
+            not self._source_retry_at or asyncio.get_running_loop().time() >= self._source_retry_at
+        )
+
     async def flush(self) -> None:
-        """Wait until everything queued before this call is committed (or failed)."""
-        while self._appends or self._acks or self._busy:
+        """Wait until everything queued before this call is committed (or failed),
+        sources' pending writes included (unless their commits keep failing)."""
+        while self._appends or self._acks or self._busy or self._sources_ready():
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._cycle_waiters.append(fut)
             await fut
@@ -197,33 +238,47 @@ class LogWriter:
         the events are in the log)."""
         try:
             while True:
-                if not self._appends and not self._acks:
+                if not self._appends and not self._acks and not self._sources_ready():
                     self._notify_cycle()
                     if self._stopping:
                         return
                     self._wake.clear()
+                    if self._dirty and self._timer is None:
+                        # Sources wait out their retry delay; wake when it is over.
+                        loop = asyncio.get_running_loop()
+                        self._timer = loop.call_at(self._source_retry_at, self._retry_sources)
                     await self._wake.wait()
                     continue
                 await self._cycle()
         finally:
             self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._fail_all(BusClosed("the bus closed before this write was committed"))
+
+    def _retry_sources(self) -> None:
+        self._timer = None
+        self._wake.set()
 
     async def _cycle(self) -> None:
         taken = self._take_appends()
         acks, self._acks = self._acks, []
+        sourced = self._take_sources()
         self._busy = True
         try:
-            await self._commit(taken, acks)
+            await self._commit(taken, acks, sourced)
         except COMMIT_ERRORS as exc:
-            if len(taken) + len(acks) > 1 and rejects_a_record(exc):
-                units: list[_Unit] = [(item, None) for item in taken]
-                units += [(None, ack) for ack in acks]
+            if len(taken) + len(acks) + len(sourced) > 1 and rejects_a_record(exc):
+                units: list[_Unit] = [(item, None, None) for item in taken]
+                units += [(None, ack, None) for ack in acks]
+                units += [(None, None, writes) for writes in sourced]
                 await commit_apart(units, self._commit_units, self._fail_units)
             else:
-                self._fail_commit(taken, acks, exc)
+                self._fail_commit(taken, acks, sourced, exc)
         except BaseException:
             self._fail(taken, acks, BusClosed("the bus closed during this write's commit"))
+            self._sources_failed(sourced)
             raise
         finally:
             self._busy = False
@@ -244,13 +299,20 @@ class LogWriter:
             self._space.set()
         return taken
 
-    async def _commit(
-        self,
-        taken: list[_Taken],
-        acks: list[_Ack],
-    ) -> None:
-        """Commit these appends and acknowledgements in one transaction and resolve
-        their futures; raise (futures untouched) if the storage fails."""
+    def _take_sources(self) -> list[_Sourced]:
+        """Every source's pending writes, unless sources wait out a retry delay."""
+        sourced: list[_Sourced] = []
+        if self._sources_ready():
+            dirty, self._dirty = self._dirty, {}
+            for source in dirty:
+                writes = source.take_writes()
+                if writes is not None:
+                    sourced.append((source, writes))
+        return sourced
+
+    async def _commit(self, taken: list[_Taken], acks: list[_Ack], sourced: list[_Sourced]) -> None:
+        """Commit these appends, one-off writes and sources' writes in one transaction
+        and resolve their futures; raise (nothing resolved) if the storage fails."""
         batch = WriteBatch()
         for payload, _ in taken:
             if isinstance(payload, NewRecord):
@@ -263,8 +325,8 @@ class LogWriter:
             start = len(batch.appends)
             batch.merge(ack_batch)
             ack_slices.append((start, len(batch.appends)))
-        if self._before_commit is not None:
-            self._before_commit(batch)
+        for _, writes in sourced:
+            batch.merge(writes)
         async with self.lock:
             started = time.monotonic()
             receipts = await self._log.commit(batch)
@@ -280,6 +342,11 @@ class LogWriter:
                     n, finished - started, max(0.0, time.time() - oldest), self._pending, finished
                 )
             )
+        if sourced:
+            self._source_delay = _SOURCE_RETRY_DELAY
+            self._source_retry_at = 0.0
+            for source, writes in sourced:
+                source.committed(writes)
         self._on_committed(batch.appends, receipts)
         i = 0
         for payload, fut in taken:
@@ -296,28 +363,36 @@ class LogWriter:
                 ack_fut.set_result(receipts[start:end])
 
     async def _commit_units(self, units: list[_Unit]) -> None:
-        await self._commit(
-            [item for item, _ in units if item is not None],
-            [ack for _, ack in units if ack is not None],
-        )
+        await self._commit(*_split(units))
 
     def _fail_units(self, units: list[_Unit], exc: BaseException) -> None:
-        self._fail_commit(
-            [item for item, _ in units if item is not None],
-            [ack for _, ack in units if ack is not None],
-            exc,
-        )
+        self._fail_commit(*_split(units), exc)
 
     def _fail_commit(
-        self,
-        taken: list[_Taken],
-        acks: list[_Ack],
-        exc: BaseException,
+        self, taken: list[_Taken], acks: list[_Ack], sourced: list[_Sourced], exc: BaseException
     ) -> None:
         error = commit_error(exc)
         events = sum(1 if isinstance(p, NewRecord) else len(p) for p, _ in taken)
         logger.error("group commit of %d events failed: %s", events, error)
         self._fail(taken, acks, error)
+        self._sources_failed(sourced)
+
+    def _sources_failed(self, sourced: list[tuple[Source, WriteBatch]]) -> None:
+        """Hand failed writes back to their sources, and hold sources off for a while
+        (a full disk or a lock held elsewhere does not clear at once)."""
+        if not sourced:
+            return
+        for source, writes in sourced:
+            source.commit_failed(writes)
+            self._dirty[source] = None
+        delay = self._source_delay
+        self._source_retry_at = asyncio.get_running_loop().time() + delay
+        self._source_delay = min(delay * 2, _SOURCE_RETRY_CAP)
+        logger.warning(
+            "acknowledgements of %d subscriptions did not commit; retrying in %.2fs",
+            len(sourced),
+            delay,
+        )
 
     def _notify_cycle(self) -> None:
         waiters, self._cycle_waiters = self._cycle_waiters, []
@@ -354,3 +429,11 @@ class LogWriter:
             self._fail(taken, acks, error)
         else:
             self._notify_cycle()
+
+
+def _split(units: list[_Unit]) -> tuple[list[_Taken], list[_Ack], list[_Sourced]]:
+    return (
+        [item for item, _, _ in units if item is not None],
+        [ack for _, ack, _ in units if ack is not None],
+        [writes for _, _, writes in units if writes is not None],
+    )

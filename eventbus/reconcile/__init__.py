@@ -1,6 +1,6 @@
 """Reconciliation: account for every event in the log, and repair what is not."""
 
-from ._reconciler import R, Reconciler, Reconciliation, check_log
+from ._reconciler import R, Reconciler, UserRun, check_log
 from ._report import ReconcileReport, ReconcilerResult, Repairs, SubscriptionReport
 
 __all__ = [
@@ -8,8 +8,8 @@ __all__ = [
     "ReconcileReport",
     "Reconciler",
     "ReconcilerResult",
-    "Reconciliation",
     "Repairs",
     "SubscriptionReport",
+    "UserRun",
     "check_log",
 ]

@@ -22,27 +22,26 @@ runs one from the file alone.
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.lowlevel
 
 import storage as _storage
-from storage import Receipt, Record, RetryRecord, SubscriptionInfo, Unaccounted, WriteBatch
+from storage import Record, RetryRecord, SubscriptionInfo, Unaccounted, WriteBatch
 
+from .._clock import Clock
+from .._config import BusConfig
 from .._errors import BusClosed, translate_storage_error
+from .._logging import get_logger
 from .._metrics import ReconcileMetrics
-from ..workflows import unfinished_runs
+from ..dispatch import Subscription
+from ..workflows import WorkflowEngine, unfinished_runs
 from ._report import SHOWN, ReconcileReport, ReconcilerResult, Repairs, SubscriptionReport
 
-if TYPE_CHECKING:
-    from .._bus import Bus
-    from .._subscription import Subscription
-
-logger = logging.getLogger(__name__)
+logger = get_logger("reconcile")
 
 # Lost events re-dispatched per transaction.
 _CHUNK = 1000
@@ -55,7 +54,7 @@ _LOST_MESSAGE = (
     "or a dead letter; reconciliation re-dispatched it"
 )
 
-ReconcilerFunction = Callable[["Reconciliation"], Awaitable[None]]
+ReconcilerFunction = Callable[[Any], Awaitable[None]]
 R = TypeVar("R", bound=ReconcilerFunction)
 
 
@@ -170,53 +169,22 @@ async def _read_seqs(log: _storage.Storage, seqs: Sequence[int]) -> list[Record]
 # -- user reconcilers ---------------------------------------------------------------
 
 
-class Reconciliation:
-    """What a user reconciler gets on each run.
+class UserRun(Protocol):
+    """What a user reconciler's run reports (``eventbus.Reconciliation``)."""
 
-    Attributes:
-        bus: The bus.
-        name: The reconciler's name.
-    """
-
-    def __init__(self, bus: Bus, name: str) -> None:
-        self.bus = bus
-        self.name = name
-        self.corrections = 0
-        self.flagged = 0
-        self._flags: list[str] = []
-
-    async def publish(
-        self,
-        topic: str,
-        payload: object,
-        *,
-        key: str | None = None,
-        headers: dict[str, str] | None = None,
-        idempotency_key: str | None = None,
-    ) -> Receipt:
-        """Publish a corrective event (as :meth:`Bus.publish`), counted in the report
-        unless its idempotency key was already in the log. Give it an idempotency
-        key derived from what it corrects, so the next run does not correct twice.
-
-        Cancellation: as for :meth:`Bus.publish`.
-        """
-        receipt = await self.bus.publish(
-            topic, payload, key=key, headers=headers, idempotency_key=idempotency_key
-        )
-        if not receipt.duplicate:
-            self.corrections += 1
-        return receipt
-
-    def flag(self, message: str) -> None:
-        """Record an inconsistency found in an outside system (logged at warning and
-        listed in the report)."""
-        self.flagged += 1
-        if len(self._flags) < _MAX_FLAGS:
-            self._flags.append(str(message))
+    corrections: int
+    flagged: int
 
     @property
-    def flags(self) -> tuple[str, ...]:
-        return tuple(self._flags)
+    def flags(self) -> tuple[str, ...]: ...
+
+
+class Subscriptions(Protocol):
+    """The running subscriptions, by name (the bus's registry)."""
+
+    def get(self, name: str, /) -> Subscription | None: ...
+
+    def values(self) -> Iterable[Subscription]: ...
 
 
 class _UserReconciler:
@@ -238,8 +206,28 @@ class Reconciler:
     and the user reconcilers' loops (all in one task of the bus's task group, which
     the bus stops at close)."""
 
-    def __init__(self, bus: Bus) -> None:
-        self._bus = bus
+    def __init__(
+        self,
+        *,
+        log: _storage.Storage,
+        config: BusConfig,
+        clock: Clock,
+        commit: Callable[[WriteBatch], Awaitable[object]],
+        subscriptions: Subscriptions,
+        workflows: WorkflowEngine,
+        is_closing: Callable[[], bool],
+        wait_for_progress: Callable[[], Awaitable[None]],
+        new_run: Callable[[str], UserRun],
+    ) -> None:
+        self._log = log
+        self._config = config
+        self._clock = clock
+        self._commit = commit
+        self._subs = subscriptions
+        self._workflows = workflows
+        self._is_closing = is_closing
+        self._wait_for_progress = wait_for_progress
+        self._new_run = new_run
         self._scope = anyio.CancelScope()
         self._lock = anyio.Lock()  # one pass at a time: a repair is not done twice
         self._tg: anyio.abc.TaskGroup | None = None
@@ -265,15 +253,15 @@ class Reconciler:
         self._scope.cancel()
 
     async def _periodic(self) -> None:
-        config = self._bus.config
+        config = self._config
         if config.reconcile_interval <= 0:
             return
         # The first pass: once the subscriptions made right after open (before the
         # body's first await, which is what let this task start) have recovered, so
         # that they are repaired rather than only reported.
         with anyio.move_on_after(config.reconcile_lease):
-            while not all(s.started for s in self._bus._subs.values()):
-                await self._bus._progress.wait()
+            while not all(s.started for s in self._subs.values()):
+                await self._wait_for_progress()
         while True:
             try:
                 await self.reconcile(repair=True, users=False)
@@ -303,10 +291,11 @@ class Reconciler:
 
     async def _run_user(self, user: _UserReconciler) -> None:
         """One run; its exceptions are logged and recorded, never raised."""
-        lease = self._bus.config.reconcile_lease
+        lease = self._config.reconcile_lease
+        clock = self._clock
         async with user.lock:
-            rc = Reconciliation(self._bus, user.name)
-            at, started = time.time(), time.monotonic()
+            rc = self._new_run(user.name)
+            at, started = clock.wall(), clock.now()
             error: str | None = None
             try:
                 with anyio.move_on_after(lease) as timer:
@@ -330,7 +319,7 @@ class Reconciler:
                 every=user.every,
                 runs=last.runs + 1,
                 last_run_at=at,
-                duration=time.monotonic() - started,
+                duration=clock.now() - started,
                 corrections=rc.corrections,
                 flags=rc.flags,
                 flagged=rc.flagged,
@@ -364,22 +353,22 @@ class Reconciler:
         return report
 
     async def _pass(self, repair: bool) -> ReconcileReport:
-        bus = self._bus
-        log = bus._log
-        lease = bus.config.reconcile_lease
-        started, now = time.monotonic(), time.time()
+        log = self._log
+        clock = self._clock
+        started, now = clock.now(), clock.wall()
+        lease = self._config.reconcile_lease
         stats = await log.stats()
         head = stats.head
         reports: list[SubscriptionReport] = []
         for info in stats.subscriptions:
             # An in-memory log answers without suspending: let the bus breathe.
             await anyio.lowlevel.checkpoint()
-            sub = bus._subs.get(info.name)
+            sub = self._subs.get(info.name)
             # What the lane held before the log is read: a retry that settles while
             # the read runs is in neither afterwards, and must not look forgotten.
-            held_before = sub.lane.seqs() if sub is not None else set()
+            held_before = sub.retry_seqs() if sub is not None else set()
             found = await _examine(log, info, head)
-            sub = bus._subs.get(info.name)
+            sub = self._subs.get(info.name)
             if sub is None or not sub.started:
                 # Known to the log only (or still recovering): reported, not repaired.
                 overdue = _overdue(found.retries, now - lease)
@@ -387,8 +376,8 @@ class Reconciler:
                 continue
             reports.append(await self._live(sub, found, head, stats, now, repair, held_before))
         resumed: list[str] = []
-        if repair and not bus._closing:
-            resumed, late = await bus._workflows.reconcile()
+        if repair and not self._is_closing():
+            resumed, late = await self._workflows.reconcile()
         else:
             late = await _late_workflows(log, now)
         if late:
@@ -399,7 +388,7 @@ class Reconciler:
             )
         return ReconcileReport(
             at=now,
-            duration=time.monotonic() - started,
+            duration=clock.now() - started,
             head=head,
             repair=repair,
             offline=False,
@@ -421,13 +410,13 @@ class Reconciler:
         held_before: set[int],
     ) -> SubscriptionReport:
         """A subscription running on this bus: what it holds in memory counts too."""
-        lease = self._bus.config.reconcile_lease
-        repair = repair and not self._bus._closing
+        lease = self._config.reconcile_lease
+        repair = repair and not self._is_closing()
         fixed_lost = fixed_stuck = fixed_overdue = 0
-        # Stuck calls first, with no await between finding and cancelling them: the
-        # main lane reuses its call record for the next event once one finishes.
-        calls = sub.stuck_calls(lease, time.monotonic())
-        stuck = sorted(seq for call in calls for seq in call.seqs())
+        # Stuck calls first, with no await between finding and cancelling them: a
+        # worker moves its call record on to the next event once one finishes.
+        calls = sub.running_calls(lease)
+        stuck = sorted(seq for call in calls for seq in call.seqs)
         if calls:
             logger.warning(
                 "reconciliation: subscription %s has handler calls running longer than %gs "
@@ -440,14 +429,14 @@ class Reconciler:
             if repair:
                 for call in calls:
                     if sub.cancel_stuck(call, lease):
-                        fixed_stuck += len(call.seqs())
+                        fixed_stuck += len(call.seqs)
         # A retry the lane holds is its business (it may wait for its key, the
         # breaker or the budget); one due long ago that the lane held neither before
         # nor after the log was read, and that no attempt runs, would never run.
         overdue = [
             r
             for r in _overdue(found.retries, now - lease)
-            if r.record.seq not in held_before and r.record.seq not in sub.lane
+            if r.record.seq not in held_before and not sub.holds(r.record.seq)
         ]
         if found.lost.count:
             logger.error(
@@ -485,17 +474,17 @@ class Reconciler:
     async def _redispatch(self, sub: Subscription, lost: Unaccounted, head: int) -> int:
         """Put lost events in the subscription's retry lane (attempt 1, due now): the
         log first, then the lane. Returns how many."""
-        log = self._bus._log
+        log = self._log
         done = 0
         while lost.seqs:
-            now = time.time()
+            now = self._clock.wall()
             retries = [
                 RetryRecord(sub.name, record, 1, now, None, LOST, _LOST_MESSAGE)
                 for record in await _read_seqs(log, lost.seqs)
             ]
             if retries:
                 try:
-                    await self._bus._writer.commit(WriteBatch(retries=retries))
+                    await self._commit(WriteBatch(retries=retries))
                 except BusClosed:
                     return done
                 sub.add_retries(retries)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -28,6 +27,7 @@ from storage import (
 from .._config import RetryPolicy
 from .._errors import BusClosed, translate_storage_error
 from .._event import new_event_id
+from .._logging import get_logger
 from .._metrics import WorkflowMetrics
 from ..failures import error_type_name, format_error
 from ._workflow import (
@@ -46,7 +46,7 @@ from ._workflow import (
     step_status,
 )
 
-logger = logging.getLogger(__name__)
+logger = get_logger("workflows")
 
 
 async def unfinished_runs(
@@ -340,7 +340,9 @@ class WorkflowEngine:
             now,
             now,
         )
-        logger.error("workflow run %s (%s) failed: %s", record.id, record.name, exc)
+        logger.warning(
+            "workflow run %s (%s) failed, dead-lettered: %s", record.id, record.name, exc
+        )
         await self.commit(WriteBatch(workflows=[failed], dead=[dead], steps=fatal))
         self.counts["failed"] += 1
         return failed
@@ -449,6 +451,14 @@ class WorkflowEngine:
             if run.name in self._defs and self.launch(run.id):
                 resumed.append(run.id)
         return resumed, overdue
+
+    def idle(self) -> bool:
+        """No run executes (or waits for a slot) in this process."""
+        return self._idle.is_set()
+
+    async def wait_idle(self) -> None:
+        """Until no run executes in this process."""
+        await self._idle.wait()
 
     async def stop(self) -> None:
         """Cancel every run (they resume on the next open), wake every waiter, and

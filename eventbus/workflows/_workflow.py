@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
-import logging
 import random
 import time
 import typing
@@ -36,12 +35,13 @@ from storage import StepRecord, WorkflowRecord, WriteBatch
 
 from .._config import RetryPolicy
 from .._errors import BusClosed, BusError, PayloadError
+from .._logging import get_logger
 from ..failures import backoff_delay, error_type_name
 
 if TYPE_CHECKING:
     from ._engine import WorkflowEngine
 
-logger = logging.getLogger(__name__)
+logger = get_logger("workflows")
 
 T = TypeVar("T")
 WorkflowFunction = Callable[..., Awaitable[Any]]

@@ -81,7 +81,7 @@ def test_redrive_and_purge_work_directly_on_a_log_no_bus_owns(
         return seen
 
     assert anyio.run(handled_after_redrive) == [3]
-    assert main(["dlq", "purge", str(log_path)]) == 0
+    assert main(["dlq", "purge", str(log_path), "--all"]) == 0
     assert "purged 0 dead letters" in capsys.readouterr().out
 
 

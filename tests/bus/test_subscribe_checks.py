@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import eventbus._handler
+import eventbus.dispatch._handler
 from eventbus import Bus, Context, Event, Message, SubscriptionError
 
 pytestmark = pytest.mark.anyio
@@ -200,7 +200,7 @@ async def test_a_log_keeps_a_subscription_under_its_earlier_qualified_default_na
 async def test_a_new_subscription_that_would_replay_a_long_log_warns(
     log_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(eventbus._handler, "REPLAY_WARNING", 20)
+    monkeypatch.setattr(eventbus.dispatch._handler, "REPLAY_WARNING", 20)
     async with Bus.open(log_path) as bus:
         await bus.publish_many([Message("orders", i) for i in range(25)])
 

@@ -18,9 +18,11 @@ import anyio.lowlevel
 import pytest
 
 from eventbus import Bus, BusConfig, Context, Event, RetryPolicy
-from eventbus._subscription import Subscription
+from eventbus.dispatch import Subscription
 from storage import (
+    MemoryStorage,
     NewRecord,
+    Receipt,
     RetryRecord,
     SQLiteStorage,
     SubscriptionInfo,
@@ -148,7 +150,7 @@ async def test_a_retry_that_ends_while_the_pass_reads_the_retry_lane_is_not_run_
             if name == "billing" and not release.is_set():
                 # The attempt ends while the read is on its way back from the thread.
                 release.set()
-                await wait_until(bus, lambda: receipt.seq not in sub.lane)
+                await wait_until(bus, lambda: not sub.holds(receipt.seq))
             return rows
 
         log.retries = retries_read_just_before_it_settles  # type: ignore[method-assign,assignment]
@@ -278,18 +280,29 @@ def test_a_pass_reads_only_the_gaps_between_acknowledged_ranges(tmp_path: Path) 
 # -- redrive and the retry lane -------------------------------------------------------
 
 
-async def test_a_dead_letter_redriven_before_the_lane_lets_go_of_it_is_not_orphaned() -> None:
-    """The retry lane dead-letters an event in one commit and drops it from its
-    schedule only after that commit returns. A redrive landing in between moves the
-    dead letter back to the log's retry lane and hands it over; RetrySchedule.add
-    ignores it (the lane still holds the seq), then the lane drops it. The event sits
-    in the log's retry lane with nothing to run it: drain() returns, the handler never
-    sees it, until reconciliation calls it overdue a lease later. (On a ``:memory:``
-    bus, a redrive racing dead-lettering leaves one behind in about half of runs.)"""
+class _DeadLetterSignal(MemoryStorage):
+    """An in-memory log that says when a commit has dead-lettered something."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buried = anyio.Event()
+
+    async def commit(self, batch: WriteBatch) -> list[Receipt]:
+        receipts = await super().commit(batch)
+        if batch.dead:
+            self.buried.set()
+        return receipts
+
+
+async def test_a_dead_letter_redriven_as_soon_as_it_commits_is_not_orphaned() -> None:
+    """A redrive that lands right after the dead letter's commit, before the
+    subscription has moved on, must reach the subscription: the event runs again
+    and nothing is left waiting in the log's retry lane after drain."""
     retry = RetryPolicy(max_attempts=2, initial_delay=0.0, max_delay=0.0, jitter="none")
     fixed = False
     attempts: list[int] = []
-    async with Bus.open(":memory:", config=BusConfig(reconcile_interval=0)) as bus:
+    log = _DeadLetterSignal()
+    async with Bus.open(":memory:", storage=log, config=BusConfig(reconcile_interval=0)) as bus:
 
         @bus.subscribe("orders", name="billing", retry=retry)
         async def bill(event: Event[int], ctx: Context) -> None:
@@ -297,23 +310,14 @@ async def test_a_dead_letter_redriven_before_the_lane_lets_go_of_it_is_not_orpha
             if not fixed:
                 raise ValueError("broken until fixed")
 
-        sub = bus._subs["billing"]
-        commit = sub._commit
-        redriven: list[int] = []
-
-        async def commit_then_someone_redrives(batch: WriteBatch) -> None:
-            nonlocal fixed
-            await commit(batch)
-            if batch.dead and batch.settled and not redriven:
-                # The cause is fixed; an operator redrives while the lane finishes up.
-                fixed = True
-                redriven.append(await bus.dead_letters.redrive(subscription="billing"))
-
-        sub._commit = commit_then_someone_redrives  # type: ignore[method-assign]
         await bus.publish("orders", 1)
+        with anyio.fail_after(10):
+            await log.buried.wait()
+        fixed = True  # the cause is fixed; an operator redrives at once
+        redriven = await bus.dead_letters.redrive(subscription="billing")
         await bus.drain(timeout=10)
         stats = await bus.stats()
 
-    assert redriven == [1]
+    assert redriven == 1
     assert stats.retries == {}, "redriven, yet waiting in the log's retry lane after drain"
     assert attempts == [1, 2, 1]

@@ -253,3 +253,52 @@ async def test_workflow_runs_start_once_and_keep_step_checkpoints(log: Storage) 
     assert [s.name for s in await log.steps("w1")] == ["reserve"]
     assert await log.retries("workflow:fulfil") == []
     assert await log.workflows(name="other") == []
+
+
+async def test_dead_letters_page_between_subscriptions_of_one_event(log: Storage) -> None:
+    # Two subscriptions dead-letter each event: a page that ends between them resumes
+    # at the second, where paging by seq alone would skip it.
+    receipts = await log.commit(WriteBatch(appends=[rec(i) for i in range(3)]))
+    dead = [
+        DeadRecord(sub, Record(r.seq, r.id, "t", None, b"", None, 1.0), 1, "E", "m", "", 1, 2)
+        for r in receipts
+        for sub in ("a", "b")
+    ]
+    await log.commit(WriteBatch(dead=dead))
+    assert await log.count_dead_letters() == 6
+    assert await log.count_dead_letters("b") == 3
+    assert await log.count_dead_letters(error_type="Other") == 0
+    seen: list[tuple[int, str]] = []
+    after: tuple[int, str | None] = (0, None)
+    while True:
+        page = await log.dead_letters(None, 5, after[0], after_subscription=after[1])
+        seen += [(d.record.seq, d.subscription) for d in page]
+        if len(page) < 5:
+            break
+        after = (page[-1].record.seq, page[-1].subscription)
+    assert seen == [(d.record.seq, d.subscription) for d in dead]
+
+
+async def test_dropping_a_subscription_forgets_its_cursor_ledger_lanes_and_state(
+    log: Storage,
+) -> None:
+    info = SubscriptionInfo("old", ("t",), 0, time.time())
+    keep = SubscriptionInfo("kept", ("t",), 0, time.time())
+    (_, r2) = await log.commit(WriteBatch(subscriptions=[info, keep], appends=[rec(1), rec(2)]))
+    record = Record(r2.seq, r2.id, "t", None, b"", None, 1.0)
+    await log.commit(
+        WriteBatch(
+            acks={"old": 1, "kept": 2},
+            retries=[RetryRecord("old", record, 2, time.time())],
+            dead=[DeadRecord("kept", record, 1, "E", "m", "", 1, 2)],
+            state=[("old", "k", b"v"), ("kept", "k", b"w")],
+        )
+    )
+    assert await log.drop_subscription("old")
+    assert not await log.drop_subscription("old")
+    assert set(await log.subscriptions()) == {"kept"}
+    assert await log.retries("old") == []
+    assert await log.get_state("old", ["k"]) == {}
+    assert await log.get_state("kept", ["k"]) == {"k": b"w"}
+    assert await log.count_dead_letters() == 1
+    assert (await log.unaccounted("old", log.head)).count == 0

@@ -116,14 +116,14 @@ async def test_open_waits_out_a_busy_database(
                 blocker.execute("ROLLBACK")
 
     handler = ReleaseOnRetry()
-    logging.getLogger("storage._sqlite").addHandler(handler)
+    logging.getLogger("eventbus.storage").addHandler(handler)
     try:
         store = SQLiteStorage(path, busy_timeout=0.05, open_timeout=10)
         await store.open()
         await store.commit(WriteBatch(appends=records(1)))
         await store.close()
     finally:
-        logging.getLogger("storage._sqlite").removeHandler(handler)
+        logging.getLogger("eventbus.storage").removeHandler(handler)
         blocker.close()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Literal
 
-from ._config import BreakerPolicy
+from .._config import BreakerPolicy
 
 State = Literal["closed", "open", "half_open"]
 
@@ -102,7 +102,14 @@ class RetryBudget:
             self._last = now
 
     def earn(self, fresh_events: int) -> None:
+        """Fresh events were handled: each earns ``ratio`` tokens."""
         self.tokens = min(self.burst, self.tokens + fresh_events * self.ratio)
+
+    def refund(self) -> None:
+        """A retry succeeded: its token comes back. A dependency that has recovered
+        then drains its retries at handler speed, while one that still fails is held
+        to the floor (each failure keeps its token)."""
+        self.tokens = min(self.burst, self.tokens + 1.0 + self.ratio)
 
     def wait_time(self, now: float) -> float:
         """Seconds until one token is available (0 if one is available now)."""

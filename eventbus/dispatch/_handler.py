@@ -1,5 +1,5 @@
 """Handlers: checking a subscribe call's topics and handler, recognising batch
-handlers, and choosing a batch controller."""
+handlers, and choosing a subscription's batch controller."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from backpressure import (
     NaturalController,
 )
 
-from ._config import BatchPolicy
+from .._config import BatchPolicy
+from .._errors import SubscriptionError
+from .._event import Event
 from ._context import Context
-from ._errors import SubscriptionError
-from ._event import Event
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("eventbus.bus")  # about subscriptions at open
 
 # A subscription new to the log that starts at the earliest event warns when more
 # events than this are in the log: usually a renamed subscription, not a new one.

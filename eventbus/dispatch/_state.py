@@ -5,25 +5,34 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import TypeVar, overload
+from typing import TYPE_CHECKING, TypeVar, overload
 
 import msgspec
 
 import storage as _storage
 
-from ._errors import PayloadError, translate_storage_error
+from .._errors import PayloadError, translate_storage_error
+
+if TYPE_CHECKING:
+    from ._context import CallBuffer
 
 T = TypeVar("T")
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder()
 
+Write = tuple[str, str, bytes | None]
+
 
 class StateCache:
-    """Committed state of one subscription, cached (bounded) in front of the log.
+    """Committed state of one subscription, cached (bounded) in front of the log, with
+    the writes of handled events whose acknowledgement has not committed yet.
 
     The bus is the only writer of a subscription's state, so a write-through cache
-    stays coherent; a read that raced a commit is not cached.
+    stays coherent; a read that raced a commit is not cached. Writes are *staged*
+    when their handler call succeeds (later calls of the same key must see them, as
+    they commit in that order) and become *committed* when their acknowledgement
+    does; readers from outside the handlers see committed values only.
     """
 
     def __init__(self, log: _storage.Storage, subscription: str, size: int = 10_000) -> None:
@@ -31,9 +40,16 @@ class StateCache:
         self.subscription = subscription
         self._size = size
         self._values: OrderedDict[str, bytes | None] = OrderedDict()
+        self._staged: dict[str, list[object]] = {}  # key -> [latest value, writes pending]
         self._generation = 0
 
-    async def get_raw(self, key: str) -> bytes | None:
+    async def get_raw(self, key: str, *, staged: bool = True) -> bytes | None:
+        """The value under ``key``: the latest staged write (if ``staged``), else the
+        committed one."""
+        if staged:
+            pending = self._staged.get(key)
+            if pending is not None:
+                return pending[0]  # type: ignore[return-value]
         values = self._values
         if key in values:
             values.move_to_end(key)
@@ -54,11 +70,28 @@ class StateCache:
         while len(self._values) > self._size:
             self._values.popitem(last=False)
 
-    def committed(self, writes: list[tuple[str, str, bytes | None]]) -> None:
-        """Apply writes that just committed."""
+    def stage(self, writes: list[Write]) -> None:
+        """Writes of a handler call that succeeded: visible to later calls now."""
+        staged = self._staged
+        for _, key, raw in writes:
+            pending = staged.get(key)
+            if pending is None:
+                staged[key] = [raw, 1]
+            else:
+                pending[0] = raw
+                pending[1] += 1  # type: ignore[operator]
+
+    def committed(self, writes: list[Write]) -> None:
+        """Staged writes whose acknowledgement committed (in the order staged)."""
         self._generation += 1
+        staged = self._staged
         for _, key, raw in writes:
             self._remember(key, raw)
+            pending = staged.get(key)
+            if pending is not None:
+                pending[1] -= 1  # type: ignore[operator]
+                if pending[1] == 0:
+                    del staged[key]
 
 
 class State:
@@ -66,19 +99,19 @@ class State:
 
     Writes are buffered and committed in the same transaction as the handled event's
     acknowledgement: after a crash either both happened or neither did, so each
-    change applies exactly once per event. Reads see this call's own writes first.
-    Values are msgspec-encodable; they come back as built-in types.
+    change applies exactly once per event. Reads see this call's own writes first,
+    then those of earlier calls. Values are msgspec-encodable; they come back as
+    built-in types.
 
     For exactly-once read-modify-write, key the state by the event key: events of one
     key are never handled concurrently within an (ordered) subscription.
     """
 
-    __slots__ = ("_cache", "_overlay", "_writes")
+    __slots__ = ("_buffer", "_cache")
 
-    def __init__(self, cache: StateCache) -> None:
+    def __init__(self, cache: StateCache, buffer: CallBuffer) -> None:
         self._cache = cache
-        self._writes: list[tuple[str, str, bytes | None]] = []
-        self._overlay: dict[str, bytes | None] = {}
+        self._buffer = buffer
 
     @overload
     async def get(self, key: str) -> object | None: ...
@@ -91,7 +124,8 @@ class State:
 
         Cancellation: a read; nothing changes.
         """
-        raw = self._overlay[key] if key in self._overlay else await self._cache.get_raw(key)
+        overlay = self._buffer.overlay
+        raw = overlay[key] if key in overlay else await self._cache.get_raw(key)
         return default if raw is None else _DECODER.decode(raw)
 
     def set(self, key: str, value: object) -> None:
@@ -104,30 +138,15 @@ class State:
             raise ValueError(f"state keys are strings, got {type(key).__name__}")
         try:
             raw = _ENCODER.encode(value)
-        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
             raise PayloadError(f"state:{self._cache.subscription}", str(exc)) from exc
-        self._writes.append((self._cache.subscription, key, raw))
-        self._overlay[key] = raw
+        self._buffer.writes.append((self._cache.subscription, key, raw))
+        self._buffer.overlay[key] = raw
 
     def delete(self, key: str) -> None:
         """Remove ``key``; committed with the acknowledgement."""
-        self._writes.append((self._cache.subscription, key, None))
-        self._overlay[key] = None
-
-    # -- used by the dispatcher -----------------------------------------------------
-
-    def _mark(self) -> int:
-        return len(self._writes)
-
-    def _rollback_to(self, mark: int) -> None:
-        if mark < len(self._writes):
-            del self._writes[mark:]
-            self._overlay = {key: raw for _, key, raw in self._writes}
-
-    def _take(self) -> list[tuple[str, str, bytes | None]]:
-        writes, self._writes = self._writes, []
-        self._overlay = {}
-        return writes
+        self._buffer.writes.append((self._cache.subscription, key, None))
+        self._buffer.overlay[key] = None
 
 
 class StateReader:
@@ -150,7 +169,7 @@ class StateReader:
         Cancellation: a read; nothing changes.
         """
         if self._cache is not None:
-            raw = await self._cache.get_raw(key)
+            raw = await self._cache.get_raw(key, staged=False)
         else:
             try:
                 raw = (await self._log.get_state(self._subscription, [key])).get(key)

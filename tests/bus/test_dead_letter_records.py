@@ -1,0 +1,108 @@
+"""Dead letters as an operator reads them: whole tracebacks, and lists that say when
+they are partial."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eventbus import Bus, BusConfig, Context, DeadLetterPage, Event, RetryPolicy
+from storage import DeadRecord, Record, SQLiteStorage, WriteBatch
+
+pytestmark = pytest.mark.anyio
+
+ONCE = RetryPolicy(max_attempts=1)
+
+
+class LookupFailed(Exception):
+    pass
+
+
+async def test_a_dead_letter_traceback_keeps_the_chained_cause(log_path: Path) -> None:
+    # Regression: the recorded traceback showed only the last exception, not the
+    # one it was raised from (`raise ... from exc`) nor the one being handled.
+    async with Bus.open(log_path, config=BusConfig(breaker=None)) as bus:
+
+        @bus.subscribe("orders", name="billing", retry=ONCE)
+        async def bill(event: Event[dict[str, str]], ctx: Context) -> None:
+            try:
+                event.payload["customer"]
+            except KeyError as exc:
+                try:
+                    raise LookupFailed("no customer on the order") from exc
+                except LookupFailed:
+                    raise RuntimeError("billing gave up")  # noqa: B904 - the context is the point
+
+        await bus.publish("orders", {"id": "o-1"})
+        await bus.drain(timeout=10)
+        (letter,) = await bus.dead_letters.list()
+    trace = letter.traceback
+    assert letter.error_type == "builtins.RuntimeError"
+    # Oldest first, as Python prints a chain.
+    key_error = trace.index("builtins.KeyError: 'customer'")
+    cause = trace.index("The above exception was the direct cause of the following exception:")
+    lookup = trace.index("LookupFailed: no customer on the order")
+    during = trace.index("During handling of the above exception, another exception occurred:")
+    last = trace.index("builtins.RuntimeError: billing gave up")
+    assert key_error < cause < lookup < during < last
+    assert 'event.payload["customer"]' in trace
+
+
+async def write_dead_letters(path: Path, events: int, subscriptions: tuple[str, ...]) -> None:
+    """``events`` events, each dead-lettered by every one of ``subscriptions``."""
+    store = SQLiteStorage(path)
+    await store.open()
+    try:
+        dead = [
+            DeadRecord(
+                sub,
+                Record(seq, f"ev-{seq}", "orders", None, b"\xa1x", None, 1.0),
+                3,
+                "builtins.ValueError",
+                f"event {seq} failed",
+                "Traceback (most recent call last):\n",
+                1.0,
+                2.0,
+            )
+            for seq in range(1, events + 1)
+            for sub in subscriptions
+        ]
+        await store.commit(WriteBatch(dead=dead))
+    finally:
+        await store.close()
+
+
+async def test_a_partial_list_of_dead_letters_says_so_and_iter_reaches_every_one(
+    log_path: Path,
+) -> None:
+    # Regression: list() returned the first 100 and said nothing about the rest.
+    await write_dead_letters(log_path, 150, ("a", "b"))
+    async with Bus.open(log_path) as bus:
+        page = await bus.dead_letters.list()
+        assert isinstance(page, list)
+        assert isinstance(page, DeadLetterPage)
+        assert len(page) == 100
+        assert (page.total, page.more) == (300, True)
+        assert "more=True" in repr(page)
+        letters = [(d.event.seq, d.subscription) async for d in bus.dead_letters.iter()]
+        assert letters == [(seq, sub) for seq in range(1, 151) for sub in ("a", "b")]
+        capped = [d async for d in bus.dead_letters.iter(subscription="b", limit=7)]
+        assert [d.event.seq for d in capped] == list(range(1, 8))
+        assert await bus.dead_letters.count(subscription="a") == 150
+
+
+async def test_paging_with_after_resumes_between_subscriptions_of_one_event(
+    log_path: Path,
+) -> None:
+    await write_dead_letters(log_path, 3, ("a", "b", "c"))
+    async with Bus.open(log_path) as bus:
+        seen: list[tuple[int, str]] = []
+        page = await bus.dead_letters.list(limit=4)
+        seen += [(d.event.seq, d.subscription) for d in page]
+        while page.more:
+            page = await bus.dead_letters.list(limit=4, after=page[-1])
+            seen += [(d.event.seq, d.subscription) for d in page]
+        assert seen == [(seq, sub) for seq in (1, 2, 3) for sub in ("a", "b", "c")]
+        last = await bus.dead_letters.list(after_seq=2)
+        assert (len(last), last.total, last.more) == (3, 9, False)

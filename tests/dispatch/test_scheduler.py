@@ -1,0 +1,388 @@
+"""The dispatch scheduler, one behaviour at a time, on a fake clock and no event loop."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from eventbus import BreakerPolicy, RetryPolicy
+from eventbus.dispatch._scheduler import (
+    MAIN,
+    PARK,
+    RETRY,
+    STOP,
+    Call,
+    Entry,
+    Scheduler,
+)
+from eventbus.failures import CircuitBreaker, Retry, RetryBudget, backoff_delay, decide
+
+
+class Boom(Exception):
+    pass
+
+
+class RecordingSink:
+    """Records what the scheduler asks the log to write."""
+
+    def __init__(self) -> None:
+        self.retried: list[tuple[int, int]] = []
+        self.buried: list[int] = []
+        self.done: list[int] = []
+
+    def retry(self, entry: Entry, error: BaseException | None) -> None:
+        self.retried.append((entry.seq, entry.attempt))
+
+    def dead(self, entry: Entry, error: BaseException | None) -> None:
+        self.buried.append(entry.seq)
+
+    def settle(self, entry: Entry) -> None:
+        self.done.append(entry.seq)
+
+
+def scheduler(
+    *,
+    concurrency: int = 1,
+    ordered: bool = True,
+    retry: RetryPolicy | None = None,
+    breaker: BreakerPolicy | None = None,
+    cursor: int = 0,
+    finished_ahead: list[tuple[int, int]] | None = None,
+) -> tuple[Scheduler, RecordingSink]:
+    sink = RecordingSink()
+    policy = retry or RetryPolicy(max_attempts=3, initial_delay=1.0, jitter="none")
+    sched = Scheduler(
+        retry=policy,
+        ordered=ordered,
+        concurrency=concurrency,
+        breaker=CircuitBreaker(breaker) if breaker else None,
+        budget=RetryBudget(0.2, 10.0, 100.0, 0.0),
+        sink=sink,
+        cursor=cursor,
+        finished_ahead=finished_ahead or [],
+        rng=random.Random(1),
+    )
+    return sched, sink
+
+
+def fresh(*keys: str | None, first: int = 1) -> list[Entry]:
+    return [Entry(first + i, key, f"event {first + i}") for i, key in enumerate(keys)]
+
+
+def run(
+    sched: Scheduler, call: Call, fail: frozenset[int] | set[int] = frozenset(), now: float = 0.0
+) -> list[int]:
+    """Handle a call's events in order as a shell would; returns the seqs handled."""
+    handled: list[int] = []
+    todo = list(call.entries)
+    while todo:
+        entry = todo[0]
+        verdict = sched.check(call, entry)
+        if verdict == STOP:
+            break
+        todo.pop(0)
+        if verdict == PARK:
+            continue
+        handled.append(entry.seq)
+        if entry.seq in fail:
+            sched.failed(call, entry, Boom(f"event {entry.seq}"), now)
+        else:
+            sched.succeeded(call, entry)
+    sched.finish(call, now, todo)
+    return handled
+
+
+def test_later_events_of_a_key_wait_behind_its_retry_and_other_keys_pass() -> None:
+    sched, sink = scheduler()
+    sched.append(fresh("A"), 1)
+    (a1,) = run(sched, sched.next_call(MAIN, 0.0, 10), fail={1})  # type: ignore[arg-type]
+    assert a1 == 1
+    assert sink.retried == [(1, 2)]
+    sched.append(fresh("A", "X", "A", first=2), 4)  # A2, X, A3 in one read
+    handled = run(sched, sched.next_call(MAIN, 0.0, 10))  # type: ignore[arg-type]
+    assert handled == [3]  # X passes; A2 and A3 are parked behind A1
+    assert sink.retried[1:] == [(2, 1), (4, 1)]
+    assert sched.next_call(RETRY, 0.5) is None  # A1 is not due yet
+    order = []
+    now = 1.0
+    while (call := sched.next_call(RETRY, now)) is not None:
+        order += run(sched, call, now=now)
+    assert order == [1, 2, 4]
+    assert sink.done == [1, 2, 4]
+    assert sched.idle()
+
+
+def test_the_cursor_passes_only_a_finished_prefix_and_reports_done_ranges_ahead() -> None:
+    sched, _ = scheduler(concurrency=3)
+    sched.append(fresh("a", "b", "c", "d"), 4)
+    slow = sched.next_call(MAIN, 0.0, 1)
+    fast = sched.next_call(MAIN, 0.0, 3)
+    assert slow is not None
+    assert fast is not None
+    assert [e.seq for e in slow.entries] == [1]
+    run(sched, fast)
+    assert sched.take_acks() == (0, [(2, 4)])  # 1 is still running
+    run(sched, slow)
+    assert sched.take_acks() == (4, [])
+
+
+def test_two_calls_never_hold_one_key_and_a_held_event_follows_its_key() -> None:
+    sched, _ = scheduler(concurrency=2)
+    sched.append(fresh("a", "a", "b"), 3)
+    first = sched.next_call(MAIN, 0.0, 1)
+    second = sched.next_call(MAIN, 0.0, 5)
+    assert first is not None
+    assert second is not None
+    assert [e.seq for e in first.entries] == [1]
+    assert [e.seq for e in second.entries] == [3]  # a2 waits for a1's call
+    assert sched.next_call(MAIN, 0.0, 5) is None
+    run(sched, second)
+    assert sched.next_call(MAIN, 0.0, 5) is None  # a2 still waits
+    run(sched, first)
+    third = sched.next_call(MAIN, 0.0, 5)
+    assert third is not None
+    assert [e.seq for e in third.entries] == [2]
+
+
+def test_one_call_may_take_several_events_of_a_key_in_order() -> None:
+    sched, _ = scheduler(concurrency=1)
+    sched.append(fresh("a", "a", "a"), 3)
+    call = sched.next_call(MAIN, 0.0, 10)
+    assert call is not None
+    assert [e.seq for e in call.entries] == [1, 2, 3]
+    assert run(sched, call, fail={1}) == [1]  # a2 and a3 are parked behind a1
+    assert sched.pending(0.0).parked == 2
+
+
+def test_an_unordered_subscription_lets_later_events_of_a_key_pass() -> None:
+    sched, _ = scheduler(ordered=False, concurrency=2)
+    sched.append(fresh("a", "a"), 2)
+    assert run(sched, sched.next_call(MAIN, 0.0, 1), fail={1}) == [1]  # type: ignore[arg-type]
+    assert run(sched, sched.next_call(MAIN, 0.0, 1)) == [2]  # type: ignore[arg-type]
+
+
+def test_a_suspect_runs_alone_and_the_main_lane_pauses_for_it() -> None:
+    sched, _ = scheduler(concurrency=4)
+    sched.append(fresh("x", "y"), 2)
+    main = sched.next_call(MAIN, 0.0, 1)
+    assert main is not None
+    suspect = Entry(10, "s", None, attempt=2, fresh=False, suspect=True)
+    other = Entry(11, "o", None, attempt=2, fresh=False)
+    sched.recovered([suspect, other], 0.0)
+    sched.append([], 11)
+    assert sched.next_call(RETRY, 0.0) is None  # the main call is in flight
+    assert sched.next_call(MAIN, 0.0, 1) is None  # the main lane pauses for the suspect
+    run(sched, main)
+    call = sched.next_call(RETRY, 0.0)
+    assert call is not None
+    assert call.suspect
+    assert call.entries[0].seq == 10
+    assert sched.next_call(RETRY, 0.0) is None  # nothing beside it
+    assert sched.next_call(MAIN, 0.0, 1) is None
+    run(sched, call)
+    assert sched.next_call(RETRY, 0.0) is not None  # the other retry may go now
+    assert sched.next_call(MAIN, 0.0, 1) is not None
+
+
+def test_a_run_stops_when_a_suspect_becomes_due() -> None:
+    sched, _ = scheduler()
+    sched.append(fresh("a", "b", "c"), 3)
+    call = sched.next_call(MAIN, 0.0, 3)
+    assert call is not None
+    sched.recovered([Entry(9, "z", None, attempt=2, fresh=False, suspect=True)], 0.0)
+    assert sched.check(call, call.entries[0]) == STOP
+    sched.finish(call, 0.0, call.entries)
+    assert sched.pending(0.0).buffered == 3  # released, not attempted
+
+
+def test_an_event_past_its_last_attempt_is_dead_lettered_on_recovery() -> None:
+    sched, sink = scheduler(retry=RetryPolicy(max_attempts=1))
+    sched.recovered([Entry(5, "a", None, attempt=2, fresh=False, suspect=True)], 0.0)
+    assert sink.buried == [5]
+    assert sched.idle()
+
+
+def test_a_retry_that_ends_ahead_of_the_read_position_is_not_read_again() -> None:
+    sched, sink = scheduler()
+    sched.recovered([Entry(3, None, None, attempt=2, fresh=False)], 0.0)
+    call = sched.next_call(RETRY, 0.0)
+    assert call is not None
+    run(sched, call)
+    assert sink.done == [3]
+    sched.append(fresh("a", "b", "c"), 3)  # the log still holds 3 past the cursor
+    handled = run(sched, sched.next_call(MAIN, 0.0, 10))  # type: ignore[arg-type]
+    assert handled == [1, 2]
+
+
+def test_events_finished_ahead_of_the_cursor_are_not_handled_again() -> None:
+    sched, _ = scheduler(cursor=0, finished_ahead=[(2, 3), (5, 5)])
+    sched.append(fresh("a", "b", "c", "d", "e"), 5)
+    assert run(sched, sched.next_call(MAIN, 0.0, 10)) == [1, 4]  # type: ignore[arg-type]
+    assert sched.take_acks()[0] == 5
+
+
+def test_a_keyed_retry_past_the_read_position_waits_for_the_earlier_events_of_its_key() -> None:
+    sched, _ = scheduler()
+    sched.recovered([Entry(3, "a", None, attempt=2, fresh=False)], 0.0)
+    assert sched.next_call(RETRY, 0.0) is None  # events 1..2 are not read yet
+    sched.append(fresh("a", "b", "a"), 3)  # 3 itself is skipped: the retry lane holds it
+    # Event 1 (key a) joined the retry lane ahead of 3; b is fresh.
+    order = []
+    while (call := sched.next_call(RETRY, 0.0)) is not None:
+        order += run(sched, call)
+    assert order == [1, 3]
+    assert run(sched, sched.next_call(MAIN, 0.0, 10)) == [2]  # type: ignore[arg-type]
+
+
+def test_an_older_event_handed_back_goes_ahead_of_its_key() -> None:
+    sched, _sink = scheduler()
+    sched.append(fresh("a", first=1), 5)
+    run(sched, sched.next_call(MAIN, 0.0, 1), fail={1})  # type: ignore[arg-type]
+    call = sched.next_call(RETRY, 1.0)
+    assert call is not None  # the attempt of 1 runs...
+    sched.recovered([Entry(0, "a", None, attempt=1, fresh=False)], 1.0)  # ...and 0 is redriven
+    assert sched.next_call(RETRY, 1.0) is None  # key a is taken by the running attempt
+    assert run(sched, call, fail={1}, now=1.0) == [1]
+    order = []
+    now = 10.0
+    while (call := sched.next_call(RETRY, now)) is not None:
+        order += run(sched, call, now=now)
+    assert order == [0, 1]
+
+
+def test_abandoned_events_return_in_order_with_their_attempt_unchanged() -> None:
+    sched, _ = scheduler()
+    sched.append(fresh("a", "b", "c"), 3)
+    call = sched.next_call(MAIN, 0.0, 3)
+    assert call is not None
+    sched.finish(call, 0.0, call.entries)
+    again = sched.next_call(MAIN, 0.0, 3)
+    assert again is not None
+    assert [(e.seq, e.attempt) for e in again.entries] == [(1, 1), (2, 1), (3, 1)]
+
+
+def test_the_breaker_stops_calls_then_lets_one_probe() -> None:
+    policy = BreakerPolicy(failure_ratio=0.5, min_calls=2, window=10.0, cooldown=5.0)
+    sched, _ = scheduler(
+        breaker=policy, retry=RetryPolicy(max_attempts=9, initial_delay=100.0, max_delay=100.0)
+    )
+    sched.append(fresh("a", "b", "c", "d", "e"), 5)
+    call = sched.next_call(MAIN, 0.0, 5)
+    assert call is not None
+    assert run(sched, call, fail={1, 2}) == [1, 2]  # the breaker opened: the run stopped
+    assert sched.next_call(MAIN, 1.0, 5) is None
+    assert sched.next_wakeup(1.0) == pytest.approx(5.0)
+    probe = sched.next_call(MAIN, 5.0, 5)
+    assert probe is not None
+    assert probe.probe
+    assert len(probe.entries) == 1
+    assert sched.next_call(MAIN, 5.0, 5) is None  # one probe at a time
+    run(sched, probe, now=5.0)
+    assert sched.next_call(MAIN, 5.0, 5) is not None  # closed again
+
+
+def test_a_healthy_subscription_never_needs_the_timer() -> None:
+    sched, _ = scheduler()
+    for i in range(5):
+        sched.append(fresh("a", "b", first=2 * i + 1), 2 * i + 2)
+        run(sched, sched.next_call(MAIN, 0.0, 10))  # type: ignore[arg-type]
+    assert sched.next_wakeup(0.0) is None
+    assert not sched.retry_changed
+
+
+def test_retries_that_succeed_give_their_budget_back() -> None:
+    budget = RetryBudget(ratio=0.0, floor_per_second=1.0, burst=3.0, now=0.0)
+    for _ in range(100):
+        assert budget.take(0.0)
+        budget.refund()
+    assert budget.take(0.0)
+    assert budget.take(0.0)
+    assert budget.take(0.0)
+    assert not budget.take(0.0)  # failing retries keep their tokens: the floor holds
+
+
+def test_decorrelated_jitter_grows_from_the_previous_delay() -> None:
+    policy = RetryPolicy(max_attempts=20, initial_delay=0.1, max_delay=100.0, jitter="decorrelated")
+    rng = random.Random(3)
+    delay = 0.0
+    delays = []
+    for attempt in range(1, 9):
+        decision = decide(policy, attempt, Boom(), delay, rng)
+        assert isinstance(decision, Retry)
+        delay = decision.delay
+        delays.append(delay)
+    assert max(delays[4:]) > 10 * policy.initial_delay
+    assert backoff_delay(policy, 1, 50.0, rng) >= policy.initial_delay
+
+
+def test_the_scheduler_itself_remembers_each_events_previous_delay() -> None:
+    policy = RetryPolicy(max_attempts=9, initial_delay=0.1, max_delay=100.0, jitter="decorrelated")
+    sched, _ = scheduler(retry=policy)
+    sched.append(fresh("a"), 1)
+    run(sched, sched.next_call(MAIN, 0.0, 1), fail={1})  # type: ignore[arg-type]
+    now = 0.0
+    delays = []
+    for _ in range(7):
+        now += 1000.0
+        call = sched.next_call(RETRY, now)
+        assert call is not None
+        entry = call.entries[0]
+        run(sched, call, fail={1}, now=now)
+        delays.append(entry.delay)
+    assert max(delays) > 1.0  # would stay below 0.3 if the previous delay were forgotten
+
+
+def test_handing_back_an_event_the_retry_lane_holds_changes_nothing() -> None:
+    sched, sink = scheduler()
+    sched.append(fresh("a"), 1)
+    run(sched, sched.next_call(MAIN, 0.0, 1), fail={1})  # type: ignore[arg-type]
+    sched.recovered([Entry(1, "a", None, attempt=1, fresh=False)], 0.0)  # a redrive races
+    calls = 0
+    now = 5.0
+    while (call := sched.next_call(RETRY, now)) is not None:
+        assert call.entries[0].attempt == 2
+        run(sched, call, now=now)
+        calls += 1
+    assert calls == 1
+    assert sink.done == [1]
+
+
+def test_an_event_queued_behind_an_older_one_waits_while_the_older_one_retries() -> None:
+    sched, _ = scheduler(retry=RetryPolicy(max_attempts=5, initial_delay=1.0, jitter="none"))
+    sched.append(fresh("a", first=1), 5)
+    run(sched, sched.next_call(MAIN, 0.0, 1), fail={1})  # type: ignore[arg-type]
+    running = sched.next_call(RETRY, 1.0)
+    assert running is not None
+    sched.recovered([Entry(0, "a", None, attempt=1, fresh=False)], 1.0)  # older, handed back
+    run(sched, running, fail={1}, now=1.0)  # 1 fails again while 0 waits ahead of it
+    order = []
+    now = 1.0
+    failed_once = False
+    for _ in range(20):
+        now += 10.0
+        while (call := sched.next_call(RETRY, now)) is not None:
+            seq = call.entries[0].seq
+            fail = {0} if seq == 0 and not failed_once else set()
+            failed_once = failed_once or bool(fail)
+            order += run(sched, call, fail=fail, now=now)
+    assert order == [0, 0, 1]
+
+
+def test_retries_that_succeed_drain_at_handler_speed_not_at_the_budget_floor() -> None:
+    policy = RetryPolicy(max_attempts=3, initial_delay=0.0, budget_ratio=0.0, budget_floor=0.001)
+    sink = RecordingSink()
+    sched = Scheduler(
+        retry=policy,
+        ordered=True,
+        concurrency=1,
+        breaker=None,
+        budget=RetryBudget(0.0, 0.001, 2.0, 0.0),
+        sink=sink,
+        cursor=0,
+    )
+    sched.recovered([Entry(i, f"k{i}", None, attempt=2, fresh=False) for i in range(1, 101)], 0.0)
+    sched.append([], 100)
+    while (call := sched.next_call(RETRY, 0.0)) is not None:
+        run(sched, call)
+    assert len(sink.done) == 100  # no time passed: each success gave its token back
