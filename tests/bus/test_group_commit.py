@@ -246,3 +246,53 @@ async def test_an_unstorable_record_in_a_sqlite_group_commit_fails_alone(tmp_pat
         assert writer.commits <= 2 * (51).bit_length() + 1  # halving, not one by one
     finally:
         await storage.close()
+
+
+class PendingAck:
+    """A writer source (as a subscription is) with one acknowledgement pending."""
+
+    def __init__(self) -> None:
+        self.writes: WriteBatch | None = WriteBatch(acks={"s": 0}, state=[("s", "k", b"v")])
+        self.committed_batches: list[WriteBatch] = []
+        self.failed_batches: list[WriteBatch] = []
+
+    def take_writes(self) -> WriteBatch | None:
+        writes, self.writes = self.writes, None
+        return writes
+
+    def committed(self, batch: WriteBatch) -> None:
+        self.committed_batches.append(batch)
+
+    def commit_failed(self, batch: WriteBatch) -> None:
+        self.failed_batches.append(batch)
+        self.writes = batch
+
+
+async def test_a_subscriptions_pending_writes_commit_beside_a_refused_record(
+    tmp_path: Path,
+) -> None:
+    # The writes a subscription hands the writer ride in the same group commit as
+    # publishes; a refused record among those publishes must not hand them back.
+    storage = SQLiteStorage(tmp_path / "log.db")
+    await storage.open()
+    writer = LogWriter(
+        storage, max_pending=1000, max_commit_batch=4096, on_committed=lambda a, r: None
+    )
+    await storage.commit(WriteBatch(subscriptions=[SubscriptionInfo("s", ("t",), 0, 0.0)]))
+    source = PendingAck()
+    bad = NewRecord("bad", "t", None, b"\x01", None, time.time(), ["x"])  # type: ignore[arg-type]
+    try:
+        async with asyncio.TaskGroup() as tg:
+            good = [writer.submit_nowait(record(i), want_receipt=True) for i in range(10)]
+            refused = writer.submit_nowait(bad, want_receipt=True)
+            writer.notify(source)  # type: ignore[arg-type]
+            tg.create_task(writer.run())
+            await writer.flush()
+            writer.stop()
+        assert all(fut is not None and fut.done() and not fut.exception() for fut in good)
+        assert refused is not None
+        assert isinstance(refused.exception(), StorageError)
+        assert (len(source.committed_batches), source.failed_batches) == (1, [])
+        assert await storage.get_state("s", ["k"]) == {"k": b"v"}
+    finally:
+        await storage.close()
