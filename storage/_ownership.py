@@ -6,18 +6,20 @@ Two advisory ``flock`` locks, both released by the kernel when the owner dies, s
 - ``<real path>.lock``, next to the file the path resolves to, so a symlink, a
   relative path or a bind mount of the directory (from another container too)
   finds the same lock;
-- ``<temp dir>/eventbus-<uid>/<device>-<inode>.lock``, named after the log file
-  itself, so another name for it (a hard link, which may sit in another directory)
-  finds it too.
+- ``<temp dir>/eventbus-<uid>/<device>-<inode>.inode.lock``, named after the log
+  file itself, so another name for it (a hard link, which may sit in another
+  directory) finds it too. The owner removes it when it lets go; only processes of
+  one user that share the temp directory see it, and the first lock still covers
+  every path to the same directory.
 
 Neither is taken on the database file: closing any descriptor of that file would
 drop the POSIX locks SQLite holds on it in this process.
 
 The owner writes ``pid <n>`` into both once it holds both, and clears them when it
-lets go. A process that finds a lock taken reads the pid there, and retries for a
-moment while that file is still empty (the owner took it but has not written yet) or
-names a process that is gone (an owner killed before it could clear it), so that the
-``LogLocked`` it raises names the live owner.
+lets go (``<real path>.lock`` stays, empty). A process that finds a lock taken reads
+the pid there, and retries for a moment while that file is still empty (the owner
+took it but has not written yet) or names a process that is gone (an owner killed
+before it could clear it), so that the ``LogLocked`` it raises names the live owner.
 """
 
 from __future__ import annotations
