@@ -13,7 +13,7 @@ transaction as the handlers' outbox publishes.
 
 from storage import LogStats
 
-from ._bus import Bus
+from ._bus import Bus, Reconciliation
 from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy
 from ._effects import idempotent
 from ._errors import (
@@ -46,7 +46,6 @@ from ._metrics import (
     SubscriptionMetrics,
     WorkflowMetrics,
 )
-from ._reconciliation import Reconciliation
 from ._run import run
 from .dispatch import Context, State, StateReader
 from .failures import DeadLetter, DeadLetterPage, DeadLetters

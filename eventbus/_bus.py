@@ -35,7 +35,7 @@ from ._errors import (
 )
 from ._event import Event, Message
 from ._metrics import BusMetrics
-from ._reconciliation import Reconciliation
+from ._reconciliation import ReconciliationBase
 from ._stopping import stop_requested
 from ._unclaimed import apply_drop, warn_unclaimed
 from .dispatch import (
@@ -59,6 +59,13 @@ H = TypeVar("H", bound=Handler)
 W = TypeVar("W", bound=WorkflowFunction)
 
 _HEADERS = msgspec.msgpack.Decoder(dict[str, str])
+
+
+class Reconciliation(ReconciliationBase["Bus"]):
+    """What a user reconciler gets on each run: ``rc.bus`` is this bus,
+    ``await rc.publish(...)`` emits a corrective event (counted unless its
+    idempotency key was already in the log), ``rc.flag(message)`` records an
+    inconsistency it cannot correct."""
 
 
 class Bus:
@@ -187,7 +194,7 @@ class Bus:
                 tg.start_soon(bus._run_writer)
                 tg.start_soon(bus._maintenance)
                 tg.start_soon(bus._reconciler.run)
-                tg.start_soon(warn_unclaimed, bus)
+                tg.start_soon(bus._warn_unclaimed)
                 try:
                     yield bus
                 except BaseException as exc:  # noqa: BLE001 - re-raised below, as it is
@@ -252,6 +259,10 @@ class Bus:
                     self._tg.cancel_scope.cancel()
                 self._closed = True
 
+    async def _warn_unclaimed(self) -> None:
+        """At the body's first await: subscriptions in the log that no handler took."""
+        warn_unclaimed(self._known, self._subs, self._writer.committed_head)
+
     async def _run_writer(self) -> None:
         try:
             await self._writer.run()
@@ -290,7 +301,9 @@ class Bus:
                 logger.error("ignoring a malformed command queued in the log: %r", raw[:100])
                 continue
             if command.action == "drop":
-                await apply_drop(self, command.subscription)
+                await apply_drop(
+                    self._log, self._writer.lock, self._known, self._subs, command.subscription
+                )
                 continue
             if command.action == "redrive":
                 n = await self.dead_letters.redrive(
@@ -677,6 +690,9 @@ class Bus:
             WorkflowError: No such workflow, or the id belongs to another workflow.
             PayloadError: The input cannot be encoded.
             BusClosed: The bus is closed.
+
+        Cancellation: the start may still commit (and the run then starts); calling
+        again with the same ``workflow_id`` returns that run's handle.
         """
         self._check_open()
         record = await self._workflows.start(name, input, workflow_id, timeout)
@@ -687,6 +703,8 @@ class Bus:
 
         Raises:
             WorkflowError: No run has this id.
+
+        Cancellation: a read; nothing changes.
         """
         return WorkflowHandle(self._workflows, await self._workflows.read(workflow_id))
 

@@ -1,7 +1,8 @@
 """Dispatch: the per-subscription scheduler (pure), its async shell, and what a handler
 sees (its context and keyed state)."""
 
-from ._context import CallBuffer, Context, Encoder
+from ._buffer import CallBuffer
+from ._context import Context, Encoder
 from ._handler import (
     REPLAY_WARNING,
     Handler,

@@ -515,13 +515,10 @@ class Scheduler:
                 self.retry_changed = True
             held = self._held.pop(key, None)
             if held:
-                if key in self._lanes:
-                    for entry in held:
-                        self.buffered -= 1
-                        self._park(entry)
-                else:
-                    self._released.extend(held)
-                    self.main_changed = True
+                # (A key that entered the retry lane meanwhile parked its held events
+                # then, so these are free to go.)
+                self._released.extend(held)
+                self.main_changed = True
         if call.suspect:
             self._suspect_running = False
             self.main_changed = True

@@ -223,7 +223,7 @@ class _Operator:
                     "emit to a topic it does not subscribe to"
                 )
         names = [name] if key is None else [name, self._keyed_topic]
-        taken = [n for n in names if n in bus._subs]
+        taken = [n for n in names if n in bus.subscription_names]
         if taken:
             # Checked before subscribing, so that a clash leaves nothing half registered.
             raise SubscriptionError(

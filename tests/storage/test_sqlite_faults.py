@@ -206,8 +206,10 @@ async def test_a_commit_cancelled_while_its_transaction_runs_leaves_a_consistent
 
 
 def test_the_aiosqlite_hook_for_one_hop_transactions_exists() -> None:
-    # storage._sqlite runs each transaction through aiosqlite's internal queue.
+    # The log's connections run each transaction through the queue that aiosqlite's
+    # own methods use (a protected method of the class they extend).
     assert callable(getattr(aiosqlite.Connection, "_execute", None))
+    assert isinstance(getattr(aiosqlite.Connection, "_conn", None), property)
 
 
 async def test_the_wal_stays_bounded_while_a_reader_keeps_tailing(tmp_path: Path) -> None:
