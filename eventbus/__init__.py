@@ -25,7 +25,9 @@ from ._errors import (
     DrainTimeout,
     EventTooLarge,
     HandlerStuck,
+    InvalidEvent,
     LogBusy,
+    LogDirectoryMissing,
     LogLocked,
     NotALog,
     PayloadError,
@@ -33,6 +35,7 @@ from ._errors import (
     StorageError,
     StorageFull,
     SubscriptionError,
+    UnsupportedPlatform,
 )
 from ._event import Event, Message, Receipt
 from ._metrics import (
@@ -80,8 +83,10 @@ __all__ = [
     "Event",
     "EventTooLarge",
     "HandlerStuck",
+    "InvalidEvent",
     "LatencySummary",
     "LogBusy",
+    "LogDirectoryMissing",
     "LogLocked",
     "LogMetrics",
     "LogStats",
@@ -106,6 +111,7 @@ __all__ = [
     "SubscriptionError",
     "SubscriptionMetrics",
     "SubscriptionReport",
+    "UnsupportedPlatform",
     "Workflow",
     "WorkflowCancelled",
     "WorkflowError",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import sqlite3
@@ -31,14 +30,15 @@ from ._calls import CallJournal, CallSlots, NoCallSlots, read_journal
 from ._errors import (
     CorruptLog,
     LogBusy,
-    LogLocked,
     NotALog,
+    RecordRejected,
     SchemaTooNew,
     StorageClosed,
     StorageError,
     StorageFull,
 )
 from ._holders import write_lock_holders
+from ._ownership import LogOwnership
 from ._schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from ._types import (
     PROCESS_DIED,
@@ -70,6 +70,16 @@ _CHECKPOINT_EVERY_BYTES = 32 * 1024 * 1024
 _BUSY_FIRST_DELAY = 0.01
 
 
+# A value SQLite would not bind or store (a list, a string past SQLITE_MAX_LENGTH, a
+# constraint): the fault of one record, not of the log.
+_REFUSED_VALUE = (
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+    sqlite3.IntegrityError,
+)
+
+
 def _translate(path: str, exc: BaseException) -> StorageError:
     """Turn a sqlite3 error into the storage error tree (the one boundary for it)."""
     if isinstance(exc, StorageError):
@@ -87,6 +97,8 @@ def _translate(path: str, exc: BaseException) -> StorageError:
             or "not a database" in str(exc)
         ):
             return CorruptLog(path, str(exc))
+        if isinstance(exc, _REFUSED_VALUE):
+            return RecordRejected(path, str(exc))
         return StorageError(f"SQLite failed on {path!r}: {exc}")
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return StorageFull(f"the disk holding {path!r} is full: {exc}")
@@ -123,35 +135,6 @@ def _connect(database: str, *, uri: bool) -> _Connection:
         return sqlite3.connect(database, uri=uri, isolation_level=None)
 
     return _Connection(connector, iter_chunk_size=64)
-
-
-class _LockFile:
-    """An advisory ``flock`` on ``<log>.lock``: released by the kernel when the owner
-    dies, so a ``kill -9`` never leaves the log locked."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            finally:
-                os.close(fd)
-            raise LogLocked(self.path[: -len(".lock")], owner) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
 
 
 class SQLiteStorage:
@@ -192,7 +175,7 @@ class SQLiteStorage:
         self.checkpoint_bytes = checkpoint_bytes
         self._writer: _Connection | None = None
         self._reader: _Connection | None = None
-        self._lock = _LockFile(self.path + ".lock")
+        self._lock = LogOwnership(self.path)
         self._journal: CallJournal | None = None
         self._head = 0
         self._bytes_since_checkpoint = 0
@@ -204,12 +187,13 @@ class SQLiteStorage:
     # -- opening --------------------------------------------------------------------
 
     async def open(self) -> None:
-        await anyio.to_thread.run_sync(self._precheck)
-        if not self.read_only:
-            await anyio.to_thread.run_sync(self._lock.acquire)
         deadline = time.monotonic() + self.open_timeout
         delay = 0.01
         try:
+            if not self.read_only:
+                # Owned before the file is read at all: see _ownership.
+                await anyio.to_thread.run_sync(self._lock.acquire)
+            await anyio.to_thread.run_sync(self._precheck)
             while True:
                 try:
                     await self._open_connections()
