@@ -26,9 +26,15 @@ pool, as many asyncio tasks as the level taking event indices from a bounded
 ``asyncio.Queue`` and awaiting the same ``anyio.sleep(0.001)`` (no log, no ordering,
 no acknowledgement). uvloop's timers have millisecond granularity, so one such sleep
 lasts about 1.5 ms and one task reaches about 650 calls per second; the ceiling shows
-what the loop itself allows at each level on this machine at this moment. The ``cpu``
-column is the process's CPU time (every thread) over the run's wall time: the event
-loop is one thread, so a level near 100% is bound by the CPU, not by the waits.
+what the loop itself allows at each level on this machine at this moment.
+
+Two columns say what held a run back: ``cpu``, the event loop thread's CPU time over
+the run's wall time, and ``wait``, the time that thread was ready to run but had no
+CPU (Linux schedstat), over the wall time: the machine's other work taking the loop's
+core. A level whose cpu and wait add up to about 100% is bound by the CPU, not by the
+handlers' waits; the wait part of it is the share a quieter machine would give back.
+``us/ev`` is the loop thread's CPU time per event (``pool``: the same for the bare
+pool), what an event costs whatever share of a core the machine gave the run.
 
 Checked in every run (backlog and paced), by the handler itself: no two events of one
 key were ever in the handler at once (the keys in flight are tracked), each key's
@@ -54,7 +60,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
-from _support import frozen_gc, loop_name, machine, median, temp_dir
+from _support import ThreadTimes, frozen_gc, loop_name, machine, median, temp_dir
 
 import eventbus
 from eventbus import Bus, BusConfig, BusFull, Context, Event, Message
@@ -152,11 +158,18 @@ class Measurement:
     events: int
     seconds: float
     peak: int  # most handler calls seen in flight at once
-    cpu: float  # process CPU time (every thread) over wall time: 1.0 is one core
+    cpu: float  # the event loop thread's CPU time over the wall time
+    cpu_wait: float | None  # its time ready to run but without a CPU, over the wall time
 
     @property
     def rate(self) -> float:
         return self.events / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def cpu_per_event(self) -> float:
+        """The event loop thread's CPU time per event, in microseconds: what the run
+        costs whatever share of a core the machine gave it."""
+        return self.cpu * self.seconds / self.events * 1e6
 
 
 @dataclass(frozen=True)
@@ -169,7 +182,8 @@ class Paced:
     p50_ms: float
     p99_ms: float
     peak: int
-    cpu: float  # process CPU time over wall time, publishing included
+    cpu: float  # the event loop thread's CPU time over the wall time, publishing included
+    cpu_wait: float | None  # its time ready to run but without a CPU, over the wall time
 
 
 Handler = Callable[[Event[tuple[int, float]], Context], Awaitable[None]]
@@ -205,16 +219,16 @@ async def backlog_run(
                 for i in range(start, min(start + CHUNK, events))
             )
         with frozen_gc():
-            cpu = time.process_time()
+            times = ThreadTimes()
             started = time.perf_counter()
             bus.subscribe(TOPIC, name=SUBSCRIPTION, concurrency=level)(
                 _handler(checker, io_seconds)
             )
             await bus.drain(timeout=600)
             elapsed = time.perf_counter() - started
-            cpu = time.process_time() - cpu
+            cpu, wait = times.since()
         _check_metrics(bus, events)
-    return Measurement(level, events, elapsed, checker.peak, cpu / elapsed), checker
+    return Measurement(level, events, elapsed, checker.peak, *_shares(cpu, wait, elapsed)), checker
 
 
 async def paced_run(
@@ -246,7 +260,7 @@ async def paced_run(
     async with Bus.open(path, config=BusConfig(durability="normal")) as bus:
         bus.subscribe(TOPIC, name=SUBSCRIPTION, concurrency=level)(handle)
         with frozen_gc():
-            cpu = time.process_time()
+            times = ThreadTimes()
             first = perf()
             i = 0
             while i < events:
@@ -263,9 +277,11 @@ async def paced_run(
                 await sleep(max(0.0, first + i / rate - perf()))
             published = perf() - first
             await bus.drain(timeout=600)
-            cpu = time.process_time() - cpu
+            cpu, wait = times.since()
+            wall = perf() - first
         _check_metrics(bus, events)
     elapsed = handled_at - first
+    cpu_share, wait_share = _shares(cpu, wait, wall)
     ordered = sorted(latencies)
     return (
         Paced(
@@ -275,7 +291,8 @@ async def paced_run(
             p50_ms=_percentile(ordered, 0.50) * 1000,
             p99_ms=_percentile(ordered, 0.99) * 1000,
             peak=checker.peak,
-            cpu=cpu / elapsed if elapsed > 0 else 0.0,
+            cpu=cpu_share,
+            cpu_wait=wait_share,
         ),
         checker,
     )
@@ -306,15 +323,21 @@ async def pool_ceiling(level: int, events: int, io_seconds: float = IO_SECONDS) 
             await queue.put(None)
 
     with frozen_gc():
-        cpu = time.process_time()
+        times = ThreadTimes()
         started = time.perf_counter()
         async with asyncio.TaskGroup() as tg:
             for _ in range(level):
                 tg.create_task(worker())
             tg.create_task(produce())
         elapsed = time.perf_counter() - started
-        cpu = time.process_time() - cpu
-    return Measurement(level, events, elapsed, peak, cpu / elapsed)
+        cpu, wait = times.since()
+    return Measurement(level, events, elapsed, peak, *_shares(cpu, wait, elapsed))
+
+
+def _shares(cpu: float, wait: float | None, elapsed: float) -> tuple[float, float | None]:
+    if elapsed <= 0:
+        return 0.0, None
+    return cpu / elapsed, None if wait is None else wait / elapsed
 
 
 def _check_metrics(bus: Bus, events: int) -> None:
@@ -460,7 +483,8 @@ def format_report(report: Report) -> str:
         f" {_rounds(plan.rounds)}, medians",
         "",
         f"{'concurrency':>11} {'events':>7} {'events/s':>9} {'vs c=1':>7}"
-        f" {'pool ev/s':>10} {'vs pool':>8} {'peak':>5} {'cpu':>5}  runs (ev/s)",
+        f" {'pool ev/s':>10} {'vs pool':>8} {'peak':>5} {'cpu':>5} {'wait':>5}"
+        f" {'us/ev':>6} {'pool':>5}  runs (ev/s)",
     ]
     base = report.rate(1) if 1 in report.backlog else None
     for level in levels:
@@ -469,10 +493,14 @@ def format_report(report: Report) -> str:
         pool = report.ceiling_rate(level)
         peak = max(m.peak for m in report.backlog[level])
         cpu = median([m.cpu for m in report.backlog[level]])
+        wait = _share([m.cpu_wait for m in report.backlog[level]])
+        us = median([m.cpu_per_event for m in report.backlog[level]])
+        pool_us = median([m.cpu_per_event for m in report.ceiling[level]])
         runs = " ".join(f"{m.rate:,.0f}" for m in report.backlog[level])
         lines.append(
             f"{level:>11} {plan.events(level):>7,} {rate:>9,.0f} {vs1:>7}"
-            f" {pool:>10,.0f} {rate / pool:>8.0%} {peak:>5} {cpu:>5.0%}  {runs}"
+            f" {pool:>10,.0f} {rate / pool:>8.0%} {peak:>5} {cpu:>5.0%} {wait:>5}"
+            f" {us:>6.1f} {pool_us:>5.1f}  {runs}"
         )
     if report.paced:
         lines += [
@@ -480,18 +508,24 @@ def format_report(report: Report) -> str:
             f"paced at {PACED_SHARE:.0%} of each level's backlog rate for"
             f" {plan.paced_seconds:g} s (latency: publish to handler return):",
             f"{'concurrency':>11} {'offered/s':>10} {'handled/s':>10} {'p50 ms':>8}"
-            f" {'p99 ms':>8} {'peak':>5} {'cpu':>5}",
+            f" {'p99 ms':>8} {'peak':>5} {'cpu':>5} {'wait':>5}",
         ]
         for level in levels:
             p = report.paced.get(level)
             if p is not None:
                 lines.append(
                     f"{level:>11} {p.offered:>10,.0f} {p.handled:>10,.0f} {p.p50_ms:>8.2f}"
-                    f" {p.p99_ms:>8.2f} {p.peak:>5} {p.cpu:>5.0%}"
+                    f" {p.p99_ms:>8.2f} {p.peak:>5} {p.cpu:>5.0%} {_share([p.cpu_wait]):>5}"
                 )
     lines.append("")
     lines += [text for text, _ in verdicts(report)]
     return "\n".join(lines)
+
+
+def _share(values: list[float | None]) -> str:
+    """The median of known shares as a percentage ("-" when none is known)."""
+    known = [v for v in values if v is not None]
+    return f"{median(known):.0%}" if known else "-"
 
 
 def _rounds(n: int) -> str:
