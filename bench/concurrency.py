@@ -1,6 +1,6 @@
 """Key-ordered concurrency: a handler waiting on outside I/O, from 1 to 64 calls at once.
 
-    .venv/bin/python bench/concurrency.py             # 3 rounds (about 2 minutes)
+    .venv/bin/python bench/concurrency.py             # 3 rounds (about a minute)
     .venv/bin/python bench/concurrency.py --quick     # a smoke run, a few seconds
     .venv/bin/python bench/concurrency.py --levels 1 --levels 64 --rounds 5
 

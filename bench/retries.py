@@ -1,7 +1,7 @@
 """Healthy events under failure: the retry lane keeps failures off the hot path.
 
-    .venv/bin/python bench/retries.py            # full run (about a minute)
-    .venv/bin/python bench/retries.py --quick    # smoke run (a few seconds)
+    .venv/bin/python bench/retries.py            # full run (about two minutes)
+    .venv/bin/python bench/retries.py --quick    # smoke run (about 15 seconds)
 
 Workload: a per-event handler whose healthy path awaits ``--work`` seconds of I/O
 (a database write, say). Failing events fail fast, as a refused call does. Every event
