@@ -91,7 +91,8 @@ class Bus:
         self._subs: dict[str, Subscription] = {}
         self._known: dict[str, _SubInfo] = {}
         self._oldest = 1  # the first seq still in the log when it was opened
-        self._progress = anyio.Event()
+        # Whoever waits for progress (drain, reconciliation): woken at the next change.
+        self._progress_waiters: list[asyncio.Future[None]] = []
         self._tg: anyio.abc.TaskGroup | None = None
         self._maintenance_scope = anyio.CancelScope()
         self._writer_done = anyio.Event()
@@ -488,13 +489,26 @@ class Bus:
         self._notify_progress()
 
     def _notify_progress(self) -> None:
-        # Broadcast: whoever waits holds the current event; the next waits get a new one.
-        self._progress.set()
-        self._progress = anyio.Event()
+        # Called for every commit and call: nothing to do unless someone waits.
+        if self._progress_waiters:
+            waiters, self._progress_waiters = self._progress_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
 
     async def _wait_for_progress(self) -> None:
-        """Until the next commit or change of a subscription's progress."""
-        await self._progress.wait()
+        """Until the next commit or change of a subscription's progress.
+
+        Cancellation: nothing changes.
+        """
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._progress_waiters.append(fut)
+        try:
+            await fut
+        finally:
+            if not fut.done():
+                fut.cancel()
+                self._progress_waiters.remove(fut)
 
     # -- subscribing ----------------------------------------------------------------
 
@@ -787,7 +801,7 @@ class Bus:
                                 continue
                             return
                         continue
-                    await self._progress.wait()
+                    await self._wait_for_progress()
         except TimeoutError:
             head = self._writer.committed_head
             behind = self._lagging(head)

@@ -2,9 +2,11 @@
 
 Monotonic time is the event loop's own (``loop.time()``), the time every ``anyio``
 sleep and timeout uses, so a loop with a virtual clock makes the whole bus run on it.
-Wall time (``created_at``, a retry's ``due_at``) follows the loop's clock too: it is
-the system's wall time shifted by however far the loop's clock has run ahead of the
-real monotonic clock, so the two never disagree about how long something waited.
+Wall time (``created_at``, a retry's ``due_at``) is the system's. On a loop with a
+virtual clock (one whose ``virtual_clock`` attribute is true) it follows the loop's
+clock instead: the system's wall time shifted by however far the loop's clock has
+run ahead of the real monotonic clock, so the two never disagree about how long
+something waited.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ class Clock(Protocol):
 class LoopClock:
     """The running event loop's clock (see the module docstring)."""
 
-    __slots__ = ("now",)
+    __slots__ = ("now", "wall")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.now = (loop or asyncio.get_running_loop()).time
+        loop = loop or asyncio.get_running_loop()
+        self.now = loop.time
+        self.wall = self._shifted if getattr(loop, "virtual_clock", False) else time.time
 
-    def wall(self) -> float:
+    def _shifted(self) -> float:
         return time.time() + (self.now() - time.monotonic())

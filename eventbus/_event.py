@@ -59,4 +59,4 @@ _COUNTER = count(int(time.time() * 1000) << 16)
 
 def new_event_id() -> str:
     """A fresh, unique event id (32 hex characters)."""
-    return _PREFIX + format(next(_COUNTER), "016x")
+    return "%s%016x" % (_PREFIX, next(_COUNTER))  # noqa: UP031 - the fastest way here

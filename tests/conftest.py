@@ -33,7 +33,7 @@ async def wait_until(bus: object, predicate: Callable[[], bool], timeout: float 
     ``predicate()`` holds."""
     with anyio.fail_after(timeout):
         while not predicate():
-            await bus._progress.wait()  # type: ignore[attr-defined]
+            await bus._wait_for_progress()  # type: ignore[attr-defined]
 
 
 def load_bench(name: str) -> ModuleType:

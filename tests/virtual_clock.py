@@ -41,6 +41,9 @@ class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
 class VirtualClockLoop(asyncio.SelectorEventLoop):
     """An event loop whose clock jumps over idle time (see the module docstring)."""
 
+    #: Tells the bus to derive wall time from this loop's clock.
+    virtual_clock = True
+
     def __init__(self, threshold: float = 0.002) -> None:
         self._jumping = _JumpingSelector(threshold)
         super().__init__(self._jumping)

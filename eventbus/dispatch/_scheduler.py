@@ -118,13 +118,14 @@ class Entry:
 class Call:
     """A handler call the scheduler handed out: ``entries`` in ``lane``."""
 
-    __slots__ = ("entries", "keys", "lane", "ok", "probe", "suspect")
+    __slots__ = ("earned", "entries", "keys", "lane", "ok", "probe", "suspect")
 
     def __init__(self, lane: Lane) -> None:
         self.lane = lane
         self.entries: list[Entry] = []
         self.keys: list[str] = []  # keys this call owns until it finishes
         self.ok = 0  # successes not yet reported to the breaker
+        self.earned = 0  # fresh events handled: retry budget earned at the end
         self.probe = False
         self.suspect = False
 
@@ -221,6 +222,7 @@ class Scheduler:
         self._done_ahead: list[int] = []  # fresh events done since the last take
         # Calls in flight.
         self._owner: dict[str, Call] = {}
+        self._serial: Call | None = None  # a main call handed out without key tracking
         self.in_flight = {MAIN: 0, RETRY: 0}
         # The retry lane.
         self._known: dict[int, Entry] = {}  # every event in the retry lane, by seq
@@ -234,6 +236,10 @@ class Scheduler:
         self.retry_changed = False
         #: Set when the main lane may have work again; the shell clears it.
         self.main_changed = False
+        #: Counts the changes that could make :meth:`check` say anything but ``RUN``
+        #: (a key entering the retry lane, a due time, the breaker, stopping): a call
+        #: that sees it unchanged since its events were checked need not check again.
+        self.changes = 0
         #: The circuit breaker's last change of state (from, to); the shell clears it.
         self.breaker_moved: tuple[str, str] | None = None
 
@@ -252,6 +258,19 @@ class Scheduler:
         known = self._known
         ahead = self._ahead
         gone = self._gone_ahead
+        if not known and not ahead and not gone:
+            # Nothing to skip and no key in the retry lane: all of them join the buffer.
+            entries = list(entries)
+            if entries:
+                self._order.extend(entries)
+                self._fresh.extend(entries)
+                self.buffered += len(entries)
+                self.main_changed = True
+            if read_upto > self.read_pos:
+                self.read_pos = read_upto
+                if self._unreachable:
+                    self._reach()
+            return
         added = False
         for entry in entries:
             seq = entry.seq
@@ -301,6 +320,7 @@ class Scheduler:
     def stop(self) -> None:
         """Hand out nothing more; runs stop at their next event."""
         self._stopping = True
+        self.changes += 1
         self.main_changed = self.retry_changed = True
 
     # -- handing out calls ----------------------------------------------------------
@@ -330,6 +350,16 @@ class Scheduler:
             return None
         if self._suspect_due():
             return None  # a suspect waits for the calls in flight to end
+        if self.concurrency == 1 and not self._released and not self._lanes and self._fresh:
+            # One call at a time, nothing in the retry lane, nothing given back: the
+            # next events of the buffer, keys not tracked (no other call can take one).
+            fresh = self._fresh
+            n = min(limit, len(fresh))
+            call = Call(MAIN)
+            call.entries = [fresh.popleft() for _ in range(n)]
+            self.buffered -= n
+            self._serial = call  # its keys are its entries' (see _holds_key)
+            return call
         call = Call(MAIN)
         ordered = self.ordered
         owner = self._owner
@@ -379,7 +409,7 @@ class Scheduler:
                     heapq.heappop(heap)
                     bisect.insort(self._unreachable, (seq, entry), key=lambda item: item[0])
                     continue
-                if key in self._owner:
+                if key in self._owner or self._serial_holds(key):
                     # Its key is in a call (a redriven event of a busy key): it waits
                     # for that call to end.
                     heapq.heappop(heap)
@@ -406,6 +436,10 @@ class Scheduler:
             call.keys.append(found.key)
         return call
 
+    def _serial_holds(self, key: str) -> bool:
+        serial = self._serial
+        return serial is not None and any(entry.key == key for entry in serial.entries)
+
     def _suspect_due(self) -> bool:
         """A suspect is due and waits for the main lane to pause."""
         heap = self._heap
@@ -424,12 +458,11 @@ class Scheduler:
         subscription is stopping: release the rest of the call)."""
         if self._stopping:
             return STOP
-        if call.lane == RETRY:
-            return RUN
-        if self.ordered and entry.key is not None and entry.key in self._lanes:
+        lanes = self._lanes
+        if lanes and call.lane is MAIN and self.ordered and entry.key in lanes:
             self._park(entry)
             return PARK
-        if len(call.entries) > 1:
+        if call.lane is MAIN and len(call.entries) > 1:
             breaker = self.breaker
             if breaker is not None and breaker.state == "open":
                 return STOP
@@ -453,7 +486,19 @@ class Scheduler:
             self._leave_lane(entry)
             self._forget_ahead(entry)
         if call.lane == MAIN and entry.fresh:
-            self.budget.earn(1)
+            call.earned += 1
+
+    def succeeded_many(self, call: Call, entries: list[Entry]) -> None:
+        """Fresh events of a main-lane call handled, one after the other, without a
+        change in between (:attr:`changes`): :meth:`succeeded` for each, in bulk."""
+        for entry in entries:
+            entry.state = GONE
+            entry.pending = False
+        n = len(entries)
+        call.ok += n
+        call.earned += n
+        # Any of them may be ahead of the cursor (an older event held or retried).
+        self._done_ahead.extend([entry.seq for entry in entries])
 
     def failed(
         self, call: Call, entry: Entry, error: BaseException, now: float, *, final: bool = False
@@ -487,7 +532,7 @@ class Scheduler:
         attempt not counted."""
         back: list[Entry] = []
         for entry in unhandled:
-            if entry.state != RUNNING:
+            if entry.state != RUNNING and not (entry.state == FRESH and entry.pending):
                 continue
             if entry.fresh:
                 entry.state = FRESH
@@ -495,14 +540,19 @@ class Scheduler:
             else:
                 entry.state = WAITING
                 entry.due = now
-                heapq.heappush(self._heap, (now, entry.seq, entry))
+                self._push_due(now, entry.seq, entry)
                 self.retry_changed = True
         if back:
             self._released.extendleft(reversed(back))
             self.buffered += len(back)
             self.main_changed = True
         self._record(call, call.ok, 0, now)
+        if call.earned:
+            self.budget.earn(call.earned)
         self.in_flight[call.lane] -= 1
+        if call is self._serial:
+            self._serial = None
+            call.keys = list(self._key_blocked)  # due retries it held back may go now
         owner = self._owner
         for key in call.keys:
             if owner.get(key) is call:
@@ -511,7 +561,7 @@ class Scheduler:
             if blocked:
                 for entry in blocked:
                     if entry.state == WAITING:
-                        heapq.heappush(self._heap, (entry.due, entry.seq, entry))
+                        self._push_due(entry.due, entry.seq, entry)
                 self.retry_changed = True
             held = self._held.pop(key, None)
             if held:
@@ -538,6 +588,7 @@ class Scheduler:
         breaker.record(ok, failed, now)
         call.ok = 0
         if breaker.state != was:
+            self.changes += 1
             self.retry_changed = self.main_changed = True
             self.breaker_moved = (was, breaker.state)
 
@@ -551,6 +602,7 @@ class Scheduler:
         parked behind the events of its key ahead of it."""
         self._known[entry.seq] = entry
         entry.fresh = entry.pending = False
+        self.changes += 1
         key = entry.key
         if self.ordered and key is not None:
             lane = self._lanes.get(key)
@@ -583,8 +635,12 @@ class Scheduler:
         entry.due = due
         if write:
             self._sink.retry(entry, error)
-        heapq.heappush(self._heap, (due, entry.seq, entry))
+        self._push_due(due, entry.seq, entry)
         self.retry_changed = True
+
+    def _push_due(self, due: float, seq: int, entry: Entry) -> None:
+        heapq.heappush(self._heap, (due, seq, entry))
+        self.changes += 1  # a suspect may now be due: calls must check their events
 
     def _requeue(self, entry: Entry, due: float, error: BaseException) -> None:
         """A retry attempt failed: due again if it still heads its key, else parked
@@ -603,6 +659,7 @@ class Scheduler:
         position) due at once, ahead of it."""
         entry.pending = False
         entry.fresh = False
+        self.changes += 1
         self._known[entry.seq] = entry
         lane = self._lanes[entry.key]  # type: ignore[index]
         if lane[-1].seq < entry.seq:
@@ -647,7 +704,7 @@ class Scheduler:
         if head.state == PARKED:
             head.state = WAITING
             head.due = 0.0  # released: due at once
-            heapq.heappush(self._heap, (0.0, head.seq, head))
+            self._push_due(0.0, head.seq, head)
             self.retry_changed = True
 
     def _forget_ahead(self, entry: Entry) -> None:
@@ -661,7 +718,7 @@ class Scheduler:
         while self._unreachable and self._unreachable[0][0] <= self.read_pos:
             _, entry = self._unreachable.pop(0)
             if entry.state == WAITING:
-                heapq.heappush(self._heap, (entry.due, entry.seq, entry))
+                self._push_due(entry.due, entry.seq, entry)
                 self.retry_changed = True
 
     # -- output ---------------------------------------------------------------------

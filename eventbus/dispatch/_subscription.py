@@ -35,6 +35,7 @@ import storage as _storage
 from backpressure import BatchSample
 from storage import (
     PROCESS_DIED,
+    NoCallSlots,
     Record,
     RetryRecord,
     SubscriptionInfo,
@@ -154,6 +155,8 @@ class Subscription:
         # The journal: one slot per main worker, then one per retry attempt.
         width = 1 if not self.is_batch else max(1, min(batch_policy.max_size, capacity))
         self._slots = log.calls(name, concurrency + retry.concurrency, width)
+        # A log that forgets everything at exit records no calls: skip the calls.
+        self._track_calls = not isinstance(self._slots, NoCallSlots)
         self._free_slots = list(range(concurrency + retry.concurrency - 1, concurrency - 1, -1))
         self._contexts = [
             Context(name, encode, self.state_cache) for _ in range(concurrency + retry.concurrency)
@@ -367,6 +370,20 @@ class Subscription:
         return max(1, min(target, math.ceil(self._sched.buffered / self.concurrency)))
 
     async def _worker(self, slot: int) -> None:
+        """One worker of the main lane. Its cancel scope lives as long as it does (a
+        scope per call would cost more than a trivial handler): reconciliation
+        cancels it to stop a stuck call, and the worker goes on in a new one."""
+        info = RunningCall(MAIN)
+        while True:
+            with anyio.CancelScope() as scope:
+                info.scope = scope
+                info.stuck = None
+                await self._work(slot, info)
+                return
+            # Cancelled as stuck: that call has failed its event and released the rest.
+            self._after_call()
+
+    async def _work(self, slot: int, info: RunningCall) -> None:
         sched = self._sched
         writer = self._writer
         now = self._clock.now
@@ -390,7 +407,7 @@ class Subscription:
             if self.is_batch:
                 await self._run_batch(call, slot)
             else:
-                await self._run_events(call, slot)
+                await self._run_events(call, slot, info)
             self._after_call()
 
     async def _linger(self, linger: float) -> None:
@@ -522,8 +539,9 @@ class Subscription:
         entry.item = event
         return event
 
-    async def _run_events(self, call: Call, slot: int) -> None:
-        """A per-event handler's call: its events one after the other."""
+    async def _run_events(self, call: Call, slot: int, info: RunningCall) -> None:
+        """A per-event handler's call: its events one after the other, in the
+        worker's cancel scope (``info.scope``)."""
         sched = self._sched
         ctx = self._contexts[slot]
         buf = ctx.buffer
@@ -531,64 +549,97 @@ class Subscription:
         journal = self._slots
         timeout = self.retry.timeout
         now = self._clock.now
-        info = self._running[slot] = RunningCall(MAIN)
+        track = self._track_calls
+        writes = self._writes
+        self._running[slot] = info
         entries = call.entries
+        count = len(entries)
         i = 0
         inside = False
         started = now()
         handled = 0
+        # The scheduler checked these events when it handed them out; until something
+        # changes that :meth:`Scheduler.check` would see, they need no other check, and
+        # successes are told in bulk: entries[done_from:i].
+        done_from = 0
+        changes = sched.changes
+        checking = False
         try:
-            with anyio.CancelScope() as scope:
-                info.scope = scope
-                while i < len(entries):
-                    entry = entries[i]
+            while i < count:
+                entry = entries[i]
+                if checking or sched.changes != changes:
+                    checking = True  # from here on, every event is checked
+                    if done_from < i:
+                        sched.succeeded_many(call, entries[done_from:i])
+                    done_from = i
                     verdict = sched.check(call, entry)
                     if verdict != RUN:
                         if verdict == STOP:
                             break
                         i += 1
+                        done_from = i
                         continue
+                event = entry.item
+                if type(event) is not Event or event.attempt != entry.attempt:
                     try:
                         event = self._event_of(entry)
                     except msgspec.DecodeError as exc:
                         i += 1
                         self._failed(call, entry, exc, final=True)
                         continue
-                    buf.begin(event, entry.attempt)
-                    journal.started(slot, (entry.seq,))
-                    inside = True
-                    info.seqs = (entry.seq,)
-                    info.started = now()
-                    try:
-                        if timeout is None:
+                buf.event = event
+                buf.attempt = entry.attempt
+                seqs = (entry.seq,)
+                if track:
+                    journal.started(slot, seqs)
+                inside = True
+                info.seqs = seqs
+                info.started = now()
+                try:
+                    if timeout is None:
+                        await handler(event, ctx)
+                    else:
+                        with anyio.fail_after(timeout):
                             await handler(event, ctx)
-                        else:
-                            with anyio.fail_after(timeout):
-                                await handler(event, ctx)
-                    except Exception as exc:  # noqa: BLE001 - goes to the retry lane or dead letters
+                except Exception as exc:  # noqa: BLE001 - goes to the retry lane or dead letters
+                    if track:
+                        journal.ended(slot)
+                    inside = False
+                    if done_from < i:
+                        sched.succeeded_many(call, entries[done_from:i])
+                    i += 1
+                    done_from = i
+                    checking = True
+                    buf.clear()
+                    self._failed(call, entry, exc)
+                    continue
+                except BaseException:
+                    if done_from < i:
+                        sched.succeeded_many(call, entries[done_from:i])
+                        done_from = i
+                    if info.stuck is not None:
+                        # Reconciliation cancelled a stuck call: the event in flight
+                        # failed this attempt; the cancellation ends the call.
                         journal.ended(slot)
                         inside = False
                         i += 1
                         buf.clear()
-                        self._failed(call, entry, exc)
-                        continue
+                        self._failed(call, entry, HandlerStuck(self.name, info.stuck, info.seqs))
+                    raise
+                if track:
                     journal.ended(slot)
-                    inside = False
-                    i += 1
-                    handled += 1
-                    self._writes.absorb(buf)
-                    sched.succeeded(call, entry)
-            if scope.cancelled_caught and inside:
-                # Reconciliation cancelled a stuck call: the event in flight failed.
-                journal.ended(slot)
                 inside = False
-                entry = entries[i]
                 i += 1
-                buf.clear()
-                self._failed(call, entry, HandlerStuck(self.name, info.stuck or 0.0, info.seqs))
+                handled += 1
+                if buf.outbox or buf.writes:
+                    writes.absorb(buf)
+            if done_from < i:
+                sched.succeeded_many(call, entries[done_from:i])
+                done_from = i
         finally:
             if inside:
                 journal.ended(slot)  # abandoned (the bus is closing): not a death
+            info.seqs = ()
             del self._running[slot]
             sched.finish(call, now(), entries[i:])
             self._writes.touch()

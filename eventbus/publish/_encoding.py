@@ -14,8 +14,8 @@ few milliseconds and no memory beyond ``max_event_bytes`` before ``EventTooLarge
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
+from time import time as _time
 
 import msgspec
 
@@ -99,6 +99,25 @@ class EventEncoder:
             EventTooLarge: The event would encode to more than ``max_event_bytes``.
         """
         limit = self.max_event_bytes
+        if (
+            headers is None
+            and idempotency_key is None
+            and type(payload) is dict
+            and _BOUNDED
+            and type(topic) is str
+            and topic.isascii()
+            and topic
+            and topic != "*"
+            and (key is None or (type(key) is str and key.isascii()))
+        ):
+            # The common case in one go: ASCII topic and key, a dict payload.
+            budget = limit - len(topic) - (0 if key is None else len(key))
+            data = self._encode_bounded(topic, payload, budget) if budget > 0 else None
+            if data is None:
+                raise self._too_large(topic)
+            return NewRecord(
+                new_event_id(), topic, key, data, None, _time() if now is None else now, None
+            )
         # The common case first: ASCII str topic and keys, measured without encoding.
         if type(topic) is str and topic.isascii() and topic and topic != "*":
             size = len(topic)
@@ -135,7 +154,7 @@ class EventEncoder:
             key,
             data,
             raw_headers,
-            time.time() if now is None else now,
+            _time() if now is None else now,
             idempotency_key,
         )
 
@@ -146,12 +165,14 @@ class EventEncoder:
             InvalidEvent: An item is not a :class:`Message`, or as for :meth:`encode`.
             PayloadError, EventTooLarge: As for :meth:`encode`.
         """
-        records = []
+        encode = self.encode
+        records: list[NewRecord] = []
+        append = records.append
         for message in messages:
-            if not isinstance(message, Message):
+            if type(message) is not Message and not isinstance(message, Message):
                 raise InvalidEvent("each item of publish_many", message, "a Message")
-            records.append(
-                self.encode(
+            append(
+                encode(
                     message.topic,
                     message.payload,
                     message.key,
@@ -220,7 +241,7 @@ class EventEncoder:
         """Encode into buffers that a live memoryview keeps from growing: msgspec's
         resize fails with ``BufferError`` as soon as the encoding outgrows one. A
         small buffer first (most events fit), then larger ones up to the budget."""
-        size = _FIRST_BUFFER
+        size = _FIRST_BUFFER if budget > _FIRST_BUFFER else budget
         while True:
             last = size >= budget
             buffer = bytearray(budget + _SLACK if last else size)
