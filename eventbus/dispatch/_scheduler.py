@@ -497,10 +497,7 @@ class Scheduler:
                 entry.due = now
                 heapq.heappush(self._heap, (now, entry.seq, entry))
                 self.retry_changed = True
-        if back:
-            self._released.extendleft(reversed(back))
-            self.buffered += len(back)
-            self.main_changed = True
+        self.buffered += len(back)
         self._record(call, call.ok, 0, now)
         self.in_flight[call.lane] -= 1
         owner = self._owner
@@ -520,8 +517,16 @@ class Scheduler:
                         self.buffered -= 1
                         self._park(entry)
                 else:
-                    self._released.extend(held)
-                    self.main_changed = True
+                    back.extend(held)
+        if back:
+            # Back to the front of the buffer: the call's unattempted events, then the
+            # events held behind its keys. Each is the earliest unhandled event of its
+            # key (a call takes a key's events in log order, and a later one is held
+            # only while an earlier one is in a call), so per-key order holds. Behind
+            # the buffer, a held event would queue after later events of its key that
+            # an earlier release had put there.
+            self._released.extendleft(reversed(back))
+            self.main_changed = True
         if call.suspect:
             self._suspect_running = False
             self.main_changed = True
