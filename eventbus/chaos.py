@@ -168,9 +168,10 @@ class Sink:
 
 
 class CallLog:
-    """The handlers' own record of their calls (``start SUB SEQS ATTEMPTS``,
-    ``end SUB SEQS``), and of the customers each subscription's calls hold right now:
-    a call that starts on a customer another call holds is an order violation."""
+    """The handlers' own record of their calls (``start SUB SEQS ATTEMPTS TIME``,
+    ``end SUB SEQS TIME``, in monotonic seconds), and of the customers each
+    subscription's calls hold right now: a call that starts on a customer another
+    call holds is an order violation."""
 
     def __init__(self, out: TextIO) -> None:
         self._out = out
@@ -183,7 +184,8 @@ class CallLog:
             sys.stdout.write("handling\n")
             sys.stdout.flush()
         seqs = ",".join(str(e.seq) for e in events)
-        self._out.write(f"start {sub} {seqs} {','.join(str(e.attempt) for e in events)}\n")
+        attempts = ",".join(str(e.attempt) for e in events)
+        self._out.write(f"start {sub} {seqs} {attempts} {time.monotonic():.6f}\n")
         holding = self._holding[sub]
         for customer in {e.key or "" for e in events}:
             if holding[customer]:
@@ -191,7 +193,8 @@ class CallLog:
             holding[customer] += 1
 
     def end(self, sub: str, events: list[Event[dict[str, int]]]) -> None:
-        self._out.write(f"end {sub} {','.join(str(e.seq) for e in events)}\n")
+        seqs = ",".join(str(e.seq) for e in events)
+        self._out.write(f"end {sub} {seqs} {time.monotonic():.6f}\n")
         holding = self._holding[sub]
         for customer in {e.key or "" for e in events}:
             holding[customer] -= 1
@@ -457,6 +460,8 @@ def run_harness(directory: Path, settings: Settings) -> Report:
         life += 1
         _finish(_spawn(directory, settings, life, role), directory, life)
     starts = life + 1 if settings.publish_first else life
+    # What each kill interrupted, for a post-mortem beside the runs' own files.
+    (directory / "kills.json").write_bytes(msgspec.json.encode(kills))
     return account(directory, settings, kills, life, starts, time.monotonic() - started)
 
 
