@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,6 +68,31 @@ def machine(loop: str) -> str:
         f"python {platform.python_version()} on {loop}, sqlite {sqlite3.sqlite_version}, "
         f"{os.cpu_count()} CPUs, {platform.system()} {platform.machine()}"
     )
+
+
+class ThreadTimes:
+    """The calling thread's time on a CPU and time spent ready to run but waiting for
+    one (Linux ``/proc/thread-self/schedstat``; elsewhere the CPU time alone, and no
+    wait). On a shared machine the wait says how much of a run's wall time other
+    processes took from the event loop."""
+
+    def __init__(self) -> None:
+        self.cpu, self.wait = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float | None]:
+        try:
+            with open("/proc/thread-self/schedstat") as f:
+                on_cpu, waiting, _ = f.read().split()
+        except (OSError, ValueError):
+            return time.thread_time(), None
+        return int(on_cpu) / 1e9, int(waiting) / 1e9
+
+    def since(self) -> tuple[float, float | None]:
+        """Seconds on a CPU, and seconds waiting for one (None: not known), since
+        this object was made."""
+        cpu, wait = self._read()
+        return cpu - self.cpu, None if wait is None or self.wait is None else wait - self.wait
 
 
 @contextmanager

@@ -13,7 +13,7 @@ transaction as the handlers' outbox publishes.
 
 from storage import LogStats
 
-from ._bus import Bus
+from ._bus import Bus, Reconciliation
 from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy
 from ._effects import idempotent
 from ._errors import (
@@ -25,7 +25,9 @@ from ._errors import (
     DrainTimeout,
     EventTooLarge,
     HandlerStuck,
+    InvalidEvent,
     LogBusy,
+    LogDirectoryMissing,
     LogLocked,
     NotALog,
     PayloadError,
@@ -33,6 +35,7 @@ from ._errors import (
     StorageError,
     StorageFull,
     SubscriptionError,
+    UnsupportedPlatform,
 )
 from ._event import Event, Message, Receipt
 from ._metrics import (
@@ -43,7 +46,6 @@ from ._metrics import (
     SubscriptionMetrics,
     WorkflowMetrics,
 )
-from ._reconciliation import Reconciliation
 from ._run import run
 from .dispatch import Context, State, StateReader
 from .failures import DeadLetter, DeadLetterPage, DeadLetters
@@ -81,8 +83,10 @@ __all__ = [
     "Event",
     "EventTooLarge",
     "HandlerStuck",
+    "InvalidEvent",
     "LatencySummary",
     "LogBusy",
+    "LogDirectoryMissing",
     "LogLocked",
     "LogMetrics",
     "LogStats",
@@ -107,6 +111,7 @@ __all__ = [
     "SubscriptionError",
     "SubscriptionMetrics",
     "SubscriptionReport",
+    "UnsupportedPlatform",
     "Workflow",
     "WorkflowCancelled",
     "WorkflowError",

@@ -30,20 +30,26 @@ from ._effect_log import EffectLog
 from ._errors import (
     BusClosed,
     DrainTimeout,
-    EventTooLarge,
-    PayloadError,
     SubscriptionError,
     translate_storage_error,
 )
-from ._event import Event, Message, new_event_id
+from ._event import Event, Message
 from ._metrics import BusMetrics
-from ._reconciliation import Reconciliation
+from ._reconciliation import ReconciliationBase
 from ._stopping import stop_requested
 from ._unclaimed import apply_drop, warn_unclaimed
-from .dispatch import Handler, StateReader, Subscription
+from .dispatch import (
+    Handler,
+    StateReader,
+    Subscription,
+    check_handler,
+    check_topics,
+    subscription_name,
+    warn_of_replay,
+)
 from .failures import CONTROL_DECODER as _CONTROL
 from .failures import DeadLetters
-from .publish import LogWriter, RecentEvents
+from .publish import EventEncoder, LogWriter, RecentEvents
 from .reconcile import R, Reconciler, ReconcileReport
 from .workflows import WorkflowEngine, WorkflowFunction, WorkflowHandle
 
@@ -53,6 +59,13 @@ H = TypeVar("H", bound=Handler)
 W = TypeVar("W", bound=WorkflowFunction)
 
 _HEADERS = msgspec.msgpack.Decoder(dict[str, str])
+
+
+class Reconciliation(ReconciliationBase["Bus"]):
+    """What a user reconciler gets on each run: ``rc.bus`` is this bus,
+    ``await rc.publish(...)`` emits a corrective event (counted unless its
+    idempotency key was already in the log), ``rc.flag(message)`` records an
+    inconsistency it cannot correct."""
 
 
 class Bus:
@@ -67,7 +80,7 @@ class Bus:
         self.config = config
         self._log = log
         self._clock = clock
-        self._encoder = msgspec.msgpack.Encoder()
+        self._events = EventEncoder(config.max_event_bytes)
         self._decoder = msgspec.msgpack.Decoder()
         self._writer = LogWriter(
             log,
@@ -77,6 +90,7 @@ class Bus:
         )
         self._subs: dict[str, Subscription] = {}
         self._known: dict[str, _SubInfo] = {}
+        self._oldest = 1  # the first seq still in the log when it was opened
         self._progress = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._maintenance_scope = anyio.CancelScope()
@@ -172,13 +186,15 @@ class Bus:
         try:
             bus = cls(storage, config, clock or LoopClock())
             bus._known = await storage.subscriptions()
+            first = await storage.read(0, storage.head, None, 1)
+            bus._oldest = first[0].seq if first else storage.head + 1
             async with anyio.create_task_group() as tg:
                 bus._tg = tg
                 bus._workflows.attach(tg)
                 tg.start_soon(bus._run_writer)
                 tg.start_soon(bus._maintenance)
                 tg.start_soon(bus._reconciler.run)
-                tg.start_soon(warn_unclaimed, bus)
+                tg.start_soon(bus._warn_unclaimed)
                 try:
                     yield bus
                 except BaseException as exc:  # noqa: BLE001 - re-raised below, as it is
@@ -243,6 +259,10 @@ class Bus:
                     self._tg.cancel_scope.cancel()
                 self._closed = True
 
+    async def _warn_unclaimed(self) -> None:
+        """At the body's first await: subscriptions in the log that no handler took."""
+        warn_unclaimed(self._known, self._subs, self._writer.committed_head)
+
     async def _run_writer(self) -> None:
         try:
             await self._writer.run()
@@ -281,7 +301,9 @@ class Bus:
                 logger.error("ignoring a malformed command queued in the log: %r", raw[:100])
                 continue
             if command.action == "drop":
-                await apply_drop(self, command.subscription)
+                await apply_drop(
+                    self._log, self._writer.lock, self._known, self._subs, command.subscription
+                )
                 continue
             if command.action == "redrive":
                 n = await self.dead_letters.redrive(
@@ -351,31 +373,13 @@ class Bus:
         idempotency_key: str | None = None,
         now: float | None = None,
     ) -> NewRecord:
-        if not isinstance(topic, str) or not topic or topic == "*":
-            raise ValueError(f"topic must be a non-empty string other than '*', got {topic!r}")
-        if key is not None and not isinstance(key, str):
-            raise ValueError(f"key must be a string or None, got {type(key).__name__}")
-        try:
-            data = self._encoder.encode(payload)
-        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
-            raise PayloadError(topic, str(exc)) from exc
-        size = len(data) + len(topic) + (len(key) if key else 0)
-        raw_headers = None
-        if headers:
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
-                raise PayloadError(topic, "headers must map str to str")
-            raw_headers = self._encoder.encode(headers)
-            size += len(raw_headers)
-        if size > self.config.max_event_bytes:
-            raise EventTooLarge(topic, size, self.config.max_event_bytes)
-        return NewRecord(
-            new_event_id(),
+        return self._events.encode(
             topic,
+            payload,
             key,
-            data,
-            raw_headers,
-            self._clock.wall() if now is None else now,
+            headers,
             idempotency_key,
+            self._clock.wall() if now is None else now,
         )
 
     def _check_open(self) -> None:
@@ -405,8 +409,13 @@ class Bus:
             The receipt: ``seq``, ``id`` and ``duplicate``.
 
         Raises:
-            PayloadError: The payload or headers cannot be encoded (nothing written).
-            EventTooLarge: Over ``max_event_bytes`` (nothing written).
+            InvalidEvent: The topic, key or idempotency key is not allowed: not a
+                ``str`` (None for the keys), an empty topic or ``"*"``, not valid
+                Unicode (nothing written).
+            PayloadError: The payload or headers cannot be encoded, or the payload is
+                nested too deeply or cyclic (nothing written).
+            EventTooLarge: Over ``max_event_bytes`` (nothing written; a payload is
+                never encoded much past the limit).
             BusClosed: The bus is closed or closed before the commit.
             StorageError: The log failed to commit (nothing written).
 
@@ -434,7 +443,8 @@ class Bus:
 
         Raises:
             BusFull: ``max_pending_publishes`` events are already waiting.
-            PayloadError, EventTooLarge, BusClosed: as for :meth:`publish`.
+            InvalidEvent, PayloadError, EventTooLarge, BusClosed: as for
+                :meth:`publish`; nothing is queued.
         """
         self._check_open()
         record = self._encode(topic, payload, key, headers, idempotency_key)
@@ -444,16 +454,14 @@ class Bus:
         """Append several events in one transaction: all are committed, or none.
 
         Raises:
-            PayloadError, EventTooLarge: One message is bad; nothing is written.
+            InvalidEvent, PayloadError, EventTooLarge: One message is bad; nothing
+                is written.
             BusClosed, StorageError: As for :meth:`publish`.
 
         Cancellation: as for :meth:`publish`.
         """
         self._check_open()
-        records = [
-            self._encode(m.topic, m.payload, m.key, m.headers, m.idempotency_key) for m in messages
-        ]
-        return await self._writer.submit_many(records)
+        return await self._writer.submit_many(self._events.encode_many(messages))
 
     # -- routing (called by the writer after each commit) ---------------------------
 
@@ -506,12 +514,22 @@ class Bus:
 
         A handler is ``async def h(event: Event, ctx: Context)``, or a batch handler
         ``async def h(events: list[Event], ctx: Context)`` (recognised by the
-        ``list[...]`` annotation on its first parameter).
+        ``list[...]`` annotation on its first parameter). Its shape is checked here:
+        a plain ``def``, a lambda, a third required parameter or ``(ctx, event)``
+        is refused at once rather than failing every event later.
+
+        A subscription new to the log that starts at the earliest event logs a
+        warning when more than 10,000 events (``REPLAY_WARNING``) are already in the
+        log: a renamed subscription would replay them all.
 
         Args:
             topic: The topic(s) to receive; ``"*"`` for every topic.
             name: The durable name of the subscription: its position in the log is
-                kept under it across restarts. Defaults to the handler's qualified name.
+                kept under it across restarts. Defaults to the handler's function
+                name (``__name__``: ``"bill"`` for ``async def bill``), the same
+                however the program is started or where the function is defined;
+                renaming the function renames the subscription. A handler without
+                a plain name (a partial, a callable object) needs ``name=``.
             batch: How events are batched; ``config.batch`` by default. A policy
                 object is used whole (its unset fields take the class defaults); a
                 dict changes only its keys of ``config.batch``.
@@ -532,20 +550,20 @@ class Bus:
                 many batches at once, their keys disjoint.
 
         Raises:
-            SubscriptionError: The name is taken, or the handler's shape is wrong.
+            SubscriptionError: The name is taken; the topic is not a name or an
+                iterable of names (or the decorator was used without parentheses);
+                the handler is not an ``async def`` taking ``(event, ctx)``.
             ConfigError: A policy is neither a policy, a dict nor None, or a dict's
                 key is unknown or its value impossible.
             BusClosed: The bus is closed.
         """
         self._check_open()
+        topics = check_topics(topic)
         batch_policy, retry_policy, breaker_policy = subscription_policies(
             self.config, batch, retry, breaker
         )
-        topics = frozenset([topic] if isinstance(topic, str) else topic)
-        if not topics or not all(isinstance(t, str) and t for t in topics):
-            raise SubscriptionError(f"subscribe needs one or more topic names, got {topic!r}")
         if start not in ("earliest", "latest"):
-            raise ValueError(f"start must be 'earliest' or 'latest', got {start!r}")
+            raise SubscriptionError(f"start must be 'earliest' or 'latest', got {start!r}")
         if concurrency is None:
             concurrency = self.config.concurrency
         elif isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
@@ -554,12 +572,15 @@ class Bus:
             )
 
         def decorator(handler: H) -> H:
-            sub_name = name or f"{handler.__module__}.{handler.__qualname__}"
+            check_handler(handler)
+            sub_name = subscription_name(handler, name, self._known)
             if sub_name in self._subs:
                 raise SubscriptionError(
                     f"a subscription named {sub_name!r} already exists on this bus; "
                     "give each subscription a distinct name="
                 )
+            if start == "earliest" and sub_name not in self._known:
+                warn_of_replay(sub_name, self._writer.committed_head - self._oldest + 1)
             self._start_subscription(
                 sub_name,
                 topics,
@@ -669,6 +690,9 @@ class Bus:
             WorkflowError: No such workflow, or the id belongs to another workflow.
             PayloadError: The input cannot be encoded.
             BusClosed: The bus is closed.
+
+        Cancellation: the start may still commit (and the run then starts); calling
+        again with the same ``workflow_id`` returns that run's handle.
         """
         self._check_open()
         record = await self._workflows.start(name, input, workflow_id, timeout)
@@ -679,6 +703,8 @@ class Bus:
 
         Raises:
             WorkflowError: No run has this id.
+
+        Cancellation: a read; nothing changes.
         """
         return WorkflowHandle(self._workflows, await self._workflows.read(workflow_id))
 

@@ -1,10 +1,10 @@
 """Configuration: :class:`BusConfig`, :class:`BatchPolicy`, :class:`RetryPolicy`,
 :class:`BreakerPolicy`.
 
-All are msgspec Structs, validated on construction, loadable from TOML and
-``EVENTBUS_*`` environment variables, or both (:meth:`BusConfig.load`: the
-environment overrides the file, key by key). Unknown keys and impossible values raise
-:class:`~eventbus.ConfigError` naming the key.
+All are msgspec Structs, validated on construction (types and values), loadable from
+TOML and ``EVENTBUS_*`` environment variables, or both (:meth:`BusConfig.load`: the
+environment overrides the file, key by key). Unknown keys, values of the wrong type
+and impossible values raise :class:`~eventbus.ConfigError` naming the key.
 
 How a subscription's policies combine with the bus's: ``subscribe(retry=...)`` takes
 a complete policy (``RetryPolicy(max_attempts=3)``: the fields it does not set take
@@ -19,6 +19,7 @@ import math
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from typing import Literal, TypeVar
 
@@ -30,6 +31,44 @@ T = TypeVar("T")
 
 BatchMode = Literal["adaptive", "natural", "aimd", "fixed"]
 Jitter = Literal["full", "equal", "decorrelated", "none"]
+
+
+def _check_types(struct: msgspec.Struct, prefix: str) -> None:
+    """Reject a field whose value does not have the field's declared type.
+
+    msgspec checks types when it decodes or converts, not when a Struct is built
+    directly, so ``BusConfig(durability="fast")`` would otherwise pass and fail much
+    later. ``True`` is not accepted for a number, nor a dict for a policy; an ``int``
+    is accepted for a ``float``.
+    """
+    for field in msgspec.structs.fields(type(struct)):
+        value = getattr(struct, field.name)
+        try:
+            converted = msgspec.convert(value, field.type, strict=True)
+        except msgspec.ValidationError:
+            converted = _INVALID
+        # convert() also builds a Struct from a dict and a tuple from a list, but the
+        # Struct keeps what it was given: only the value itself passes (or an int for
+        # a float). A tuple's items are checked by the Struct, which names the bad one.
+        if not (
+            converted is value
+            or (isinstance(value, int) and isinstance(converted, float))
+            or (isinstance(value, tuple) and typing.get_origin(field.type) is tuple)
+        ):
+            raise ConfigError(
+                prefix + field.name,
+                f"expected {_describe(field.type)}, got {type(value).__name__} {value!r}",
+            )
+
+
+_INVALID = object()
+
+
+def _describe(annotation: object) -> str:
+    """``Literal['a', 'b']`` as "one of 'a', 'b'"; other types by their short names."""
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    return re.sub(r"\b[\w.]+\.(\w+)", r"\1", getattr(annotation, "__name__", str(annotation)))
 
 
 def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
@@ -60,6 +99,7 @@ class BatchPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_wait: float = 0.005
 
     def __post_init__(self) -> None:
+        _check_types(self, "batch.")
         if self.min_size < 1:
             raise ConfigError("batch.min_size", f"must be at least 1, got {self.min_size}")
         if self.max_size < self.min_size:
@@ -109,6 +149,7 @@ class RetryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     budget_floor: float = 10.0
 
     def __post_init__(self) -> None:
+        _check_types(self, "retry.")
         if self.max_attempts < 1:
             raise ConfigError("retry.max_attempts", f"must be at least 1, got {self.max_attempts}")
         _positive("retry.initial_delay", self.initial_delay, allow_zero=True)
@@ -162,6 +203,7 @@ class BreakerPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_cooldown: float = 60.0
 
     def __post_init__(self) -> None:
+        _check_types(self, "breaker.")
         if not 0 < self.failure_ratio <= 1:
             raise ConfigError(
                 "breaker.failure_ratio", f"must be in (0, 1], got {self.failure_ratio!r}"
@@ -239,6 +281,7 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reconcile_lease: float = 300.0
 
     def __post_init__(self) -> None:
+        _check_types(self, "")
         _positive("redrive_rate", self.redrive_rate)
         _positive("control_interval", self.control_interval)
         for key in (

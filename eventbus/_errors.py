@@ -3,27 +3,32 @@
 ::
 
     BusError
-    ├── BusClosed            the bus is closed (or closing): open a new one
-    ├── BusFull              publish_nowait found max_pending_publishes waiting
-    ├── EventTooLarge        the encoded event exceeds max_event_bytes; nothing written
-    ├── PayloadError         the payload or headers cannot be encoded; nothing written
-    ├── ConfigError          a configuration key or value is wrong (names the key)
-    ├── SubscriptionError    a subscribe() call is wrong (duplicate name, bad handler)
-    ├── DrainTimeout         drain() ran out of time; says which subscriptions lag
-    ├── HandlerStuck         reconciliation cancelled a handler call that ran too long
-    └── StorageError         the log failed (also a storage.StorageError)
-        ├── LogLocked        another process owns the log file
-        ├── LogBusy          another connection held the write lock past busy_timeout
-        ├── NotALog          the file is not an event log
-        ├── CorruptLog       SQLite reports the file as damaged
-        ├── SchemaTooNew     written by a newer eventbus
-        └── StorageFull      the disk is full; the write was rolled back
+    ├── BusClosed                the bus is closed (or closing): open a new one
+    ├── BusFull                  publish_nowait found max_pending_publishes waiting
+    ├── EventTooLarge            the event exceeds max_event_bytes; nothing written
+    ├── PayloadError             the payload or headers cannot be encoded; nothing written
+    ├── InvalidEvent             a topic, key or idempotency key is not allowed
+    ├── ConfigError              a configuration key or value is wrong (names the key)
+    ├── SubscriptionError        a subscribe() call is wrong (bad topic, handler, name)
+    ├── DrainTimeout             drain() ran out of time; says which subscriptions lag
+    ├── HandlerStuck             reconciliation cancelled a handler call that ran too long
+    └── StorageError             the log failed (also a storage.StorageError)
+        ├── LogLocked            another process owns the log file (names its pid)
+        ├── LogBusy              another connection held the write lock past busy_timeout
+        ├── LogDirectoryMissing  the log's directory does not exist
+        ├── UnsupportedPlatform  a log file needs a POSIX system
+        ├── NotALog              the file is not an event log
+        ├── CorruptLog           SQLite reports the file as damaged
+        ├── SchemaTooNew         written by a newer eventbus
+        └── StorageFull          the disk is full; the write was rolled back
 
 Storage errors are raised by the ``storage`` package (which imports nothing from
 here) and translated once, at the bus's boundary, by :func:`translate_storage_error`.
 """
 
 from __future__ import annotations
+
+import reprlib
 
 import storage as _storage
 
@@ -54,14 +59,16 @@ class BusFull(BusError):
 class EventTooLarge(BusError):
     """The encoded event is larger than ``BusConfig.max_event_bytes``."""
 
-    def __init__(self, topic: str, size: int, limit: int) -> None:
+    def __init__(self, topic: str, size: int, limit: int, *, at_least: bool = False) -> None:
         self.topic = topic
-        self.size = size
+        self.size = size  # a lower bound when at_least: encoding stopped there
         self.limit = limit
+        self.at_least = at_least
+        more = "at least " if at_least else ""
         super().__init__(
-            f"event on topic {topic!r} encodes to {size} bytes, over the limit of {limit} "
-            "(BusConfig.max_event_bytes); nothing was written. Store large blobs elsewhere "
-            "and publish a reference, or raise the limit"
+            f"event on topic {reprlib.repr(topic)} encodes to {more}{size} bytes, over the "
+            f"limit of {limit} (BusConfig.max_event_bytes); nothing was written. Store large "
+            "blobs elsewhere and publish a reference, or raise the limit"
         )
 
 
@@ -72,9 +79,23 @@ class PayloadError(BusError, TypeError):
         self.topic = topic
         self.reason = reason
         super().__init__(
-            f"cannot encode the event for topic {topic!r}: {reason}; payloads must be "
+            f"cannot encode the event for topic {reprlib.repr(topic)}: {reason}; payloads must be "
             "msgspec-encodable (dicts, lists, str, int, float, bool, None, bytes, "
             "msgspec.Struct, dataclasses...)"
+        )
+
+
+class InvalidEvent(BusError, ValueError):
+    """A topic, key or idempotency key given to a publish is not allowed (wrong type,
+    empty topic, ``"*"``, text that is not valid Unicode); nothing was written."""
+
+    def __init__(self, field: str, value: object, expected: str) -> None:
+        self.field = field
+        self.value_type = type(value).__name__
+        self.expected = expected
+        super().__init__(
+            f"{field} must be {expected}, got {self.value_type} {reprlib.repr(value)}; nothing was "
+            "written. Fix the argument and publish again"
         )
 
 
@@ -140,6 +161,14 @@ class LogBusy(StorageError, _storage.LogBusy):
     """Another connection held the log's write lock past ``busy_timeout``; retryable."""
 
 
+class LogDirectoryMissing(StorageError, _storage.LogDirectoryMissing):
+    """The directory that should hold the log does not exist."""
+
+
+class UnsupportedPlatform(StorageError, _storage.UnsupportedPlatform):
+    """A log file needs a POSIX system (Linux, macOS, BSD)."""
+
+
 class NotALog(StorageError, _storage.NotALog):
     """The file is not an event log."""
 
@@ -159,6 +188,8 @@ class StorageFull(StorageError, _storage.StorageFull):
 _TRANSLATION: tuple[tuple[type[_storage.StorageError], type[StorageError]], ...] = (
     (_storage.LogLocked, LogLocked),
     (_storage.LogBusy, LogBusy),
+    (_storage.LogDirectoryMissing, LogDirectoryMissing),
+    (_storage.UnsupportedPlatform, UnsupportedPlatform),
     (_storage.NotALog, NotALog),
     (_storage.CorruptLog, CorruptLog),
     (_storage.SchemaTooNew, SchemaTooNew),

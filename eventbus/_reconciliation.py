@@ -3,26 +3,41 @@ a way to flag what it cannot correct."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 from storage import Receipt
 
-if TYPE_CHECKING:
-    from ._bus import Bus
+
+class Publisher(Protocol):
+    """What a reconciliation needs of its bus to publish corrections."""
+
+    async def publish(
+        self,
+        topic: str,
+        payload: object,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Receipt: ...
+
+
+B = TypeVar("B", bound=Publisher)
 
 # Flags kept per reconciler run (all are counted).
 _MAX_FLAGS = 100
 
 
-class Reconciliation:
-    """What a user reconciler gets on each run.
+class ReconciliationBase(Generic[B]):
+    """What a user reconciler gets on each run (``eventbus.Reconciliation`` is this
+    with ``bus`` typed as the :class:`~eventbus.Bus`).
 
     Attributes:
         bus: The bus.
         name: The reconciler's name.
     """
 
-    def __init__(self, bus: Bus, name: str) -> None:
+    def __init__(self, bus: B, name: str) -> None:
         self.bus = bus
         self.name = name
         self.corrections = 0

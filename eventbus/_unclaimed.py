@@ -9,38 +9,35 @@ deletes anything again.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+from collections.abc import Collection, MutableMapping
 
 import storage as _storage
-from storage import WORKFLOW_PREFIX
+from storage import WORKFLOW_PREFIX, SubscriptionInfo
 
 from ._errors import translate_storage_error
 from ._logging import get_logger
 
-if TYPE_CHECKING:
-    from ._bus import Bus
-
 logger = get_logger("bus")
 
 
-def unclaimed(bus: Bus) -> list[str]:
-    """Names of the subscriptions in the log at open that no handler of ``bus`` runs."""
+def unclaimed(known: MutableMapping[str, SubscriptionInfo], running: Collection[str]) -> list[str]:
+    """Names of the subscriptions in the log (``known`` at open) that no handler runs."""
     return sorted(
-        name
-        for name in bus._known
-        if name not in bus._subs and not name.startswith(WORKFLOW_PREFIX)
+        name for name in known if name not in running and not name.startswith(WORKFLOW_PREFIX)
     )
 
 
-async def warn_unclaimed(bus: Bus) -> None:
+def warn_unclaimed(
+    known: MutableMapping[str, SubscriptionInfo], running: Collection[str], head: int
+) -> None:
     """Log a warning for each subscription of the log that no handler claims.
 
-    Run as a task of the bus: it starts at the first await of the body of
-    ``Bus.open``, so the subscriptions made before it count as claimed.
+    The bus calls it at the first await of the body of ``Bus.open``, so the
+    subscriptions made before it count as claimed.
     """
-    head = bus._writer.committed_head
-    for name in unclaimed(bus):
-        cursor = bus._known[name].cursor
+    for name in unclaimed(known, running):
+        cursor = known[name].cursor
         logger.warning(
             "subscription %r is in the log (cursor %d, up to %d events behind) but no "
             "handler on this bus claimed it when it started; compaction keeps every event "
@@ -55,14 +52,20 @@ async def warn_unclaimed(bus: Bus) -> None:
         )
 
 
-async def apply_drop(bus: Bus, name: str | None) -> None:
+async def apply_drop(
+    log: _storage.Storage,
+    write_lock: asyncio.Lock,
+    known: MutableMapping[str, SubscriptionInfo],
+    running: Collection[str],
+    name: str | None,
+) -> None:
     """Drop the subscription ``name`` from the log, as the command line queued it,
-    unless a handler of ``bus`` runs it. Logs what it did; never raises for a
+    unless a handler runs it (``running``). Logs what it did; never raises for a
     refusal."""
     if name is None:
         logger.error("ignoring a queued drop command that names no subscription")
         return
-    if name in bus._subs:
+    if name in running:
         logger.warning(
             "refused a queued drop of subscription %r: a handler on this bus runs it",
             name,
@@ -70,11 +73,11 @@ async def apply_drop(bus: Bus, name: str | None) -> None:
         )
         return
     try:
-        async with bus._writer.lock:
-            existed = await bus._log.drop_subscription(name)
+        async with write_lock:
+            existed = await log.drop_subscription(name)
     except _storage.StorageError as exc:
         raise translate_storage_error(exc) from exc
-    bus._known.pop(name, None)
+    known.pop(name, None)
     logger.warning(
         "applied a queued drop of subscription %r%s",
         name,

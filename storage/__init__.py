@@ -9,12 +9,15 @@ from ._calls import CallSlots, NoCallSlots
 from ._errors import (
     CorruptLog,
     LogBusy,
+    LogDirectoryMissing,
     LogLocked,
     NotALog,
+    RecordRejected,
     SchemaTooNew,
     StorageClosed,
     StorageError,
     StorageFull,
+    UnsupportedPlatform,
 )
 from ._memory import MemoryStorage
 from ._protocol import Storage
@@ -46,6 +49,7 @@ __all__ = [
     "DeadRecord",
     "Durability",
     "LogBusy",
+    "LogDirectoryMissing",
     "LogLocked",
     "LogStats",
     "MemoryStorage",
@@ -54,6 +58,7 @@ __all__ = [
     "NotALog",
     "Receipt",
     "Record",
+    "RecordRejected",
     "RetryRecord",
     "SQLiteStorage",
     "SchemaTooNew",
@@ -64,6 +69,7 @@ __all__ = [
     "StorageFull",
     "SubscriptionInfo",
     "Unaccounted",
+    "UnsupportedPlatform",
     "WorkflowRecord",
     "WriteBatch",
     "submit_control",

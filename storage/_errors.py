@@ -5,10 +5,13 @@
     StorageError                 the log could not do what was asked
     ├── LogLocked                another process owns the log file
     ├── LogBusy                  a lock held by another connection outlasted busy_timeout
+    ├── LogDirectoryMissing      the directory that should hold the log does not exist
+    ├── UnsupportedPlatform      a file log needs a POSIX system (its lock)
     ├── NotALog                  the file exists but is not an event log
     ├── CorruptLog               the file is damaged (SQLite refuses it)
     ├── SchemaTooNew             written by a newer version of this library
     ├── StorageFull              the disk (or quota) is full
+    ├── RecordRejected           the database refused a value of one write
     └── StorageClosed            the storage was closed
 
 The bus re-raises each of these as its own subclass of ``eventbus.BusError``.
@@ -22,16 +25,49 @@ class StorageError(Exception):
 
 
 class LogLocked(StorageError):
-    """Another process holds the log's lock file."""
+    """Another process holds the log's lock file.
 
-    def __init__(self, path: str, owner: str) -> None:
+    Attributes:
+        path: The log, as it was given.
+        owner: Who owns it, as ``"pid 1234"`` (or ``"unknown"``).
+        pid: The owner's process id, when known.
+    """
+
+    def __init__(self, path: str, owner: str, pid: int | None = None) -> None:
         self.path = path
         self.owner = owner
+        self.pid = pid
         super().__init__(
             f"the log {path!r} is owned by another process ({owner}); only one process "
             "may run a bus on a SQLite log at a time. Stop that process, or use a "
             "different file; the eventbus command line reads the log (and queues "
             "redrive, purge and drop for its owner) while it runs"
+        )
+
+
+class LogDirectoryMissing(StorageError):
+    """The directory that should hold the log does not exist (or is not a directory);
+    nothing was created."""
+
+    def __init__(self, path: str, directory: str) -> None:
+        self.path = path
+        self.directory = directory
+        super().__init__(
+            f"cannot open the log {path!r}: the directory {directory!r} does not exist "
+            "or is not a directory. Create it first, or check the path"
+        )
+
+
+class UnsupportedPlatform(StorageError):
+    """A log file needs a POSIX system: its single owner is enforced with ``flock``."""
+
+    def __init__(self, path: str, platform: str) -> None:
+        self.path = path
+        self.platform = platform
+        super().__init__(
+            f"cannot open the log {path!r}: a SQLite log needs a POSIX system (Linux, "
+            f"macOS, BSD) for the lock that keeps it to one owner, and this is "
+            f"{platform!r}. Use Bus.open(':memory:') here, or run under WSL"
         )
 
 
@@ -104,6 +140,20 @@ class LogBusy(StorageError):
 
 class StorageFull(StorageError):
     """The disk is full: the write was rolled back and can be retried once space returns."""
+
+
+class RecordRejected(StorageError):
+    """The database refused a value in a write (a type or size it cannot store); the
+    transaction was rolled back. Unlike the other errors this says nothing about the
+    log itself: the other records of a group commit can be committed without it."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(
+            f"the log {path!r} refused a value of this write ({detail}); nothing was "
+            "written. Check the types of what was published"
+        )
 
 
 class StorageClosed(StorageError):

@@ -135,6 +135,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (workflow_id, position)
     ) WITHOUT ROWID;
     """,
+    # 5: how many of a step's attempts the process stopped during, apart from those
+    # that raised. A step found running in an older log starts counting at 0.
+    """
+    ALTER TABLE workflow_steps ADD COLUMN died INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

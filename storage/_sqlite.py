@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import sqlite3
@@ -31,14 +30,15 @@ from ._calls import CallJournal, CallSlots, NoCallSlots, read_journal
 from ._errors import (
     CorruptLog,
     LogBusy,
-    LogLocked,
     NotALog,
+    RecordRejected,
     SchemaTooNew,
     StorageClosed,
     StorageError,
     StorageFull,
 )
 from ._holders import write_lock_holders
+from ._ownership import LogOwnership
 from ._schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from ._types import (
     PROCESS_DIED,
@@ -70,6 +70,16 @@ _CHECKPOINT_EVERY_BYTES = 32 * 1024 * 1024
 _BUSY_FIRST_DELAY = 0.01
 
 
+# A value SQLite would not bind or store (a list, a string past SQLITE_MAX_LENGTH, a
+# constraint): the fault of one record, not of the log.
+_REFUSED_VALUE = (
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.DataError,
+    sqlite3.IntegrityError,
+)
+
+
 def _translate(path: str, exc: BaseException) -> StorageError:
     """Turn a sqlite3 error into the storage error tree (the one boundary for it)."""
     if isinstance(exc, StorageError):
@@ -87,6 +97,8 @@ def _translate(path: str, exc: BaseException) -> StorageError:
             or "not a database" in str(exc)
         ):
             return CorruptLog(path, str(exc))
+        if isinstance(exc, _REFUSED_VALUE):
+            return RecordRejected(path, str(exc))
         return StorageError(f"SQLite failed on {path!r}: {exc}")
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return StorageFull(f"the disk holding {path!r} is full: {exc}")
@@ -99,33 +111,30 @@ def _is_busy(exc: BaseException) -> bool:
     )
 
 
-class _LockFile:
-    """An advisory ``flock`` on ``<log>.lock``: released by the kernel when the owner
-    dies, so a ``kill -9`` never leaves the log locked."""
+class _Connection(aiosqlite.Connection):
+    """An aiosqlite connection that runs a whole function on its thread, in one hop.
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd: int | None = None
+    aiosqlite queues every statement to the connection's thread; a transaction made
+    of several awaited statements costs a hop each, and a cancellation between them
+    would leave it open. :meth:`run` hands the thread one function instead.
+    """
 
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            finally:
-                os.close(fd)
-            raise LogLocked(self.path[: -len(".lock")], owner) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        self._fd = fd
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(connection)`` on the connection's thread.
 
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        Cancellation: ``fn`` still runs to its end on the thread (a transaction it
+        holds commits or rolls back there); only the wait for its result stops.
+        """
+        return await self._execute(fn, self._conn)  # type: ignore[no-untyped-call,no-any-return]
+
+
+def _connect(database: str, *, uri: bool) -> _Connection:
+    """A connection to ``database`` (not yet started: await it)."""
+
+    def connector() -> sqlite3.Connection:
+        return sqlite3.connect(database, uri=uri, isolation_level=None)
+
+    return _Connection(connector, iter_chunk_size=64)
 
 
 class SQLiteStorage:
@@ -164,9 +173,9 @@ class SQLiteStorage:
         self.open_timeout = open_timeout
         self.read_only = read_only
         self.checkpoint_bytes = checkpoint_bytes
-        self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
-        self._lock = _LockFile(self.path + ".lock")
+        self._writer: _Connection | None = None
+        self._reader: _Connection | None = None
+        self._lock = LogOwnership(self.path)
         self._journal: CallJournal | None = None
         self._head = 0
         self._bytes_since_checkpoint = 0
@@ -178,12 +187,13 @@ class SQLiteStorage:
     # -- opening --------------------------------------------------------------------
 
     async def open(self) -> None:
-        await anyio.to_thread.run_sync(self._precheck)
-        if not self.read_only:
-            await anyio.to_thread.run_sync(self._lock.acquire)
         deadline = time.monotonic() + self.open_timeout
         delay = 0.01
         try:
+            if not self.read_only:
+                # Owned before the file is read at all: see _ownership.
+                await anyio.to_thread.run_sync(self._lock.acquire)
+            await anyio.to_thread.run_sync(self._precheck)
             while True:
                 try:
                     await self._open_connections()
@@ -233,7 +243,7 @@ class SQLiteStorage:
     async def _close_connections(self) -> None:
         with anyio.CancelScope(shield=True):
             for attr in ("_reader", "_writer"):
-                conn: aiosqlite.Connection | None = getattr(self, attr)
+                conn: _Connection | None = getattr(self, attr)
                 setattr(self, attr, None)
                 if conn is not None:
                     with contextlib.suppress(sqlite3.Error):
@@ -253,12 +263,12 @@ class SQLiteStorage:
         if magic and magic != _SQLITE_MAGIC:
             raise NotALog(self.path, "it is not a SQLite database")
 
-    async def _connect(self, *, writer: bool) -> aiosqlite.Connection:
+    async def _connect(self, *, writer: bool) -> _Connection:
         if self.read_only:
-            target = f"file:{self.path}?mode=ro"
-            conn = await aiosqlite.connect(target, uri=True, isolation_level=None)
+            conn = _connect(f"file:{self.path}?mode=ro", uri=True)
         else:
-            conn = await aiosqlite.connect(self.path, isolation_level=None)
+            conn = _connect(self.path, uri=False)
+        await conn  # starts its thread and connects
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             if writer:
@@ -277,7 +287,7 @@ class SQLiteStorage:
             raise
         return conn
 
-    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+    async def _migrate(self, conn: _Connection) -> None:
         """Create or upgrade the schema. sqlite3 errors propagate (open retries busy)."""
         await conn.execute("BEGIN IMMEDIATE")
         try:
@@ -300,7 +310,7 @@ class SQLiteStorage:
                 await self._rollback(conn)
             raise
 
-    async def _identity(self, conn: aiosqlite.Connection) -> tuple[int, int, set[str]]:
+    async def _identity(self, conn: _Connection) -> tuple[int, int, set[str]]:
         ((version,),) = await conn.execute_fetchall("PRAGMA user_version")
         ((app_id,),) = await conn.execute_fetchall("PRAGMA application_id")
         rows = await conn.execute_fetchall(
@@ -308,7 +318,7 @@ class SQLiteStorage:
         )
         return int(version), int(app_id), {r[0] for r in rows}
 
-    async def _check_schema(self, conn: aiosqlite.Connection) -> None:
+    async def _check_schema(self, conn: _Connection) -> None:
         version, app_id, tables = await self._identity(conn)
         if app_id != APPLICATION_ID:
             detail = (
@@ -325,14 +335,14 @@ class SQLiteStorage:
                 "open it once with a bus to migrate it"
             )
 
-    async def _read_head(self, conn: aiosqlite.Connection) -> int:
-        return await self._in_thread(conn, partial(stmts.read_head, conn._conn))
+    async def _read_head(self, conn: _Connection) -> int:
+        return await conn.run(stmts.read_head)
 
     async def close(self) -> None:
         """Checkpoint the WAL into the database, close both connections, release the
         lock file. Idempotent."""
         for attr in ("_reader", "_writer"):
-            conn: aiosqlite.Connection | None = getattr(self, attr)
+            conn: _Connection | None = getattr(self, attr)
             setattr(self, attr, None)
             if conn is not None:
                 with contextlib.suppress(sqlite3.Error):
@@ -347,35 +357,24 @@ class SQLiteStorage:
 
     # -- writing --------------------------------------------------------------------
 
-    def _conn(self, which: str) -> aiosqlite.Connection:
+    def _conn(self, which: str) -> _Connection:
         conn = self._writer if which == "w" else self._reader
         if conn is None:
             raise StorageClosed(f"the log {self.path!r} is closed")
         return conn
 
-    async def _rollback(self, conn: aiosqlite.Connection) -> None:
+    async def _rollback(self, conn: _Connection) -> None:
         # Queued after whatever statement was in flight, so it runs once that finishes;
         # "no transaction is active" means the statement in flight was a COMMIT.
         with contextlib.suppress(sqlite3.Error):
             await conn.execute("ROLLBACK")
-
-    async def _in_thread(self, conn: aiosqlite.Connection, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the connection's own thread, in one hop.
-
-        A whole transaction runs as one function there, so it cannot be left open
-        half-way by a cancellation on the event loop: either it runs to COMMIT or
-        its ``except`` rolls it back, in the thread, before the lock is released.
-        (aiosqlite's ``_execute`` is the queue every public method uses;
-        tests/storage pin that it exists.)
-        """
-        return await conn._execute(fn)  # type: ignore[no-untyped-call,no-any-return]
 
     async def _run(self, which: str, fn: Callable[..., T], *args: object) -> T:
         """``fn(connection, *args)`` on the reader's (``"r"``) or writer's (``"w"``)
         thread, its SQLite errors translated."""
         conn = self._conn(which)
         try:
-            return await self._in_thread(conn, partial(fn, conn._conn, *args))
+            return await conn.run(partial(_call_with_connection, fn, args))
         except sqlite3.Error as exc:
             if which == "w" and _is_busy(exc):
                 holders = await anyio.to_thread.run_sync(write_lock_holders, self.path)
@@ -386,7 +385,6 @@ class SQLiteStorage:
         if self.read_only:
             raise StorageError(f"{self.path!r} was opened read-only")
         conn = self._conn("w")
-        raw = conn._conn
         head = self._head
         # One bound on the whole commit: SQLite's busy handler waits up to the
         # connection's busy_timeout inside each try, so a retry gets only what is left.
@@ -396,9 +394,7 @@ class SQLiteStorage:
         try:
             while True:
                 try:
-                    receipts, new_head, nbytes = await self._in_thread(
-                        conn, partial(stmts.apply_batch, raw, batch, head)
-                    )
+                    receipts, new_head, nbytes = await conn.run(partial(_apply_batch, batch, head))
                     break
                 except sqlite3.Error as exc:
                     left = deadline - time.monotonic()
@@ -414,7 +410,7 @@ class SQLiteStorage:
                     # Cancelled while the transaction ran in the thread: it may have
                     # committed. Wait for it to finish, then trust the file.
                     with anyio.CancelScope(shield=True):
-                        self._head = await self._in_thread(conn, partial(stmts.read_head, raw))
+                        self._head = await conn.run(stmts.read_head)
                     raise
                 await anyio.sleep(min(delay, left))
                 delay = min(delay * 4, 1.0)
@@ -432,10 +428,10 @@ class SQLiteStorage:
             await self._checkpoint(conn)
         return receipts
 
-    async def _set_busy_timeout(self, conn: aiosqlite.Connection, seconds: float) -> None:
+    async def _set_busy_timeout(self, conn: _Connection, seconds: float) -> None:
         await conn.execute(f"PRAGMA busy_timeout = {max(1, int(seconds * 1000))}")
 
-    async def _checkpoint(self, conn: aiosqlite.Connection) -> None:
+    async def _checkpoint(self, conn: _Connection) -> None:
         # A TRUNCATE checkpoint waits (busy handler) for readers of old snapshots;
         # ours are short, so wait briefly rather than stall commits for busy_timeout.
         try:
@@ -701,3 +697,15 @@ def _file_size(path: str) -> int:
         return os.stat(path).st_size
     except FileNotFoundError:
         return 0
+
+
+def _call_with_connection(
+    fn: Callable[..., T], args: tuple[object, ...], conn: sqlite3.Connection
+) -> T:
+    return fn(conn, *args)
+
+
+def _apply_batch(
+    batch: WriteBatch, head: int, conn: sqlite3.Connection
+) -> tuple[list[Receipt], int, int]:
+    return stmts.apply_batch(conn, batch, head)

@@ -64,7 +64,7 @@ WORKFLOW_COLUMNS = (
 )
 STEP_COLUMNS = (
     "workflow_id, position, name, status, attempts, started_at, finished_at, output,"
-    " error_type, error_message"
+    " error_type, error_message, died"
 )
 _INSERT_WORKFLOW = (
     "INSERT INTO workflows (id, name, status, input, created_at, updated_at, output,"
@@ -80,7 +80,8 @@ _UPSERT_WORKFLOW = (
     " WHERE workflows.status = 'running'"
 )
 _UPSERT_STEP = (
-    f"INSERT OR REPLACE INTO workflow_steps ({STEP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT OR REPLACE INTO workflow_steps ({STEP_COLUMNS})"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -117,7 +118,7 @@ def workflow_from_row(r: Sequence[Any]) -> WorkflowRecord:
 
 def step_from_row(r: Sequence[Any]) -> StepRecord:
     output = None if r[7] is None else bytes(r[7])
-    return StepRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], output, r[8], r[9])
+    return StepRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], output, r[8], r[9], r[10])
 
 
 # -- the acknowledgement ledger ---------------------------------------------------------
@@ -415,6 +416,7 @@ def write_batch(
                     st.output,
                     st.error_type,
                     st.error_message,
+                    st.died,
                 )
                 for st in batch.steps
             ],

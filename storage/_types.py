@@ -135,7 +135,12 @@ class StepRecord(msgspec.Struct, frozen=True, gc=False):
             stopped during it), ``"done"`` with its encoded ``output``, ``"failed"``
             once its retries gave up, or ``"fatal"``: failed, and its failure failed
             the run (a redrive runs it again; a ``"failed"`` one replays as failed).
-        attempts: How many attempts have started.
+        attempts: How many attempts have started (one that a close or a cancel
+            interrupted is taken back).
+        died: How many of those the process stopped during. An attempt counts here
+            from its ``"running"`` checkpoint on, until it ends otherwise (returns,
+            raises, is interrupted): one found running on open is already counted.
+        error_type: Of a ``"running"`` step, its last failed attempt's, if any.
     """
 
     workflow_id: str
@@ -148,6 +153,7 @@ class StepRecord(msgspec.Struct, frozen=True, gc=False):
     output: bytes | None = None
     error_type: str = ""
     error_message: str = ""
+    died: int = 0
 
 
 class WriteBatch(msgspec.Struct, gc=False):

@@ -11,10 +11,15 @@ import anyio
 import hypothesis  # noqa: F401 - imported early: a late import during the summary hits a CPython 3.11 AST bug
 import pytest
 
+from tests.virtual_clock import VirtualClockLoop
+
 
 @pytest.fixture
-def anyio_backend() -> str:
-    # aiosqlite is asyncio-only; the bus runs on asyncio (and uvloop).
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    # aiosqlite is asyncio-only; the bus runs on asyncio (and uvloop). Tests of timing
+    # behaviour run on a virtual clock (tests/virtual_clock.py) in no wall time.
+    if request.node.get_closest_marker("virtual_clock"):
+        return ("asyncio", {"loop_factory": VirtualClockLoop})
     return "asyncio"
 
 

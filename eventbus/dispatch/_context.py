@@ -1,8 +1,8 @@
 """The handler's view of the bus while it handles an event or a batch.
 
-A :class:`Context` writes into a :class:`CallBuffer` that the subscription owns: the
-outbox events, state writes and per-event failures of the call in progress. The
-subscription moves them into its next acknowledgement when the call succeeds, and
+A :class:`Context` writes into a :class:`~._buffer.CallBuffer` that the subscription
+owns: the outbox events, state writes and per-event failures of the call in progress.
+The subscription moves them into its next acknowledgement when the call succeeds, and
 drops them when it fails.
 """
 
@@ -14,46 +14,10 @@ from typing import Any
 from storage import NewRecord
 
 from .._event import Event
+from ._buffer import CallBuffer
 from ._state import State, StateCache
 
 Encoder = Callable[[str, object, str | None, dict[str, str] | None], NewRecord]
-
-
-class CallBuffer:
-    """What one handler call has produced so far (owned by the subscription).
-
-    Attributes:
-        event: The event of a per-event call (None in a batch call).
-        attempt: The attempt of the call.
-        outbox: Events published with ``ctx.publish``.
-        writes: ``ctx.state`` writes, in order: ``(subscription, key, value)``.
-        overlay: The latest write per key, for reads within the call.
-        failed: Events a batch handler failed with ``ctx.fail``, by seq.
-    """
-
-    __slots__ = ("attempt", "event", "failed", "outbox", "overlay", "writes")
-
-    def __init__(self) -> None:
-        self.event: Event[object] | None = None
-        self.attempt = 1
-        self.outbox: list[NewRecord] = []
-        self.writes: list[tuple[str, str, bytes | None]] = []
-        self.overlay: dict[str, bytes | None] = {}
-        self.failed: dict[int, Exception] = {}
-
-    def begin(self, event: Event[object] | None, attempt: int) -> None:
-        """A call starts: nothing produced yet."""
-        self.event = event
-        self.attempt = attempt
-        if self.outbox or self.writes or self.failed:
-            self.clear()
-
-    def clear(self) -> None:
-        """Forget what the call produced (it failed)."""
-        self.outbox = []
-        self.writes = []
-        self.overlay = {}
-        self.failed = {}
 
 
 class _Done:

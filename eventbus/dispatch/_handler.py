@@ -1,10 +1,12 @@
-"""Handlers: recognising batch handlers and choosing a subscription's batch controller."""
+"""Handlers: checking a subscribe call's topics and handler, recognising batch
+handlers, and choosing a subscription's batch controller."""
 
 from __future__ import annotations
 
 import inspect
+import logging
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container, Iterable
 
 from backpressure import (
     AIMDController,
@@ -19,9 +21,182 @@ from .._errors import SubscriptionError
 from .._event import Event
 from ._context import Context
 
+logger = logging.getLogger("eventbus.bus")  # about subscriptions at open
+
+# A subscription new to the log that starts at the earliest event warns when more
+# events than this are in the log: usually a renamed subscription, not a new one.
+REPLAY_WARNING = 10_000
+
 EventHandler = Callable[[Event[typing.Any], Context], Awaitable[None]]
 BatchHandler = Callable[[list[Event[typing.Any]], Context], Awaitable[None]]
 Handler = EventHandler | BatchHandler
+
+
+_SHAPE = (
+    "async def handler(event: Event, ctx: Context) -> None, or a batch handler "
+    "async def handler(events: list[Event], ctx: Context) -> None"
+)
+
+
+def check_topics(topic: object) -> frozenset[str]:
+    """The topics of a ``subscribe`` call: one name, or an iterable of names.
+
+    Raises:
+        SubscriptionError: ``topic`` is a function (``@bus.subscribe`` used without
+            parentheses), not a ``str`` or an iterable of them, empty, or holds an
+            empty name.
+    """
+    if callable(topic) and not isinstance(topic, str):
+        raise SubscriptionError(
+            f"subscribe() was given {_name(topic)} as its topic: @bus.subscribe needs "
+            'parentheses and the topic, as in @bus.subscribe("orders", name="billing")'
+        )
+    if isinstance(topic, str):
+        topics: list[object] = [topic]
+    elif isinstance(topic, Iterable) and not isinstance(topic, bytes | bytearray):
+        topics = list(topic)
+    else:
+        raise SubscriptionError(
+            f"subscribe needs a topic name (str) or an iterable of topic names, got "
+            f"{type(topic).__name__} {topic!r}"
+        )
+    if not topics or not all(isinstance(t, str) and t for t in topics):
+        raise SubscriptionError(
+            f"subscribe needs one or more non-empty topic names (str), got {topic!r}"
+        )
+    return frozenset(typing.cast(list[str], topics))
+
+
+def check_handler(handler: object) -> bool:
+    """Refuse a handler that could never be called as one; return whether it is a
+    batch handler (see :func:`is_batch_handler`).
+
+    A handler must be an ``async def`` function (or an object whose ``__call__`` is
+    one) that takes ``(event, ctx)`` positionally, in that order.
+
+    Raises:
+        SubscriptionError: A plain ``def`` (or a lambda), a signature that cannot
+            take two positional arguments, or one that names ``ctx`` first or
+            annotates its parameters in the reversed order.
+    """
+    name = _name(handler)
+    if not callable(handler):
+        raise SubscriptionError(f"the handler must be {_SHAPE}; got {name}")
+    if not (
+        inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(type(handler).__call__)
+    ):
+        raise SubscriptionError(
+            f"handler {name} is not a coroutine function: declare it with async def "
+            f"(a lambda cannot be one). Expected {_SHAPE}"
+        )
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError) as exc:
+        raise SubscriptionError(f"cannot inspect handler {name}: {exc}") from exc
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        raise SubscriptionError(
+            f"handler {name}{signature} must take two positional parameters, "
+            f"(event, ctx) or (events: list[Event], ctx): {_SHAPE}"
+        ) from None
+    if _reversed(handler, signature):
+        raise SubscriptionError(
+            f"handler {name}{signature} takes its parameters in the reversed order; "
+            f"the event comes first, then the context: {_SHAPE}"
+        )
+    return is_batch_handler(handler)
+
+
+def subscription_name(handler: object, name: object, known: Container[str]) -> str:
+    """The durable name of a subscription: ``name`` if given, else the handler's
+    ``__name__``.
+
+    The default is the function's own name (``billing`` for ``async def billing``),
+    so it stays the same under ``python -m``, when the function moves to another
+    module, or is defined inside ``main``; renaming the function renames it. A
+    handler without a plain name (a ``functools.partial``, a callable object) needs
+    ``name=``. A log whose subscription is known under the module-qualified name
+    earlier versions used by default keeps that name.
+
+    Raises:
+        SubscriptionError: ``name`` is not a non-empty ``str``, or it is None and
+            the handler has no plain name.
+    """
+    if name is not None:
+        if not isinstance(name, str) or not name:
+            raise SubscriptionError(f"name must be a non-empty str, got {name!r}")
+        return name
+    short = getattr(handler, "__name__", None)
+    if not isinstance(short, str) or not short.isidentifier():
+        raise SubscriptionError(
+            f"handler {_name(handler)} has no plain function name to use as the "
+            "subscription's name; pass name= (the durable name its position is kept under)"
+        )
+    qualified = f"{getattr(handler, '__module__', '')}.{getattr(handler, '__qualname__', '')}"
+    if short not in known and qualified in known:
+        return qualified
+    return short
+
+
+def warn_of_replay(name: str, events: int) -> None:
+    """Log a warning when a subscription new to the log will replay ``events``
+    events, more than :data:`REPLAY_WARNING`."""
+    if events > REPLAY_WARNING:
+        logger.warning(
+            "subscription %r is new to this log and starts at its earliest event: it "
+            "will read up to %d events already in the log. If it is an existing "
+            "subscription under a new name (the default name is the handler's function "
+            "name), pass its old name with name=; to skip the backlog, subscribe with "
+            'start="latest"',
+            name,
+            events,
+        )
+
+
+def _name(obj: object) -> str:
+    return repr(getattr(obj, "__qualname__", None) or obj)
+
+
+def _reversed(handler: object, signature: inspect.Signature) -> bool:
+    """True when the first parameter is the context (by annotation, or by name when
+    unannotated) or the second the event."""
+    params = [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ][:2]
+    if len(params) < 2:
+        return False
+    first, second = params
+    try:
+        hints = typing.get_type_hints(handler)
+    except Exception:  # noqa: BLE001 - an unresolvable string annotation: read its text
+        hints = {}
+    first_hint = hints.get(first.name, first.annotation)
+    second_hint = hints.get(second.name, second.annotation)
+    if _is_context(first_hint) or _is_event(second_hint):
+        return True
+    unannotated = first.annotation is inspect.Parameter.empty
+    return unannotated and first.name in ("ctx", "context") and second.name.startswith("event")
+
+
+def _is_context(annotation: object) -> bool:
+    if isinstance(annotation, str):
+        return annotation.replace(" ", "").rsplit(".", 1)[-1] == "Context"
+    return isinstance(annotation, type) and issubclass(annotation, Context)
+
+
+def _is_event(annotation: object) -> bool:
+    if isinstance(annotation, str):
+        text = annotation.replace(" ", "")
+        if text.startswith(("list[", "typing.List[", "List[")):
+            text = text[text.index("[") + 1 : -1]
+        return text.split("[", 1)[0].rsplit(".", 1)[-1] == "Event"
+    if typing.get_origin(annotation) is list:
+        (annotation,) = typing.get_args(annotation) or (None,)
+    origin = typing.get_origin(annotation) or annotation
+    return isinstance(origin, type) and issubclass(origin, Event)
 
 
 def is_batch_handler(handler: Callable[..., object]) -> bool:

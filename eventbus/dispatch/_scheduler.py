@@ -512,12 +512,9 @@ class Scheduler:
                 self.retry_changed = True
             held = self._held.pop(key, None)
             if held:
-                if key in self._lanes:
-                    for entry in held:
-                        self.buffered -= 1
-                        self._park(entry)
-                else:
-                    back.extend(held)
+                # (A key that entered the retry lane meanwhile parked its held events
+                # then, so these are free to go.)
+                back.extend(held)
         if back:
             # Back to the front of the buffer: the call's unattempted events, then the
             # events held behind its keys. Each is the earliest unhandled event of its

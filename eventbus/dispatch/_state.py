@@ -5,16 +5,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, TypeVar, overload
+from typing import TypeVar, overload
 
 import msgspec
 
 import storage as _storage
 
 from .._errors import PayloadError, translate_storage_error
-
-if TYPE_CHECKING:
-    from ._context import CallBuffer
+from ._buffer import CallBuffer
 
 T = TypeVar("T")
 
@@ -178,7 +176,10 @@ class StateReader:
         return default if raw is None else _DECODER.decode(raw)
 
     async def items(self) -> AsyncIterator[tuple[str, object]]:
-        """Every committed key and value, in key order (paged from the log)."""
+        """Every committed key and value, in key order (paged from the log).
+
+        Cancellation: a read; nothing changes.
+        """
         after = ""
         while True:
             try:

@@ -19,7 +19,7 @@ from .._logging import event_fields, get_logger
 from .._metrics import SubscriptionRecorder
 from ..failures import dead_record, event_record, retry_record
 from ..publish import LogWriter
-from ._context import CallBuffer
+from ._buffer import CallBuffer
 from ._scheduler import PARKED, Entry, Scheduler
 from ._state import StateCache
 

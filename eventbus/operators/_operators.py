@@ -191,6 +191,10 @@ def _window_starts(t: float, size: float, slide: float) -> list[float]:
         starts.append(start)
         q -= 1
         start = q * slide
+    if not starts:
+        # t sits in the rounding gap between k * slide + size and (k + 1) * slide
+        # (1.899 + 0.001 == 1.9 < 1900 * 0.001): the window that ends there holds it.
+        starts.append(q * slide)
     starts.reverse()
     return starts
 
@@ -223,7 +227,7 @@ class _Operator:
                     "emit to a topic it does not subscribe to"
                 )
         names = [name] if key is None else [name, self._keyed_topic]
-        taken = [n for n in names if n in bus._subs]
+        taken = [n for n in names if n in bus.subscription_names]
         if taken:
             # Checked before subscribing, so that a clash leaves nothing half registered.
             raise SubscriptionError(

@@ -7,7 +7,9 @@ moving even while producers flood the log, and a subscription's acknowledgements
 commit in the order it made them. Each cycle takes the waiting publishes, as many as
 the commit-size controller allows (at most ``max_commit_batch`` events), every
 source's pending writes and every queued one-off write (:meth:`LogWriter.commit`),
-and commits them with one ``Storage.commit``: group commit.
+and commits them with one ``Storage.commit``: group commit. A commit that fails over
+one record is committed again in parts (``_isolation``), so only that record's
+publisher fails.
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ import storage as _storage
 from backpressure import BatchController, BatchSample, GradientController
 from storage import NewRecord, Receipt, WriteBatch
 
-from .._errors import BusClosed, BusFull, translate_storage_error
+from .._errors import BusClosed, BusFull
 from .._metrics import CommitRecorder, LogMetrics
+from ._isolation import COMMIT_ERRORS, commit_apart, commit_error, rejects_a_record
 
 logger = logging.getLogger("eventbus.publish")
 
 _Appends = NewRecord | list[NewRecord]
+_Taken = tuple[_Appends, "asyncio.Future[object] | None"]
+_Ack = tuple[WriteBatch, "asyncio.Future[list[Receipt]]"]
+_Sourced = tuple["Source", WriteBatch]
+# One publish, one one-off write or one subscription's pending writes.
+_Unit = tuple[_Taken | None, _Ack | None, _Sourced | None]
 OnCommitted = Callable[[list[NewRecord], list[Receipt]], None]
 
 # A source whose writes failed to commit (the disk is full, the file locked) waits
@@ -254,55 +262,75 @@ class LogWriter:
         self._wake.set()
 
     async def _cycle(self) -> None:
-        batch = WriteBatch()
-        taken: list[tuple[_Appends, asyncio.Future[object] | None]] = []
-        appends = self._appends
-        n = 0
-        limit = self.controller.target()
-        while appends and n < limit:
-            item = appends.popleft()
-            taken.append(item)
-            if isinstance(item[0], NewRecord):
-                batch.appends.append(item[0])
-                n += 1
-            else:
-                batch.appends.extend(item[0])
-                n += len(item[0])
-        self._pending -= n
-        if self._pending < self._max_pending:
-            self._space.set()
+        taken = self._take_appends()
         acks, self._acks = self._acks, []
-        ack_slices: list[tuple[int, int]] = []
-        for ack_batch, _ in acks:
-            start = len(batch.appends)
-            batch.merge(ack_batch)
-            ack_slices.append((start, len(batch.appends)))
-        sourced: list[tuple[Source, WriteBatch]] = []
-        if self._sources_ready():
-            dirty, self._dirty = self._dirty, {}
-            for source in dirty:
-                writes = source.take_writes()
-                if writes is not None:
-                    batch.merge(writes)
-                    sourced.append((source, writes))
+        sourced = self._take_sources()
         self._busy = True
         try:
-            async with self.lock:
-                started = time.monotonic()
-                receipts = await self._log.commit(batch)
-                finished = time.monotonic()
-        except _storage.StorageError as exc:
-            error = translate_storage_error(exc)
-            logger.error("group commit of %d events failed: %s", len(batch.appends), error)
-            self._fail(taken, acks, error)
-            self._sources_failed(sourced)
-            return
+            await self._commit(taken, acks, sourced)
+        except COMMIT_ERRORS as exc:
+            if len(taken) + len(acks) + len(sourced) > 1 and rejects_a_record(exc):
+                units: list[_Unit] = [(item, None, None) for item in taken]
+                units += [(None, ack, None) for ack in acks]
+                units += [(None, None, writes) for writes in sourced]
+                await commit_apart(units, self._commit_units, self._fail_units)
+            else:
+                self._fail_commit(taken, acks, sourced, exc)
         except BaseException:
             self._fail(taken, acks, BusClosed("the bus closed during this write's commit"))
             self._sources_failed(sourced)
             raise
         finally:
             self._busy = False
+        self._notify_cycle()
+
+    def _take_appends(self) -> list[_Taken]:
+        """The waiting publishes the next commit takes: as many as the controller allows."""
+        taken: list[_Taken] = []
+        appends = self._appends
+        n = 0
+        limit = self.controller.target()
+        while appends and n < limit:
+            item = appends.popleft()
+            taken.append(item)
+            n += 1 if isinstance(item[0], NewRecord) else len(item[0])
+        self._pending -= n
+        if self._pending < self._max_pending:
+            self._space.set()
+        return taken
+
+    def _take_sources(self) -> list[_Sourced]:
+        """Every source's pending writes, unless sources wait out a retry delay."""
+        sourced: list[_Sourced] = []
+        if self._sources_ready():
+            dirty, self._dirty = self._dirty, {}
+            for source in dirty:
+                writes = source.take_writes()
+                if writes is not None:
+                    sourced.append((source, writes))
+        return sourced
+
+    async def _commit(self, taken: list[_Taken], acks: list[_Ack], sourced: list[_Sourced]) -> None:
+        """Commit these appends, one-off writes and sources' writes in one transaction
+        and resolve their futures; raise (nothing resolved) if the storage fails."""
+        batch = WriteBatch()
+        for payload, _ in taken:
+            if isinstance(payload, NewRecord):
+                batch.appends.append(payload)
+            else:
+                batch.appends.extend(payload)
+        n = len(batch.appends)
+        ack_slices: list[tuple[int, int]] = []
+        for ack_batch, _ in acks:
+            start = len(batch.appends)
+            batch.merge(ack_batch)
+            ack_slices.append((start, len(batch.appends)))
+        for _, writes in sourced:
+            batch.merge(writes)
+        async with self.lock:
+            started = time.monotonic()
+            receipts = await self._log.commit(batch)
+            finished = time.monotonic()
         if receipts:
             self.committed_head = max(self.committed_head, max(r.seq for r in receipts))
         self.stats.commit(len(batch.appends), len(acks), finished - started)
@@ -333,7 +361,21 @@ class LogWriter:
         for (_, ack_fut), (start, end) in zip(acks, ack_slices, strict=True):
             if not ack_fut.done():
                 ack_fut.set_result(receipts[start:end])
-        self._notify_cycle()
+
+    async def _commit_units(self, units: list[_Unit]) -> None:
+        await self._commit(*_split(units))
+
+    def _fail_units(self, units: list[_Unit], exc: BaseException) -> None:
+        self._fail_commit(*_split(units), exc)
+
+    def _fail_commit(
+        self, taken: list[_Taken], acks: list[_Ack], sourced: list[_Sourced], exc: BaseException
+    ) -> None:
+        error = commit_error(exc)
+        events = sum(1 if isinstance(p, NewRecord) else len(p) for p, _ in taken)
+        logger.error("group commit of %d events failed: %s", events, error)
+        self._fail(taken, acks, error)
+        self._sources_failed(sourced)
 
     def _sources_failed(self, sourced: list[tuple[Source, WriteBatch]]) -> None:
         """Hand failed writes back to their sources, and hold sources off for a while
@@ -387,3 +429,11 @@ class LogWriter:
             self._fail(taken, acks, error)
         else:
             self._notify_cycle()
+
+
+def _split(units: list[_Unit]) -> tuple[list[_Taken], list[_Ack], list[_Sourced]]:
+    return (
+        [item for item, _, _ in units if item is not None],
+        [ack for _, ack, _ in units if ack is not None],
+        [writes for _, _, writes in units if writes is not None],
+    )

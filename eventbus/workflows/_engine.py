@@ -38,6 +38,7 @@ from ._workflow import (
     WorkflowFailed,
     WorkflowFunction,
     WorkflowStatus,
+    _Checkpoints,
     _deadline,
     _decoder,
     _encode,
@@ -270,10 +271,11 @@ class WorkflowEngine:
         await self.commit(WriteBatch(workflows=[record]))
         steps = [] if first else await self._log.steps(record.id)
         self.counts["started"] += 1
-        wf = Workflow(self, record, steps)
+        checkpoints = _Checkpoints(record, steps)
+        wf = Workflow(self, record, checkpoints)
         try:
             value = await d.fn(wf, _decoder(d.input_type).decode(record.input))
-            wf._check_replayed()
+            checkpoints.check_all_reached()
             output = _encode(f"the result of workflow {record.name!r}", value)
         except (BusClosed, _storage.StorageError):
             raise
@@ -352,17 +354,12 @@ class WorkflowEngine:
         await self.commit(WriteBatch(workflows=[done]))
         self.counts["cancelled"] += 1
 
-    async def interrupted(
-        self, workflow_id: str, pos: int, name: str, attempts: int, started: float
-    ) -> None:
-        """A step was cancelled (bus closing, run cancelled): not a failed attempt."""
+    async def interrupted(self, step: StepRecord) -> None:
+        """A step was cancelled (bus closing, run cancelled): its checkpoint goes back
+        to ``step``, as before the attempt, which counts neither as failed nor died."""
         with anyio.move_on_after(2.0):
             with contextlib.suppress(BusClosed, _storage.StorageError):
-                await self.commit(
-                    WriteBatch(
-                        steps=[StepRecord(workflow_id, pos, name, "running", attempts, started)]
-                    )
-                )
+                await self.commit(WriteBatch(steps=[step]))
 
     async def read(self, workflow_id: str) -> WorkflowRecord:
         try:
@@ -488,7 +485,10 @@ class WorkflowHandle:
         return f"<WorkflowHandle {self.name!r} id={self.id!r}>"
 
     async def status(self) -> WorkflowStatus:
-        """The run's status and its steps, as committed."""
+        """The run's status and its steps, as committed.
+
+        Cancellation: a read; nothing changes.
+        """
         record = await self._engine.read(self.id)
         steps = await self._engine.steps(self.id)
         return WorkflowStatus(
@@ -511,11 +511,16 @@ class WorkflowHandle:
             WorkflowFailed: The run failed (it is in the dead letters).
             WorkflowCancelled: The run was cancelled.
             TimeoutError: ``timeout`` seconds passed first; the run goes on.
+
+        Cancellation: only the wait stops; the run goes on.
         """
         record = await self._engine.wait(self.id, timeout)
         return self._engine.decode_result(record)
 
     async def cancel(self) -> bool:
         """Cancel the run: a step in progress is cancelled and no further step runs.
-        Returns False if it had already finished."""
+        Returns False if it had already finished.
+
+        Cancellation: the cancel may still commit; calling it again is harmless.
+        """
         return await self._engine.cancel(self.id)

@@ -23,8 +23,9 @@ import random
 import time
 import typing
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.abc
@@ -38,8 +39,19 @@ from .._errors import BusClosed, BusError, PayloadError
 from .._logging import get_logger
 from ..failures import backoff_delay, error_type_name
 
-if TYPE_CHECKING:
-    from ._engine import WorkflowEngine
+
+class StepHost(Protocol):
+    """What a run's steps need of the engine that runs them."""
+
+    step_retry: RetryPolicy
+    counts: Counter[str]
+
+    async def commit(self, batch: WriteBatch) -> None:
+        """Commit step checkpoints (through the log writer)."""
+
+    async def interrupted(self, step: StepRecord) -> None:
+        """A step's attempt was cancelled: its checkpoint goes back to ``step``."""
+
 
 logger = get_logger("workflows")
 
@@ -271,6 +283,54 @@ def _deadline(seconds: float | None) -> contextlib.AbstractContextManager[object
 # -- one run --------------------------------------------------------------------------
 
 
+class _Checkpoints:
+    """A run's step checkpoints as the log holds them, and how far the run has reached
+    them again. The engine makes one per execution, hands it to the :class:`Workflow`
+    (which claims a position per step) and, when the workflow function returns,
+    checks that every checkpoint was reached."""
+
+    __slots__ = ("_by_position", "_id", "_name", "_next")
+
+    def __init__(self, record: WorkflowRecord, steps: list[StepRecord]) -> None:
+        self._name = record.name
+        self._id = record.id
+        self._by_position = {s.position: s for s in steps}
+        self._next = 0
+
+    def claim(self, name: str) -> tuple[int, StepRecord | None]:
+        """The next position, taken by the step ``name``, and its checkpoint if any.
+
+        Raises:
+            WorkflowIncompatible: The checkpoint there is another step's.
+        """
+        pos = self._next
+        self._next += 1
+        found = self._by_position.get(pos)
+        if found is not None and found.name != name:
+            raise WorkflowIncompatible(
+                f"workflow {self._name!r} run {self._id!r}: step {pos} was checkpointed as "
+                f"{found.name!r} but the code now calls {name!r} there; the code changed "
+                "incompatibly with the run's checkpoints. Finish old runs on the old code "
+                "or name the new version differently, then redrive the run"
+            )
+        return pos, found
+
+    def check_all_reached(self) -> None:
+        """At the end of a run: every checkpoint must have been reached again.
+
+        Raises:
+            WorkflowIncompatible: The run ended before a checkpointed step.
+        """
+        missed = sorted(p for p in self._by_position if p >= self._next)
+        if missed:
+            names = ", ".join(repr(self._by_position[p].name) for p in missed)
+            raise WorkflowIncompatible(
+                f"workflow {self._name!r} run {self._id!r} finished without reaching its "
+                f"checkpointed step(s) {names}; the code changed incompatibly with the "
+                "run's checkpoints"
+            )
+
+
 class Workflow:
     """The ``wf`` a workflow function receives: its steps, sleeps and gathers.
 
@@ -280,13 +340,12 @@ class Workflow:
         runs: 1 on the first run, counting up each time the run is resumed.
     """
 
-    def __init__(self, engine: WorkflowEngine, record: WorkflowRecord, steps: list[StepRecord]):
+    def __init__(self, engine: StepHost, record: WorkflowRecord, checkpoints: _Checkpoints):
         self.id = record.id
         self.name = record.name
         self.runs = record.runs
         self._engine = engine
-        self._checkpoints = {s.position: s for s in steps}
-        self._next = 0
+        self._checkpoints = checkpoints
         self._in_progress = 0
         # Positions whose StepFailed was raised with no step called since, and
         # those the workflow went on from (handled: a redrive replays them).
@@ -305,30 +364,9 @@ class Workflow:
                 "concurrently through wf.gather(wf.step(...), ...), so that a replay "
                 "matches each step to its checkpoint"
             )
-        pos = self._next
-        self._next += 1
         self.handled.update(self._raised)
         self._raised.clear()
-        found = self._checkpoints.get(pos)
-        if found is not None and found.name != name:
-            raise WorkflowIncompatible(
-                f"workflow {self.name!r} run {self.id!r}: step {pos} was checkpointed as "
-                f"{found.name!r} but the code now calls {name!r} there; the code changed "
-                "incompatibly with the run's checkpoints. Finish old runs on the old code "
-                "or name the new version differently, then redrive the run"
-            )
-        return pos, found
-
-    def _check_replayed(self) -> None:
-        """At the end of a run: every checkpoint must have been reached again."""
-        missed = sorted(p for p in self._checkpoints if p >= self._next)
-        if missed:
-            names = ", ".join(repr(self._checkpoints[p].name) for p in missed)
-            raise WorkflowIncompatible(
-                f"workflow {self.name!r} run {self.id!r} finished without reaching its "
-                f"checkpointed step(s) {names}; the code changed incompatibly with the "
-                "run's checkpoints"
-            )
+        return self._checkpoints.claim(name)
 
     def idempotency_key(self, step: str, position: int) -> str:
         """The stable idempotency key of the step ``step`` at ``position``."""
@@ -364,6 +402,9 @@ class Workflow:
             WorkflowIncompatible: The code reached another step here than the one
                 checkpointed.
             PayloadError: The output cannot be encoded.
+
+        Cancellation: the step's attempt is abandoned, counted neither as failed nor
+        as died; the run replays the step when it resumes.
         """
         if not isinstance(name, str) or not name or name.startswith("@"):
             raise ValueError(f"a step needs a non-empty name not starting with '@', got {name!r}")
@@ -402,24 +443,36 @@ class Workflow:
     ) -> Any:
         engine = self._engine
         policy = retry or engine.step_retry
-        attempts = found.attempts if found is not None else 0
-        started = found.started_at if found is not None else time.time()
+        # An attempt ends in one of three ways, counted apart: it raises (the retry
+        # policy gives up after max_attempts of those), the process stops during it
+        # (a crash loop after max_attempts of those), or a close interrupts it (not
+        # counted at all). So a crash never uses up a step's retries.
+        step = found or StepRecord(self.id, pos, name, "running", 0, time.time())
         key = self.idempotency_key(name, pos)
-        if attempts >= policy.max_attempts:
-            # Every attempt so far ended with the process: do not let it crash-loop.
-            await self._step_failed(pos, name, attempts, started, _DIED_TYPE, _DIED)
+        if step.died >= policy.max_attempts:
+            # The process stopped during max_attempts of its attempts: a crash loop.
+            message = _DIED.format(died=step.died)
+            await self._step_failed(step, _DIED_TYPE, message)
             self._raised.append(pos)
-            raise StepFailed(self.id, name, pos, attempts, _DIED_TYPE, _DIED)
+            raise StepFailed(self.id, name, pos, step.attempts, _DIED_TYPE, message)
         previous = 0.0
+        failed = False  # the last attempt raised; ``step`` records it
         while True:
-            attempts += 1
-            token = _CURRENT_STEP.set(StepInfo(self.id, name, pos, attempts, key))
+            attempts = step.attempts + 1
             try:
+                # Inside the cancellation handler: a commit cancelled by a close may
+                # still land, and must not count as an attempt either.
+                if failed:
+                    # The failed attempt ended here: the process stopping during the
+                    # backoff must not count it as died.
+                    await engine.commit(WriteBatch(steps=[step]))
+                    await anyio.sleep(previous)
+                # Counted as died until it ends otherwise: if the process stops, no
+                # code runs to count it.
+                marker = msgspec.structs.replace(step, attempts=attempts, died=step.died + 1)
+                await engine.commit(WriteBatch(steps=[marker]))
+                token = _CURRENT_STEP.set(StepInfo(self.id, name, pos, attempts, key))
                 try:
-                    # Inside the cancellation handler: a commit cancelled by a close
-                    # may still land, and must not count as an attempt either.
-                    marker = StepRecord(self.id, pos, name, "running", attempts, started)
-                    await engine.commit(WriteBatch(steps=[marker]))
                     with _deadline(policy.timeout):
                         value = fn(*args, **kwargs)
                         if inspect.isawaitable(value):
@@ -428,43 +481,65 @@ class Workflow:
                     _CURRENT_STEP.reset(token)
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True):
-                    await engine.interrupted(self.id, pos, name, attempts - 1, started)
+                    await engine.interrupted(step)
                 raise
             except Exception as exc:
                 if isinstance(exc, (BusClosed, _storage.StorageError)):
                     raise  # the bus, not the step: the run pauses
-                if not policy.retryable(exc) or attempts >= policy.max_attempts:
+                step = msgspec.structs.replace(
+                    step,
+                    attempts=attempts,
+                    error_type=error_type_name(exc),
+                    error_message=str(exc),
+                )
+                failures = step.attempts - step.died
+                if not policy.retryable(exc) or failures >= policy.max_attempts:
                     engine.counts["steps_failed"] += 1
-                    kind_name, message = error_type_name(exc), str(exc)
-                    await self._step_failed(pos, name, attempts, started, kind_name, message)
+                    await self._step_failed(step, step.error_type, step.error_message)
                     self._raised.append(pos)
-                    raise StepFailed(self.id, name, pos, attempts, kind_name, message) from exc
+                    raise StepFailed(
+                        self.id, name, pos, attempts, step.error_type, step.error_message
+                    ) from exc
                 logger.info(
                     "workflow %s step %r attempt %d failed: %r", self.id, name, attempts, exc
                 )
                 engine.counts["step_retries"] += 1
                 if self._rng is None:
                     self._rng = random.Random()
-                previous = backoff_delay(policy, attempts, previous, self._rng)
-                await anyio.sleep(previous)
+                previous = backoff_delay(policy, failures, previous, self._rng)
+                failed = True
                 continue
             engine.counts["steps_run"] += 1
             raw = _encode(f"the output of step {name!r}", value)
-            done = StepRecord(self.id, pos, name, "done", attempts, started, time.time(), raw)
+            done = msgspec.structs.replace(
+                step,
+                status="done",
+                attempts=attempts,
+                finished_at=time.time(),
+                output=raw,
+                error_type="",
+                error_message="",
+            )
             await engine.commit(WriteBatch(steps=[done]))
             return _decoder(kind).decode(raw)
 
-    async def _step_failed(
-        self, pos: int, name: str, attempts: int, started: float, kind: str, message: str
-    ) -> None:
-        record = StepRecord(
-            self.id, pos, name, "failed", attempts, started, time.time(), None, kind, message
+    async def _step_failed(self, step: StepRecord, kind: str, message: str) -> None:
+        record = msgspec.structs.replace(
+            step,
+            status="failed",
+            finished_at=time.time(),
+            output=None,
+            error_type=kind,
+            error_message=message,
         )
         await self._engine.commit(WriteBatch(steps=[record]))
 
     async def sleep(self, seconds: float) -> None:
         """Sleep durably: the wake-up time is checkpointed, so a run resumed after a
-        restart sleeps only what is left (or not at all)."""
+        restart sleeps only what is left (or not at all).
+
+        Cancellation: the wake-up time stays checkpointed; a resumed run sleeps until it.
+        """
         if not seconds >= 0:
             raise ValueError(f"sleep needs seconds >= 0, got {seconds!r}")
         pos, found = self._position(_SLEEP)
@@ -493,6 +568,8 @@ class Workflow:
             TypeError: An argument is not a ``wf.step`` or ``wf.sleep`` call (a
                 coroutine running several steps would take positions in whatever
                 order its steps finish, and a replay could not match them).
+
+        Cancellation: every step of the gather is cancelled, as :meth:`step` says.
         """
         ours = (Workflow.step.__code__, Workflow.sleep.__code__)
         strays = [aw for aw in steps if getattr(aw, "cr_code", None) not in ours]
@@ -527,4 +604,4 @@ class Workflow:
 
 
 _DIED_TYPE = "eventbus.ProcessDied"
-_DIED = "the process stopped during every attempt (crash loop); see the step's logs"
+_DIED = "the process stopped during {died} of its attempts (crash loop); see the step's logs"

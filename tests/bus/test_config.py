@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from eventbus import BatchPolicy, BusConfig, ConfigError, RetryPolicy
+from eventbus import BatchPolicy, BreakerPolicy, BusConfig, ConfigError, RetryPolicy
 
 
 def test_defaults_are_valid_and_documented_values() -> None:
@@ -87,3 +88,38 @@ def test_policies_reject_impossible_values_directly() -> None:
         RetryPolicy(multiplier=float("nan"))
     with pytest.raises(ConfigError, match=r"batch\.max_wait"):
         BatchPolicy(max_wait=float("inf"))
+
+
+@pytest.mark.parametrize(
+    ("build", "key", "message"),
+    [
+        (lambda: BusConfig(durability="fast"), "durability", "one of 'normal'"),
+        (lambda: BusConfig(channel_capacity="10"), "channel_capacity", "expected int, got str"),
+        (lambda: BusConfig(max_event_bytes=True), "max_event_bytes", "got bool"),
+        (lambda: BusConfig(retention=None), "retention", "expected float"),
+        (lambda: BusConfig(batch={"mode": "natural"}), "batch", "expected BatchPolicy"),
+        (lambda: BusConfig(breaker=3), "breaker", "BreakerPolicy | None"),
+        (lambda: RetryPolicy(jitter="weird"), "retry.jitter", "one of 'full'"),
+        (lambda: RetryPolicy(timeout="1"), "retry.timeout", "float | None"),
+        (lambda: RetryPolicy(retry_on=[ValueError]), "retry.retry_on", "expected tuple"),
+        (lambda: BatchPolicy(mode="turbo"), "batch.mode", "one of 'adaptive'"),
+        (lambda: BatchPolicy(max_size=2.5), "batch.max_size", "expected int"),
+        (lambda: BreakerPolicy(failure_ratio="0.5"), "breaker.failure_ratio", "got str"),
+    ],
+)
+def test_constructors_reject_wrong_types_and_values_naming_the_key(
+    build: Callable[[], object], key: str, message: str
+) -> None:
+    # Regression: msgspec Structs do not check types when built directly, so these
+    # passed construction and then fell back silently or failed later with a raw
+    # KeyError or TypeError.
+    with pytest.raises(ConfigError) as info:
+        build()
+    assert info.value.key == key
+    assert message in str(info.value)
+
+
+def test_constructors_accept_an_int_for_a_float_and_none_where_allowed() -> None:
+    assert BusConfig(retention=10).retention == 10
+    assert BusConfig(breaker=None).breaker is None
+    assert RetryPolicy(timeout=None, retry_on=(ValueError,)).retry_on == (ValueError,)

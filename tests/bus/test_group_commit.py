@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
+import anyio
 import pytest
 
 from backpressure import FixedController
-from eventbus import Bus, BusConfig, Context, Event, Message
+from eventbus import Bus, BusConfig, BusError, Context, Event, Message, StorageError, StorageFull
 from eventbus._metrics import CommitRecorder
 from eventbus.publish import COMMIT_TARGET_LATENCY, LogWriter
-from storage import MemoryStorage, NewRecord, Receipt, WriteBatch
+from storage import (
+    MemoryStorage,
+    NewRecord,
+    Receipt,
+    RecordRejected,
+    SQLiteStorage,
+    SubscriptionInfo,
+    WriteBatch,
+)
+from storage import StorageFull as LogFull
 
 pytestmark = pytest.mark.anyio
 
@@ -126,3 +137,162 @@ async def test_bus_metrics_report_the_group_commits() -> None:
     assert (log.commit_size_max, log.committed_events) == (100, 100)
     assert log.commit_latency.max > 0
     assert log.commit_target == BusConfig().max_commit_batch
+
+
+class RefusingStorage(MemoryStorage):
+    """An in-memory log that refuses, as a storage would refuse a value it cannot
+    store, any commit holding a record on the topic ``"refused"``; or, with
+    ``full=True``, every commit that appends (a full disk)."""
+
+    def __init__(self, *, full: bool = False) -> None:
+        super().__init__()
+        self.full = full
+        self.attempts = 0
+
+    async def commit(self, batch: WriteBatch) -> list[Receipt]:
+        self.attempts += 1
+        if self.full and batch.appends:
+            raise LogFull("the disk is full")
+        if any(r.topic == "refused" for r in batch.appends):
+            raise RecordRejected("memory", "a value it cannot store")
+        return await super().commit(batch)
+
+
+async def test_a_record_the_log_refuses_fails_only_its_own_publish() -> None:
+    # Regression: one record that failed inside the shared transaction failed every
+    # publish of that group commit and dropped the publish_nowait events queued with it.
+    storage = RefusingStorage()
+    receipts: list[Receipt] = []
+    errors: list[BaseException] = []
+
+    async def publish(topic: str, i: int) -> None:
+        try:
+            receipts.append(await bus.publish(topic, i))
+        except StorageError as exc:
+            errors.append(exc)
+
+    async with Bus.open(":memory:", storage=storage) as bus:
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(publish, "refused" if i == 17 else "good", i)
+            for i in range(10):
+                bus.publish_nowait("good", 100 + i)
+        await bus.drain(timeout=10)
+        events = await storage.read(0, 10**6, None, 10**6)
+    assert len(receipts) == 39
+    assert len(errors) == 1
+    assert isinstance(errors[0], BusError)
+    assert "refused a value" in str(errors[0])
+    assert sorted(e.seq for e in events) == list(range(1, 50))
+    assert {e.topic for e in events} == {"good"}
+
+
+async def test_a_failure_of_the_log_itself_is_not_retried_in_parts() -> None:
+    storage = RefusingStorage(full=True)
+    async with Bus.open(":memory:", storage=storage) as bus:
+        attempts = storage.attempts
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(publish_expecting_full, bus, i)
+        assert storage.attempts - attempts == 1  # one failed commit, not 2n-1
+
+
+async def publish_expecting_full(bus: Bus, i: int) -> None:
+    with pytest.raises(StorageFull):
+        await bus.publish("t", i)
+
+
+async def test_an_unstorable_record_in_a_sqlite_group_commit_fails_alone(tmp_path: Path) -> None:
+    # The safety net behind the checks at publish: a record that still reaches SQLite
+    # with a value it cannot bind (as a list idempotency key once did) is committed
+    # apart from the others: the good appends, the publish_nowait events and the
+    # acknowledgement riding in the same transaction all commit.
+    storage = SQLiteStorage(tmp_path / "log.db")
+    await storage.open()
+    writer = LogWriter(
+        storage, max_pending=1000, max_commit_batch=4096, on_committed=lambda a, r: None
+    )
+    bad = NewRecord("bad", "t", None, b"\x01", None, time.time(), ["x"])  # type: ignore[arg-type]
+    await storage.commit(WriteBatch(subscriptions=[SubscriptionInfo("s", ("t",), 0, 0.0)]))
+    results: list[object] = []
+
+    async def wait(fut: asyncio.Future[object]) -> None:
+        try:
+            results.append(await fut)
+        except BusError as exc:
+            results.append(exc)
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            futures = [writer.submit_nowait(record(i), want_receipt=True) for i in range(20)]
+            futures.append(writer.submit_nowait(bad, want_receipt=True))
+            futures += [writer.submit_nowait(record(i), want_receipt=True) for i in range(20, 40)]
+            for i in range(40, 50):
+                writer.submit_nowait(record(i), want_receipt=False)
+            ack = tg.create_task(writer.commit(WriteBatch(acks={"s": 0}, state=[("s", "k", b"v")])))
+            for fut in futures:
+                tg.create_task(wait(fut))  # type: ignore[arg-type]
+            tg.create_task(writer.run())
+            await writer.flush()
+            writer.stop()
+        assert ack.result() == []
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert len(failed) == 1
+        assert isinstance(failed[0], StorageError)
+        assert "refused a value" in str(failed[0])
+        logged = await storage.read(0, 10**6, None, 10**6)
+        assert [r.id for r in logged] == [f"id-{i}" for i in range(50)]  # in publish order
+        assert await storage.get_state("s", ["k"]) == {"k": b"v"}
+        assert writer.commits <= 2 * (51).bit_length() + 1  # halving, not one by one
+    finally:
+        await storage.close()
+
+
+class PendingAck:
+    """A writer source (as a subscription is) with one acknowledgement pending."""
+
+    def __init__(self) -> None:
+        self.writes: WriteBatch | None = WriteBatch(acks={"s": 0}, state=[("s", "k", b"v")])
+        self.committed_batches: list[WriteBatch] = []
+        self.failed_batches: list[WriteBatch] = []
+
+    def take_writes(self) -> WriteBatch | None:
+        writes, self.writes = self.writes, None
+        return writes
+
+    def committed(self, batch: WriteBatch) -> None:
+        self.committed_batches.append(batch)
+
+    def commit_failed(self, batch: WriteBatch) -> None:
+        self.failed_batches.append(batch)
+        self.writes = batch
+
+
+async def test_a_subscriptions_pending_writes_commit_beside_a_refused_record(
+    tmp_path: Path,
+) -> None:
+    # The writes a subscription hands the writer ride in the same group commit as
+    # publishes; a refused record among those publishes must not hand them back.
+    storage = SQLiteStorage(tmp_path / "log.db")
+    await storage.open()
+    writer = LogWriter(
+        storage, max_pending=1000, max_commit_batch=4096, on_committed=lambda a, r: None
+    )
+    await storage.commit(WriteBatch(subscriptions=[SubscriptionInfo("s", ("t",), 0, 0.0)]))
+    source = PendingAck()
+    bad = NewRecord("bad", "t", None, b"\x01", None, time.time(), ["x"])  # type: ignore[arg-type]
+    try:
+        async with asyncio.TaskGroup() as tg:
+            good = [writer.submit_nowait(record(i), want_receipt=True) for i in range(10)]
+            refused = writer.submit_nowait(bad, want_receipt=True)
+            writer.notify(source)  # type: ignore[arg-type]
+            tg.create_task(writer.run())
+            await writer.flush()
+            writer.stop()
+        assert all(fut is not None and fut.done() and not fut.exception() for fut in good)
+        assert refused is not None
+        assert isinstance(refused.exception(), StorageError)
+        assert (len(source.committed_batches), source.failed_batches) == (1, [])
+        assert await storage.get_state("s", ["k"]) == {"k": b"v"}
+    finally:
+        await storage.close()

@@ -16,6 +16,7 @@ class Flaky(Exception):
     pass
 
 
+@pytest.mark.virtual_clock
 @pytest.mark.parametrize("concurrency", [1, 4])
 async def test_a_key_waits_behind_its_retry_while_a_slow_other_key_runs(concurrency: int) -> None:
     """Regression: A1 fails once; then, in one publish_many, A2, X (slow) and A3. The

@@ -412,3 +412,103 @@ def test_retries_that_succeed_drain_at_handler_speed_not_at_the_budget_floor() -
     while (call := sched.next_call(RETRY, 0.0)) is not None:
         run(sched, call)
     assert len(sink.done) == 100  # no time passed: each success gave its token back
+
+
+def test_an_abandoned_retry_attempt_is_due_again_with_its_attempt_unchanged() -> None:
+    sched, _ = scheduler()
+    sched.recovered([Entry(1, "a", None, attempt=2, fresh=False)], 0.0)
+    sched.append([], 1)
+    call = sched.next_call(RETRY, 0.0)
+    assert call is not None
+    sched.finish(call, 5.0, call.entries)  # the bus closed during the attempt
+    again = sched.next_call(RETRY, 5.0)
+    assert again is not None
+    assert (again.entries[0].seq, again.entries[0].attempt) == (1, 2)
+
+
+def test_a_redriven_event_of_a_key_in_a_main_call_waits_for_that_call() -> None:
+    sched, _ = scheduler()
+    sched.append(fresh("a", "b", first=2), 3)
+    main = sched.next_call(MAIN, 0.0, 1)
+    assert main is not None
+    assert main.entries[0].key == "a"
+    sched.recovered([Entry(1, "a", None, attempt=1, fresh=False)], 0.0)  # redriven
+    assert sched.next_call(RETRY, 0.0) is None  # key a is in the main call
+    assert sched.next_wakeup(0.0) is None  # nothing to wait for but that call
+    run(sched, main)
+    assert sched.retry_changed
+    call = sched.next_call(RETRY, 0.0)
+    assert call is not None
+    assert call.entries[0].seq == 1
+
+
+def test_the_timer_waits_for_the_budget_when_due_retries_have_no_token() -> None:
+    policy = RetryPolicy(max_attempts=5, initial_delay=0.0, budget_ratio=0.0, budget_floor=2.0)
+    sink = RecordingSink()
+    sched = Scheduler(
+        retry=policy,
+        ordered=False,
+        concurrency=1,
+        breaker=None,
+        budget=RetryBudget(0.0, 2.0, 1.0, 0.0),
+        sink=sink,
+        cursor=0,
+    )
+    sched.recovered([Entry(i, None, None, attempt=2, fresh=False) for i in (1, 2)], 0.0)
+    first = sched.next_call(RETRY, 0.0)
+    assert first is not None  # the one token
+    run(sched, first, fail={1})
+    assert sched.next_call(RETRY, 0.0) is None
+    assert sched.next_wakeup(0.0) == pytest.approx(0.5)  # one token at 2 per second
+    pending = sched.pending(0.0)
+    assert (pending.retries_waiting, pending.retries_due, pending.waiting_for_budget) == (
+        2,
+        2,
+        True,
+    )
+    assert sched.next_call(RETRY, 0.5) is not None
+
+
+def test_pending_says_what_waits_and_what_is_parked() -> None:
+    sched, _ = scheduler(retry=RetryPolicy(max_attempts=5, initial_delay=10.0, jitter="none"))
+    sched.append(fresh("a", "a", "b"), 3)
+    call = sched.next_call(MAIN, 0.0, 1)
+    assert call is not None
+    run(sched, call, fail={1})
+    sched.append([], 3)
+    other = sched.next_call(MAIN, 0.0, 5)
+    assert other is not None
+    run(sched, other)
+    pending = sched.pending(1.0)
+    assert (pending.retries_waiting, pending.retries_due, pending.parked) == (1, 0, 1)
+    assert pending.next_due == pytest.approx(10.0)
+    assert repr(call.entries[0]) == "Entry(seq=1, key='a', attempt=2)"
+
+
+def test_an_older_event_recovered_ahead_of_a_waiting_head_runs_first() -> None:
+    sched, _ = scheduler()
+    sched.recovered([Entry(3, "a", None, attempt=2, fresh=False)], 0.0)
+    sched.recovered([Entry(2, "a", None, attempt=2, fresh=False)], 0.0)  # older, later
+    sched.append([], 3)
+    order = []
+    while (call := sched.next_call(RETRY, 0.0)) is not None:
+        order += run(sched, call)
+    assert order == [2, 3]
+    assert sched.idle()
+
+
+def test_a_fresh_event_taken_before_an_older_one_is_redriven_waits_behind_it() -> None:
+    sched, sink = scheduler()
+    sched.append(fresh("a", first=5), 5)
+    main = sched.next_call(MAIN, 0.0, 1)
+    assert main is not None
+    sched.recovered([Entry(1, "a", None, attempt=1, fresh=False)], 0.0)  # redriven
+    assert run(sched, main) == []  # 5 is parked behind 1 instead of running
+    assert sink.retried[-1] == (5, 1)
+    order = []
+    now = 0.0
+    for _ in range(10):
+        now += 10.0
+        while (call := sched.next_call(RETRY, now)) is not None:
+            order += run(sched, call, now=now)
+    assert order == [1, 5]

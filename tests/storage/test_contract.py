@@ -255,6 +255,16 @@ async def test_workflow_runs_start_once_and_keep_step_checkpoints(log: Storage) 
     assert await log.workflows(name="other") == []
 
 
+async def test_step_checkpoints_keep_every_field(log: Storage) -> None:
+    now = time.time()
+    steps = [
+        StepRecord("w1", 0, "reserve", "done", 2, now, now + 1, b'"r"', died=1),
+        StepRecord("w1", 1, "charge", "running", 5, now, None, None, "E", "boom", died=3),
+    ]
+    await log.commit(WriteBatch(steps=steps))
+    assert await log.steps("w1") == steps
+
+
 async def test_dead_letters_page_between_subscriptions_of_one_event(log: Storage) -> None:
     # Two subscriptions dead-letter each event: a page that ends between them resumes
     # at the second, where paging by seq alone would skip it.

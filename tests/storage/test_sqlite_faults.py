@@ -23,6 +23,7 @@ from storage import (
     Record,
     SchemaTooNew,
     SQLiteStorage,
+    StepRecord,
     StorageError,
     WriteBatch,
 )
@@ -79,6 +80,31 @@ async def test_a_log_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SchemaTooNew, match="upgrade eventbus") as info:
         await SQLiteStorage(path).open()
     assert info.value.found == SCHEMA_VERSION + 1
+
+
+async def test_a_log_from_before_step_deaths_were_counted_keeps_its_checkpoints(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "log.db"
+    store = SQLiteStorage(path)
+    await store.open()
+    running = StepRecord("w1", 0, "charge", "running", 3, time.time())
+    await store.commit(WriteBatch(steps=[running]))
+    await store.close()
+    with sqlite3.connect(path) as conn:  # as schema version 4 wrote it
+        conn.execute("ALTER TABLE workflow_steps DROP COLUMN died")
+        conn.execute("PRAGMA user_version = 4")
+    conn.close()
+    store = SQLiteStorage(path)
+    await store.open()
+    try:
+        assert await store.steps("w1") == [running]  # no death counted yet
+        await store.commit(
+            WriteBatch(steps=[StepRecord("w1", 0, "charge", "running", 4, 0.0, died=1)])
+        )
+        assert [s.died for s in await store.steps("w1")] == [1]
+    finally:
+        await store.close()
 
 
 async def test_a_second_owner_is_refused_while_the_first_holds_the_log(tmp_path: Path) -> None:
@@ -206,8 +232,10 @@ async def test_a_commit_cancelled_while_its_transaction_runs_leaves_a_consistent
 
 
 def test_the_aiosqlite_hook_for_one_hop_transactions_exists() -> None:
-    # storage._sqlite runs each transaction through aiosqlite's internal queue.
+    # The log's connections run each transaction through the queue that aiosqlite's
+    # own methods use (a protected method of the class they extend).
     assert callable(getattr(aiosqlite.Connection, "_execute", None))
+    assert isinstance(getattr(aiosqlite.Connection, "_conn", None), property)
 
 
 async def test_the_wal_stays_bounded_while_a_reader_keeps_tailing(tmp_path: Path) -> None:

@@ -229,6 +229,41 @@ async def test_changed_code_fails_with_a_clear_error(log_path: Path) -> None:
     assert issubclass(WorkflowIncompatible, WorkflowError)
 
 
+async def test_a_replay_that_ends_before_its_checkpoints_fails_naming_them(
+    log_path: Path,
+) -> None:
+    gate = anyio.Event()
+    started = anyio.Event()
+
+    async def step(name: str) -> str:
+        if name == "slow":
+            started.set()
+            await gate.wait()
+        return name
+
+    async with Bus.open(log_path) as bus:
+
+        @bus.workflow("v")
+        async def v1(wf: Workflow, _: None) -> str:
+            await wf.step("reserve", step, "reserve")
+            return await wf.step("slow", step, "slow")
+
+        await bus.start_workflow("v", workflow_id="r")
+        with anyio.fail_after(10):
+            await started.wait()
+    async with Bus.open(log_path) as bus:
+
+        @bus.workflow("v")
+        async def v2(wf: Workflow, _: None) -> str:
+            return "no steps any more"
+
+        handle = await bus.get_workflow("r")
+        with pytest.raises(WorkflowFailed, match=r"checkpointed step\(s\) 'reserve', 'slow'"):
+            await handle.result(timeout=10)
+        status = await handle.status()
+    assert status.error_type.endswith("WorkflowIncompatible")
+
+
 async def test_gather_runs_steps_concurrently_and_replays_them(log_path: Path) -> None:
     running = 0
     peak = 0

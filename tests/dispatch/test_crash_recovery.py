@@ -1,8 +1,9 @@
-"""Regression tests for bugs found in review (they fail until the bugs are fixed).
+"""After a crash: undecodable events are dead-lettered, not skipped; a suspect of
+killing the process runs alone while fresh events wait, and drain waits for them.
 
-Crashes are taken in-process as in tests/crash/test_inflight_mark.py: the database and
-its WAL are copied while the bus is open (what a SIGKILL leaves on disk), and a new
-bus opens the copy.
+Crashes are taken in-process as in tests/crash/test_inflight_mark.py: the database,
+its WAL and the call journal are copied while the bus is open (what a SIGKILL leaves
+on disk), and a new bus opens the copy.
 """
 
 from __future__ import annotations
@@ -88,18 +89,20 @@ async def test_drain_does_not_return_while_a_fresh_event_waits_for_a_suspect_run
 
     handled: list[str] = []
     suspect_started = anyio.Event()
+    release = anyio.Event()
     async with Bus.open(crashed) as bus:
 
         @bus.subscribe("t", name="s", retry=retry)
         async def h(event: Event[str], ctx: Context) -> None:
             if event.payload == "X":
                 suspect_started.set()
-                await anyio.sleep(0.3)
+                await release.wait()
             handled.append(event.payload)
 
         with anyio.fail_after(5):
             await suspect_started.wait()
-        await bus.publish("t", "Y", key="y")
+        await bus.publish("t", "Y", key="y")  # a fresh event while the suspect runs alone
+        release.set()
         await bus.drain(timeout=5)
         handled_at_drain = list(handled)
     assert "Y" in handled_at_drain
@@ -121,6 +124,8 @@ async def test_a_suspect_runs_alone_even_when_another_retry_settles_while_it_sta
 
     running: set[str] = set()
     overlaps: list[tuple[str, list[str]]] = []
+    suspect_started = anyio.Event()
+    release = anyio.Event()
     async with Bus.open(crashed, storage=SlowSettle(crashed)) as bus:
 
         @bus.subscribe("t", name="s", retry=retry)
@@ -130,11 +135,14 @@ async def test_a_suspect_runs_alone_even_when_another_retry_settles_while_it_sta
             running.add(event.payload)
             try:
                 if event.payload == "X":
-                    await anyio.sleep(1.0)
+                    suspect_started.set()
+                    await release.wait()
             finally:
                 running.discard(event.payload)
 
-        await anyio.sleep(0.8)  # "R" settled (slowly) while "X", the suspect, started
-        await bus.publish("t", "Y", key="y")
+        with anyio.fail_after(10):
+            await suspect_started.wait()  # "R" settled (slowly) while "X" started
+        await bus.publish("t", "Y", key="y")  # a fresh event while the suspect runs
+        release.set()
         await bus.drain(timeout=10)
     assert overlaps == []

@@ -1,4 +1,6 @@
-"""Regression tests for reconciliation: each pins a bug found in review (now fixed).
+"""Reconciliation racing the bus: stuck calls that end during a pass, retries that
+settle while the pass reads the log, a redrive right after a dead letter commits,
+and logs migrated from before the acknowledgement ledger.
 
 Races are made deterministic by widening the window the real code leaves open (an
 await in the pass), never by sleeping for something to happen; the only sleeps wait

@@ -1,0 +1,151 @@
+"""Bad publish arguments: a typed error for the caller, nothing written, and nobody
+else's publish affected."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import anyio
+import pytest
+
+from eventbus import (
+    Bus,
+    BusConfig,
+    BusError,
+    EventTooLarge,
+    InvalidEvent,
+    Message,
+    PayloadError,
+    Receipt,
+)
+from storage import SQLiteStorage
+
+pytestmark = pytest.mark.anyio
+
+
+async def logged_payload_count(path: Path) -> int:
+    store = SQLiteStorage(path, read_only=True)
+    await store.open()
+    try:
+        return len(await store.read(0, 10**9, None, 10**6))
+    finally:
+        await store.close()
+
+
+async def test_a_list_idempotency_key_fails_its_own_publish_and_no_one_elses(
+    log_path: Path,
+) -> None:
+    # Regression: the list reached SQLite inside the shared group commit; none of the
+    # 40 good publishes in that commit succeeded and the publish_nowait events queued
+    # with them were dropped.
+    receipts: list[Receipt] = []
+    errors: list[BaseException] = []
+
+    async def good(i: int) -> None:
+        receipts.append(await bus.publish("orders", {"n": i}, idempotency_key=f"good-{i}"))
+
+    async def bad() -> None:
+        try:
+            await bus.publish("orders", {"n": -1}, idempotency_key=["x"])  # type: ignore[arg-type]
+        except BusError as exc:
+            errors.append(exc)
+
+    async with Bus.open(log_path) as bus:
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(good, i)
+            tg.start_soon(bad)
+            for i in range(20, 40):
+                tg.start_soon(good, i)
+            for i in range(10):
+                bus.publish_nowait("orders", {"nowait": i})
+        await bus.drain(timeout=10)
+    assert len(receipts) == 40
+    assert len(errors) == 1
+    assert isinstance(errors[0], InvalidEvent)
+    assert errors[0].field == "idempotency_key"
+    assert await logged_payload_count(log_path) == 50
+
+
+async def test_an_int_idempotency_key_is_refused_instead_of_aliasing_its_string() -> None:
+    # Regression: idempotency_key=123 was accepted and matched the string "123".
+    async with Bus.open(":memory:") as bus:
+        first = await bus.publish("t", 1, idempotency_key="123")
+        with pytest.raises(InvalidEvent, match="idempotency_key must be a str or None"):
+            await bus.publish("t", 2, idempotency_key=123)  # type: ignore[arg-type]
+        with pytest.raises(InvalidEvent):
+            bus.publish_nowait("t", 2, idempotency_key=b"123")  # type: ignore[arg-type]
+        with pytest.raises(InvalidEvent):
+            await bus.publish_many([Message("t", 2, idempotency_key=123)])  # type: ignore[arg-type]
+        assert (await bus.stats()).head == first.seq == 1
+
+
+async def test_text_that_sqlite_cannot_store_is_refused_before_the_commit(log_path: Path) -> None:
+    async with Bus.open(log_path) as bus:
+        for kwargs in ({"key": "k\ud800"}, {"idempotency_key": "\udfff"}):
+            with pytest.raises(InvalidEvent, match="valid Unicode"):
+                await bus.publish("t", 1, **kwargs)  # type: ignore[arg-type]
+        with pytest.raises(InvalidEvent, match="valid Unicode"):
+            await bus.publish("t\ud800", 1)
+        with pytest.raises(PayloadError):
+            await bus.publish("t", 1, headers={"h": "\ud800"})
+        await bus.publish("t", "ok")
+    assert await logged_payload_count(log_path) == 1
+
+
+async def test_a_cyclic_or_very_deep_payload_is_a_payload_error(log_path: Path) -> None:
+    # Regression: both raised a raw RecursionError.
+    cyclic: list[object] = []
+    cyclic.append(cyclic)
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    async with Bus.open(log_path) as bus:
+        for payload in (cyclic, deep, {"a": cyclic}):
+            with pytest.raises(PayloadError, match="nested too deeply, or cyclic"):
+                await bus.publish("t", payload)
+            with pytest.raises(PayloadError):
+                bus.publish_nowait("t", payload)
+            with pytest.raises(PayloadError):
+                await bus.publish_many([Message("t", 1), Message("t", payload)])
+    assert await logged_payload_count(log_path) == 0
+
+
+async def test_headers_that_are_not_a_dict_are_a_payload_error(log_path: Path) -> None:
+    # Regression: headers="abc" raised a raw AttributeError.
+    async with Bus.open(log_path) as bus:
+        for headers in ("abc", [("a", "b")], 5):
+            with pytest.raises(PayloadError, match="headers must be a dict"):
+                await bus.publish("t", 1, headers=headers)  # type: ignore[arg-type]
+        with pytest.raises(PayloadError, match="headers must be a dict"):
+            bus.publish_nowait("t", 1, headers="abc")  # type: ignore[arg-type]
+    assert await logged_payload_count(log_path) == 0
+
+
+async def test_publish_many_refuses_an_item_that_is_not_a_message() -> None:
+    async with Bus.open(":memory:") as bus:
+        with pytest.raises(InvalidEvent, match="a Message"):
+            await bus.publish_many([Message("t", 1), ("t", 2)])  # type: ignore[list-item]
+        assert (await bus.stats()).head == 0
+
+
+async def test_an_oversized_payload_is_refused_without_being_encoded_in_full() -> None:
+    # Regression: a payload far over the limit was encoded in full first (2 GB: +1.9 GiB
+    # of memory, 6 s). Here one 100 kB string repeated 1,000 times: 100 MB encoded,
+    # 100 kB held.
+    blob = "x" * 100_000
+    payloads: list[object] = [[blob] * 1_000, {"a": [{"b": blob}] * 1_000}, "y" * 10**8]
+    async with Bus.open(":memory:", config=BusConfig(max_event_bytes=1_000_000)) as bus:
+        for payload in payloads:
+            tracemalloc.start()
+            try:
+                with pytest.raises(EventTooLarge) as info:
+                    await bus.publish("blobs", payload)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert peak < 8_000_000, f"{peak} bytes allocated to refuse the event"
+            assert info.value.size > info.value.limit == 1_000_000
+        # Just under the limit still goes through.
+        await bus.publish("blobs", [blob] * 9)
