@@ -1,30 +1,60 @@
 """The chaos harness: kill a two-stage pipeline with SIGKILL, restart it, and prove
-that nothing was lost or applied twice.
+that nothing was lost, applied twice, reordered, or blamed on the wrong event.
 
-    python -m eventbus.chaos [--events 100000] [--kills 50] [--seed 1] [--dir DIR]
+    python -m eventbus.chaos [--events 100000] [--kills 50] [--seed 1] [--concurrency 1]
+                             [--publish-first] [--io-ms 0] [--dir DIR] [--json]
 
 A worker process publishes ``--events`` orders (idempotency keys make re-publishing
 after a crash harmless) through a two-stage pipeline on one SQLite log:
 
-1. ``enrich`` (per-event handler) keeps per-customer totals in ``ctx.state`` and
-   publishes a payment through the outbox (same transaction as its acknowledgement);
-   every ``--poison-every``-th order is poison and must end in the dead letters.
+1. ``enrich`` (per-event handler) awaits a simulated outside call (``--io-ms``; at
+   least a yield to the event loop), keeps per-customer totals in ``ctx.state`` and
+   publishes a payment through the outbox (same transaction as its acknowledgement).
+   Every ``--poison-every``-th order is poison (fails every attempt: it must end in the
+   dead letters); every ``--flaky-every``-th fails its first attempt only (a retry on
+   the same key as healthy traffic, which must keep its place in the key's order).
 2. ``settle`` (batch handler) applies each payment to an outside sink, a separate
    SQLite file standing in for a payments API that deduplicates by idempotency key,
    through ``eventbus.idempotent``; it keeps the last order seen per customer in its
    state to check order per key.
 
-The harness kills the worker at random moments (seeded: ``--seed`` replays a run),
-``--kills`` times, restarts it each time, lets the last run finish, then reads the
-log and the sink and prints the accounting. It exits non-zero if anything was lost,
-doubled or reordered.
+Both subscriptions run ``--concurrency`` handler calls at once. With
+``--publish-first`` one unkilled run publishes everything and every killed run only
+consumes, starting on a deep backlog; otherwise each run resumes publishing too.
+
+The harness kills the worker ``--kills`` times at random moments (seeded: ``--seed``
+replays a run; most a random delay after the run's first handler call, one in four
+after its start, so that opening and recovery are killed too), restarts it each time,
+lets the last run finish, then checks the books:
+
+- from the log and the sink: every order handled once or dead-lettered, every
+  payment applied once, no duplicate outbox event, and each customer's state equal to
+  a recomputation from the log;
+- order per key: each handler records a ``violation:`` key in its committed state
+  when it sees an order not above the last one of its customer, or a call starting on
+  a customer another call of its subscription is running; the outbox (payments in log
+  order) and the sink (effects in the order applied) must follow each customer's
+  order too;
+- blame: each handler call writes ``start``/``end`` lines to a file per run
+  (line-buffered: they survive the kill), and after each kill the harness reads the
+  log's call journal (what the next open charges with ``eventbus.ProcessDied``). Every
+  running call must be in the journal, the journal may hold at most one call more
+  (the one between its start or end and its handler's first or last line at the
+  instant of the kill), every journaled event must be charged, and no other event may
+  be: an event that never fails by itself and is seen at attempt 2 or later was
+  blamed for a death.
+
+It exits non-zero if any check fails. ``--unordered`` subscribes with
+``ordered=False``, which the order checks must catch: a check of the checks.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
+import select
 import signal
 import sqlite3
 import subprocess
@@ -32,12 +62,19 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
+from typing import TextIO
 
 import anyio
+import anyio.lowlevel
 import msgspec
 
 import storage as _storage
+
+# The harness checks the call journal itself against what the handlers say ran, so
+# it reads the file the way the log's next open does.
+from storage._calls import read_journal
 
 from ._bus import Bus
 from ._config import BatchPolicy, BusConfig, RetryPolicy
@@ -49,18 +86,49 @@ from .reconcile import check_log
 CUSTOMERS = 97
 CHUNK = 500
 RETRY = RetryPolicy(max_attempts=3, initial_delay=0.01, max_delay=0.05, budget_ratio=1.0)
+PROCESS_DIED = _storage.PROCESS_DIED
+RUN_TIMEOUT = 60.0  # seconds a run may take to start handling, or to die when killed
+
+
+class Settings(msgspec.Struct, frozen=True):
+    """One chaos run's parameters (the command line's options)."""
+
+    events: int = 100_000
+    kills: int = 50
+    seed: int = 1
+    concurrency: int = 1
+    publish_first: bool = False
+    io_ms: float = 0.0
+    poison_every: int = 1000
+    flaky_every: int = 500
+    min_wait: float = 0.3
+    max_wait: float = 2.0
+    ordered: bool = True
 
 
 class Poison(Exception):
     """An order that can never be processed."""
 
 
+class Flaky(Exception):
+    """An order whose first attempt fails."""
+
+
 def amount_of(n: int) -> int:
     return n % 13 + 1
 
 
+def customer_of(n: int) -> str:
+    return f"c{n % CUSTOMERS}"
+
+
 def is_poison(n: int, every: int) -> bool:
     return every > 0 and n % every == every - 1
+
+
+def is_flaky(n: int, settings: Settings) -> bool:
+    every = settings.flaky_every
+    return every > 0 and n % every == every // 2 and not is_poison(n, settings.poison_every)
 
 
 # -- the worker ---------------------------------------------------------------------
@@ -99,23 +167,78 @@ class Sink:
         self._conn.close()
 
 
-async def worker(directory: Path, events: int, poison_every: int) -> None:
-    """One life of the pipeline: resume publishing, handle, exit once all is done."""
+class CallLog:
+    """The handlers' own record of their calls (``start SUB SEQS ATTEMPTS TIME``,
+    ``end SUB SEQS TIME``, in monotonic seconds), and of the customers each
+    subscription's calls hold right now: a call that starts on a customer another
+    call holds is an order violation."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._holding: dict[str, Counter[str]] = {"enrich": Counter(), "settle": Counter()}
+        self._quiet = False
+
+    def start(self, sub: str, events: list[Event[dict[str, int]]], ctx: Context) -> None:
+        if not self._quiet:  # the harness times its kill from the first call
+            self._quiet = True
+            sys.stdout.write("handling\n")
+            sys.stdout.flush()
+        seqs = ",".join(str(e.seq) for e in events)
+        attempts = ",".join(str(e.attempt) for e in events)
+        self._out.write(f"start {sub} {seqs} {attempts} {time.monotonic():.6f}\n")
+        holding = self._holding[sub]
+        for customer in {e.key or "" for e in events}:
+            if holding[customer]:
+                ctx.state.set(f"violation:overlap:{events[0].payload['n']}", customer)
+            holding[customer] += 1
+
+    def end(self, sub: str, events: list[Event[dict[str, int]]]) -> None:
+        seqs = ",".join(str(e.seq) for e in events)
+        self._out.write(f"end {sub} {seqs} {time.monotonic():.6f}\n")
+        holding = self._holding[sub]
+        for customer in {e.key or "" for e in events}:
+            holding[customer] -= 1
+
+
+async def worker(directory: Path, settings: Settings, life: int, role: str) -> None:
+    """One life of the pipeline: resume publishing (unless ``role`` is ``"consume"``),
+    handle (unless it is ``"publish"``), exit once all is done."""
     log_path, sink_path = directory / "log.db", str(directory / "sink.db")
-    progress = directory / "published"
     sink = await anyio.to_thread.run_sync(Sink, sink_path)
-    config = BusConfig(batch=BatchPolicy(max_size=256))
-    async with Bus.open(log_path, config=config) as bus:
+    with open(directory / f"calls-{life}.txt", "a", buffering=1, encoding="utf-8") as out:  # noqa: ASYNC230 - line-buffered appends of a few bytes
+        async with Bus.open(log_path, config=BusConfig(batch=BatchPolicy(max_size=256))) as bus:
+            if role != "publish":
+                _subscribe(bus, sink, CallLog(out), settings)
+            if role != "consume":
+                await _publish(bus, directory / "published", settings)
+            await bus.drain(timeout=None)
+    sink.close()
 
-        @idempotent(bus)
-        async def deliver(n: int, customer: str, *, idempotency_key: str) -> bool:
-            return await anyio.to_thread.run_sync(sink.apply, idempotency_key, n, customer)
 
-        @bus.subscribe("orders", name="enrich", retry=RETRY)
-        async def enrich(event: Event[dict[str, int]], ctx: Context) -> None:
+def _subscribe(bus: Bus, sink: Sink, calls: CallLog, settings: Settings) -> None:
+    io = settings.io_ms / 1000
+
+    @idempotent(bus)
+    async def deliver(n: int, customer: str, *, idempotency_key: str) -> bool:
+        return await anyio.to_thread.run_sync(sink.apply, idempotency_key, n, customer)
+
+    @bus.subscribe(
+        "orders",
+        name="enrich",
+        retry=RETRY,
+        concurrency=settings.concurrency,
+        ordered=settings.ordered,
+    )
+    async def enrich(event: Event[dict[str, int]], ctx: Context) -> None:
+        calls.start("enrich", [event], ctx)
+        try:
             n = event.payload["n"]
             if event.payload.get("poison"):
                 raise Poison(f"order {n} is poison")
+            if event.payload.get("flaky") and event.attempt == 1:
+                raise Flaky(f"order {n} fails its first attempt")
+            # An outside call: the kill can land while it is awaited.
+            await (anyio.sleep(io) if io > 0 else anyio.lowlevel.checkpoint())
             customer = event.key or ""
             totals = await ctx.state.get(customer, {"count": 0, "sum": 0, "last": -1})
             assert isinstance(totals, dict)
@@ -126,45 +249,61 @@ async def worker(directory: Path, events: int, poison_every: int) -> None:
                 {"count": totals["count"] + 1, "sum": totals["sum"] + amount_of(n), "last": n},
             )
             await ctx.publish("payments", {"n": n, "amount": amount_of(n)}, key=customer)
+        finally:
+            calls.end("enrich", [event])
 
-        @bus.subscribe("payments", name="settle", retry=RETRY)
-        async def settle(batch: list[Event[dict[str, int]]], ctx: Context) -> None:
-            by_customer: dict[str, list[Event[dict[str, int]]]] = {}
-            for event in batch:
-                by_customer.setdefault(event.key or "", []).append(event)
+    @bus.subscribe(
+        "payments",
+        name="settle",
+        retry=RETRY,
+        concurrency=settings.concurrency,
+        ordered=settings.ordered,
+    )
+    async def settle(batch: list[Event[dict[str, int]]], ctx: Context) -> None:
+        calls.start("settle", batch, ctx)
+        by_customer: dict[str, list[Event[dict[str, int]]]] = {}
+        for event in batch:
+            by_customer.setdefault(event.key or "", []).append(event)
 
-            async def one_customer(customer: str, events: list[Event[dict[str, int]]]) -> None:
-                for event in events:  # in order within a customer
-                    n = event.payload["n"]
-                    last = await ctx.state.get(customer, -1)
-                    assert isinstance(last, int)
-                    if n <= last:
-                        ctx.state.set(f"violation:{n}", last)
-                    await deliver(n, customer, idempotency_key=ctx.idempotency_key_for(event))
-                    ctx.state.set(customer, n)
+        async def one_customer(customer: str, events: list[Event[dict[str, int]]]) -> None:
+            for event in events:  # in order within a customer
+                n = event.payload["n"]
+                last = await ctx.state.get(customer, -1)
+                assert isinstance(last, int)
+                if n <= last:
+                    ctx.state.set(f"violation:{n}", last)
+                await deliver(n, customer, idempotency_key=ctx.idempotency_key_for(event))
+                ctx.state.set(customer, n)
 
+        try:
             async with anyio.create_task_group() as tg:  # customers in parallel
                 for customer, events in by_customer.items():
                     tg.start_soon(one_customer, customer, events)
+        finally:
+            calls.end("settle", batch)
 
-        text = progress.read_text() if progress.exists() else ""
-        start = int(text) if text.strip() else 0
-        for first in range(start, events, CHUNK):
-            last = min(first + CHUNK, events)
-            await bus.publish_many(
-                Message(
-                    "orders",
-                    {"n": n, "poison": is_poison(n, poison_every)},
-                    key=f"c{n % CUSTOMERS}",
-                    idempotency_key=f"order-{n}",
-                )
-                for n in range(first, last)
+
+async def _publish(bus: Bus, progress: Path, settings: Settings) -> None:
+    text = progress.read_text() if progress.exists() else ""  # noqa: ASYNC240 - a few bytes, once
+    start = int(text) if text.strip() else 0
+    for first in range(start, settings.events, CHUNK):
+        last = min(first + CHUNK, settings.events)
+        await bus.publish_many(
+            Message(
+                "orders",
+                {
+                    "n": n,
+                    "poison": is_poison(n, settings.poison_every),
+                    "flaky": is_flaky(n, settings),
+                },
+                key=customer_of(n),
+                idempotency_key=f"order-{n}",
             )
-            # After the commit: a kill before this write republishes the chunk,
-            # which the idempotency keys turn into no-ops.
-            await anyio.to_thread.run_sync(_write_atomically, progress, str(last))
-        await bus.drain(timeout=None)
-    sink.close()
+            for n in range(first, last)
+        )
+        # After the commit: a kill before this write republishes the chunk,
+        # which the idempotency keys turn into no-ops.
+        await anyio.to_thread.run_sync(_write_atomically, progress, str(last))
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -176,8 +315,19 @@ def _write_atomically(path: Path, text: str) -> None:
 # -- the harness --------------------------------------------------------------------
 
 
+class Kill(msgspec.Struct):
+    """What one kill interrupted."""
+
+    life: int
+    journal: dict[str, list[int]]  # the call journal's calls in flight, per subscription
+    running: dict[str, list[int]]  # the handlers' own record of their calls in flight
+    window: dict[str, list[int]]  # the call whose end was the handlers' last line
+
+
 class Report(msgspec.Struct):
     events: int
+    concurrency: int
+    publish_first: bool
     kills: int
     restarts: int
     seconds: float
@@ -187,10 +337,23 @@ class Report(msgspec.Struct):
     lost: int
     duplicate_state: int
     duplicate_sink_effects: int
+    duplicate_outbox: int
+    state_mismatches: int
     order_violations: int
     dead_letters: int
-    expected_dead_letters: int
-    unaccounted: int = 0
+    poison_dead_letters: int
+    killed_thrice: int
+    unexpected_dead_letters: int
+    unaccounted: int
+    kills_inside_calls: int
+    in_flight_at_kills: int
+    deaths_charged: int
+    blamed: int
+    blamed_outside_calls: int
+    unblamed_in_flight: int
+    running_not_journaled: int
+    kills_in_an_instant: int
+    journaled_beyond_one_call: int
 
     @property
     def ok(self) -> bool:
@@ -200,16 +363,21 @@ class Report(msgspec.Struct):
             and self.unaccounted == 0
             and self.duplicate_state == 0
             and self.duplicate_sink_effects == 0
+            and self.duplicate_outbox == 0
+            and self.state_mismatches == 0
             and self.order_violations == 0
-            and self.dead_letters == self.expected_dead_letters
-            and self.handled == self.events - self.expected_dead_letters
+            and self.unexpected_dead_letters == 0
+            and self.blamed_outside_calls == 0
+            and self.unblamed_in_flight == 0
+            and self.running_not_journaled == 0
+            and self.journaled_beyond_one_call == 0
         )
 
 
-def _spawn(directory: Path, events: int, poison_every: int) -> subprocess.Popen[bytes]:
+def _spawn(directory: Path, settings: Settings, life: int, role: str) -> subprocess.Popen[bytes]:
     # The worker's log goes to a file: a pipe nobody reads while waiting would fill
-    # up and block the worker.
-    with open(directory / "worker.log", "ab") as log:
+    # up and block the worker. Its stdout carries one line, when it starts handling.
+    with open(directory / f"worker-{life}.log", "wb") as log:
         return subprocess.Popen(
             [
                 sys.executable,
@@ -217,107 +385,305 @@ def _spawn(directory: Path, events: int, poison_every: int) -> subprocess.Popen[
                 "eventbus.chaos",
                 "--worker",
                 str(directory),
-                "--events",
-                str(events),
-                "--poison-every",
-                str(poison_every),
+                "--life",
+                str(life),
+                "--role",
+                role,
+                "--settings",
+                msgspec.json.encode(settings).decode(),
             ],
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=log,
         )
 
 
-def _log_tail(directory: Path) -> str:
-    data = (directory / "worker.log").read_bytes()
+def _log_tail(directory: Path, life: int) -> str:
+    data = (directory / f"worker-{life}.log").read_bytes()
     return data[-3000:].decode(errors="replace")
 
 
-def run_harness(
-    directory: Path,
-    events: int,
-    kills: int,
-    seed: int,
-    poison_every: int,
-    min_wait: float,
-    max_wait: float,
-) -> Report:
-    rng = random.Random(seed)
+def _wait_for_line(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait (on the pipe, up to ``timeout``) for the worker's line on stdout, or for
+    the worker to end."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if ready:
+        proc.stdout.readline()
+
+
+def _close(proc: subprocess.Popen[bytes]) -> None:
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def _finish(proc: subprocess.Popen[bytes], directory: Path, life: int) -> None:
+    proc.wait(timeout=3600)
+    _close(proc)
+    if proc.returncode != 0:
+        tail = _log_tail(directory, life)
+        raise RuntimeError(f"worker run {life} failed (exit {proc.returncode}):\n{tail}")
+
+
+def run_harness(directory: Path, settings: Settings) -> Report:
+    """Run the worker to completion through ``settings.kills`` kills; the books."""
+    rng = random.Random(settings.seed)
     started = time.monotonic()
-    done_kills = restarts = 0
-    while done_kills < kills:
-        proc = _spawn(directory, events, poison_every)
-        restarts += 1
+    kills: list[Kill] = []
+    life = 0
+    if settings.publish_first:
+        _finish(_spawn(directory, settings, life, "publish"), directory, life)
+    role = "consume" if settings.publish_first else "both"
+    seen_generation: int | None = None
+    finished = False
+    while len(kills) < settings.kills:
+        life += 1
+        proc = _spawn(directory, settings, life, role)
+        delay = rng.uniform(settings.min_wait, settings.max_wait)
+        # Most kills are timed from the run's first handler call (a loaded machine
+        # can take longer than the delay to start); one in four from its start, so
+        # that opening and recovery get killed too.
+        if rng.random() >= 0.25:
+            _wait_for_line(proc, RUN_TIMEOUT)
         try:
-            proc.wait(timeout=rng.uniform(min_wait, max_wait))
+            proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-            done_kills += 1
+            proc.wait(timeout=RUN_TIMEOUT)
+            _close(proc)
+            kill, seen_generation = _after_kill(directory, life, seen_generation)
+            kills.append(kill)
             continue
-        if proc.returncode != 0:
-            tail = _log_tail(directory)
-            raise RuntimeError(f"the worker failed (exit {proc.returncode}):\n{tail}")
-        break  # finished before its kill: nothing left to interrupt
-    proc = _spawn(directory, events, poison_every)
-    restarts += 1
-    proc.wait(timeout=3600)
-    if proc.returncode != 0:
-        tail = _log_tail(directory)
-        raise RuntimeError(f"the final run failed (exit {proc.returncode}):\n{tail}")
-    return account(
-        directory, events, done_kills, restarts, time.monotonic() - started, poison_every
-    )
+        _finish(proc, directory, life)
+        finished = True  # finished before its kill: nothing left to interrupt
+        break
+    if not finished:
+        life += 1
+        _finish(_spawn(directory, settings, life, role), directory, life)
+    starts = life + 1 if settings.publish_first else life
+    # What each kill interrupted, for a post-mortem beside the runs' own files.
+    (directory / "kills.json").write_bytes(msgspec.json.encode(kills))
+    return account(directory, settings, kills, life, starts, time.monotonic() - started)
 
 
-def account(
-    directory: Path, events: int, kills: int, restarts: int, seconds: float, poison_every: int
-) -> Report:
-    """Read the log and the sink, and check the books."""
+def _after_kill(directory: Path, life: int, seen: int | None) -> tuple[Kill, int | None]:
+    """What the kill of run ``life`` interrupted: the journal the next open will
+    charge (unless that one was charged already) and the handlers' own record."""
+    journal = read_journal(str(directory / "log.db") + "-calls")
+    inflight: dict[str, list[int]] = {}
+    generation = seen
+    if journal is not None and journal[0] != seen:
+        generation, inflight = journal
+    running, window, _ = _read_calls(directory / f"calls-{life}.txt")
+    return Kill(life, inflight, running, window), generation
+
+
+def _read_calls(path: Path) -> tuple[dict[str, list[int]], dict[str, list[int]], Counter[str]]:
+    """The calls a run's handlers had started and not ended when it stopped, the call
+    whose end is the file's last line, and the highest attempt each event was
+    started at (``"sub seq"`` keys)."""
+    running: Counter[tuple[str, str]] = Counter()
+    window: dict[str, list[int]] = {}
+    attempts: Counter[str] = Counter()
+    if not path.exists():
+        return {}, {}, attempts
+    # A line torn by the kill (no newline) is dropped.
+    for line in path.read_text(encoding="utf-8").split("\n")[:-1]:
+        what, sub, seqs, *rest = line.split()
+        if what == "start":
+            running[sub, seqs] += 1
+            window = {}
+            for seq, attempt in zip(seqs.split(","), rest[0].split(","), strict=True):
+                key = f"{sub} {seq}"
+                attempts[key] = max(attempts[key], int(attempt))
+        else:
+            running[sub, seqs] -= 1
+            window = {sub: [int(s) for s in seqs.split(",")]}
+    inflight: dict[str, list[int]] = {}
+    for (sub, seqs), n in running.items():
+        if n > 0:
+            inflight.setdefault(sub, []).extend(int(s) for s in seqs.split(","))
+    return inflight, window, attempts
+
+
+class _Log(msgspec.Struct):
+    """What the harness reads back from the log file and the sink."""
+
+    orders: dict[int, int]  # n -> seq
+    payments: list[tuple[int, int]]  # (seq, n), in log order
+    enrich: dict[str, object]  # the committed state, by key
+    settle: dict[str, object]
+    dead: dict[tuple[str, int], str]  # (subscription, seq) -> error type
+    effects: list[int]  # order n, in the order applied
+    sink_calls: int
+
+
+def _read_log(directory: Path) -> _Log:
     decode = msgspec.msgpack.Decoder().decode
     log = sqlite3.connect(f"file:{directory / 'log.db'}?mode=ro", uri=True)
     sink = sqlite3.connect(f"file:{directory / 'sink.db'}?mode=ro", uri=True)
     try:
-        published = log.execute("SELECT count(*) FROM events WHERE topic = 'orders'").fetchone()[0]
-        enrich = {
-            k: decode(v)
-            for k, v in log.execute("SELECT key, value FROM state WHERE subscription = 'enrich'")
+        orders: dict[int, int] = {}
+        payments: list[tuple[int, int]] = []
+        for seq, topic, payload in log.execute(
+            "SELECT seq, topic, payload FROM events"
+            " WHERE topic IN ('orders', 'payments') ORDER BY seq"
+        ):
+            n = decode(payload)["n"]
+            if topic == "orders":
+                orders[n] = seq
+            elif topic == "payments":
+                payments.append((seq, n))
+        states: dict[str, dict[str, object]] = {"enrich": {}, "settle": {}}
+        for sub, key, value in log.execute("SELECT subscription, key, value FROM state"):
+            states.setdefault(sub, {})[key] = decode(value)
+        dead = {
+            (sub, seq): error_type
+            for sub, seq, error_type in log.execute(
+                "SELECT subscription, seq, error_type FROM dead_letters"
+            )
         }
-        settle = {
-            k: decode(v)
-            for k, v in log.execute("SELECT key, value FROM state WHERE subscription = 'settle'")
-        }
-        dead = log.execute("SELECT payload FROM dead_letters WHERE subscription = 'enrich'")
-        dead_orders = [decode(p)["n"] for (p,) in dead]
-        effects = [row[0] for row in sink.execute("SELECT order_n FROM effects")]
+        effects = [row[0] for row in sink.execute("SELECT order_n FROM effects ORDER BY rowid")]
         calls = sink.execute("SELECT count(*) FROM calls").fetchone()[0]
     finally:
         log.close()
         sink.close()
-    expected = {n for n in range(events) if not is_poison(n, poison_every)}
-    per_customer: dict[str, int] = {}
-    for n in expected:
-        per_customer[f"c{n % CUSTOMERS}"] = per_customer.get(f"c{n % CUSTOMERS}", 0) + 1
-    handled = sum(v["count"] for k, v in enrich.items() if not k.startswith("violation:"))
-    duplicate_state = sum(
-        max(0, enrich.get(c, {"count": 0})["count"] - want) for c, want in per_customer.items()
-    )
-    violations = sum(1 for k in [*enrich, *settle] if k.startswith("violation:"))
+    return _Log(orders, payments, states["enrich"], states["settle"], dead, effects, calls)
+
+
+class _Blame(msgspec.Struct):
+    """Deaths and the events they were charged to, against the calls that ran."""
+
+    deaths: Counter[str]  # "sub seq" -> kills that found it in the call journal
+    blamed: set[str]  # events seen again at a later attempt, or dead as ProcessDied
+    inside: int = 0  # kills that found a handler call running
+    running_not_journaled: int = 0
+    in_an_instant: int = 0  # kills between a journal entry and its handler's line
+    beyond_one_call: int = 0
+
+
+def _blame(kills: list[Kill], attempts: dict[str, int], book: _Log, own: set[str]) -> _Blame:
+    """Compare each kill's call journal with the handlers' record of the calls running,
+    and the deaths charged with the attempts seen after them. ``own``: events that
+    fail by themselves (their attempts say nothing about deaths)."""
+    died = {f"{sub} {seq}" for (sub, seq), error in book.dead.items() if error == PROCESS_DIED}
+    blamed = {k for k, attempt in attempts.items() if attempt > 1 and k not in own} | died
+    out = _Blame(Counter(), blamed)
+    for kill in kills:
+        journal = {f"{sub} {seq}" for sub, seqs in kill.journal.items() for seq in seqs}
+        running = {f"{sub} {seq}" for sub, seqs in kill.running.items() for seq in seqs}
+        window = {f"{sub} {seq}" for sub, seqs in kill.window.items() for seq in seqs}
+        out.deaths.update(journal)
+        out.inside += bool(running)
+        out.running_not_journaled += len(running - journal)
+        # At the instant of the kill at most one call can be between its journal entry
+        # and its handler's first line, or between its handler's last line and the end
+        # of its entry: the one the event loop was running. One event of enrich, or one
+        # batch of settle (whose events the handlers' record names only at its end).
+        extra = journal - running
+        if extra:
+            out.in_an_instant += 1
+            one_call = extra <= window or len(extra) == 1
+            if not one_call and {k.split()[0] for k in extra} != {"settle"}:
+                out.beyond_one_call += 1
+    return out
+
+
+def account(
+    directory: Path,
+    settings: Settings,
+    kills: list[Kill],
+    last_life: int,
+    starts: int,
+    seconds: float,
+) -> Report:
+    """Read the log, the sink and the handlers' records of runs up to ``last_life``,
+    and check the books."""
+    book = _read_log(directory)
+    n_of_order = {seq: n for n, seq in book.orders.items()}
+    n_of_payment = dict(book.payments)
+    poison = {n for n in range(settings.events) if is_poison(n, settings.poison_every)}
+    flaky = {n for n in range(settings.events) if is_flaky(n, settings)}
+    poison_keys = {f"enrich {book.orders[n]}" for n in poison if n in book.orders}
+    flaky_keys = {f"enrich {book.orders[n]}" for n in flaky if n in book.orders}
+
+    attempts: dict[str, int] = {}
+    for life in range(last_life + 1):
+        for key, attempt in _read_calls(directory / f"calls-{life}.txt")[2].items():
+            attempts[key] = max(attempts.get(key, 0), attempt)
+    blame = _blame(kills, attempts, book, poison_keys | flaky_keys)
+    in_flight = set(blame.deaths) - poison_keys - flaky_keys
+
+    # Dead letters: the poison, and events that killed the process max_attempts times
+    # (a flaky order fails once by itself: two deaths may be enough for it).
+    limit = RETRY.max_attempts
+    must_die = poison_keys | {k for k, deaths in blame.deaths.items() if deaths >= limit}
+    may_die = {k for k in flaky_keys if blame.deaths[k] >= limit - 1}
+    dead = {f"{sub} {seq}" for sub, seq in book.dead}
+    dead_orders = {n_of_order[seq] for (sub, seq) in book.dead if sub == "enrich"}
+    dead_payments = {n_of_payment[seq] for (sub, seq) in book.dead if sub == "settle"}
+
+    # Effects: every order once, in state, in the outbox and at the sink; each
+    # customer's state equal to a recount from the log.
+    handled_orders = set(book.orders) - dead_orders
+    paid = handled_orders - dead_payments
+    want: dict[str, list[int]] = {}
+    for n in sorted(handled_orders):
+        want.setdefault(customer_of(n), []).append(n)
+    handled = duplicate_state = mismatches = 0
+    for customer, ns in want.items():
+        totals = book.enrich.get(customer)
+        count = totals["count"] if isinstance(totals, dict) else 0
+        handled += count
+        duplicate_state += max(0, count - len(ns))
+        expect = {"count": len(ns), "sum": sum(amount_of(n) for n in ns), "last": ns[-1]}
+        mismatches += totals != expect
+        settled = [n for n in ns if n in paid]
+        mismatches += book.settle.get(customer) != (settled[-1] if settled else None)
+    payment_ns = [n for _, n in book.payments]
+    flagged = [k for k in [*book.enrich, *book.settle] if k.startswith("violation:")]
     return Report(
-        events=events,
-        kills=kills,
-        restarts=restarts,
+        events=settings.events,
+        concurrency=settings.concurrency,
+        publish_first=settings.publish_first,
+        kills=len(kills),
+        restarts=starts,
         seconds=round(seconds, 1),
-        published=published,
+        published=len(book.orders),
         handled=handled,
-        redeliveries=calls - len(set(effects)),
-        lost=len(expected - set(effects)),
+        redeliveries=book.sink_calls - len(set(book.effects)),
+        lost=len(paid - set(book.effects)),
         duplicate_state=duplicate_state,
-        duplicate_sink_effects=len(effects) - len(set(effects)),
-        order_violations=violations,
-        dead_letters=len(dead_orders),
-        expected_dead_letters=events - len(expected),
+        duplicate_sink_effects=len(book.effects) - len(set(book.effects)),
+        duplicate_outbox=len(payment_ns) - len(set(payment_ns)),
+        state_mismatches=mismatches,
+        order_violations=len(flagged) + _out_of_order(payment_ns) + _out_of_order(book.effects),
+        dead_letters=len(book.dead),
+        poison_dead_letters=len(poison),
+        killed_thrice=len(dead - poison_keys),
+        unexpected_dead_letters=len(dead - must_die - may_die) + len(must_die - dead),
         unaccounted=anyio.run(_unaccounted, directory / "log.db"),
+        kills_inside_calls=blame.inside,
+        in_flight_at_kills=len(in_flight),
+        deaths_charged=sum(blame.deaths.values()),
+        blamed=len(blame.blamed),
+        blamed_outside_calls=len(blame.blamed - set(blame.deaths)),
+        unblamed_in_flight=len(in_flight - blame.blamed),
+        running_not_journaled=blame.running_not_journaled,
+        kills_in_an_instant=blame.in_an_instant,
+        journaled_beyond_one_call=blame.beyond_one_call,
     )
+
+
+def _out_of_order(ns: list[int]) -> int:
+    """Orders that come after a later order of their customer in ``ns``."""
+    last: dict[str, int] = {}
+    bad = 0
+    for n in ns:
+        customer = customer_of(n)
+        if n <= last.get(customer, -1):
+            bad += 1
+        last[customer] = max(n, last.get(customer, -1))
+    return bad
 
 
 async def _unaccounted(path: Path) -> int:
@@ -332,19 +698,46 @@ async def _unaccounted(path: Path) -> int:
 
 
 def format_report(report: Report, seed: int) -> str:
+    mode = "published first, then consumers killed" if report.publish_first else "publishing"
     rows = [
         ("events published", report.published, f"of {report.events}"),
         ("kills (SIGKILL)", report.kills, f"{report.restarts} starts, seed {seed}"),
+        ("kills inside a handler call", report.kills_inside_calls, "by the handlers' records"),
+        (
+            "events in flight at the kills",
+            report.in_flight_at_kills,
+            f"in the call journal; {report.deaths_charged} deaths charged",
+        ),
+        ("events blamed (ProcessDied)", report.blamed, "seen again at attempt 2+, or dead"),
+        ("blamed outside a running call", report.blamed_outside_calls, "must be 0"),
+        ("in flight but not blamed", report.unblamed_in_flight, "must be 0"),
+        ("running calls not journaled", report.running_not_journaled, "must be 0"),
+        (
+            "journaled beyond one call",
+            report.journaled_beyond_one_call,
+            f"must be 0 ({report.kills_in_an_instant} kills in a call's first or last instant)",
+        ),
         ("handled by enrich", report.handled, "each once, in state"),
         ("redeliveries seen at the sink", report.redeliveries, "deduplicated by key"),
         ("lost", report.lost, "must be 0"),
         ("unaccounted by reconciliation", report.unaccounted, "must be 0"),
         ("duplicate effects in state", report.duplicate_state, "must be 0"),
         ("duplicate effects at the sink", report.duplicate_sink_effects, "must be 0"),
+        ("duplicate outbox events", report.duplicate_outbox, "must be 0"),
+        ("state unlike the log's recount", report.state_mismatches, "must be 0"),
         ("order-per-key violations", report.order_violations, "must be 0"),
-        ("dead letters", report.dead_letters, f"poison injected: {report.expected_dead_letters}"),
+        (
+            "dead letters",
+            report.dead_letters,
+            f"poison injected: {report.poison_dead_letters}; "
+            f"killed the process {RETRY.max_attempts} times: {report.killed_thrice}",
+        ),
+        ("unexpected dead letters", report.unexpected_dead_letters, "must be 0"),
     ]
-    lines = [f"chaos run: {report.events} events, {report.kills} kills, {report.seconds}s"]
+    lines = [
+        f"chaos run: {report.events} events, concurrency {report.concurrency}, "
+        f"{report.kills} kills ({mode}), {report.seconds}s"
+    ]
     lines += [f"  {name:<32}{value:>10}   {note}" for name, value, note in rows]
     lines.append("PASS" if report.ok else "FAIL")
     return "\n".join(lines)
@@ -354,35 +747,71 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m eventbus.chaos", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--kills", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--poison-every", type=int, default=1000)
+    defaults = Settings()
+    parser.add_argument("--events", type=int, default=defaults.events)
+    parser.add_argument("--kills", type=int, default=defaults.kills)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
-        "--min-wait", type=float, default=0.3, help="seconds before a kill, at least"
+        "--concurrency",
+        type=int,
+        default=defaults.concurrency,
+        help="handler calls each subscription runs at once",
     )
     parser.add_argument(
-        "--max-wait", type=float, default=2.0, help="seconds before a kill, at most"
+        "--publish-first",
+        action="store_true",
+        help="publish everything in an unkilled run first; then kill consumer-only runs",
+    )
+    parser.add_argument(
+        "--io-ms",
+        type=float,
+        default=defaults.io_ms,
+        help="milliseconds of simulated outside I/O that enrich awaits per event",
+    )
+    parser.add_argument("--poison-every", type=int, default=defaults.poison_every)
+    parser.add_argument("--flaky-every", type=int, default=defaults.flaky_every)
+    parser.add_argument(
+        "--min-wait", type=float, default=defaults.min_wait, help="seconds before a kill, at least"
+    )
+    parser.add_argument(
+        "--max-wait", type=float, default=defaults.max_wait, help="seconds before a kill, at most"
+    )
+    parser.add_argument(
+        "--unordered",
+        action="store_true",
+        help="subscribe with ordered=False: the order checks must fail (a check of the checks)",
     )
     parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--life", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--role", default="both", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
-        anyio.run(worker, args.worker, args.events, args.poison_every)
+        logging.basicConfig(
+            level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        )
+        settings = msgspec.json.decode(args.settings, type=Settings)
+        anyio.run(worker, args.worker, settings, args.life, args.role)
         return 0
+    settings = Settings(
+        events=args.events,
+        kills=args.kills,
+        seed=args.seed,
+        concurrency=args.concurrency,
+        publish_first=args.publish_first,
+        io_ms=args.io_ms,
+        poison_every=args.poison_every,
+        flaky_every=args.flaky_every,
+        min_wait=args.min_wait,
+        max_wait=args.max_wait,
+        ordered=not args.unordered,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         directory = args.dir or Path(tmp)
         directory.mkdir(parents=True, exist_ok=True)
-        report = run_harness(
-            directory,
-            args.events,
-            args.kills,
-            args.seed,
-            args.poison_every,
-            args.min_wait,
-            args.max_wait,
-        )
+        report = run_harness(directory, settings)
     print(msgspec.json.encode(report).decode() if args.json else format_report(report, args.seed))
     return 0 if report.ok else 1
 

@@ -542,10 +542,7 @@ class Scheduler:
                 entry.due = now
                 self._push_due(now, entry.seq, entry)
                 self.retry_changed = True
-        if back:
-            self._released.extendleft(reversed(back))
-            self.buffered += len(back)
-            self.main_changed = True
+        self.buffered += len(back)
         self._record(call, call.ok, 0, now)
         if call.earned:
             self.budget.earn(call.earned)
@@ -567,8 +564,16 @@ class Scheduler:
             if held:
                 # (A key that entered the retry lane meanwhile parked its held events
                 # then, so these are free to go.)
-                self._released.extend(held)
-                self.main_changed = True
+                back.extend(held)
+        if back:
+            # Back to the front of the buffer: the call's unattempted events, then the
+            # events held behind its keys. Each is the earliest unhandled event of its
+            # key (a call takes a key's events in log order, and a later one is held
+            # only while an earlier one is in a call), so per-key order holds. Behind
+            # the buffer, a held event would queue after later events of its key that
+            # an earlier release had put there.
+            self._released.extendleft(reversed(back))
+            self.main_changed = True
         if call.suspect:
             self._suspect_running = False
             self.main_changed = True

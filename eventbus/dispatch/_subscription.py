@@ -669,7 +669,7 @@ class Subscription:
 
     async def _call_batch(self, call: Call, entries: list[Entry], slot: int) -> list[Entry]:
         """Call the batch handler on ``entries``; returns those left unhandled
-        (abandoned at close)."""
+        (abandoned at close, or released by a stop while a failing batch was split)."""
         sched = self._sched
         events: list[Event[object]] = []
         runnable: list[Entry] = []
@@ -714,11 +714,20 @@ class Subscription:
         )
         middle = len(runnable) // 2
         left: list[Entry] = []
+        stopped: list[Entry] = []
         for half in (runnable[:middle], runnable[middle:]):
-            # An event of the first half that failed parks its key's later events.
-            allowed = [e for e in half if sched.check(call, e) == RUN]
+            allowed: list[Entry] = []
+            for entry in half:
+                # An event of the first half that failed parks its key's later events;
+                # a stop (the breaker opened on the failures isolated so far, a suspect
+                # came due) releases the rest of the call unattempted, as before a call.
+                verdict = STOP if stopped else sched.check(call, entry)
+                if verdict == RUN:
+                    allowed.append(entry)
+                elif verdict == STOP:
+                    stopped.append(entry)
             left += await self._call_batch(call, allowed, slot)
-        return left
+        return left + stopped
 
     async def _invoke(
         self, slot: int, lane: str, arg: object, seqs: tuple[int, ...], attempt: int

@@ -1,5 +1,8 @@
 """The chaos harness, in a small configuration: real subprocesses killed with SIGKILL
-at random (seeded) moments, restarted, and the books checked."""
+at random (seeded) moments, restarted, and the books checked: at concurrency 1 with
+kills while the worker also publishes, and at concurrency 16 with everything published
+first, so every kill lands on consumers working through a backlog. And a check of its
+checks: a subscription that does not keep key order fails them."""
 
 from __future__ import annotations
 
@@ -7,16 +10,48 @@ from pathlib import Path
 
 import pytest
 
-from eventbus.chaos import format_report, run_harness
+from eventbus.chaos import Settings, format_report, run_harness
+
+pytestmark = pytest.mark.slow
 
 
-@pytest.mark.slow
-def test_a_two_stage_pipeline_is_exactly_once_across_kills(tmp_path: Path) -> None:
-    report = run_harness(
-        tmp_path, events=6000, kills=4, seed=3, poison_every=100, min_wait=0.3, max_wait=0.9
+@pytest.mark.parametrize(
+    ("concurrency", "publish_first"),
+    [
+        pytest.param(1, False, id="concurrency-1-killed-while-publishing"),
+        pytest.param(16, True, id="concurrency-16-published-first-then-killed"),
+    ],
+)
+def test_a_two_stage_pipeline_is_exactly_once_and_in_key_order_across_kills(
+    tmp_path: Path, concurrency: int, publish_first: bool
+) -> None:
+    settings = Settings(
+        events=6000,
+        kills=4,
+        seed=3,
+        concurrency=concurrency,
+        publish_first=publish_first,
+        poison_every=100,
+        flaky_every=250,
+        min_wait=0.1,
+        max_wait=0.9,
     )
-    text = format_report(report, seed=3)
+    report = run_harness(tmp_path, settings)
+    text = format_report(report, seed=settings.seed)
     assert report.ok, text
     assert report.kills == 4, text
-    assert report.lost == 0
-    assert report.dead_letters == 60
+    assert report.order_violations == 0, text
+    assert report.blamed_outside_calls == 0, text
+    assert report.poison_dead_letters == 60, text
+
+
+def test_the_order_checks_catch_a_subscription_that_lets_a_key_run_out_of_order(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(
+        events=3000, kills=0, concurrency=16, ordered=False, poison_every=0, flaky_every=0
+    )
+    report = run_harness(tmp_path, settings)
+    text = format_report(report, seed=settings.seed)
+    assert not report.ok, text
+    assert report.order_violations > 0, text

@@ -262,6 +262,32 @@ def test_abandoned_events_return_in_order_with_their_attempt_unchanged() -> None
     assert [(e.seq, e.attempt) for e in again.entries] == [(1, 1), (2, 1), (3, 1)]
 
 
+def test_events_held_behind_a_call_go_back_ahead_of_later_events_of_their_key() -> None:
+    """Regression, found by the chaos harness at concurrency 16 (a suspect came due and
+    stopped the calls in flight): a call released unattempted put its events back at
+    the front and the events held behind it at the back; an event of the key held
+    again behind the next owner then went back behind them, and ran after them."""
+    sched, _ = scheduler(concurrency=4)
+    sched.append(fresh("k", "k", "y", "k", "x"), 5)
+    first = sched.next_call(MAIN, 0.0, 3)
+    assert first is not None
+    assert [e.seq for e in first.entries] == [1, 2, 3]  # owns k and y
+    other = sched.next_call(MAIN, 0.0, 5)
+    assert other is not None
+    assert [e.seq for e in other.entries] == [5]  # k4 is held behind the first call
+    sched.finish(first, 0.0, first.entries)  # stopped before its first event: released
+    owner = sched.next_call(MAIN, 0.0, 1)
+    assert owner is not None
+    assert [e.seq for e in owner.entries] == [1]
+    holder = sched.next_call(MAIN, 0.0, 1)
+    assert holder is not None
+    assert [e.seq for e in holder.entries] == [3]  # k2 is held behind k1's call
+    assert run(sched, owner) == [1]
+    rest = sched.next_call(MAIN, 0.0, 5)
+    assert rest is not None
+    assert [e.seq for e in rest.entries if e.key == "k"] == [2, 4]
+
+
 def test_the_breaker_stops_calls_then_lets_one_probe() -> None:
     policy = BreakerPolicy(failure_ratio=0.5, min_calls=2, window=10.0, cooldown=5.0)
     sched, _ = scheduler(

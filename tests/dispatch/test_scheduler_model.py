@@ -324,6 +324,14 @@ class SchedulerMachine(RuleBasedStateMachine):
                 stored.retries[seq] = (attempt + 1, True)
             elif seq not in stored.done and seq not in stored.dead:
                 stored.retries[seq] = (2, True)
+        # A failed attempt whose record was not committed is forgotten with it: only
+        # the failures the log holds count (its attempt is 1 + failures + deaths).
+        for seq in self.failed_attempts:
+            if seq in stored.retries:
+                attempt, _ = stored.retries[seq]
+                self.failed_attempts[seq] = attempt - 1 - self.deaths.get(seq, 0)
+            elif seq not in stored.done and seq not in stored.dead:
+                self.failed_attempts[seq] = 0
         self.inside = {}
         self.failed_now.clear()
         self._open(delays)
