@@ -223,6 +223,9 @@ class Scheduler:
         # Calls in flight.
         self._owner: dict[str, Call] = {}
         self._serial: Call | None = None  # a main call handed out without key tracking
+        # The latest time the scheduler was told: a parked event released when its
+        # key's head settles is due then, behind whatever (a suspect) was due before.
+        self._now = 0.0
         self.in_flight = {MAIN: 0, RETRY: 0}
         # The retry lane.
         self._known: dict[int, Entry] = {}  # every event in the retry lane, by seq
@@ -307,6 +310,7 @@ class Scheduler:
         or handed back by reconciliation). Already known events are ignored. An
         event past its last attempt (it killed the process once too often) is
         dead-lettered here."""
+        self._now = now
         for entry in sorted(entries, key=lambda e: e.seq):
             if entry.seq in self._known or entry.fresh:
                 continue
@@ -330,6 +334,7 @@ class Scheduler:
         or None. The call owns its keys until :meth:`finish`."""
         if self._stopping:
             return None
+        self._now = now
         breaker = self.breaker
         probe = False
         if breaker is not None:
@@ -506,6 +511,7 @@ class Scheduler:
         """``entry``'s attempt failed with ``error``: retry it later or dead-letter it
         (returns True when dead-lettered). ``final``: no attempt can ever succeed (the
         event does not decode): dead-letter it at once."""
+        self._now = now
         self._record(call, 0, 1, now)
         decision = decide(self.retry_policy, entry.attempt, error, entry.delay, self._rng)
         if final or isinstance(decision, GiveUp):
@@ -530,6 +536,7 @@ class Scheduler:
         """``call`` is over. ``unhandled`` events were not attempted (abandoned at
         close, or released by a stop): they go back where they came from, their
         attempt not counted."""
+        self._now = now
         back: list[Entry] = []
         for entry in unhandled:
             if entry.state != RUNNING and not (entry.state == FRESH and entry.pending):
@@ -675,7 +682,7 @@ class Scheduler:
                 old = lane[1]
                 if old.state == WAITING:
                     old.state = PARKED
-                self._set_due(entry, 0.0, None)
+                self._set_due(entry, self._now, None)
                 return
         entry.state = PARKED
         entry.due = 0.0
@@ -708,8 +715,8 @@ class Scheduler:
         head = lane[0]
         if head.state == PARKED:
             head.state = WAITING
-            head.due = 0.0  # released: due at once
-            self._push_due(0.0, head.seq, head)
+            head.due = self._now  # released: due now, behind what was due before
+            self._push_due(head.due, head.seq, head)
             self.retry_changed = True
 
     def _forget_ahead(self, entry: Entry) -> None:

@@ -584,7 +584,11 @@ class Subscription:
                     try:
                         event = self._event_of(entry)
                     except msgspec.DecodeError as exc:
+                        if done_from < i:
+                            sched.succeeded_many(call, entries[done_from:i])
                         i += 1
+                        done_from = i
+                        checking = True
                         self._failed(call, entry, exc, final=True)
                         continue
                 buf.event = event
@@ -632,7 +636,11 @@ class Subscription:
                 i += 1
                 handled += 1
                 if buf.outbox or buf.writes:
+                    # Its writes and its acknowledgement must reach the same commit:
+                    # tell the scheduler now, before anything can take the writes.
                     writes.absorb(buf)
+                    sched.succeeded_many(call, entries[done_from:i])
+                    done_from = i
             if done_from < i:
                 sched.succeeded_many(call, entries[done_from:i])
                 done_from = i

@@ -211,7 +211,11 @@ def test_a_sigkill_inside_a_call_dead_letters_only_the_calls_in_flight(
 
     outcome = _outcome(log)
     dead = set(outcome.dead)
-    assert first.in_flight <= dead <= may_blame
+    assert first.in_flight <= dead
+    # And one call may have been in its first instant: recorded in the journal, its
+    # handler not yet at its first line (a call begins with the journal's record).
+    beyond = dead - may_blame
+    assert len(beyond) <= (1 if not batch else 32), beyond  # 32: the worker's batch size
     for seq, (error_type, attempts, message) in outcome.dead.items():
         assert error_type == PROCESS_DIED, (seq, error_type, message)
         assert attempts == 1

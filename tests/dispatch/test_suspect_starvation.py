@@ -1,7 +1,8 @@
 """After a crash, a key whose backlog is parked in the retry lane must not hold up a
 suspect of another key, nor, through it, the main lane.
 
-Found by the chaos harness on a consumer-only run over a deep backlog: between kills,
+Found by the chaos harness (now fixed: a released event is due at the time it is
+released) on a consumer-only run over a deep backlog: between kills,
 ``settle`` handled one suspect per run and then, one event per call, the whole
 backlog of that suspect's key, with the main lane paused. A released parked event is
 due at 0.0 ("at once"), so it sorts ahead of every suspect (due at recovery time);
@@ -10,8 +11,6 @@ pauses. Guarantee 6 says a failing event delays other keys by one batch at most.
 """
 
 from __future__ import annotations
-
-import pytest
 
 from eventbus.dispatch._scheduler import MAIN, RETRY, Call, Entry
 
@@ -25,11 +24,6 @@ def _recovered(seq: int, key: str, now: float, *, suspect: bool = False) -> Entr
     return entry
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a released parked event (due 0.0) outranks every suspect; the main lane "
-    "waits while a suspect is due",
-)
 def test_a_parked_backlog_of_one_key_holds_up_neither_a_suspect_nor_other_keys() -> None:
     now = 100.0
     sched, _ = scheduler(concurrency=1)
