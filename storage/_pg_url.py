@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -95,7 +94,7 @@ def parse(url: str, schema: str | None = None) -> PgTarget:
 def _options(value: str) -> dict[str, str]:
     """The ``-c name=value`` (or ``--name=value``) settings of libpq's ``options``."""
     out: dict[str, str] = {}
-    tokens = shlex.split(value)
+    tokens = _arguments(value)
     i = 0
     while i < len(tokens):
         token = tokens[i]
@@ -111,6 +110,26 @@ def _options(value: str) -> dict[str, str]:
         out[name.strip().replace("-", "_")] = setting
         i += 1
     return out
+
+
+def _arguments(value: str) -> list[str]:
+    """Split ``options`` as libpq does: on spaces, except those escaped with a
+    backslash (quotes are kept: they mean something to ``search_path``)."""
+    tokens: list[str] = []
+    current: list[str] = []
+    chars = iter(value)
+    for ch in chars:
+        if ch == "\\":
+            current.append(next(chars, ""))
+        elif ch.isspace():
+            if current:
+                tokens.append("".join(current))
+                current = []
+        else:
+            current.append(ch)
+    if current:
+        tokens.append("".join(current))
+    return tokens
 
 
 def _first_in_path(path: str) -> str:
