@@ -44,12 +44,31 @@ def pg_url(tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def log_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A log to give ``Bus.open``: a SQLite file, then a PostgreSQL schema."""
+def log_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A durable log to give ``Bus.open``: a SQLite file, then a PostgreSQL schema."""
     if request.param == "sqlite":
-        yield str(tmp_path / "events.db")
-        return
-    yield request.getfixturevalue("pg_url")
+        return str(tmp_path / "events.db")
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def every_log(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every kind of log ``Bus.open`` takes: ``:memory:``, a SQLite file, a
+    PostgreSQL schema."""
+    if request.param == "memory":
+        return ":memory:"
+    if request.param == "sqlite":
+        return str(tmp_path / "events.db")
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.postgres)])
+def log_target(request: pytest.FixtureRequest) -> str:
+    """A log to give ``Bus.open`` where durability is beside the point: ``:memory:``,
+    then a PostgreSQL schema (the bus on a log with real I/O latency)."""
+    if request.param == "memory":
+        return ":memory:"
+    return str(request.getfixturevalue("pg_url"))
 
 
 async def wait_until(bus: object, predicate: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -20,6 +20,8 @@ from urllib.parse import urlencode
 
 import pytest
 
+from storage import Storage
+
 T = TypeVar("T")
 
 SERVER = os.environ.get("EVENTBUS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
@@ -104,3 +106,13 @@ async def execute(schema: str, sql: str, *args: object) -> str:
 
 def drop_schema(schema: str) -> None:
     run_aside(execute(schema, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+
+
+def log_at(target: str | Path, *, read_only: bool = False) -> Storage:
+    """The storage ``Bus.open(target)`` would use, not yet opened: a PostgreSQL log
+    for a URL, else a SQLite file."""
+    from storage import PostgresStorage, SQLiteStorage, is_postgres_url
+
+    if is_postgres_url(str(target)):
+        return PostgresStorage(str(target), read_only=read_only)
+    return SQLiteStorage(target, read_only=read_only)
