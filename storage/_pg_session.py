@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal, TypeAlias, TypeVar
@@ -61,6 +62,9 @@ def _lost_connection(exc: BaseException) -> bool:
 
 
 _OPEN_RETRY_FIRST = 0.05
+# How long an opener waits for the session of an owner that died on this host to end.
+_OWNER_WAIT = 5.0
+_OWNER_RETRY = 0.02
 _LOCK_ADVICE = (
     "only one process may run a bus on a PostgreSQL log for now. Stop that process, "
     "or give this one another schema (?schema=... in the URL); the other's lock goes "
@@ -75,6 +79,16 @@ async def _reset(conn: Connection) -> None:
     read)."""
     if conn.is_in_transaction():
         await conn.execute("ROLLBACK")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
 
 
 class LostConnection(StorageError):
@@ -198,21 +212,29 @@ class Sessions:
         ``previous`` is this storage's own earlier session (after a lost connection):
         if the server still thinks it holds the lock, it is ended and the lock taken
         over."""
-        for _ in range(3):
+        deadline = time.monotonic() + _OWNER_WAIT
+        while True:
             if await owner.try_own(conn, self.oid):
                 return
             description, pid, session = await owner.holder(conn, self.oid)
-            if previous is None or session != previous:
+            if previous is not None and session == previous:
+                logger.warning(
+                    "log %s: ending this process's previous database session %d, which "
+                    "the server still holds the log's lock for",
+                    self.path,
+                    previous,
+                )
+                await conn.execute("SELECT pg_terminate_backend($1, 5000)", previous)
+                previous = None
+                continue
+            # An owner on this host that is gone (killed): the server ends its session
+            # as soon as it sees the socket closed; wait for that, briefly.
+            gone = pid is not None and not _alive(pid)
+            if not gone or time.monotonic() >= deadline:
+                if gone:
+                    description += ", which is not running here any more"
                 raise LogLocked(self.path, description, pid, advice=_LOCK_ADVICE)
-            logger.warning(
-                "log %s: ending this process's previous database session %d, which the "
-                "server still holds the log's lock for",
-                self.path,
-                previous,
-            )
-            await conn.execute("SELECT pg_terminate_backend($1, 5000)", previous)
-        description, pid, _ = await owner.holder(conn, self.oid)
-        raise LogLocked(self.path, description, pid, advice=_LOCK_ADVICE)
+            await anyio.sleep(_OWNER_RETRY)
 
     async def close(self) -> None:
         """Close the pool and the writer's session (the ownership lock goes with
