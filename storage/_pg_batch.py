@@ -53,6 +53,11 @@ _APPEND_PLAIN = (
     " $6::float8[]) WITH ORDINALITY AS u(id, topic, key, payload, headers, created_at, n))"
     " SELECT base FROM h"
 )
+_COMMIT_HOT = (
+    "SELECT commit_hot($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[],"
+    " $6::float8[], $7::text[], $8::text[], $9::bytea[], $10::text[], $11::bigint[],"
+    " $12::text[], $13::bigint[], $14::bigint[], $15)"
+)
 _INSERT_IDEMPOTENCY = (
     "INSERT INTO idempotency (key, seq, id, created_at)"
     " SELECT k, s, i, $4 FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(k, s, i)"
@@ -218,12 +223,48 @@ def _last_wins(rows: Sequence[tuple[object, ...]], width: int) -> list[tuple[obj
 # -- appends ---------------------------------------------------------------------------
 
 
-def plain_appends(batch: WriteBatch) -> bool:
-    """Whether ``batch`` is appends without idempotency keys and nothing else: then
-    one statement, with no transaction around it, commits it."""
-    if not batch.appends or any(r.idempotency_key is not None for r in batch.appends):
+def is_hot(batch: WriteBatch) -> bool:
+    """Whether ``batch`` holds only what a running bus commits all the time: appends
+    without idempotency keys, handler state, acknowledgements and ranges done ahead.
+    Then one statement, with no transaction around it, commits it (:func:`commit_hot`).
+    """
+    if any(r.idempotency_key is not None for r in batch.appends):
         return False
-    return msgspec.structs.replace(batch, appends=[]).is_empty()
+    rest = msgspec.structs.replace(batch, appends=[], state=[], acks={}, done=[])
+    return rest.is_empty()
+
+
+async def commit_hot(
+    conn: Connection, batch: WriteBatch, now: float
+) -> tuple[list[Receipt], int | None]:
+    """A batch :func:`is_hot` accepts, in one statement (the schema's ``commit_hot``).
+    Returns the receipts and the new head (None when nothing was appended)."""
+    appends = batch.appends
+    final: dict[tuple[str, str], bytes | None] = {}
+    for sub, key, value in batch.state:
+        final[sub, key] = value  # a later write to a key in the batch wins
+    base = await conn.fetchval(
+        _COMMIT_HOT,
+        [r.id for r in appends],
+        [r.topic for r in appends],
+        [r.key for r in appends],
+        [r.payload for r in appends],
+        [r.headers for r in appends],
+        [r.created_at for r in appends],
+        [s for s, _ in final],
+        [k for _, k in final],
+        list(final.values()),
+        list(batch.acks),
+        list(batch.acks.values()),
+        [s for s, _, _ in batch.done],
+        [lo for _, lo, _ in batch.done],
+        [hi for _, _, hi in batch.done],
+        now,
+    )
+    if base is None:
+        return [], None
+    first = int(base) + 1
+    return [Receipt(first + i, r.id) for i, r in enumerate(appends)], first + len(appends) - 1
 
 
 async def append_plain(conn: Connection, batch: WriteBatch) -> tuple[list[Receipt], int]:

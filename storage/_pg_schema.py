@@ -200,6 +200,49 @@ BEGIN
     END IF;
 END $$;
 
+-- The hot path of a running bus in one statement (so one round trip, no BEGIN or
+-- COMMIT of its own): appends without idempotency keys, handler state (one write per
+-- key, a NULL value deletes), cursors moved forward and ranges done ahead of them, in
+-- the order _pg_batch.write_batch applies them. Returns the seq before the first
+-- appended event (NULL when nothing is appended).
+CREATE FUNCTION commit_hot(
+    p_ids text[], p_topics text[], p_keys text[], p_payloads bytea[], p_headers bytea[],
+    p_created double precision[],
+    p_state_subs text[], p_state_keys text[], p_state_values bytea[],
+    p_ack_names text[], p_ack_cursors bigint[],
+    p_done_subs text[], p_done_lo bigint[], p_done_hi bigint[],
+    p_now double precision
+) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    v_count integer := coalesce(array_length(p_ids, 1), 0);
+    v_base  bigint;
+BEGIN
+    IF v_count > 0 THEN
+        UPDATE head SET seq = seq + v_count RETURNING seq - v_count INTO v_base;
+        INSERT INTO events (seq, id, topic, key, payload, headers, created_at)
+        SELECT v_base + u.ord, u.id, u.topic, u.key, u.payload, u.headers, u.created_at
+          FROM unnest(p_ids, p_topics, p_keys, p_payloads, p_headers, p_created)
+               WITH ORDINALITY AS u(id, topic, key, payload, headers, created_at, ord);
+    END IF;
+    IF coalesce(array_length(p_state_subs, 1), 0) > 0 THEN
+        DELETE FROM state WHERE (subscription, key) IN (
+            SELECT u.s, u.k FROM unnest(p_state_subs, p_state_keys, p_state_values)
+                AS u(s, k, v) WHERE u.v IS NULL);
+        INSERT INTO state (subscription, key, value)
+        SELECT u.s, u.k, u.v FROM unnest(p_state_subs, p_state_keys, p_state_values)
+            AS u(s, k, v) WHERE u.v IS NOT NULL
+        ON CONFLICT (subscription, key) DO UPDATE SET value = excluded.value;
+    END IF;
+    IF coalesce(array_length(p_ack_names, 1), 0) > 0 THEN
+        PERFORM ack(p_ack_names, p_ack_cursors, p_now);
+    END IF;
+    IF coalesce(array_length(p_done_subs, 1), 0) > 0 THEN
+        PERFORM add_acked(u.s, u.lo, u.hi)
+           FROM unnest(p_done_subs, p_done_lo, p_done_hi) AS u(s, lo, hi);
+    END IF;
+    RETURN v_base;
+END $$;
+
 -- Move subscriptions' cursors forward (never back; an unknown one is registered for
 -- every topic), recording what each newly passed as done: one round trip for all.
 CREATE FUNCTION ack(p_names text[], p_cursors bigint[], p_now double precision)

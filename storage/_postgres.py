@@ -219,13 +219,13 @@ class PostgresStorage:
             return []
         before = self._head
         try:
-            if batch_sql.plain_appends(batch):
-                receipts, head = await self._db.write(
-                    batch_sql.append_plain, batch, transaction=False
+            if batch_sql.is_hot(batch):
+                receipts, new_head = await self._db.write(
+                    batch_sql.commit_hot, batch, time.time(), transaction=False
                 )
             else:
                 receipts, new_head = await self._db.write(batch_sql.write_batch, batch, time.time())
-                head = before if new_head is None else new_head
+            head = before if new_head is None else new_head
         except LostConnection as exc:
             logger.warning(
                 "log %s: lost the connection during a commit (%s); finding out whether it "
