@@ -169,6 +169,7 @@ class Sessions:
         """Connect, create or migrate the log, own it (unless read-only); returns
         the head. Raises a ``StorageError`` subclass; closes what it opened first."""
         self._closed = False
+        self._fenced = None
         try:
             conn = self._writer = await self._connect()
             self.session = conn.get_server_pid()

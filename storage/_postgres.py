@@ -181,9 +181,16 @@ class PostgresStorage:
     async def _open_journal(self) -> None:
         """Charge the deaths this machine's call journal records for the log's last
         owner, register this life's journal, then start it."""
-        os.makedirs(self.journal_dir, mode=0o700, exist_ok=True)
         path = self.journal_path
-        previous = await anyio.to_thread.run_sync(read_journal, path)
+        try:
+            os.makedirs(self.journal_dir, mode=0o700, exist_ok=True)
+            previous = await anyio.to_thread.run_sync(read_journal, path)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot use {self.journal_dir!r} for the call journal of {self.path!r} "
+                f"({exc}); give the log a writable directory with ?journal_dir=... in "
+                "its URL"
+            ) from exc
         last, inflight = previous if previous is not None else (None, {})
         self._db.generation = int.from_bytes(os.urandom(8), "little") >> 1
         charged = await self._db.write(
@@ -197,7 +204,12 @@ class PostgresStorage:
                 charged,
                 PROCESS_DIED,
             )
-        self._journal = await anyio.to_thread.run_sync(CallJournal, path, self._db.generation)
+        try:
+            self._journal = await anyio.to_thread.run_sync(CallJournal, path, self._db.generation)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot write the call journal {path!r} of {self.path!r} ({exc})"
+            ) from exc
 
     async def close(self) -> None:
         """Let go of the ownership lock and close every connection. Idempotent."""

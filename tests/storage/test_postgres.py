@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -298,3 +299,16 @@ async def test_readers_never_skip_an_event_while_many_sessions_append(pg_url: st
 
 class _RolledBack(Exception):
     pass
+
+
+async def test_a_journal_directory_that_cannot_be_made_is_a_storage_error(
+    pg_url: str, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(StorageError, match="journal_dir"):
+        await PostgresStorage(pg_url, journal_dir=blocker / "journal").open()
+    # Nothing stays locked: the next opener owns the log.
+    store = PostgresStorage(pg_url)
+    await store.open()
+    await store.close()
