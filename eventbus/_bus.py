@@ -29,6 +29,7 @@ from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy, subscri
 from ._effect_log import EffectLog
 from ._errors import (
     BusClosed,
+    ConfigError,
     DrainTimeout,
     SubscriptionError,
     translate_storage_error,
@@ -144,14 +145,19 @@ class Bus:
         as soon as those subscribe.
 
         Args:
-            path: A SQLite file (created if missing), or ``":memory:"``.
+            path: A SQLite file (created if missing), ``":memory:"``, or a
+                PostgreSQL URL (``postgresql://user@host/db?schema=name``: the
+                schema and its tables are created if missing; needs the
+                ``postgres`` extra).
             config: Settings; ``BusConfig()`` by default.
             storage: A ready :class:`storage.Storage` to use instead of ``path``.
             clock: Where the bus reads time; the event loop's clock by default
                 (so a loop with a virtual clock runs the whole bus on it).
 
         Raises:
-            LogLocked: Another process runs a bus on this file.
+            LogLocked: Another process runs a bus on this file (or PostgreSQL log).
+            ConfigError: A PostgreSQL URL that cannot be used (a schema name that
+                is not a plain identifier, or asyncpg is not installed).
             NotALog: The file is not an event log.
             CorruptLog: SQLite reports the file as damaged.
             SchemaTooNew: A newer eventbus wrote the file.
@@ -168,17 +174,7 @@ class Bus:
         """
         config = config or BusConfig()
         if storage is None:
-            target = os.fspath(path)
-            storage = (
-                MemoryStorage()
-                if target == ":memory:"
-                else SQLiteStorage(
-                    target,
-                    durability=config.durability,
-                    busy_timeout=config.busy_timeout,
-                    open_timeout=config.open_timeout,
-                )
-            )
+            storage = _storage_for(os.fspath(path), config)
         try:
             await storage.open()
         except _storage.StorageError as exc:
@@ -848,6 +844,28 @@ class Bus:
     def subscription_names(self) -> frozenset[str]:
         """The names of the subscriptions made on this bus."""
         return frozenset(self._subs)
+
+
+def _storage_for(target: str, config: BusConfig) -> _storage.Storage:
+    """The log ``Bus.open`` opens for ``target``."""
+    if target == ":memory:":
+        return MemoryStorage()
+    if not _storage.is_postgres_url(target):
+        return SQLiteStorage(
+            target,
+            durability=config.durability,
+            busy_timeout=config.busy_timeout,
+            open_timeout=config.open_timeout,
+        )
+    try:
+        return _storage.PostgresStorage(
+            target,
+            durability=config.durability,
+            busy_timeout=config.busy_timeout,
+            open_timeout=config.open_timeout,
+        )
+    except (ImportError, ValueError) as exc:
+        raise ConfigError("path", str(exc)) from exc
 
 
 def _is_cancellation(exc: BaseException) -> bool:

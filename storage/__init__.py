@@ -1,9 +1,12 @@
 """The event log: an ordered, durable store of events, cursors and dead letters.
 
 Imports nothing from the rest of the project. :class:`Storage` is the contract;
-:class:`SQLiteStorage` the embedded default and :class:`MemoryStorage` an in-process
-log with no durability.
+:class:`SQLiteStorage` the embedded default, :class:`PostgresStorage` the log in a
+PostgreSQL database (it needs asyncpg, the ``postgres`` extra, and is imported only
+when first used) and :class:`MemoryStorage` an in-process log with no durability.
 """
+
+from typing import TYPE_CHECKING
 
 from ._calls import CallSlots, NoCallSlots
 from ._errors import (
@@ -20,6 +23,7 @@ from ._errors import (
     UnsupportedPlatform,
 )
 from ._memory import MemoryStorage
+from ._pg_url import is_postgres_url
 from ._protocol import Storage
 from ._schema import SCHEMA_VERSION
 from ._sqlite import Durability, SQLiteStorage
@@ -40,6 +44,24 @@ from ._types import (
     WriteBatch,
 )
 
+if TYPE_CHECKING:
+    from ._postgres import PostgresStorage
+
+
+def __getattr__(name: str) -> object:
+    # PostgresStorage imports asyncpg, an optional dependency: only when asked for.
+    if name == "PostgresStorage":
+        try:
+            from ._postgres import PostgresStorage
+        except ImportError as exc:
+            raise ImportError(
+                f"a PostgreSQL log needs asyncpg ({exc}); install it with "
+                "pip install 'eventbus[postgres]'"
+            ) from exc
+        return PostgresStorage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "PROCESS_DIED",
     "WORKFLOW_PREFIX",
@@ -56,6 +78,7 @@ __all__ = [
     "NoCallSlots",
     "NewRecord",
     "NotALog",
+    "PostgresStorage",
     "Receipt",
     "Record",
     "RecordRejected",
@@ -72,5 +95,6 @@ __all__ = [
     "UnsupportedPlatform",
     "WorkflowRecord",
     "WriteBatch",
+    "is_postgres_url",
     "submit_control",
 ]

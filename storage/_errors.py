@@ -25,23 +25,30 @@ class StorageError(Exception):
 
 
 class LogLocked(StorageError):
-    """Another process holds the log's lock file.
+    """Another process owns the log: it holds the log's lock file (SQLite) or its
+    ownership lock (PostgreSQL).
 
     Attributes:
-        path: The log, as it was given.
-        owner: Who owns it, as ``"pid 1234"`` (or ``"unknown"``).
-        pid: The owner's process id, when known.
+        path: The log, as it was given (a URL without its password).
+        owner: Who owns it, as ``"pid 1234"`` (or ``"unknown"``); on PostgreSQL also
+            the owner's host and database session.
+        pid: The owner's process id, when known (and, on PostgreSQL, on this host).
     """
 
-    def __init__(self, path: str, owner: str, pid: int | None = None) -> None:
+    def __init__(
+        self, path: str, owner: str, pid: int | None = None, *, advice: str | None = None
+    ) -> None:
         self.path = path
         self.owner = owner
         self.pid = pid
         super().__init__(
-            f"the log {path!r} is owned by another process ({owner}); only one process "
-            "may run a bus on a SQLite log at a time. Stop that process, or use a "
-            "different file; the eventbus command line reads the log (and queues "
-            "redrive, purge and drop for its owner) while it runs"
+            f"the log {path!r} is owned by another process ({owner}); "
+            + (
+                advice
+                or "only one process may run a bus on a SQLite log at a time. Stop that "
+                "process, or use a different file; the eventbus command line reads the "
+                "log (and queues redrive, purge and drop for its owner) while it runs"
+            )
         )
 
 

@@ -3,12 +3,11 @@ they are partial."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from eventbus import Bus, BusConfig, Context, DeadLetterPage, Event, RetryPolicy
-from storage import DeadRecord, Record, SQLiteStorage, WriteBatch
+from storage import DeadRecord, Record, WriteBatch
+from tests import postgres
 
 pytestmark = pytest.mark.anyio
 
@@ -19,10 +18,10 @@ class LookupFailed(Exception):
     pass
 
 
-async def test_a_dead_letter_traceback_keeps_the_chained_cause(log_path: Path) -> None:
+async def test_a_dead_letter_traceback_keeps_the_chained_cause(log_url: str) -> None:
     # Regression: the recorded traceback showed only the last exception, not the
     # one it was raised from (`raise ... from exc`) nor the one being handled.
-    async with Bus.open(log_path, config=BusConfig(breaker=None)) as bus:
+    async with Bus.open(log_url, config=BusConfig(breaker=None)) as bus:
 
         @bus.subscribe("orders", name="billing", retry=ONCE)
         async def bill(event: Event[dict[str, str]], ctx: Context) -> None:
@@ -49,9 +48,9 @@ async def test_a_dead_letter_traceback_keeps_the_chained_cause(log_path: Path) -
     assert 'event.payload["customer"]' in trace
 
 
-async def write_dead_letters(path: Path, events: int, subscriptions: tuple[str, ...]) -> None:
+async def write_dead_letters(target: str, events: int, subscriptions: tuple[str, ...]) -> None:
     """``events`` events, each dead-lettered by every one of ``subscriptions``."""
-    store = SQLiteStorage(path)
+    store = postgres.log_at(target)
     await store.open()
     try:
         dead = [
@@ -74,11 +73,11 @@ async def write_dead_letters(path: Path, events: int, subscriptions: tuple[str, 
 
 
 async def test_a_partial_list_of_dead_letters_says_so_and_iter_reaches_every_one(
-    log_path: Path,
+    log_url: str,
 ) -> None:
     # Regression: list() returned the first 100 and said nothing about the rest.
-    await write_dead_letters(log_path, 150, ("a", "b"))
-    async with Bus.open(log_path) as bus:
+    await write_dead_letters(log_url, 150, ("a", "b"))
+    async with Bus.open(log_url) as bus:
         page = await bus.dead_letters.list()
         assert isinstance(page, list)
         assert isinstance(page, DeadLetterPage)
@@ -93,10 +92,10 @@ async def test_a_partial_list_of_dead_letters_says_so_and_iter_reaches_every_one
 
 
 async def test_paging_with_after_resumes_between_subscriptions_of_one_event(
-    log_path: Path,
+    log_url: str,
 ) -> None:
-    await write_dead_letters(log_path, 3, ("a", "b", "c"))
-    async with Bus.open(log_path) as bus:
+    await write_dead_letters(log_url, 3, ("a", "b", "c"))
+    async with Bus.open(log_url) as bus:
         seen: list[tuple[int, str]] = []
         page = await bus.dead_letters.list(limit=4)
         seen += [(d.event.seq, d.subscription) for d in page]

@@ -25,20 +25,20 @@ from eventbus import (
 pytestmark = pytest.mark.anyio
 
 
-async def test_a_second_process_cannot_open_a_log_this_process_owns(log_path: Path) -> None:
+async def test_a_second_process_cannot_open_a_log_this_process_owns(log_url: str) -> None:
     script = textwrap.dedent(
         f"""
         import anyio, eventbus
         async def main():
             try:
-                async with eventbus.Bus.open({str(log_path)!r}):
+                async with eventbus.Bus.open({str(log_url)!r}):
                     print("opened")
             except eventbus.LogLocked as exc:
                 print("refused:", exc)
         anyio.run(main)
         """
     )
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
         await bus.publish("t", 1)
         result = await anyio.run_process([sys.executable, "-c", script], check=True)
     out = result.stdout.decode()
@@ -46,14 +46,14 @@ async def test_a_second_process_cannot_open_a_log_this_process_owns(log_path: Pa
     assert f"pid {os.getpid()}" in out
 
 
-async def test_the_lock_is_released_when_the_bus_closes(log_path: Path) -> None:
-    async with Bus.open(log_path):
+async def test_the_lock_is_released_when_the_bus_closes(log_url: str) -> None:
+    async with Bus.open(log_url):
         with pytest.raises(LogLocked) as info:
-            async with Bus.open(log_path):
+            async with Bus.open(log_url):
                 pass
         assert isinstance(info.value, StorageError)
         assert isinstance(info.value, BusError)
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
         await bus.publish("t", 1)
 
 
@@ -65,12 +65,12 @@ async def test_a_foreign_file_is_a_clear_typed_error(tmp_path: Path) -> None:
             pass
 
 
-async def test_cancelling_the_body_closes_the_bus_and_frees_the_log(log_path: Path) -> None:
+async def test_cancelling_the_body_closes_the_bus_and_frees_the_log(log_url: str) -> None:
     started = anyio.Event()
     handled: list[int] = []
 
     async def app() -> None:
-        async with Bus.open(log_path) as bus:
+        async with Bus.open(log_url) as bus:
 
             @bus.subscribe("t", name="s")
             async def handler(event: Event[int], ctx: Context) -> None:
@@ -86,7 +86,7 @@ async def test_cancelling_the_body_closes_the_bus_and_frees_the_log(log_path: Pa
         await started.wait()
         tg.cancel_scope.cancel()
     # The log is free again and the abandoned event comes back.
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
 
         @bus.subscribe("t", name="s")
         async def again(event: Event[int], ctx: Context) -> None:
@@ -96,18 +96,18 @@ async def test_cancelling_the_body_closes_the_bus_and_frees_the_log(log_path: Pa
     assert handled == [1, 1]
 
 
-async def test_close_flushes_publish_nowait_events(log_path: Path) -> None:
-    async with Bus.open(log_path) as bus:
+async def test_close_flushes_publish_nowait_events(log_url: str) -> None:
+    async with Bus.open(log_url) as bus:
         for i in range(100):
             bus.publish_nowait("t", i)
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
         assert (await bus.stats()).head == 100
 
 
-async def test_close_is_idempotent_and_waits_for_in_flight_batches(log_path: Path) -> None:
+async def test_close_is_idempotent_and_waits_for_in_flight_batches(log_url: str) -> None:
     release = anyio.Event()
     finished: list[int] = []
-    async with Bus.open(log_path, config=BusConfig(close_timeout=10)) as bus:
+    async with Bus.open(log_url, config=BusConfig(close_timeout=10)) as bus:
 
         @bus.subscribe("t", name="s")
         async def handler(event: Event[int], ctx: Context) -> None:
@@ -120,16 +120,16 @@ async def test_close_is_idempotent_and_waits_for_in_flight_batches(log_path: Pat
         await bus.close()
         await bus.close()
     assert finished == [1]
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
         stats = await bus.stats()
     assert stats.lag == {"s": 0}
 
 
 async def test_compaction_removes_only_events_every_subscription_finished(
-    log_path: Path,
+    log_url: str,
 ) -> None:
     config = BusConfig(retention=0.0)
-    async with Bus.open(log_path, config=config) as bus:
+    async with Bus.open(log_url, config=config) as bus:
         gate = anyio.Event()
         slow_blocked = anyio.Event()
         fast_done = anyio.Event()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import msgspec
 import pytest
 
@@ -17,7 +15,7 @@ from eventbus import (
     Message,
     PayloadError,
 )
-from storage import SQLiteStorage
+from tests import postgres
 
 pytestmark = pytest.mark.anyio
 
@@ -27,8 +25,8 @@ class Order(msgspec.Struct):
     amount: int
 
 
-async def read_log(path: Path) -> list[tuple[int, str, str]]:
-    store = SQLiteStorage(path, read_only=True)
+async def read_log(target: str) -> list[tuple[int, str, str]]:
+    store = postgres.log_at(target, read_only=True)
     await store.open()
     try:
         return [(r.seq, r.id, r.topic) for r in await store.read(0, 10**9, None, 10**6)]
@@ -36,28 +34,28 @@ async def read_log(path: Path) -> list[tuple[int, str, str]]:
         await store.close()
 
 
-async def test_a_returned_publish_is_in_the_log(log_path: Path) -> None:
-    async with Bus.open(log_path) as bus:
+async def test_a_returned_publish_is_in_the_log(log_url: str) -> None:
+    async with Bus.open(log_url) as bus:
         receipt = await bus.publish("orders", {"amount": 5}, key="o-1")
         # Read the file from outside while the bus still runs.
-        assert await read_log(log_path) == [(receipt.seq, receipt.id, "orders")]
+        assert await read_log(log_url) == [(receipt.seq, receipt.id, "orders")]
     assert receipt.seq == 1
     assert not receipt.duplicate
 
 
-async def test_a_repeated_idempotency_key_returns_the_original_receipt(log_path: Path) -> None:
-    async with Bus.open(log_path) as bus:
+async def test_a_repeated_idempotency_key_returns_the_original_receipt(log_url: str) -> None:
+    async with Bus.open(log_url) as bus:
         first = await bus.publish("orders", {"n": 1}, idempotency_key="req-1")
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
         again = await bus.publish("orders", {"n": 2}, idempotency_key="req-1")
         other = await bus.publish("orders", {"n": 3}, idempotency_key="req-2")
     assert (again.seq, again.id, again.duplicate) == (first.seq, first.id, True)
     assert other.seq == 2
-    assert len(await read_log(log_path)) == 2
+    assert len(await read_log(log_url)) == 2
 
 
-async def test_a_payload_that_will_not_encode_raises_and_writes_nothing(log_path: Path) -> None:
-    async with Bus.open(log_path) as bus:
+async def test_a_payload_that_will_not_encode_raises_and_writes_nothing(log_url: str) -> None:
+    async with Bus.open(log_url) as bus:
         with pytest.raises(PayloadError, match="orders") as info:
             await bus.publish("orders", {"when": object()})
         assert isinstance(info.value, TypeError)
@@ -65,12 +63,12 @@ async def test_a_payload_that_will_not_encode_raises_and_writes_nothing(log_path
             await bus.publish("orders", {}, headers={"n": 1})  # type: ignore[dict-item]
         with pytest.raises(PayloadError):
             await bus.publish_many([Message("orders", {"ok": 1}), Message("orders", 1 + 2j)])
-    assert await read_log(log_path) == []
+    assert await read_log(log_url) == []
 
 
-async def test_an_oversized_event_raises_event_too_large_before_writing(log_path: Path) -> None:
+async def test_an_oversized_event_raises_event_too_large_before_writing(log_url: str) -> None:
     config = BusConfig(max_event_bytes=1000)
-    async with Bus.open(log_path, config=config) as bus:
+    async with Bus.open(log_url, config=config) as bus:
         with pytest.raises(EventTooLarge) as info:
             await bus.publish("blobs", b"x" * 2000)
         assert info.value.limit == 1000
@@ -78,7 +76,7 @@ async def test_an_oversized_event_raises_event_too_large_before_writing(log_path
         with pytest.raises(EventTooLarge):
             bus.publish_nowait("blobs", "y" * 5000)
         await bus.publish("blobs", b"x" * 500)
-    assert len(await read_log(log_path)) == 1
+    assert len(await read_log(log_url)) == 1
 
 
 async def test_bad_topics_and_keys_are_argument_errors() -> None:
@@ -118,8 +116,8 @@ async def test_publish_waits_for_room_instead_of_failing() -> None:
     assert [r.seq for r in receipts] == list(range(1, 51))
 
 
-async def test_publish_many_is_atomic_and_ordered(log_path: Path) -> None:
-    async with Bus.open(log_path) as bus:
+async def test_publish_many_is_atomic_and_ordered(log_url: str) -> None:
+    async with Bus.open(log_url) as bus:
         receipts = await bus.publish_many(
             Message("t", i, key="k", idempotency_key=f"m-{i % 3}") for i in range(6)
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 
 import anyio
 import pytest
@@ -37,7 +36,7 @@ class Poison(Exception):
 
 @pytest.mark.parametrize("batch_handler", [False, True])
 async def test_poison_and_transient_failures_end_done_or_dead_and_redrive_fixes_them(
-    log_path: Path, batch_handler: bool
+    log_url: str, batch_handler: bool
 ) -> None:
     rng = random.Random(7)
     n = 400
@@ -56,7 +55,7 @@ async def test_poison_and_transient_failures_end_done_or_dead_and_redrive_fixes_
             raise Flaky(f"event {i} fails once")
         done.append(i)
 
-    async with Bus.open(log_path, config=BusConfig(breaker=None)) as bus:
+    async with Bus.open(log_url, config=BusConfig(breaker=None)) as bus:
         if batch_handler:
 
             @bus.subscribe("t", name="s", retry=QUICK)

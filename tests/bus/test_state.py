@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import anyio
 import pytest
 
@@ -16,9 +14,9 @@ QUICK = RetryPolicy(max_attempts=3, initial_delay=0.0, max_delay=0.0)
 
 
 async def test_state_commits_with_the_acknowledgement_and_survives_reopen(
-    log_path: Path,
+    log_url: str,
 ) -> None:
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
 
         @bus.subscribe("orders", name="totals")
         async def total(event: Event[int], ctx: Context) -> None:
@@ -28,7 +26,7 @@ async def test_state_commits_with_the_acknowledgement_and_survives_reopen(
         await bus.publish_many(Message("orders", i, key=f"k{i % 3}") for i in range(30))
         await bus.drain(timeout=10)
         assert await bus.state("totals").get("k0") == sum(range(0, 30, 3))
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
         reader = bus.state("totals")
         assert await reader.get("k1") == sum(range(1, 30, 3))
         assert await reader.get("missing", "none") == "none"
@@ -84,7 +82,7 @@ async def test_a_value_that_will_not_encode_fails_the_handler_call() -> None:
     assert dead.error_type == f"{PayloadError.__module__}.PayloadError"
 
 
-async def test_an_idempotent_effect_runs_once_per_key_across_restarts(log_path: Path) -> None:
+async def test_an_idempotent_effect_runs_once_per_key_across_restarts(log_url: str) -> None:
     calls: list[str] = []
 
     async def charge(order: str, *, idempotency_key: str) -> dict[str, str]:
@@ -92,7 +90,7 @@ async def test_an_idempotent_effect_runs_once_per_key_across_restarts(log_path: 
         await anyio.lowlevel.checkpoint()
         return {"charge": f"ch-{order}"}
 
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
         once = eventbus.idempotent(bus)(charge)
         async with anyio.create_task_group() as tg:
             for _ in range(3):
@@ -100,7 +98,7 @@ async def test_an_idempotent_effect_runs_once_per_key_across_restarts(log_path: 
         assert await once("o-2", idempotency_key="k-2") == {"charge": "ch-o-2"}
         with pytest.raises(ValueError, match="idempotency_key"):
             await once("o-3")  # type: ignore[call-arg]
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
         again = eventbus.idempotent(bus)(charge)
         assert await again("o-1", idempotency_key="k-1") == {"charge": "ch-o-1"}
     assert calls == ["k-1", "k-2"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import anyio
 import pytest
 
@@ -24,11 +22,10 @@ pytestmark = pytest.mark.anyio
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay=0.0, max_delay=0.0)
 
 
-@pytest.mark.parametrize("path", [":memory:", "file"])
 async def test_every_subscription_gets_every_event_of_its_topic_in_order(
-    path: str, log_path: Path
+    every_log: str,
 ) -> None:
-    target = log_path if path == "file" else ":memory:"
+    target = every_log
     async with Bus.open(target) as bus:
         singles: list[int] = []
         batches: list[list[int]] = []
@@ -80,12 +77,12 @@ async def test_a_wildcard_subscription_sees_every_topic() -> None:
     assert topics == ["a", "b", "c"]
 
 
-async def test_a_slow_subscription_reads_its_backlog_from_the_log(log_path: Path) -> None:
+async def test_a_slow_subscription_reads_its_backlog_from_the_log(log_url: str) -> None:
     config = BusConfig(channel_capacity=8)
     release = anyio.Event()
     seen: list[int] = []
     most_buffered = 0
-    async with Bus.open(log_path, config=config) as bus:
+    async with Bus.open(log_url, config=config) as bus:
 
         @bus.subscribe("t", name="slow", batch=BatchPolicy(mode="natural", max_size=4))
         async def slow(event: Event[int], ctx: Context) -> None:
@@ -101,10 +98,10 @@ async def test_a_slow_subscription_reads_its_backlog_from_the_log(log_path: Path
     assert most_buffered <= 8
 
 
-async def test_unacknowledged_events_are_delivered_again_after_reopen(log_path: Path) -> None:
+async def test_unacknowledged_events_are_delivered_again_after_reopen(log_url: str) -> None:
     config = BusConfig(close_timeout=0.2)
     attempts: list[tuple[int, int]] = []
-    async with Bus.open(log_path, config=config) as bus:
+    async with Bus.open(log_url, config=config) as bus:
         started = anyio.Event()
 
         @bus.subscribe("t", name="s")
@@ -116,7 +113,7 @@ async def test_unacknowledged_events_are_delivered_again_after_reopen(log_path: 
         await bus.publish("t", 1)
         await started.wait()
     # close abandoned the batch in flight: it was not acknowledged
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
         again: list[int] = []
 
         @bus.subscribe("t", name="s")
@@ -128,8 +125,8 @@ async def test_unacknowledged_events_are_delivered_again_after_reopen(log_path: 
     assert again == [1]
 
 
-async def test_acknowledged_events_are_not_delivered_again(log_path: Path) -> None:
-    async with Bus.open(log_path) as bus:
+async def test_acknowledged_events_are_not_delivered_again(log_url: str) -> None:
+    async with Bus.open(log_url) as bus:
 
         @bus.subscribe("t", name="s")
         async def first(event: Event[int], ctx: Context) -> None:
@@ -137,7 +134,7 @@ async def test_acknowledged_events_are_not_delivered_again(log_path: Path) -> No
 
         await bus.publish_many(Message("t", i) for i in range(20))
         await bus.drain(timeout=10)
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
         seen: list[int] = []
 
         @bus.subscribe("t", name="s")
@@ -163,8 +160,8 @@ async def test_a_new_subscription_can_start_at_the_latest_event() -> None:
     assert seen == ["new"]
 
 
-async def test_outbox_events_commit_with_the_acknowledgement(log_path: Path) -> None:
-    async with Bus.open(log_path) as bus:
+async def test_outbox_events_commit_with_the_acknowledgement(log_url: str) -> None:
+    async with Bus.open(log_url) as bus:
         invoices: list[tuple[str | None, object]] = []
 
         @bus.subscribe("orders", name="billing")
@@ -247,9 +244,9 @@ async def test_a_hanging_handler_attempt_times_out_and_is_retried() -> None:
     assert attempts == [1, 2]
 
 
-async def test_idempotency_keys_are_stable_per_event_and_subscription(log_path: Path) -> None:
+async def test_idempotency_keys_are_stable_per_event_and_subscription(log_url: str) -> None:
     keys: list[str] = []
-    async with Bus.open(log_path, config=BusConfig(close_timeout=0.1)) as bus:
+    async with Bus.open(log_url, config=BusConfig(close_timeout=0.1)) as bus:
 
         @bus.subscribe("t", name="s")
         async def stuck(event: Event[int], ctx: Context) -> None:
@@ -259,7 +256,7 @@ async def test_idempotency_keys_are_stable_per_event_and_subscription(log_path: 
         receipt = await bus.publish("t", 1)
         while not keys:
             await anyio.lowlevel.checkpoint()
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
 
         @bus.subscribe("t", name="s")
         async def batch(events: list[Event[int]], ctx: Context) -> None:

@@ -1,5 +1,6 @@
-"""A crash-test worker: publishes numbered events through a bus on a SQLite log and
-records what it saw, so that a parent can SIGKILL it at any moment and check the log.
+"""A crash-test worker: publishes numbered events through a bus on a log (a SQLite
+file or a PostgreSQL URL) and records what it saw, so that a parent can SIGKILL it at
+any moment and check the log.
 
     python _worker.py LOG HANDLED ACKED COUNT PUBLISHERS
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from pathlib import Path
 from typing import TextIO
 
 from eventbus import Bus, BusConfig, Context, Event
@@ -29,7 +29,7 @@ SUBSCRIPTION = "sink"
 KEYS = 7
 
 
-async def run(log: Path, handled: TextIO, acked: TextIO, count: int, publishers: int) -> None:
+async def run(log: str, handled: TextIO, acked: TextIO, count: int, publishers: int) -> None:
     config = BusConfig(durability="normal")
     async with Bus.open(log, config=config) as bus:
 
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
         open(handled_path, "a", buffering=1, encoding="utf-8") as handled,
         open(acked_path, "a", buffering=1, encoding="utf-8") as acked,
     ):
-        asyncio.run(run(Path(log), handled, acked, int(count), int(publishers)))
+        asyncio.run(run(log, handled, acked, int(count), int(publishers)))
     return 0
 
 

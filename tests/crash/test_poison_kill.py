@@ -17,14 +17,14 @@ WORKER = Path(__file__).with_name("_poison_worker.py")
 
 @pytest.mark.slow
 def test_a_process_killing_event_is_dead_lettered_after_max_attempts_deaths(
-    tmp_path: Path,
+    tmp_path: Path, log_url: str
 ) -> None:
-    log = tmp_path / "log.db"
+    log = log_url
     handled = tmp_path / "handled.txt"
     codes = []
     for _ in range(6):
         result = subprocess.run(
-            [sys.executable, str(WORKER), str(log), str(handled)],
+            [sys.executable, str(WORKER), log, str(handled)],
             capture_output=True,
             text=True,
             timeout=60,

@@ -24,7 +24,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from storage import Record, SQLiteStorage, SubscriptionInfo
+from storage import Record, SubscriptionInfo
+from tests import postgres
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +76,7 @@ def _complete_lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").split("\n")[:-1]
 
 
-def _start(tmp_path: Path, log: Path, index: int) -> tuple[subprocess.Popen[bytes], Run]:
+def _start(tmp_path: Path, log: str, index: int) -> tuple[subprocess.Popen[bytes], Run]:
     run = Run(
         index,
         handled=tmp_path / f"handled-{index}.txt",
@@ -89,7 +90,7 @@ def _start(tmp_path: Path, log: Path, index: int) -> tuple[subprocess.Popen[byte
             [
                 sys.executable,
                 str(WORKER),
-                str(log),
+                log,
                 str(run.handled),
                 str(run.acked),
                 str(COUNT),
@@ -150,8 +151,8 @@ class LogContents:
     unfinished: int  # dead letters plus events waiting in retry lanes
 
 
-async def _read_log(path: Path) -> LogContents:
-    log = SQLiteStorage(path, read_only=True)
+async def _read_log(target: str) -> LogContents:
+    log = postgres.log_at(target, read_only=True)
     await log.open()
     try:
         records: list[Record] = []
@@ -167,9 +168,11 @@ async def _read_log(path: Path) -> LogContents:
         await log.close()
 
 
-def test_acknowledged_publishes_and_deliveries_survive_repeated_sigkill(tmp_path: Path) -> None:
+def test_acknowledged_publishes_and_deliveries_survive_repeated_sigkill(
+    tmp_path: Path, log_url: str
+) -> None:
     rng = random.Random(SEED)
-    log = tmp_path / "events.db"
+    log = log_url
     runs: list[Run] = []
 
     acked_so_far: set[str] = set()  # numbers some run was told are committed

@@ -43,11 +43,11 @@ class Gauge:
         self.keys.difference_update(keys)
 
 
-async def test_calls_overlap_up_to_the_limit_and_never_share_a_key() -> None:
+async def test_calls_overlap_up_to_the_limit_and_never_share_a_key(log_target: str) -> None:
     gauge = Gauge()
     order: dict[str, list[int]] = {}
     full = anyio.Event()
-    async with Bus.open(":memory:") as bus:
+    async with Bus.open(log_target) as bus:
 
         @bus.subscribe("t", name="s", concurrency=8)
         async def handler(event: Event[int], ctx: Context) -> None:
@@ -72,11 +72,11 @@ async def test_calls_overlap_up_to_the_limit_and_never_share_a_key() -> None:
     assert metrics.concurrency == 8
 
 
-async def test_batch_calls_overlap_with_disjoint_keys() -> None:
+async def test_batch_calls_overlap_with_disjoint_keys(log_target: str) -> None:
     gauge = Gauge()
     seen: list[int] = []
     two = anyio.Event()
-    async with Bus.open(":memory:") as bus:
+    async with Bus.open(log_target) as bus:
 
         @bus.subscribe("t", name="s", concurrency=2, batch=BatchPolicy(mode="natural", max_size=8))
         async def handler(events: list[Event[int]], ctx: Context) -> None:
@@ -99,10 +99,12 @@ async def test_batch_calls_overlap_with_disjoint_keys() -> None:
         assert mine == sorted(mine)
 
 
-async def test_state_written_by_one_call_is_seen_by_the_next_call_of_its_key() -> None:
+async def test_state_written_by_one_call_is_seen_by_the_next_call_of_its_key(
+    log_target: str,
+) -> None:
     """Acknowledgements commit behind the calls: a later call of the key must still
     read what the earlier one wrote, committed or not."""
-    async with Bus.open(":memory:") as bus:
+    async with Bus.open(log_target) as bus:
 
         @bus.subscribe("t", name="s", concurrency=16)
         async def count(event: Event[int], ctx: Context) -> None:

@@ -53,7 +53,7 @@ async def test_a_key_waits_behind_its_retry_while_a_slow_other_key_runs(concurre
 
 @pytest.mark.parametrize("concurrency", [1, 16])
 async def test_no_event_is_handled_after_a_later_event_of_its_key_under_load(
-    concurrency: int,
+    concurrency: int, log_target: str
 ) -> None:
     """37 keys, 20,000 events, every 101st always failing (dead-lettered after
     three attempts): every key's handled events are in publish order, and every event
@@ -64,7 +64,7 @@ async def test_no_event_is_handled_after_a_later_event_of_its_key_under_load(
     violations: list[tuple[str, int, int]] = []
     handled = 0
     retry = RetryPolicy(max_attempts=3, initial_delay=0.01, max_delay=0.05, budget_ratio=1.0)
-    async with Bus.open(":memory:", config=BusConfig(breaker=None)) as bus:
+    async with Bus.open(log_target, config=BusConfig(breaker=None)) as bus:
 
         @bus.subscribe("t", name="s", retry=retry, concurrency=concurrency)
         async def handler(event: Event[int], ctx: Context) -> None:

@@ -11,10 +11,13 @@ from collections import Counter
 from pathlib import Path
 
 import anyio
+import asyncpg
 import pytest
 
 from eventbus import BatchPolicy, Bus, BusConfig, Context, Event, Message, RetryPolicy
-from storage import MemoryStorage
+from storage import MemoryStorage, is_postgres_url
+from storage._pg_url import parse
+from tests import postgres
 
 pytestmark = pytest.mark.anyio
 
@@ -35,13 +38,16 @@ def _without(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int,
     return out
 
 
-def punch_hole(target: Path | MemoryStorage, subscription: str, lo: int, hi: int) -> None:
+def punch_hole(target: Path | str | MemoryStorage, subscription: str, lo: int, hi: int) -> None:
     """Forget that ``subscription`` handled seqs lo..hi, as a bug or a hand-edit
     would: the acknowledgement ledger loses them, nothing else changes."""
     if isinstance(target, MemoryStorage):
         ranges = target._acked[subscription]
         kept = _without(list(zip(ranges.los, ranges.his, strict=True)), lo, hi)
         ranges.los, ranges.his = [a for a, _ in kept], [b for _, b in kept]
+        return
+    if is_postgres_url(str(target)):
+        postgres.run_aside(_punch_pg_hole(parse(str(target)).schema, subscription, lo, hi))
         return
     conn = sqlite3.connect(target, timeout=10, isolation_level=None)
     try:
@@ -59,13 +65,39 @@ def punch_hole(target: Path | MemoryStorage, subscription: str, lo: int, hi: int
         conn.close()
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "memory"])
+async def _punch_pg_hole(schema: str, subscription: str, lo: int, hi: int) -> None:
+    conn = await asyncpg.connect(postgres.SERVER, server_settings={"search_path": schema})
+    try:
+        async with conn.transaction():
+            rows = await conn.fetch(
+                "SELECT lo, hi FROM acked WHERE subscription = $1 ORDER BY lo", subscription
+            )
+            await conn.execute("DELETE FROM acked WHERE subscription = $1", subscription)
+            await conn.executemany(
+                "INSERT INTO acked (subscription, lo, hi) VALUES ($1, $2, $3)",
+                [(subscription, a, b) for a, b in _without([tuple(r) for r in rows], lo, hi)],
+            )
+    finally:
+        await conn.close()
+
+
+BACKENDS = ["sqlite", "memory", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def _target(backend: str, log_path: Path, request: pytest.FixtureRequest) -> str:
+    if backend == "postgres":
+        return str(request.getfixturevalue("pg_url"))
+    return ":memory:" if backend == "memory" else str(log_path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_deleted_acknowledgement_is_found_lost_and_re_dispatched(
-    log_path: Path, backend: str
+    log_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
     memory = MemoryStorage() if backend == "memory" else None
+    target = _target(backend, log_path, request)
     seen: Counter[int] = Counter()
-    async with Bus.open(log_path, config=MANUAL, storage=memory) as bus:
+    async with Bus.open(target, config=MANUAL, storage=memory) as bus:
 
         @bus.subscribe("orders", name="billing")
         async def bill(event: Event[int], ctx: Context) -> None:
@@ -87,7 +119,7 @@ async def test_a_deleted_acknowledgement_is_found_lost_and_re_dispatched(
         assert dict(seen) == {seq: 1 for seq in range(1, 24, 2)}
 
         # Events 7, 9 and 11 (orders) and 8, 10 (noise) lose their acknowledgement.
-        punch_hole(memory or log_path, "billing", 7, 11)
+        punch_hole(memory or target, "billing", 7, 11)
         report = await bus.reconcile()
         assert not report.ok
         billing = report.subscription("billing")
@@ -109,9 +141,9 @@ async def test_a_deleted_acknowledgement_is_found_lost_and_re_dispatched(
 
 
 async def test_lost_events_of_a_subscription_not_on_this_bus_are_reported_not_repaired(
-    log_path: Path,
+    log_url: str,
 ) -> None:
-    async with Bus.open(log_path, config=MANUAL) as bus:
+    async with Bus.open(log_url, config=MANUAL) as bus:
 
         @bus.subscribe("orders", name="billing")
         async def bill(event: Event[int], ctx: Context) -> None:
@@ -120,9 +152,9 @@ async def test_lost_events_of_a_subscription_not_on_this_bus_are_reported_not_re
         for i in range(6):
             await bus.publish("orders", i)
         await bus.drain(timeout=10)
-    punch_hole(log_path, "billing", 3, 4)
+    punch_hole(log_url, "billing", 3, 4)
     seen: list[int] = []
-    async with Bus.open(log_path, config=MANUAL) as bus:
+    async with Bus.open(log_url, config=MANUAL) as bus:
         report = await bus.reconcile()
         billing = report.subscription("billing")
         assert (billing.registered, billing.lost, billing.lost_seqs) == (False, 2, (3, 4))
@@ -142,8 +174,8 @@ async def test_lost_events_of_a_subscription_not_on_this_bus_are_reported_not_re
         assert (await bus.reconcile()).ok
 
 
-async def test_a_lost_event_that_keeps_failing_ends_dead_lettered(log_path: Path) -> None:
-    async with Bus.open(log_path, config=MANUAL) as bus:
+async def test_a_lost_event_that_keeps_failing_ends_dead_lettered(log_url: str) -> None:
+    async with Bus.open(log_url, config=MANUAL) as bus:
         broken = False
 
         @bus.subscribe("orders", name="billing", retry=RetryPolicy(max_attempts=2, initial_delay=0))
@@ -154,7 +186,7 @@ async def test_a_lost_event_that_keeps_failing_ends_dead_lettered(log_path: Path
         for i in range(5):
             await bus.publish("orders", i)
         await bus.drain(timeout=10)
-        punch_hole(log_path, "billing", 3, 3)
+        punch_hole(log_url, "billing", 3, 3)
         broken = True
         assert (await bus.reconcile()).subscription("billing").repaired.lost == 1
         await bus.drain(timeout=10)
@@ -165,8 +197,8 @@ async def test_a_lost_event_that_keeps_failing_ends_dead_lettered(log_path: Path
         assert report.subscription("billing").dead == 1
 
 
-async def test_the_pass_on_open_repairs_what_an_earlier_run_lost(log_path: Path) -> None:
-    async with Bus.open(log_path, config=MANUAL) as bus:
+async def test_the_pass_on_open_repairs_what_an_earlier_run_lost(log_url: str) -> None:
+    async with Bus.open(log_url, config=MANUAL) as bus:
 
         @bus.subscribe("orders", name="billing")
         async def bill(event: Event[int], ctx: Context) -> None:
@@ -175,10 +207,10 @@ async def test_the_pass_on_open_repairs_what_an_earlier_run_lost(log_path: Path)
         for i in range(6):
             await bus.publish("orders", i)
         await bus.drain(timeout=10)
-    punch_hole(log_path, "billing", 2, 5)
+    punch_hole(log_url, "billing", 2, 5)
     seen: list[int] = []
     all_back = anyio.Event()
-    async with Bus.open(log_path) as bus:  # the default: a pass just after open
+    async with Bus.open(log_url) as bus:  # the default: a pass just after open
 
         @bus.subscribe("orders", name="billing")
         async def bill_again(event: Event[int], ctx: Context) -> None:
@@ -198,17 +230,16 @@ async def test_the_pass_on_open_repairs_what_an_earlier_run_lost(log_path: Path)
         assert metrics.repaired_total == 4
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "memory"])
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_busy_run_reconciles_clean_while_it_runs_and_after(
-    log_path: Path, backend: str
+    log_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
     rng = random.Random(11)
     poison = {i for i in range(3000) if rng.random() < 0.02}
     flaky = {i for i in range(3000) if rng.random() < 0.05}
     config = BusConfig(reconcile_interval=0, breaker=None)
     quick = RetryPolicy(max_attempts=3, initial_delay=0.001, max_delay=0.01, budget_ratio=1.0)
-    path = ":memory:" if backend == "memory" else log_path
-    async with Bus.open(path, config=config) as bus:
+    async with Bus.open(_target(backend, log_path, request), config=config) as bus:
 
         @bus.subscribe("orders", name="billing", retry=quick)
         async def bill(event: Event[int], ctx: Context) -> None:

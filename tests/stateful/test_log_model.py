@@ -2,9 +2,11 @@
 clean reopens and crashes.
 
 A hypothesis ``RuleBasedStateMachine`` drives a :class:`storage.SQLiteStorage` on a real
-file (and, without the file-level rules, a :class:`storage.MemoryStorage`) and checks
-every answer against a model: a list of records, the idempotency keys, the cursors and
-in-flight marks, the retry lanes and the dead letters.
+file, a :class:`storage.PostgresStorage` in a fresh schema (with the database session
+it writes through ended under it now and then) and, without those rules, a
+:class:`storage.MemoryStorage`, and checks every answer against a model: a list of
+records, the idempotency keys, the cursors and in-flight marks, the retry lanes and
+the dead letters.
 
 A crash is simulated by copying the database and its WAL while the log is still open:
 the copy is the on-disk state after the last committed transaction, as a SIGKILL would
@@ -40,6 +42,7 @@ from storage import (
     DeadRecord,
     MemoryStorage,
     NewRecord,
+    PostgresStorage,
     Receipt,
     Record,
     RetryRecord,
@@ -48,6 +51,7 @@ from storage import (
     SubscriptionInfo,
     WriteBatch,
 )
+from tests import postgres
 
 T = TypeVar("T")
 
@@ -477,6 +481,49 @@ class SQLiteLogMachine(LogMachine):
             conn.close()
 
 
+class PostgresLogMachine(LogMachine):
+    """Adds the session-level rule: the server ends the session the log writes
+    through (a restart, a network cut, an operator); the next commit connects again,
+    finds out whether anything was lost, and carries on."""
+
+    base_dir: Path
+
+    def make_log(self) -> Storage:
+        self.schema = postgres.new_schema()
+        self.url = postgres.url_for(self.schema, tempfile.mkdtemp(dir=self.base_dir))
+        return self.open_log()
+
+    def open_log(self) -> PostgresStorage:
+        # The server's crash safety is not what this checks: commits without waiting
+        # for its WAL flush keep the run short.
+        return PostgresStorage(self.url, durability="off")
+
+    def reopen(self) -> None:
+        self.run(self.log.close)
+        self.log = self.open_log()
+        self.run(self.log.open)
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        finally:
+            postgres.drop_schema(self.schema)
+
+    @rule(readers=st.booleans())
+    def end_the_writers_session(self, readers: bool) -> None:
+        assert isinstance(self.log, PostgresStorage)
+        session = self.log._db.session
+        self.run(
+            postgres.execute,
+            self.schema,
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+            " WHERE pid = $1 OR ($2 AND application_name = $3)",
+            session,
+            readers,
+            f"eventbus reader {self.schema}",
+        )
+
+
 SETTINGS = settings(
     max_examples=30,
     stateful_step_count=20,
@@ -489,6 +536,15 @@ SETTINGS = settings(
 def test_sqlite_log_matches_the_model_across_reopens_and_crashes(tmp_path: Path) -> None:
     machine = type("SQLiteLog", (SQLiteLogMachine,), {"base_dir": tmp_path})
     run_state_machine_as_test(machine, settings=SETTINGS)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_postgres_log_matches_the_model_across_reopens_and_lost_sessions(tmp_path: Path) -> None:
+    postgres.require_server()
+    machine = type("PostgresLog", (PostgresLogMachine,), {"base_dir": tmp_path})
+    # Each example creates a schema, and every step waits on the server: fewer.
+    run_state_machine_as_test(machine, settings=settings(SETTINGS, max_examples=20))
 
 
 def test_memory_log_matches_the_model() -> None:

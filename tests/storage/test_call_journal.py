@@ -1,5 +1,6 @@
 """The call journal: a death is charged to exactly the events whose handler call was
-running, once, whatever happens to the process afterwards."""
+running, once, whatever happens to the process afterwards. On SQLite and PostgreSQL
+alike (the journal is a file on the machine either way)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from storage import (
     PROCESS_DIED,
     MemoryStorage,
     NewRecord,
+    PostgresStorage,
     RetryRecord,
     SQLiteStorage,
+    Storage,
     SubscriptionInfo,
     WriteBatch,
 )
@@ -28,20 +31,60 @@ def _records(n: int) -> list[NewRecord]:
     return [NewRecord(f"id-{i}", "t", f"k{i}", b"\x01", None, time.time()) for i in range(n)]
 
 
-def _snapshot(src: Path, dst: Path) -> None:
-    """What a SIGKILL leaves on disk: the database, its WAL and the call journal."""
-    for suffix in ("", "-wal", "-calls"):
-        if Path(f"{src}{suffix}").exists():
-            shutil.copy(f"{src}{suffix}", f"{dst}{suffix}")
+class Log:
+    """One log, opened again and again, and where its call journal lies."""
+
+    def __init__(
+        self, backend: str, tmp_path: Path, request: pytest.FixtureRequest | None = None
+    ) -> None:
+        self.backend = backend
+        self.tmp_path = tmp_path
+        self.path = tmp_path / "log.db"
+        self.url = request.getfixturevalue("pg_url") if request and backend == "postgres" else ""
+        self.journal = Path(f"{self.path}-calls")
+
+    def store(self) -> Storage:
+        if self.backend == "sqlite":
+            return SQLiteStorage(self.path)
+        return PostgresStorage(self.url)
+
+    async def opened(self) -> Storage:
+        store = self.store()
+        await store.open()
+        if isinstance(store, PostgresStorage):
+            self.journal = Path(store.journal_path)
+        return store
+
+    def die(self) -> Log:
+        """What a SIGKILL leaves behind, as a log to open again: for SQLite, a copy of
+        the database, its WAL and the call journal (the open log's own files are
+        closed cleanly afterwards); for PostgreSQL, the database as it is (the
+        process's sessions end with it) and the journal as the process left it."""
+        if self.backend == "postgres":
+            return self
+        dead = Log.__new__(Log)
+        dead.backend, dead.tmp_path, dead.url = self.backend, self.tmp_path, ""
+        dead.path = self.tmp_path / "dead.db"
+        dead.journal = Path(f"{dead.path}-calls")
+        for suffix in ("", "-wal", "-calls"):
+            if Path(f"{self.path}{suffix}").exists():
+                shutil.copy(f"{self.path}{suffix}", f"{dead.path}{suffix}")
+        return dead
 
 
-async def _dying_log(tmp_path: Path) -> Path:
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def log(request: pytest.FixtureRequest, tmp_path: Path) -> Log:
+    return Log(request.param, tmp_path, request)
+
+
+async def _dying_log(log: Log) -> Log:
     """A log whose process died with calls on events 2 (fresh), 3 (in the retry lane)
     and 4 (done ahead of the cursor, its call not yet ended) in flight; 5 was buffered
     but its call had not started."""
-    path, dead = tmp_path / "log.db", tmp_path / "dead.db"
-    store = SQLiteStorage(path)
-    await store.open()
+    store = await log.opened()
     receipts = await store.commit(
         WriteBatch(
             appends=_records(5),
@@ -61,24 +104,21 @@ async def _dying_log(tmp_path: Path) -> Path:
     slots.started(0, [2])
     slots.started(1, [3])
     slots.started(2, [4])
-    _snapshot(path, dead)  # the process dies here
+    dead = log.die()  # the process dies here
     await store.close()
     return dead
 
 
-async def _lane(path: Path) -> dict[int, RetryRecord]:
-    store = SQLiteStorage(path)
-    await store.open()
+async def _lane(log: Log) -> dict[int, RetryRecord]:
+    store = await log.opened()
     try:
         return {r.record.seq: r for r in await store.retries("s")}
     finally:
         await store.close()
 
 
-async def test_a_death_counts_one_attempt_for_exactly_the_calls_in_flight(
-    tmp_path: Path,
-) -> None:
-    lane = await _lane(await _dying_log(tmp_path))
+async def test_a_death_counts_one_attempt_for_exactly_the_calls_in_flight(log: Log) -> None:
+    lane = await _lane(await _dying_log(log))
     assert sorted(lane) == [2, 3]  # 4 was done already; 5 had not started
     assert lane[2].attempt == 2
     assert lane[3].attempt == 3
@@ -88,24 +128,22 @@ async def test_a_death_counts_one_attempt_for_exactly_the_calls_in_flight(
 
 
 async def test_a_journal_is_charged_once_even_if_the_process_dies_again_at_once(
-    tmp_path: Path,
+    log: Log,
 ) -> None:
-    dead = await _dying_log(tmp_path)
-    old_journal = (tmp_path / "dead.db-calls").read_bytes()
+    dead = await _dying_log(log)
+    old_journal = dead.journal.read_bytes()
     first = await _lane(dead)
     # The process died again right after the charge committed, before the new
     # journal replaced the old one: the next open finds the old journal again.
-    (tmp_path / "dead.db-calls").write_bytes(old_journal)
+    dead.journal.write_bytes(old_journal)
     second = await _lane(dead)
     assert {s: r.attempt for s, r in second.items()} == {s: r.attempt for s, r in first.items()}
 
 
 async def test_calls_that_ended_are_not_charged_and_a_clean_close_leaves_nothing(
-    tmp_path: Path,
+    log: Log,
 ) -> None:
-    path = tmp_path / "log.db"
-    store = SQLiteStorage(path)
-    await store.open()
+    store = await log.opened()
     await store.commit(
         WriteBatch(appends=_records(2), subscriptions=[SubscriptionInfo("s", ("t",), 0, 0.0)])
     )
@@ -113,15 +151,15 @@ async def test_calls_that_ended_are_not_charged_and_a_clean_close_leaves_nothing
     slots.started(0, [1, 2])
     slots.ended(0)
     await store.close()
-    _, inflight = read_journal(f"{path}-calls") or (0, {})
+    _, inflight = read_journal(str(log.journal)) or (0, {})
     assert inflight == {}
-    assert await _lane(path) == {}
+    assert await _lane(log) == {}
 
 
 @pytest.mark.parametrize("damage", ["empty", "foreign", "truncated"])
-async def test_a_damaged_journal_is_ignored(tmp_path: Path, damage: str) -> None:
-    dead = await _dying_log(tmp_path)
-    journal = tmp_path / "dead.db-calls"
+async def test_a_damaged_journal_is_ignored(log: Log, damage: str) -> None:
+    dead = await _dying_log(log)
+    journal = dead.journal
     data = journal.read_bytes()
     journal.write_bytes(
         {"empty": b"", "foreign": b"not a journal" * 100, "truncated": data[: len(data) // 2]}[
@@ -151,7 +189,7 @@ async def test_attempts_marked_running_by_an_earlier_version_count_as_deaths(
         (first.id,),
     )
     conn.close()
-    lane = await _lane(path)
+    lane = await _lane(Log("sqlite", tmp_path))
     assert (lane[1].attempt, lane[1].error_type, lane[1].running) == (3, PROCESS_DIED, False)
 
 

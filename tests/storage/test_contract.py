@@ -13,6 +13,7 @@ from storage import (
     DeadRecord,
     MemoryStorage,
     NewRecord,
+    PostgresStorage,
     Record,
     RetryRecord,
     SQLiteStorage,
@@ -22,6 +23,7 @@ from storage import (
     WorkflowRecord,
     WriteBatch,
 )
+from tests import postgres
 
 pytestmark = pytest.mark.anyio
 
@@ -38,11 +40,21 @@ def rec(i: int, topic: str = "t", ikey: str | None = None, created_at: float | N
     )
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+def make_log(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    """A new, empty log of ``backend`` (``"postgres"``: in a fresh schema)."""
+    if backend == "memory":
+        return MemoryStorage()
+    if backend == "sqlite":
+        return SQLiteStorage(tmp_path / "log.db")
+    return PostgresStorage(request.getfixturevalue("pg_url"))
+
+
+BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
 async def log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
-    store: Storage = (
-        MemoryStorage() if request.param == "memory" else SQLiteStorage(tmp_path / "log.db")
-    )
+    store = make_log(request.param, request, tmp_path)
     await store.open()
     try:
         yield store
@@ -133,14 +145,16 @@ async def test_stats_count_lag_per_subscription(log: Storage) -> None:
     assert stats.events == 9
 
 
-async def test_sqlite_head_survives_compacting_everything(tmp_path: Path) -> None:
-    path = tmp_path / "log.db"
-    store = SQLiteStorage(path)
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+async def test_the_head_survives_compacting_everything(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    store = make_log(backend, request, tmp_path)
     await store.open()
     await store.commit(WriteBatch(appends=[rec(i, created_at=0.0) for i in range(3)]))
     await store.compact(upto=3, older_than=time.time(), idempotency_older_than=0)
     await store.close()
-    again = SQLiteStorage(path)
+    again = make_log(backend, request, tmp_path)  # the same log again
     await again.open()
     try:
         assert again.head == 3
@@ -204,6 +218,10 @@ async def test_a_retry_removed_without_settling_is_unaccounted(log: Storage) -> 
 async def _forget_retry(log: Storage, sub: str, seq: int) -> None:
     if isinstance(log, MemoryStorage):
         del log._retries[(sub, seq)]
+        return
+    if isinstance(log, PostgresStorage):
+        sql = "DELETE FROM retries WHERE subscription = $1 AND seq = $2"
+        await postgres.execute(log.target.schema, sql, sub, seq)
         return
     assert isinstance(log, SQLiteStorage)
     conn = log._conn("w")

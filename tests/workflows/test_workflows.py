@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import anyio
 import msgspec
@@ -39,7 +38,7 @@ class Reservation(msgspec.Struct):
     slot: int
 
 
-async def test_steps_run_once_and_the_result_is_typed(log_path: Path) -> None:
+async def test_steps_run_once_and_the_result_is_typed(log_url: str) -> None:
     ran: Counter[str] = Counter()
 
     async def reserve(order: Order) -> Reservation:
@@ -51,7 +50,7 @@ async def test_steps_run_once_and_the_result_is_typed(log_path: Path) -> None:
         assert current_step().idempotency_key == idempotency_key
         return f"charged {r.order} slot {r.slot} key {idempotency_key}"
 
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
 
         @bus.workflow("fulfil")
         async def fulfil(wf: Workflow, order: Order) -> str:
@@ -73,7 +72,7 @@ async def test_steps_run_once_and_the_result_is_typed(log_path: Path) -> None:
     assert ran == {"reserve": 1, "charge": 1}
 
 
-async def test_a_resumed_run_replays_only_unfinished_steps(log_path: Path) -> None:
+async def test_a_resumed_run_replays_only_unfinished_steps(log_url: str) -> None:
     ran: Counter[str] = Counter()
     gate = anyio.Event()
     b_started = anyio.Event()
@@ -93,14 +92,14 @@ async def test_a_resumed_run_replays_only_unfinished_steps(log_path: Path) -> No
         b = await wf.step("b", step_b)
         return x + a + b
 
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
         bus.workflow("flow")(flow)
         await bus.start_workflow("flow", 10, workflow_id="w")
         with anyio.fail_after(10):
             await b_started.wait()
     assert ran == {"a": 1, "b": 1}
     gate.set()
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
         bus.workflow("flow")(flow)  # resumes by itself
         handle = await bus.get_workflow("w")
         assert await handle.result(timeout=10) == 13
@@ -114,7 +113,7 @@ async def test_a_resumed_run_replays_only_unfinished_steps(log_path: Path) -> No
     assert status.runs == 2
 
 
-async def test_a_step_is_retried_then_its_failure_can_be_compensated(log_path: Path) -> None:
+async def test_a_step_is_retried_then_its_failure_can_be_compensated(log_url: str) -> None:
     calls: list[str] = []
 
     async def flaky() -> str:
@@ -131,7 +130,7 @@ async def test_a_step_is_retried_then_its_failure_can_be_compensated(log_path: P
         calls.append("refund")
         return "refunded"
 
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
 
         @bus.workflow("saga")
         async def saga(wf: Workflow, _: None) -> list[str]:
@@ -159,7 +158,7 @@ async def test_a_step_is_retried_then_its_failure_can_be_compensated(log_path: P
     ]
 
 
-async def test_a_failed_run_is_dead_lettered_and_redrive_resumes_it(log_path: Path) -> None:
+async def test_a_failed_run_is_dead_lettered_and_redrive_resumes_it(log_url: str) -> None:
     broken = True
     ran: Counter[str] = Counter()
 
@@ -173,7 +172,7 @@ async def test_a_failed_run_is_dead_lettered_and_redrive_resumes_it(log_path: Pa
             raise RuntimeError("inventory service down")
         return 2
 
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
 
         @bus.workflow("two")
         async def two(wf: Workflow, _: None) -> int:
@@ -194,7 +193,7 @@ async def test_a_failed_run_is_dead_lettered_and_redrive_resumes_it(log_path: Pa
     assert ran == {"first": 1, "second": 4}
 
 
-async def test_changed_code_fails_with_a_clear_error(log_path: Path) -> None:
+async def test_changed_code_fails_with_a_clear_error(log_url: str) -> None:
     gate = anyio.Event()
     started = anyio.Event()
 
@@ -204,7 +203,7 @@ async def test_changed_code_fails_with_a_clear_error(log_path: Path) -> None:
             await gate.wait()
         return name
 
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
 
         @bus.workflow("v")
         async def v1(wf: Workflow, _: None) -> str:
@@ -214,7 +213,7 @@ async def test_changed_code_fails_with_a_clear_error(log_path: Path) -> None:
         await bus.start_workflow("v", workflow_id="r")
         with anyio.fail_after(10):
             await started.wait()
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
 
         @bus.workflow("v")
         async def v2(wf: Workflow, _: None) -> str:
@@ -230,7 +229,7 @@ async def test_changed_code_fails_with_a_clear_error(log_path: Path) -> None:
 
 
 async def test_a_replay_that_ends_before_its_checkpoints_fails_naming_them(
-    log_path: Path,
+    log_url: str,
 ) -> None:
     gate = anyio.Event()
     started = anyio.Event()
@@ -241,7 +240,7 @@ async def test_a_replay_that_ends_before_its_checkpoints_fails_naming_them(
             await gate.wait()
         return name
 
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
 
         @bus.workflow("v")
         async def v1(wf: Workflow, _: None) -> str:
@@ -251,7 +250,7 @@ async def test_a_replay_that_ends_before_its_checkpoints_fails_naming_them(
         await bus.start_workflow("v", workflow_id="r")
         with anyio.fail_after(10):
             await started.wait()
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
 
         @bus.workflow("v")
         async def v2(wf: Workflow, _: None) -> str:
@@ -264,7 +263,7 @@ async def test_a_replay_that_ends_before_its_checkpoints_fails_naming_them(
     assert status.error_type.endswith("WorkflowIncompatible")
 
 
-async def test_gather_runs_steps_concurrently_and_replays_them(log_path: Path) -> None:
+async def test_gather_runs_steps_concurrently_and_replays_them(log_url: str) -> None:
     running = 0
     peak = 0
     both = anyio.Event()
@@ -280,7 +279,7 @@ async def test_gather_runs_steps_concurrently_and_replays_them(log_path: Path) -
         running -= 1
         return i * 10
 
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
 
         @bus.workflow("fan")
         async def fan(wf: Workflow, n: int) -> list[int]:
@@ -291,12 +290,12 @@ async def test_gather_runs_steps_concurrently_and_replays_them(log_path: Path) -
     assert peak == 2
 
 
-async def test_durable_sleep_survives_a_restart(log_path: Path) -> None:
+async def test_durable_sleep_survives_a_restart(log_url: str) -> None:
     async def flow(wf: Workflow, _: None) -> str:
         await wf.sleep(0.3)
         return "woke"
 
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
         bus.workflow("nap")(flow)
         checkpointed = anyio.Event()
         commit = bus._workflows._commit
@@ -312,7 +311,7 @@ async def test_durable_sleep_survives_a_restart(log_path: Path) -> None:
         with anyio.fail_after(10):
             await checkpointed.wait()
         (before,) = (await (await bus.get_workflow("n")).status()).steps
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
         bus.workflow("nap")(flow)
         handle = await bus.get_workflow("n")
         assert await handle.result(timeout=10) == "woke"
@@ -323,14 +322,14 @@ async def test_durable_sleep_survives_a_restart(log_path: Path) -> None:
     assert before.status == "done"
 
 
-async def test_cancel_stops_a_run(log_path: Path) -> None:
+async def test_cancel_stops_a_run(log_url: str) -> None:
     started = anyio.Event()
 
     async def forever() -> None:
         started.set()
         await anyio.sleep_forever()
 
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
 
         @bus.workflow("stuck")
         async def stuck(wf: Workflow, _: None) -> None:
@@ -346,14 +345,14 @@ async def test_cancel_stops_a_run(log_path: Path) -> None:
         assert (await handle.status()).status == "cancelled"
 
 
-async def test_a_subscription_starts_one_run_per_event(log_path: Path) -> None:
+async def test_a_subscription_starts_one_run_per_event(log_url: str) -> None:
     ran: Counter[str] = Counter()
 
     async def ship(order_id: str) -> str:
         ran[order_id] += 1
         return f"shipped {order_id}"
 
-    async with Bus.open(log_path) as bus:
+    async with Bus.open(log_url) as bus:
 
         @bus.workflow("ship")
         async def flow(wf: Workflow, order_id: str) -> str:
