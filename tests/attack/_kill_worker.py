@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 
 from eventbus import (
@@ -81,16 +82,23 @@ def fold(state: object, event: Event[dict[str, int]], name: str) -> dict[str, in
 
 async def consume(path: Path) -> None:
     rng = random.Random()
+    running: Counter[str] = Counter()
     async with Bus.open(path, config=CONFIG) as bus:
 
         @bus.subscribe("orders", name="acc", retry=PATIENT, breaker=None, concurrency=4)
         async def acc(event: Event[dict[str, int]], ctx: Context) -> None:
             key = event.key or "?"
-            ctx.state.set(key, fold(await ctx.state.get(key), event, "acc"))
-            await ctx.publish("acc-out", {"src": event.id}, key=key)
-            if rng.random() < 0.3:
-                await asyncio.sleep(0.001)
-            say(f"a {event.seq}")
+            running[key] += 1
+            if running[key] > 1:
+                say(f"overlap acc key={key}: {running[key]} calls at once")
+            try:
+                ctx.state.set(key, fold(await ctx.state.get(key), event, "acc"))
+                await ctx.publish("acc-out", {"src": event.id}, key=key)
+                if rng.random() < 0.3:
+                    await asyncio.sleep(0.001)
+                say(f"a {event.seq}")
+            finally:
+                running[key] -= 1
 
         @bus.subscribe(
             "orders",

@@ -44,9 +44,13 @@ class Books:
     # what the handlers saw, in every run: an event of a key called while an earlier
     # event of its key was not yet folded into the key's state
     seen_out_of_order: list[str]
+    # two calls of one key running at once, as the handler saw it
+    overlaps: list[str]
 
 
-async def _read_books(path: Path, kills: int, seen_out_of_order: list[str]) -> Books:
+async def _read_books(
+    path: Path, kills: int, seen_out_of_order: list[str], overlaps: list[str]
+) -> Books:
     orders: list[tuple[str, str, int, int]] = []
     outbox: dict[str, Counter[str]] = {"acc": Counter(), "agg": Counter()}
     async with Bus.open(path, config=CONFIG) as bus:
@@ -71,7 +75,7 @@ async def _read_books(path: Path, kills: int, seen_out_of_order: list[str]) -> B
         dead = await bus.dead_letters.count()
         report = await bus.reconcile(repair=False)
         lost = {s.name: s.lost for s in report.subscriptions if s.lost}  # type: ignore[attr-defined]
-    return Books(orders, outbox, state, dead, lost, kills, seen_out_of_order)  # type: ignore[arg-type]
+    return Books(orders, outbox, state, dead, lost, kills, seen_out_of_order, overlaps)  # type: ignore[arg-type]
 
 
 def _kill_round(path: Path, seed: int) -> Books:
@@ -84,6 +88,7 @@ def _kill_round(path: Path, seed: int) -> Books:
     rng = random.Random(seed)
     kills = 0
     out_of_order: list[str] = []
+    overlaps: list[str] = []
     for run in range(KILLS):
         worker = Worker("consume", str(path))
         lines = worker.wait_for(_count_to(rng.randint(1, 300)), timeout=120)
@@ -95,14 +100,16 @@ def _kill_round(path: Path, seed: int) -> Books:
             kills += 1
         lines += worker.rest()
         out_of_order += [f"run {run}: {line}" for line in lines if "out-of-order" in line]
+        overlaps += [f"run {run}: {line}" for line in lines if line.startswith("overlap")]
         if lines[-1] == "drained":
             assert worker.finish(timeout=30) == 0, worker.stderr
             break
     final = Worker("consume", str(path))
     lines = final.wait_for(lambda line: line == "drained", timeout=300)
     out_of_order += [f"final run: {line}" for line in lines if "out-of-order" in line]
+    overlaps += [f"final run: {line}" for line in lines if line.startswith("overlap")]
     assert final.finish(timeout=60) == 0, final.stderr
-    return asyncio.run(_read_books(path, kills, out_of_order))
+    return asyncio.run(_read_books(path, kills, out_of_order, overlaps))
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +189,13 @@ def test_events_of_one_key_keep_publish_order_across_kill_9(rounds: list[Books])
         for name in ("acc", "agg"):
             got = {k: (v["last"], v["bad"]) for k, v in books.state[name].items()}
             assert got == want, f"round {n}, subscription {name}: (last index, out of order)"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_events_of_one_key_never_run_at_once_across_kill_9(rounds: list[Books]) -> None:
+    seen = [f"round {n}, {line}" for n, b in enumerate(rounds) for line in b.overlaps]
+    assert seen == [], "\n".join(seen)
 
 
 @pytest.mark.slow
@@ -312,3 +326,45 @@ def test_a_death_does_not_blame_an_event_waiting_in_the_retry_lane_nor_those_par
     assert dead == 0
     assert [(i, a) for k, i, a in seen if k == "K"] == [(0, 2), (1, 1), (2, 1), (3, 1)]
     assert [(i, a) for k, i, a in seen if k == "X"] == [(0, 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_suspects_of_a_death_run_again_one_at_a_time_alone(tmp_path: Path) -> None:
+    # README: "The suspects run again one at a time, alone (nothing else in flight), so
+    # the culprit is found". Four calls hang when the process dies, with a deep backlog
+    # behind them; on the next open every call records what else was running.
+    path = tmp_path / "log.db"
+    worker = Worker("blame", str(path), str(BACKLOG), "4", "event", str(BLOCK_FROM), "3")
+    suspects: set[int] = set()
+    while len(suspects) < 4:
+        line = worker.wait_for(lambda line: line.startswith("start"), timeout=60)[-1]
+        suspects.add(int(line.split()[1]))
+    worker.kill()
+
+    async def reopen() -> tuple[list[str], set[int]]:
+        running: set[int] = set()
+        crowded: list[str] = []
+        ran: set[int] = set()
+        async with Bus.open(path, config=CONFIG) as bus:
+            retry = RetryPolicy(max_attempts=3)
+
+            @bus.subscribe("jobs", name="victim", retry=retry, breaker=None, concurrency=4)
+            async def victim(event: Event[dict[str, int]], ctx: Context) -> None:
+                running.add(event.seq)
+                others = running - {event.seq}
+                if others and (event.seq in suspects or others & suspects):
+                    crowded.append(f"{event.seq} started beside {sorted(others)}")
+                try:
+                    await asyncio.sleep(0.002)
+                finally:
+                    running.discard(event.seq)
+                if event.seq in suspects:
+                    ran.add(event.seq)
+
+            await bus.drain(timeout=120)
+        return crowded, ran
+
+    crowded, ran = asyncio.run(reopen())
+    assert ran == suspects
+    assert crowded == [], f"suspects {sorted(suspects)}: " + "; ".join(crowded[:10])
