@@ -48,7 +48,7 @@ from ._metrics import (
 )
 from ._run import run
 from .dispatch import Context, State, StateReader
-from .failures import DeadLetter, DeadLetterPage, DeadLetters
+from .failures import DeadLetter, DeadLettered, DeadLetterPage, DeadLetters
 from .reconcile import ReconcileReport, ReconcilerResult, Repairs, SubscriptionReport
 from .workflows import (
     StepFailed,
@@ -78,6 +78,7 @@ __all__ = [
     "CorruptLog",
     "DeadLetter",
     "DeadLetterPage",
+    "DeadLettered",
     "DeadLetters",
     "DrainTimeout",
     "Event",

@@ -49,7 +49,7 @@ from .dispatch import (
     warn_of_replay,
 )
 from .failures import CONTROL_DECODER as _CONTROL
-from .failures import DeadLetters
+from .failures import DeadLettered, DeadLetters
 from .publish import EventEncoder, LogWriter, RecentEvents
 from .reconcile import R, Reconciler, ReconcileReport
 from .workflows import WorkflowEngine, WorkflowFunction, WorkflowHandle
@@ -94,6 +94,9 @@ class Bus:
         self._oldest = 1  # the first seq still in the log when it was opened
         # Whoever waits for progress (drain, reconciliation): woken at the next change.
         self._progress_waiters: list[asyncio.Future[None]] = []
+        # Dead letters committed since open or the last drain(raise_failures=True).
+        self._failures: list[tuple[_storage.DeadRecord, BaseException | None]] = []
+        self._failure_count = 0
         self._tg: anyio.abc.TaskGroup | None = None
         self._maintenance_scope = anyio.CancelScope()
         self._writer_done = anyio.Event()
@@ -641,6 +644,7 @@ class Bus:
             encode=self._encode,
             clock=self._clock,
             on_progress=self._notify_progress,
+            on_dead=self._dead_lettered,
             register=_SubInfo(name, tuple(sorted(topics)), cursor, self._clock.wall()),
         )
         assert self._tg is not None
@@ -769,7 +773,16 @@ class Bus:
 
     # -- waiting and looking --------------------------------------------------------
 
-    async def drain(self, timeout: float | None = 30.0, *, workflows: bool = False) -> None:
+    def _dead_lettered(
+        self, dead: list[_storage.DeadRecord], errors: list[BaseException | None]
+    ) -> None:
+        self._failure_count += len(dead)
+        room = max(0, 100 - len(self._failures))
+        self._failures.extend(zip(dead[:room], errors[:room], strict=True))
+
+    async def drain(
+        self, timeout: float | None = 30.0, *, workflows: bool = False, raise_failures: bool = False
+    ) -> None:
         """Wait until every event committed so far is finished (handled and
         acknowledged, or dead-lettered) by every subscription of this bus, including
         events waiting in retry lanes, and outbox events those publish meanwhile.
@@ -777,10 +790,15 @@ class Bus:
         Workflow runs are not waited for (a run may sleep durably for days) unless
         ``workflows`` is true: then also until no run executes in this process.
 
+        With ``raise_failures`` (for tests), events dead-lettered since the bus opened
+        or the last such drain make it raise :class:`DeadLettered` once drained, with
+        the first failure's error and traceback, instead of passing silently.
+
         Raises:
             DrainTimeout: ``timeout`` seconds passed first; it names each
                 subscription behind and what it still holds (backlog, calls in
                 flight, retries waiting and why, events parked behind a retry).
+            DeadLettered: ``raise_failures`` and events were dead-lettered.
 
         Cancellation: safe; nothing changes.
         """
@@ -795,6 +813,8 @@ class Bus:
                             if workflows and not self._workflows.idle():
                                 await self._workflows.wait_idle()
                                 continue
+                            if raise_failures and self._failure_count:
+                                self._raise_failures()
                             return
                         continue
                     await self._wait_for_progress()
@@ -806,6 +826,14 @@ class Bus:
                 {s.name: s.finished_upto() for s in behind},
                 {s.name: _describe(s, head) for s in behind},
             ) from None
+
+    def _raise_failures(self) -> None:
+        count, failures = self._failure_count, self._failures
+        self._failure_count, self._failures = 0, []
+        # The first failure's own exception is the cause, with its traceback.
+        raise DeadLettered(count, [self.dead_letters.letter(d) for d, _ in failures]) from (
+            failures[0][1]
+        )
 
     def _lagging(self, target: int) -> list[Subscription]:
         return [s for s in self._subs.values() if s.finished_upto() < target or not s.settled()]

@@ -188,6 +188,9 @@ class RetryPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class BreakerPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """When a subscription stops taking new events because they keep failing.
 
+    The ratio counts first attempts (and probes): retries of an event that keeps
+    failing do not count.
+
     Attributes:
         failure_ratio: Failures / calls over ``window`` that open the breaker.
         min_calls: Calls in the window before the ratio counts.

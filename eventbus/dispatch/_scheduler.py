@@ -343,6 +343,8 @@ class Scheduler:
             if breaker.probing:
                 if self.in_flight[MAIN] or self.in_flight[RETRY]:
                     return None
+                if lane == RETRY and self.buffered:
+                    return None  # a fresh event probes: a retry's failure says less
                 probe, limit = True, 1
         call = self._next_main(limit) if lane == MAIN else self._next_retry(now)
         if call is not None:
@@ -512,7 +514,7 @@ class Scheduler:
         (returns True when dead-lettered). ``final``: no attempt can ever succeed (the
         event does not decode): dead-letter it at once."""
         self._now = now
-        self._record(call, 0, 1, now)
+        self._record(call, call.ok, 1, now)
         decision = decide(self.retry_policy, entry.attempt, error, entry.delay, self._rng)
         if final or isinstance(decision, GiveUp):
             entry.state = GONE
@@ -593,8 +595,13 @@ class Scheduler:
             self.main_changed = self.retry_changed = True
 
     def _record(self, call: Call, ok: int, failed: int, now: float) -> None:
+        """Tell the breaker how events fared. Only first attempts (and probes) count:
+        retries of an event that keeps failing say nothing new about the dependency,
+        and would open the breaker on a mix of a few poison events and healthy
+        traffic."""
         breaker = self.breaker
-        if breaker is None or not (ok or failed):
+        if breaker is None or not (ok or failed) or (call.lane == RETRY and not call.probe):
+            call.ok = 0
             return
         was = breaker.state
         breaker.record(ok, failed, now)

@@ -35,6 +35,7 @@ import storage as _storage
 from backpressure import BatchSample
 from storage import (
     PROCESS_DIED,
+    DeadRecord,
     NoCallSlots,
     Record,
     RetryRecord,
@@ -110,6 +111,7 @@ class Subscription:
         clock: Clock,
         on_progress: Callable[[], None],
         register: SubscriptionInfo,
+        on_dead: Callable[[list[DeadRecord], list[BaseException | None]], None] | None = None,
     ) -> None:
         self.name = name
         self.topics = topics
@@ -135,6 +137,8 @@ class Subscription:
         self.stats = SubscriptionRecorder()
         self._writes = PendingWrites(name, clock, writer, self.state_cache, self.stats, cursor)
         self._writes.on_committed = on_progress
+        if on_dead is not None:
+            self._writes.on_dead = on_dead
         self._sched = Scheduler(
             retry=retry,
             ordered=ordered,

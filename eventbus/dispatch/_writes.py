@@ -86,6 +86,11 @@ class PendingWrites:
         self._notified = False
         self._committing = 0  # batches taken by the writer, not yet committed
         self.on_committed: typing.Callable[[], None] = lambda: None
+        # Told of dead letters once committed, with the errors that caused them.
+        self.on_dead: typing.Callable[[list[DeadRecord], list[BaseException | None]], None] = (
+            lambda dead, errors: None
+        )
+        self._errors: dict[int, BaseException] = {}  # of dead letters not committed yet
 
     @property
     def clean(self) -> bool:
@@ -141,6 +146,8 @@ class PendingWrites:
         else:
             dead = dead_record(self.name, record, entry.attempt, error, entry.first_failed)
         self._dead.append(dead)
+        if error is not None:
+            self._errors[entry.seq] = error
         if not entry.fresh:
             self._retries.pop(entry.seq, None)
             self._settled.append((self.name, entry.seq))
@@ -195,6 +202,9 @@ class PendingWrites:
         cursor = batch.acks.get(self.name)
         if cursor is not None and cursor > self.acked:
             self.acked = cursor
+        if batch.dead:
+            errors = self._errors
+            self.on_dead(batch.dead, [errors.pop(d.record.seq, None) for d in batch.dead])
         self.on_committed()
 
     def commit_failed(self, batch: WriteBatch) -> None:

@@ -7,6 +7,7 @@ from ._dead_letters import (
     CONTROL_ENCODER,
     ControlCommand,
     DeadLetter,
+    DeadLettered,
     DeadLetterPage,
     DeadLetters,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "ControlCommand",
     "DeadLetter",
     "DeadLetterPage",
+    "DeadLettered",
     "DeadLetters",
     "backoff_delay",
     "dead_record",

@@ -13,7 +13,7 @@ import msgspec
 import storage as _storage
 from storage import DeadRecord, Record, RetryRecord
 
-from .._errors import translate_storage_error
+from .._errors import BusError, translate_storage_error
 from .._event import Event
 
 
@@ -61,6 +61,29 @@ class DeadLetterPage(builtins.list[DeadLetter]):
         return f"DeadLetterPage({super().__repr__()}, total={self.total}, more={self.more})"
 
 
+class DeadLettered(BusError):
+    """``drain(raise_failures=True)`` found events dead-lettered (for tests, where a
+    failing handler must not pass silently). Its ``__cause__`` is the first one's own
+    exception, when this process raised it.
+
+    Attributes:
+        count: How many were dead-lettered since the bus opened or the last such drain.
+        dead_letters: The first of them (up to 100), the first failure first.
+    """
+
+    def __init__(self, count: int, dead_letters: builtins.list[DeadLetter]) -> None:
+        self.count = count
+        self.dead_letters = dead_letters
+        first = dead_letters[0]
+        super().__init__(
+            f"{count} events were dead-lettered; the first: subscription "
+            f"{first.subscription!r}, event {first.event.id} (seq {first.event.seq}) after "
+            f"{first.attempts} attempts, {first.error_type}: {first.error_message}. Each is in "
+            "bus.dead_letters; fix the handler and redrive them. Its traceback:\n"
+            f"{first.traceback}"
+        )
+
+
 class ControlCommand(msgspec.Struct, frozen=True, tag=True):
     """A command queued in the log file for the bus that owns it (dead letters:
     redrive, purge; subscriptions: drop)."""
@@ -91,6 +114,10 @@ class DeadLetters:
         self._lock = write_lock
         self._on_redriven = on_redriven
         self._rate = rate
+
+    def letter(self, dead: DeadRecord) -> DeadLetter:
+        """The :class:`DeadLetter` of a stored dead letter (its event decoded)."""
+        return self._convert(dead)
 
     def _convert(self, dead: DeadRecord) -> DeadLetter:
         try:
