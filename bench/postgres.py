@@ -45,7 +45,7 @@ import eventbus
 from eventbus import Bus, BusConfig, Context, Event
 from storage import PostgresStorage
 
-DEFAULT_URL = os.environ.get("EVENTBUS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+DEFAULT_URL = os.environ.get("TESTS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 PUBLISHERS = 64
 TOPIC = "orders"
 

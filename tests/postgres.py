@@ -1,8 +1,8 @@
 """A PostgreSQL server for the tests: one fresh schema per test, dropped afterwards.
 
-The server is ``$EVENTBUS_TEST_POSTGRES`` (default: the local one, which ``make
+The server is ``$TESTS_POSTGRES_URL`` (default: the local one, which ``make
 test`` starts with ``pg_ctlcluster`` when PostgreSQL is installed). Where none can
-be reached, PostgreSQL tests skip, saying why; with ``EVENTBUS_REQUIRE_POSTGRES=1``
+be reached, PostgreSQL tests skip, saying why; with ``TESTS_REQUIRE_POSTGRES=1``
 (set by ``.ci/run`` where PostgreSQL is installed) they fail instead.
 """
 
@@ -24,7 +24,7 @@ from storage import Storage
 
 T = TypeVar("T")
 
-SERVER = os.environ.get("EVENTBUS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+SERVER = os.environ.get("TESTS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def run_aside(coro: Coroutine[Any, Any, T]) -> T:
@@ -73,9 +73,9 @@ def require_server() -> None:
     message = (
         f"no PostgreSQL server at {SERVER} ({problem}). `make test` starts the local one "
         "with pg_ctlcluster when PostgreSQL is installed; or point "
-        "EVENTBUS_TEST_POSTGRES at a server"
+        "TESTS_POSTGRES_URL at a server"
     )
-    if os.environ.get("EVENTBUS_REQUIRE_POSTGRES"):
+    if os.environ.get("TESTS_REQUIRE_POSTGRES"):
         pytest.fail(message)
     pytest.skip(message)
 

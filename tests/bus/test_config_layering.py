@@ -3,6 +3,7 @@ changes over both."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,8 @@ def test_the_environment_overrides_the_file_key_by_key(toml: Path) -> None:
 
 def test_load_reads_either_source_alone(toml: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert BusConfig.load(toml, environ={}) == BusConfig.from_toml(toml)
+    for name in [n for n in os.environ if n.upper().startswith("EVENTBUS_")]:
+        monkeypatch.delenv(name)  # the outer environment is not this test's layer
     monkeypatch.setenv("EVENTBUS_CHANNEL_CAPACITY", "128")
     assert BusConfig.load().channel_capacity == 128  # os.environ by default
     assert BusConfig.load(toml).channel_capacity == 128
