@@ -34,6 +34,7 @@ FLOORS: dict[str, int] = {
     "eventbus.dispatch": 3,
     "eventbus.workflows": 3,
     "eventbus.reconcile": 4,
+    "eventbus._hooks": 4,
     # the facade
     "eventbus._reconciliation": 5,
     "eventbus._unclaimed": 5,
@@ -43,6 +44,9 @@ FLOORS: dict[str, int] = {
     "eventbus.operators": 7,
     "eventbus.cli": 7,
     "eventbus.chaos": 8,
+    # optional exporters, imported only when used
+    "eventbus.prometheus": 8,
+    "eventbus.otel": 8,
     "eventbus": 9,
     "eventbus.__main__": 9,
 }
