@@ -28,6 +28,7 @@ FLOORS: dict[str, int] = {
     "eventbus._stopping": 1,
     "eventbus._effect_log": 2,
     "eventbus._run": 2,
+    "eventbus._export": 2,
     # subsystems
     "eventbus.publish": 2,
     "eventbus.failures": 2,

@@ -145,7 +145,8 @@ async def test_a_failing_before_publish_hook_fails_that_publish_and_writes_nothi
         with pytest.raises(HookFailed) as raised:
             await bus.publish("orders", "bad")
         assert isinstance(raised.value.__cause__, PermissionError)
-        assert "refuse" in str(raised.value) and "orders" in str(raised.value)
+        assert "refuse" in str(raised.value)
+        assert "orders" in str(raised.value)
         assert raised.value.topic == "orders"
         with pytest.raises(HookFailed):
             bus.publish_nowait("orders", "bad")
@@ -195,7 +196,8 @@ async def test_a_failing_after_publish_hook_is_logged_and_the_publish_stands(
         assert receipt.seq == 1
         assert bus.metrics().head == 1
     (record,) = [r for r in caplog.records if r.name == "eventbus.hooks"]
-    assert "broken" in record.getMessage() and "stands" in record.getMessage()
+    assert "broken" in record.getMessage()
+    assert "stands" in record.getMessage()
     assert record.exc_info is not None
 
 
@@ -238,7 +240,7 @@ async def test_around_call_sees_the_subscription_events_attempts_and_outcome() -
     audit_calls = [c for c in hook.calls if c[0] == "audit"]
     first_attempts = [seq for _, seqs, attempt, _ in audit_calls if attempt == 1 for seq in seqs]
     assert first_attempts == [1, 2, 3]  # in batches, as the controller sized them
-    assert ([3], 2, None) == audit_calls[-1][1:]
+    assert audit_calls[-1][1:] == ([3], 2, None)
 
 
 async def test_around_call_reports_events_a_batch_handler_failed_one_by_one() -> None:
