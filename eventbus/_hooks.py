@@ -478,15 +478,20 @@ class Hooks:
 T = TypeVar("T")
 
 
+def _nest(
+    factories: tuple[Callable[[T], AbstractAsyncContextManager[object]], ...], arg: T
+) -> AbstractAsyncContextManager[object]:
+    """``factory(arg)`` for each factory, nested, the first outermost (one hook's
+    own context manager as it is: no layer around it)."""
+    if len(factories) == 1:
+        return factories[0](arg)
+    return _stack(factories, arg)
+
+
 @contextlib.asynccontextmanager
-async def _nest(
+async def _stack(
     factories: tuple[Callable[[T], AbstractAsyncContextManager[object]], ...], arg: T
 ) -> AsyncIterator[None]:
-    """Enter ``factory(arg)`` for each factory, the first outermost."""
-    if len(factories) == 1:
-        async with factories[0](arg):
-            yield
-        return
     async with contextlib.AsyncExitStack() as stack:
         for factory in factories:
             await stack.enter_async_context(factory(arg))
