@@ -295,8 +295,8 @@ class Hooks:
     def _register(self, kind: str, fn: F) -> F:
         if not callable(fn):
             raise HookError(f"@bus.hooks.{kind} decorates a function, got {fn!r}")
-        if any(owner is fn for owner, _, _ in self._entries):
-            raise HookError(f"{_hook_name(fn)} is already registered on this bus")
+        if any(owner is fn and k == kind for owner, k, _ in self._entries):
+            raise HookError(f"{_hook_name(fn)} is already registered as {kind} on this bus")
         self._entries.append((fn, kind, fn))
         self._changed()
         return fn
