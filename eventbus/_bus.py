@@ -78,6 +78,13 @@ class Bus:
     Publishing appends to a write-ahead log (group-committed); every subscription
     receives every event of its topics in log order, in batches, and acknowledges
     them in the same transaction as its outbox publishes.
+
+    Attributes:
+        config: The bus's settings.
+        dead_letters: Inspect, redrive and purge dead letters (:class:`DeadLetters`).
+        effects: Results of outside effects recorded by :func:`eventbus.idempotent`.
+        hooks: The hooks run around publishes, handler calls and workflow runs
+            (:class:`Hooks`).
     """
 
     def __init__(self, log: _storage.Storage, config: BusConfig, clock: Clock) -> None:
@@ -424,6 +431,7 @@ class Bus:
                 never encoded much past the limit).
             BusClosed: The bus is closed or closed before the commit.
             StorageError: The log failed to commit (nothing written).
+            HookFailed: A ``before_publish`` hook raised (nothing written).
 
         Cancellation: if cancelled while waiting for room, nothing is written; if
         cancelled while waiting for the commit, the event may still be committed
@@ -480,8 +488,8 @@ class Bus:
 
         Raises:
             BusFull: ``max_pending_publishes`` events are already waiting.
-            InvalidEvent, PayloadError, EventTooLarge, BusClosed: as for
-                :meth:`publish`; nothing is queued.
+            InvalidEvent, PayloadError, EventTooLarge, BusClosed, HookFailed: as
+                for :meth:`publish`; nothing is queued.
         """
         self._check_open()
         if self._publish_hooks:
@@ -527,6 +535,8 @@ class Bus:
 
         Raises:
             InvalidEvent, PayloadError, EventTooLarge: One message is bad; nothing
+                is written.
+            HookFailed: A ``before_publish`` hook raised for one message; nothing
                 is written.
             BusClosed, StorageError: As for :meth:`publish`.
 
