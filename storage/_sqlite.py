@@ -70,6 +70,7 @@ _CHECKPOINT_EVERY_BYTES = 32 * 1024 * 1024
 # What SQLite's automatic checkpoint would do (every ~1,000 pages), done by
 # _checkpoint_if_due on the connection's thread rather than inside a commit.
 _PASSIVE_CHECKPOINT_BYTES = 4 * 1024 * 1024
+_PAGE_BYTES = 4096
 # The largest transaction commit_now runs on the loop's thread (rows written): about
 # 20 us a row there, so a larger one costs the loop more than the thread hop would.
 _INLINE_MAX_ROWS = 16
@@ -518,6 +519,8 @@ class SQLiteStorage:
 
     def _committed(self, new_head: int, nbytes: int) -> None:
         self._head = new_head
+        # The WAL grows by whole pages: a commit adds at least one, however small.
+        nbytes += _PAGE_BYTES
         self._bytes_since_checkpoint += nbytes
         self._bytes_since_passive += nbytes
 
