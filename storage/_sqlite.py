@@ -493,7 +493,8 @@ class SQLiteStorage:
         the hop to the connection's thread, which costs more than a small commit.
 
         None, with nothing written, when it must go through :meth:`commit` instead: a
-        large batch (it would hold the loop), the connection's thread busy (a commit
+        large batch (it would hold the loop), ``durability="full"`` (its fsync would
+        hold the loop for milliseconds), the connection's thread busy (a commit
         or maintenance in flight), a checkpoint due, the write lock held by another
         connection (the thread waits for it; the loop must not), or ``commit``
         overridden (a subclass injecting faults sees every commit).
@@ -502,6 +503,7 @@ class SQLiteStorage:
         if (
             conn is None
             or self.read_only
+            or self.durability == "full"  # an fsync per commit: never on the loop
             or not conn.idle
             or self._bytes_since_passive >= _PASSIVE_CHECKPOINT_BYTES
             or not plain_commit(self, SQLiteStorage)

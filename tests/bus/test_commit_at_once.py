@@ -147,3 +147,13 @@ async def test_the_wal_stays_bounded_without_automatic_checkpoints(tmp_path: Pat
             await bus.publish("t", payload)
         wal = os.stat(f"{path}-wal").st_size
     assert wal < 12 * 1024 * 1024, wal
+
+
+async def test_full_durability_never_fsyncs_on_the_loop(tmp_path: Path) -> None:
+    log = SQLiteStorage(tmp_path / "app.db", durability="full")
+    await log.open()
+    try:
+        assert log.commit_now(WriteBatch(appends=[record(1)])) is None
+        assert [r.seq for r in await log.commit(WriteBatch(appends=[record(1)]))] == [1]
+    finally:
+        await log.close()
