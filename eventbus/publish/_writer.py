@@ -272,8 +272,12 @@ class LogWriter:
         ):
             return None
         taken: list[_Taken] = [(record, None)]
-        sourced = self._take_sources()
-        batch = self._batch(taken, [], sourced)
+        if self._dirty:
+            sourced = self._take_sources()
+            batch = self._batch(taken, [], sourced)
+        else:
+            sourced = []
+            batch = WriteBatch(appends=[record])
         started = time.monotonic()
         try:
             receipts = self._log.commit_now(batch)
