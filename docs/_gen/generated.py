@@ -157,7 +157,7 @@ def config_reference() -> str:
     from eventbus import BusConfig
 
     rows = config_fields()
-    classes = {"": BusConfig}
+    classes: dict[str, type] = {"": BusConfig}
     for table, key, field, _ in rows:
         if not table:
             nested = _is_policy(field.type)
@@ -203,8 +203,8 @@ def _subcommands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentP
     """``parser`` and every subcommand's parser under it, depth first. argparse has
     no public way to walk its subparsers: its actions list is the only map."""
     yield parser
-    for action in parser._actions:  # noqa: SLF001 - see above
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 yield from _subcommands(sub)
 
@@ -212,9 +212,9 @@ def _subcommands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentP
 def _help_of(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Each subcommand's one-line help, by its full ``prog``."""
     found: dict[str, str] = {}
-    for action in parser._actions:  # noqa: SLF001 - see _subcommands
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
-            for choice in action._choices_actions:  # noqa: SLF001
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
                 found[f"{parser.prog} {choice.dest}"] = choice.help or ""
     return found
 
@@ -246,10 +246,7 @@ def cli_commands() -> list[tuple[str, str, str]]:
             helps.update(_help_of(p))
         out = []
         for p in parsers:
-            groups = any(
-                isinstance(a, argparse._SubParsersAction)  # noqa: SLF001
-                for a in p._actions  # noqa: SLF001
-            )
+            groups = any(isinstance(a, argparse._SubParsersAction) for a in p._actions)
             if p is root or not groups:
                 out.append((p.prog, helps.get(p.prog, ""), p.format_help()))
     return out
@@ -303,7 +300,9 @@ def bench_results(directory: Path = RESULTS) -> str:
         if path.suffix == ".md":
             body = path.read_text(encoding="utf-8")
             # Their headings sit below this section's.
-            body = re.sub(r"^(#{1,4}) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", body, 0, re.M)
+            body = re.sub(
+                r"^(#{1,4}) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", body, flags=re.M
+            )
             parts.append(f"### `{path.name}`\n\n{body.strip()}\n")
         else:
             others.append(f"- `bench/results/{path.name}`")
