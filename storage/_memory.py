@@ -22,6 +22,7 @@ from ._types import (
     Unaccounted,
     WorkflowRecord,
     WriteBatch,
+    plain_commit,
 )
 
 
@@ -91,6 +92,16 @@ class MemoryStorage:
             raise StorageClosed("the in-memory log is closed")
 
     async def commit(self, batch: WriteBatch) -> list[Receipt]:
+        return self._apply(batch)
+
+    def commit_now(self, batch: WriteBatch) -> list[Receipt] | None:
+        """Commit ``batch`` at once (there is no I/O); None, with nothing written,
+        when a subclass overrides :meth:`commit` (it must see every commit)."""
+        if not plain_commit(self, MemoryStorage):
+            return None
+        return self._apply(batch)
+
+    def _apply(self, batch: WriteBatch) -> list[Receipt]:
         self._check_open()
         receipts: list[Receipt] = []
         now = time.time()
@@ -119,6 +130,20 @@ class MemoryStorage:
         self._head = seq
         for ikey, receipt in fresh_keys.items():
             self._idempotency[ikey] = (receipt, now)
+        if not (
+            batch.acks
+            or batch.subscriptions
+            or batch.retries
+            or batch.settled
+            or batch.dead
+            or batch.state
+            or batch.effects
+            or batch.done
+            or batch.workflow_starts
+            or batch.workflows
+            or batch.steps
+        ):
+            return receipts  # appends only
         prev = {name: (s.cursor if (s := self._subs.get(name)) else 0) for name in batch.acks}
         for info in batch.subscriptions:
             old = self._subs.get(info.name)
