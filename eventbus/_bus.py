@@ -437,7 +437,8 @@ class Bus:
         cancelled while waiting for the commit, the event may still be committed
         (use an idempotency key to publish again safely).
         """
-        self._check_open()
+        if self._closing:
+            raise BusClosed("the bus is closed")
         if self._publish_hooks:
             return await self._publish_hooked(topic, payload, key, headers, idempotency_key)
         record = self._events.encode(

@@ -15,8 +15,10 @@
   under their thresholds, 503 otherwise, with the numbers either way.
 
 One process per log: a SQLite log has one owner, so ``uvicorn --workers 4`` makes
-the second worker fail at startup with ``LogLocked``. Run one worker per log file,
-or use the PostgreSQL backend (``APP_DB=postgresql://...``) for several processes.
+every worker after the first fail at startup with ``LogLocked``. Run one worker per
+log. Several processes on one log is the PostgreSQL backend's part
+(``APP_DB=postgresql://...``), which keeps one owner per schema for now: sharing one
+schema among processes is its next step.
 """
 
 from __future__ import annotations

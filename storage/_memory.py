@@ -76,6 +76,7 @@ class MemoryStorage:
         self._workflow_num = 0
         self._steps: dict[str, dict[int, StepRecord]] = {}
         self._closed = False
+        self._plain = False  # set by open(): see commit_now
 
     @property
     def head(self) -> int:
@@ -83,6 +84,7 @@ class MemoryStorage:
 
     async def open(self) -> None:
         self._closed = False
+        self._plain = plain_commit(self, MemoryStorage)
 
     async def close(self) -> None:
         self._closed = True
@@ -97,7 +99,7 @@ class MemoryStorage:
     def commit_now(self, batch: WriteBatch) -> list[Receipt] | None:
         """Commit ``batch`` at once (there is no I/O); None, with nothing written,
         when a subclass overrides :meth:`commit` (it must see every commit)."""
-        if not plain_commit(self, MemoryStorage):
+        if not self._plain:
             return None
         return self._apply(batch)
 

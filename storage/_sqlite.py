@@ -70,6 +70,7 @@ _CHECKPOINT_EVERY_BYTES = 32 * 1024 * 1024
 # What SQLite's automatic checkpoint would do (every ~1,000 pages), done by
 # _checkpoint_if_due on the connection's thread rather than inside a commit.
 _PASSIVE_CHECKPOINT_BYTES = 4 * 1024 * 1024
+_PAGE_BYTES = 4096
 # The largest transaction commit_now runs on the loop's thread (rows written): about
 # 20 us a row there, so a larger one costs the loop more than the thread hop would.
 _INLINE_MAX_ROWS = 16
@@ -492,7 +493,8 @@ class SQLiteStorage:
         the hop to the connection's thread, which costs more than a small commit.
 
         None, with nothing written, when it must go through :meth:`commit` instead: a
-        large batch (it would hold the loop), the connection's thread busy (a commit
+        large batch (it would hold the loop), ``durability="full"`` (its fsync would
+        hold the loop for milliseconds), the connection's thread busy (a commit
         or maintenance in flight), a checkpoint due, the write lock held by another
         connection (the thread waits for it; the loop must not), or ``commit``
         overridden (a subclass injecting faults sees every commit).
@@ -501,6 +503,7 @@ class SQLiteStorage:
         if (
             conn is None
             or self.read_only
+            or self.durability == "full"  # an fsync per commit: never on the loop
             or not conn.idle
             or self._bytes_since_passive >= _PASSIVE_CHECKPOINT_BYTES
             or not plain_commit(self, SQLiteStorage)
@@ -518,6 +521,8 @@ class SQLiteStorage:
 
     def _committed(self, new_head: int, nbytes: int) -> None:
         self._head = new_head
+        # The WAL grows by whole pages: a commit adds at least one, however small.
+        nbytes += _PAGE_BYTES
         self._bytes_since_checkpoint += nbytes
         self._bytes_since_passive += nbytes
 

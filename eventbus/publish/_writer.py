@@ -62,8 +62,8 @@ class Source(Protocol):
 # A publish whose event is larger than this is never committed at once on the
 # loop's thread (_commit_at_once): writing it would hold the loop too long.
 _AT_ONCE_BYTES = 64 * 1024
-# How many publishes one task may commit at once in one turn of the event loop
-# before it yields to the loop.
+# How many publishes a task publishing alone commits at once in one turn of the
+# event loop before it yields to the loop.
 _BURST = 32
 
 # What one group commit may take before the controller lets fewer publishes into the
@@ -118,8 +118,14 @@ class LogWriter:
         self._cycle_waiters: list[asyncio.Future[None]] = []
         self._busy = False
         self._closed = False
-        self._burst = 0  # publishes committed at once in this turn of the loop
-        self._burst_task: asyncio.Task[object] | None = None
+        # The publishing tasks of this turn of the loop (see submit): the first, and
+        # whether any other published too; whether the last turn had one alone; how
+        # many publishes this turn committed at once.
+        self._turn_task: asyncio.Task[object] | None = None
+        self._crowded = False
+        self._solo = True
+        self._burst = 0
+        self._waiting = 0  # publishes awaiting a commit of the writer task
         # Held around every storage transaction, so maintenance (compaction) never
         # interleaves its statements with a group commit on the same connection.
         self.lock = asyncio.Lock()
@@ -177,21 +183,34 @@ class LogWriter:
     async def submit(self, record: NewRecord) -> Receipt:
         """Append one event: at once when it can (:meth:`_commit_at_once`), else
         queue it, waiting for room, and wait for its commit."""
-        receipt = self._commit_at_once(record)
-        if receipt is not None:
-            self._burst += 1
-            if self._burst == 1:
-                asyncio.get_running_loop().call_soon(self._end_burst)
-            elif self._burst >= _BURST:
-                # Let the loop run (subscriptions take what was committed): a
-                # producer that never waits must not hold it for long.
-                await asyncio.sleep(0)
-            return receipt
+        # Who publishes decides how to commit: a task publishing alone commits at
+        # once; many tasks share a group commit. Alone means: no other publish is
+        # waiting for a commit, no other task published in this turn of the loop,
+        # and none but one did in the last turn that had publishes.
+        task = asyncio.current_task()
+        if self._turn_task is None:
+            self._turn_task = task
+            asyncio.get_running_loop().call_soon(self._end_turn)
+        elif task is not self._turn_task:
+            self._crowded = True
+        if self._solo and not self._crowded and not self._waiting:
+            receipt = self._commit_at_once(record)
+            if receipt is not None:
+                self._burst += 1
+                if self._burst >= _BURST:
+                    # Let the loop run (subscriptions take what was committed): a
+                    # producer that never waits must not hold it for long.
+                    await asyncio.sleep(0)
+                return receipt
         if self._pending >= self._max_pending:
             await self.wait_for_space()
         fut = self.submit_nowait(record, want_receipt=True)
         assert fut is not None
-        result = await fut
+        self._waiting += 1
+        try:
+            result = await fut
+        finally:
+            self._waiting -= 1
         assert isinstance(result, Receipt)
         return result
 
@@ -206,7 +225,11 @@ class LogWriter:
         if self._pending >= self._max_pending:
             self._space.clear()
         self._wake.set()
-        result = await fut
+        self._waiting += 1
+        try:
+            result = await fut
+        finally:
+            self._waiting -= 1
         assert isinstance(result, list)
         return result
 
@@ -230,9 +253,9 @@ class LogWriter:
         maintenance holding the lock. It saves the round trip through the writer
         task, the largest cost of a publish that a producer awaits alone.
 
-        Within one turn of the event loop, only the first task to publish, and then
-        that task again, commit this way: publishes of other tasks in the same turn
-        queue, so that many concurrent publishers still share one group commit.
+        Only for a task publishing alone (:meth:`submit` decides): when several
+        tasks publish in one turn of the event loop, they queue, so that they
+        still share one group commit.
 
         None (nothing written; the caller queues the record) when it cannot, or when
         the commit failed: the writer then commits it the usual way, with its
@@ -248,13 +271,13 @@ class LogWriter:
             or len(record.payload) > _AT_ONCE_BYTES
         ):
             return None
-        task = asyncio.current_task()
-        if self._burst and task is not self._burst_task:
-            return None
-        self._burst_task = task
         taken: list[_Taken] = [(record, None)]
-        sourced = self._take_sources()
-        batch = self._batch(taken, [], sourced)
+        if self._dirty:
+            sourced = self._take_sources()
+            batch = self._batch(taken, [], sourced)
+        else:
+            sourced = []
+            batch = WriteBatch(appends=[record])
         started = time.monotonic()
         try:
             receipts = self._log.commit_now(batch)
@@ -268,9 +291,13 @@ class LogWriter:
         self._done(batch, taken, [], [], sourced, receipts, started, time.monotonic(), inline=True)
         return receipts[0]
 
-    def _end_burst(self) -> None:
+    def _end_turn(self) -> None:
+        """The loop turned: the next turn commits at once only if this one had a
+        single publishing task."""
+        self._solo = not self._crowded
+        self._crowded = False
+        self._turn_task = None
         self._burst = 0
-        self._burst_task = None
 
     def notify(self, source: Source) -> None:
         """``source`` has writes pending: take them in the next cycle."""
