@@ -50,8 +50,11 @@ def _check_types(struct: msgspec.Struct, prefix: str) -> None:
         # convert() also builds a Struct from a dict and a tuple from a list, but the
         # Struct keeps what it was given: only the value itself passes (or an int for
         # a float). A tuple's items are checked by the Struct, which names the bad one.
+        # A Literal's choice comes back as the Literal's own string, not the one given
+        # (read from a file or argv): an equal string is the value itself.
         if not (
             converted is value
+            or (isinstance(value, str) and converted == value)
             or (isinstance(value, int) and isinstance(converted, float))
             or (isinstance(value, tuple) and typing.get_origin(field.type) is tuple)
         ):

@@ -123,3 +123,15 @@ def test_constructors_accept_an_int_for_a_float_and_none_where_allowed() -> None
     assert BusConfig(retention=10).retention == 10
     assert BusConfig(breaker=None).breaker is None
     assert RetryPolicy(timeout=None, retry_on=(ValueError,)).retry_on == (ValueError,)
+
+
+def test_a_choice_built_at_run_time_is_accepted() -> None:
+    # Regression: a string equal to one of a Literal's choices but not the very same
+    # object (read from argv, the environment or a file, or built by joining) was
+    # refused as "expected one of 'normal', ..., got str 'normal'".
+    durability = "".join(["nor", "mal"])
+    mode = "".join(["fix", "ed"])
+    assert BusConfig(durability=durability).durability == "normal"
+    assert BatchPolicy(mode=mode).mode == "fixed"
+    with pytest.raises(ConfigError, match="one of 'normal'"):
+        BusConfig(durability="".join(["nor", "mel"]))
