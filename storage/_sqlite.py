@@ -52,6 +52,7 @@ from ._types import (
     Unaccounted,
     WorkflowRecord,
     WriteBatch,
+    batch_bytes,
     batch_rows,
     plain_commit,
 )
@@ -74,6 +75,9 @@ _PAGE_BYTES = 4096
 # The largest transaction commit_now runs on the loop's thread (rows written): about
 # 20 us a row there, so a larger one costs the loop more than the thread hop would.
 _INLINE_MAX_ROWS = 16
+# And in bytes of values: a 1 MB event takes 4-5 ms to write, sixteen of them 110 ms,
+# all of it time the loop would stand still.
+_INLINE_MAX_BYTES = 64 * 1024
 # The first wait between tries of a commit that SQLite refused as busy before
 # busy_timeout ran out (as it does while another connection recovers or checkpoints).
 _BUSY_FIRST_DELAY = 0.01
@@ -493,9 +497,11 @@ class SQLiteStorage:
         the hop to the connection's thread, which costs more than a small commit.
 
         None, with nothing written, when it must go through :meth:`commit` instead: a
-        large batch (it would hold the loop), ``durability="full"`` (its fsync would
-        hold the loop for milliseconds), the connection's thread busy (a commit
-        or maintenance in flight), a checkpoint due, the write lock held by another
+        large batch, in rows or in bytes (it would hold the loop),
+        ``durability="full"`` (its fsync would hold the loop for milliseconds), the
+        connection's thread busy (a commit or maintenance in flight), a checkpoint due
+        (passive, or the truncating one ``checkpoint_bytes`` asks for), the write lock
+        held by another
         connection (the thread waits for it; the loop must not), or ``commit``
         overridden (a subclass injecting faults sees every commit).
         """
@@ -506,8 +512,10 @@ class SQLiteStorage:
             or self.durability == "full"  # an fsync per commit: never on the loop
             or not conn.idle
             or self._bytes_since_passive >= _PASSIVE_CHECKPOINT_BYTES
+            or self._bytes_since_checkpoint >= self.checkpoint_bytes
             or not plain_commit(self, SQLiteStorage)
             or batch_rows(batch) > _INLINE_MAX_ROWS
+            or batch_bytes(batch) > _INLINE_MAX_BYTES
         ):
             return None
         try:

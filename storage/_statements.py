@@ -24,6 +24,7 @@ from ._types import (
     Unaccounted,
     WorkflowRecord,
     WriteBatch,
+    side_bytes,
 )
 
 EVENT_COLUMNS = "seq, id, topic, key, payload, headers, created_at"
@@ -357,7 +358,9 @@ def write_batch(
         receipts = [Receipt(first + i, r.id) for i, r in enumerate(appends)]
         seq = head + len(appends)
         nbytes = sum(len(r.payload) for r in appends)
-    nbytes += 64 * len(appends)
+    # The WAL grows by these too (a 32 KB state value as much as a 32 KB event), and
+    # its growth decides when to checkpoint.
+    nbytes += 64 * len(appends) + side_bytes(batch)
     prev: dict[str, int] = {}
     for name in batch.acks:
         row = conn.execute("SELECT cursor FROM subscriptions WHERE name = ?", (name,)).fetchone()

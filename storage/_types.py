@@ -261,6 +261,42 @@ def batch_rows(batch: WriteBatch) -> int:
     )
 
 
+def batch_bytes(batch: WriteBatch) -> int:
+    """About how many bytes of values ``batch`` writes: its events' payloads and
+    headers, and :func:`side_bytes`."""
+    n = side_bytes(batch)
+    for r in batch.appends:
+        n += len(r.payload) if r.headers is None else len(r.payload) + len(r.headers)
+    return n
+
+
+def side_bytes(batch: WriteBatch) -> int:
+    """About how many bytes of values ``batch`` writes beside its events: state
+    values, effect results, the copies of events entering the retry lane or the dead
+    letters (with their tracebacks), workflow inputs and outputs. Rows of a few
+    numbers (acknowledgements, ledger ranges) count as nothing here."""
+    n = 0
+    if batch.state:
+        n += sum(len(value) for _, _, value in batch.state if value is not None)
+    if batch.effects:
+        n += sum(len(result) for _, result in batch.effects)
+    if batch.retries:
+        n += sum(len(r.record.payload) + len(r.traceback) for r in batch.retries)
+    if batch.dead:
+        n += sum(len(d.record.payload) + len(d.traceback) for d in batch.dead)
+    if batch.workflow_starts:
+        n += sum(_run_bytes(w) for w in batch.workflow_starts)
+    if batch.workflows:
+        n += sum(_run_bytes(w) for w in batch.workflows)
+    if batch.steps:
+        n += sum(len(st.output or b"") for st in batch.steps)
+    return n
+
+
+def _run_bytes(run: WorkflowRecord) -> int:
+    return len(run.input) + len(run.output or b"") + len(run.traceback)
+
+
 def plain_commit(storage: object, cls: type) -> bool:
     """Whether ``storage.commit`` is ``cls.commit`` itself: neither overridden by a
     subclass nor replaced on the instance (as tests that inject faults do). Only then

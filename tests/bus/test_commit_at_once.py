@@ -195,3 +195,62 @@ async def test_a_failed_commit_at_once_falls_back_and_loses_no_acknowledgement()
         view = bus.state("s")
         assert (await view.get("1"), await view.get("2")) == (1, 1)
         assert (await bus.stats()).lag == {"s": 0}
+
+
+async def test_a_large_batch_is_never_written_on_the_loops_thread(tmp_path: Path) -> None:
+    """A few rows can still be megabytes (events up to max_event_bytes, a large
+    ``ctx.state`` value): written on the loop's thread, sixteen 1 MB events held it
+    for over 100 ms. Such a batch goes to the connection's thread."""
+    log = SQLiteStorage(tmp_path / "app.db")
+    await log.open()
+    try:
+        big = b"x" * (1024 * 1024)
+        assert log.commit_now(WriteBatch(appends=[record(1, big)])) is None
+        many = WriteBatch(appends=[record(i, b"x" * 20_000) for i in range(1, 17)])
+        assert log.commit_now(many) is None
+        state = WriteBatch(state=[("s", "k", big)])
+        assert log.commit_now(state) is None
+        assert log.head == 0  # nothing was written
+        (receipt,) = log.commit_now(WriteBatch(appends=[record(1, b"x" * 1000)])) or []
+        assert receipt.seq == 1
+        assert [r.seq for r in await log.commit(many)] == list(range(2, 18))
+    finally:
+        await log.close()
+
+
+async def test_large_state_values_do_not_let_the_wal_grow(tmp_path: Path) -> None:
+    """The checkpoint on the connection's thread comes after about as much WAL as
+    SQLite's automatic one would (4 MB), whatever a commit writes: counting only the
+    appended events, acknowledgements carrying 32 KB state values grew it past 13 MB
+    here (past 60 MB with 60 KB values); 2 MB now."""
+    path = tmp_path / "app.db"
+    value = "v" * 32_000
+    async with Bus.open(path, config=BusConfig(reconcile_interval=0)) as bus:
+
+        @bus.subscribe("t", name="s")
+        async def handle(event: Event[dict[str, int]], ctx: Context) -> None:
+            ctx.state.set(str(event.payload["i"] % 10), value)
+
+        largest = 0
+        for i in range(1200):
+            await bus.publish("t", {"i": i})
+            if i % 20 == 0:
+                largest = max(largest, os.stat(f"{path}-wal").st_size)
+        await bus.drain(timeout=10)
+    assert largest < 8 * 1024 * 1024, largest
+
+
+async def test_a_small_checkpoint_bytes_bounds_the_wal_of_a_lone_producer(
+    tmp_path: Path,
+) -> None:
+    """``SQLiteStorage(checkpoint_bytes=...)`` truncates the WAL after that much, also
+    when every publish commits at once (those used to wait for the 4 MB passive
+    checkpoint before the truncating one could run)."""
+    path = tmp_path / "app.db"
+    log = SQLiteStorage(path, checkpoint_bytes=256 * 1024)
+    largest = 0
+    async with Bus.open(":memory:", storage=log) as bus:
+        for i in range(1500):
+            await bus.publish("t", {"i": i, "pad": "x" * 1000})
+            largest = max(largest, os.stat(f"{path}-wal").st_size)
+    assert largest < 1024 * 1024, largest
