@@ -11,6 +11,11 @@ blame PATH EVENTS CONCURRENCY KIND BLOCK_FROM [MAX_ATTEMPTS]
     RetryPolicy(max_attempts=MAX_ATTEMPTS, 1 by default): calls for events with
     seq < BLOCK_FROM return at once, the others block forever. Prints `done SEQ...`
     and `start SEQ...` lines (`start SEQ attempt=N` for the per-event handler).
+lone PATH FIRST
+    One task publishes orders one at a time (each committed at once on the loop's
+    thread), from order FIRST on, idempotently, while a subscription keeps a count
+    per key in its state and publishes a receipt per order through the outbox.
+    Prints `ok SEQ ID` once each publish returned.
 lane PATH
     K#0 fails its first attempt (retry in 0.5 s) with K#1..K#3 behind it; once that
     failure is recorded, X is published, and its call blocks forever. Prints
@@ -188,6 +193,26 @@ async def lane(path: Path) -> None:
         await forever.wait()
 
 
+async def lone(path: Path, first: int) -> None:
+    async with Bus.open(path, config=CONFIG) as bus:
+
+        @bus.subscribe("orders", name="count")
+        async def count(event: Event[dict[str, int]], ctx: Context) -> None:
+            key = event.key or "?"
+            done = await ctx.state.get(key, 0)
+            assert isinstance(done, int)
+            ctx.state.set(key, done + 1)
+            await ctx.publish("receipts", {"order": event.payload["i"]}, key=key)
+
+        n = first
+        while True:
+            receipt = await bus.publish(
+                "orders", {"i": n}, key=f"c{n % 5}", idempotency_key=f"order-{n}"
+            )
+            say(f"ok {receipt.seq} {receipt.id}")
+            n += 1
+
+
 def main() -> None:
     mode, path = sys.argv[1], Path(sys.argv[2])
     args = sys.argv[3:]
@@ -198,6 +223,8 @@ def main() -> None:
     elif mode == "blame":
         attempts = int(args[4]) if len(args) > 4 else 1
         asyncio.run(blame(path, int(args[0]), int(args[1]), args[2], int(args[3]), attempts))
+    elif mode == "lone":
+        asyncio.run(lone(path, int(args[0])))
     elif mode == "lane":
         asyncio.run(lane(path))
     else:
