@@ -27,6 +27,7 @@ FLOORS: dict[str, int] = {
     "eventbus._logging": 1,
     "eventbus._stopping": 1,
     "eventbus._effect_log": 2,
+    "eventbus._payloads": 2,
     "eventbus._run": 2,
     # subsystems
     "eventbus.publish": 2,
