@@ -44,6 +44,7 @@ FLOORS: dict[str, int] = {
     "eventbus.operators": 7,
     "eventbus.cli": 7,
     "eventbus.chaos": 8,
+    "eventbus.testing": 8,
     "eventbus": 9,
     "eventbus.__main__": 9,
 }
