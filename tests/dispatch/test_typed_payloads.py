@@ -26,7 +26,9 @@ from eventbus import (
 )
 from eventbus.dispatch._handler import handler_payload_type
 from eventbus.failures import GiveUp, decide
+from eventbus.testing import Faults
 from storage import MemoryStorage, NewRecord, WriteBatch
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -244,20 +246,49 @@ async def test_a_type_that_cannot_be_found_or_decoded_is_refused_at_subscribe() 
         assert bus.subscription_names == frozenset()
 
 
-@pytest.mark.virtual_clock
-async def test_a_typed_event_that_fails_in_its_handler_is_retried_typed() -> None:
+async def test_a_typed_event_that_fails_in_its_handler_is_retried_typed(
+    bus: Bus, faults: Faults
+) -> None:
+    """On the test kit's bus (eventbus.testing), whose faults fail the handler."""
     attempts: list[tuple[int, int, Order]] = []
-    async with Bus.open(":memory:") as bus:
 
-        @bus.subscribe("orders", retry=RetryPolicy(initial_delay=1.0, jitter="none"))
-        async def charge(event: Event[Order], ctx: Context) -> None:
-            attempts.append((event.attempt, ctx.attempt, event.payload))
-            if event.attempt < 3:
-                raise Flaky("the payments API is down")
+    @bus.subscribe("orders", name="charge", retry=RetryPolicy(initial_delay=1.0, jitter="none"))
+    async def charge(event: Event[Order], ctx: Context) -> None:
+        attempts.append((event.attempt, ctx.attempt, event.payload))
 
-        await bus.publish("orders", {"id": "o-1", "amount": 5})
-        await bus.drain(timeout=60, raise_failures=True)
-    assert attempts == [(n, n, Order("o-1", 5)) for n in (1, 2, 3)]
+    faults.fail("charge", times=2, exc=Flaky("the payments API is down"))
+    await bus.publish("orders", {"id": "o-1", "amount": 5})
+    await bus.drain()
+    assert attempts == [(3, 3, Order("o-1", 5))]
+    assert faults.fired("charge") == 2
+
+
+@pytest.mark.virtual_clock
+async def test_a_typed_retry_recovered_from_the_log_after_a_restart_is_decoded() -> None:
+    log = MemoryStorage()  # kept across the restart
+    retry = RetryPolicy(initial_delay=60.0, max_delay=60.0, jitter="none")
+    async with Bus.open(":memory:", storage=log) as bus:
+
+        @bus.subscribe("orders", name="s", retry=retry)
+        async def fails(event: Event[Order], ctx: Context) -> None:
+            raise Flaky("fails before the restart")
+
+        await bus.publish("orders", {"id": "o-1", "amount": 5}, key="o-1")
+        await bus.publish("orders", {"id": "o-1", "amount": "bad"}, key="o-1")  # parked
+        metrics = bus.metrics
+        await wait_until(bus, lambda: metrics().subscriptions["s"].parked == 1)
+    seen: list[tuple[Order, int]] = []
+    async with Bus.open(":memory:", storage=log) as bus:
+
+        @bus.subscribe("orders", name="s", retry=retry)
+        async def works(event: Event[Order], ctx: Context) -> None:
+            seen.append((event.payload, ctx.attempt))
+
+        await bus.drain(timeout=600)
+        (dead,) = await bus.dead_letters.list("s")
+    assert seen == [(Order("o-1", 5), 2)]
+    assert dead.attempts == 1
+    assert dead.error_type.endswith("PayloadValidationError")
 
 
 async def test_redriving_an_undecodable_event_needs_a_changed_handler() -> None:
