@@ -529,7 +529,11 @@ class Bus:
         ``async def h(events: list[Event], ctx: Context)`` (recognised by the
         ``list[...]`` annotation on its first parameter). Its shape is checked here:
         a plain ``def``, a lambda, a third required parameter or ``(ctx, event)``
-        is refused at once rather than failing every event later.
+        is refused at once rather than failing every event later. Annotated
+        ``Event[T]`` (or ``list[Event[T]]``), it receives payloads decoded as ``T``
+        (a ``msgspec.Struct``, dataclass, ``TypedDict``...); an event whose payload
+        does not decode is dead-lettered at once with
+        :class:`~eventbus.PayloadValidationError`, never retried.
 
         A subscription new to the log that starts at the earliest event logs a
         warning when more than 10,000 events (``REPLAY_WARNING``) are already in the
@@ -565,7 +569,8 @@ class Bus:
         Raises:
             SubscriptionError: The name is taken; the topic is not a name or an
                 iterable of names (or the decorator was used without parentheses);
-                the handler is not an ``async def`` taking ``(event, ctx)``.
+                the handler is not an ``async def`` taking ``(event, ctx)``; its
+                ``Event[T]`` names a type that cannot be found or decoded to.
             ConfigError: A policy is neither a policy, a dict nor None, or a dict's
                 key is unknown or its value impossible.
             BusClosed: The bus is closed.

@@ -25,3 +25,8 @@ def test_demo_accounts_for_every_event(tmp_path: Path) -> None:
     out = run_example("examples/demo.py", "--events", "3000", "--path", str(tmp_path / "d.db"))
     assert "OK: every event handled exactly once" in out
     assert "log head seq           3,000" in out
+
+
+def test_the_users_tests_example_passes_under_pytest_with_the_kit() -> None:
+    out = run_example("-m", "pytest", "examples/users_tests", "-q", "-p", "no:cacheprovider")
+    assert "4 passed" in out
