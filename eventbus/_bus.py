@@ -423,8 +423,11 @@ class Bus:
         cancelled while waiting for the commit, the event may still be committed
         (use an idempotency key to publish again safely).
         """
-        self._check_open()
-        record = self._encode(topic, payload, key, headers, idempotency_key)
+        if self._closing:
+            raise BusClosed("the bus is closed")
+        record = self._events.encode(
+            topic, payload, key, headers, idempotency_key, self._clock.wall()
+        )
         return await self._writer.submit(record)
 
     def publish_nowait(

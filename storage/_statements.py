@@ -271,8 +271,15 @@ def apply_batch(
     conn: sqlite3.Connection, batch: WriteBatch, head: int
 ) -> tuple[list[Receipt], int, int]:
     """One write transaction, run on the connection's thread: all of it or nothing."""
-    with _immediate(conn):
+    # _immediate, spelt out: this runs for every commit, often on the loop's thread.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
         result = write_batch(conn, batch, head)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
     return result
 
 
@@ -318,13 +325,19 @@ def write_batch(
     elif appends:
         # The common case, without idempotency keys: no per-record branching.
         first = head + 1
-        conn.executemany(
-            _INSERT_EVENT,
-            [
-                (first + i, r.id, r.topic, r.key, r.payload, r.headers, r.created_at)
-                for i, r in enumerate(appends)
-            ],
-        )
+        if len(appends) == 1:
+            r = appends[0]
+            conn.execute(
+                _INSERT_EVENT, (first, r.id, r.topic, r.key, r.payload, r.headers, r.created_at)
+            )
+        else:
+            conn.executemany(
+                _INSERT_EVENT,
+                [
+                    (first + i, r.id, r.topic, r.key, r.payload, r.headers, r.created_at)
+                    for i, r in enumerate(appends)
+                ],
+            )
         receipts = [Receipt(first + i, r.id) for i, r in enumerate(appends)]
         seq = head + len(appends)
         nbytes = sum(len(r.payload) for r in appends)

@@ -20,6 +20,7 @@ PACKAGES = ("eventbus", "storage", "backpressure")
 FLOORS: dict[str, int] = {
     # what every subsystem shares
     "eventbus._errors": 0,
+    "eventbus.progress": 0,
     "eventbus._config": 1,
     "eventbus._clock": 1,
     "eventbus._event": 1,

@@ -14,3 +14,27 @@ def test_the_licence_is_an_spdx_string_that_setuptools_reads_without_a_warning()
     data = tomllib.loads(PYPROJECT.read_text())
     assert data["project"]["license"] == "MIT"
     assert "setuptools>=77" in data["build-system"]["requires"]
+
+
+def test_the_licence_file_ships_and_no_classifier_contradicts_the_spdx_string() -> None:
+    data = tomllib.loads(PYPROJECT.read_text())["project"]
+    root = PYPROJECT.parent
+    assert data["license-files"] == ["LICENSE"]
+    assert (root / "LICENSE").read_text().startswith("MIT License")
+    # setuptools refuses "License ::" classifiers beside an SPDX expression.
+    assert not [c for c in data["classifiers"] if c.startswith("License ::")]
+
+
+def test_project_urls_are_real_addresses_or_absent() -> None:
+    # No invented home page: a URL is listed only once the project has one.
+    urls = tomllib.loads(PYPROJECT.read_text())["project"].get("urls", {})
+    for name, url in urls.items():
+        assert url.startswith("https://"), name
+        assert not any(fake in url for fake in ("example", "TODO", "your-", "<")), url
+
+
+def test_the_changelog_keeps_an_unreleased_section_first() -> None:
+    text = (PYPROJECT.parent / "CHANGELOG.md").read_text()
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings[0] == "## [Unreleased]"
+    assert "keepachangelog.com" in text
