@@ -235,7 +235,7 @@ def _subscribe(bus: Bus, sink: Sink, calls: CallLog, settings: Settings) -> None
         concurrency=settings.concurrency,
         ordered=settings.ordered,
     )
-    async def enrich(event: Event[dict[str, int]], ctx: Context) -> None:
+    async def enrich(event: Event[dict[str, int | bool]], ctx: Context) -> None:
         calls.start("enrich", [event], ctx)
         try:
             n = event.payload["n"]
