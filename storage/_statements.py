@@ -148,6 +148,22 @@ def _add_acked(conn: sqlite3.Connection, sub: str, lo: int, hi: int) -> None:
     conn.execute("INSERT INTO acked (subscription, lo, hi) VALUES (?, ?, ?)", (sub, lo, hi))
 
 
+def _coalesce(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """``ranges`` with those of one subscription that overlap or touch merged: calls
+    running at once finish out of order, so one commit often holds neighbours."""
+    if len(ranges) < 2:
+        return ranges
+    merged: list[tuple[str, int, int]] = []
+    for name, lo, hi in sorted(ranges):
+        if merged:
+            m_name, m_lo, m_hi = merged[-1]
+            if m_name == name and lo <= m_hi + 1:
+                merged[-1] = (name, m_lo, max(m_hi, hi))
+                continue
+        merged.append((name, lo, hi))
+    return merged
+
+
 def _ack_ranges(conn: sqlite3.Connection, sub: str, prev: int, cursor: int) -> None:
     """Record (prev, cursor] as done for ``sub``, except the events it passed to its
     retry lane or the dead letters."""
@@ -405,7 +421,7 @@ def write_batch(
     for name, cursor in batch.acks.items():
         if cursor > prev[name]:
             _ack_ranges(conn, name, prev[name], cursor)
-    for name, lo, hi in batch.done:
+    for name, lo, hi in _coalesce(batch.done):
         _add_acked(conn, name, lo, hi)
     if batch.workflow_starts:
         conn.executemany(
