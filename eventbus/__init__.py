@@ -25,6 +25,8 @@ from ._errors import (
     DrainTimeout,
     EventTooLarge,
     HandlerStuck,
+    HookError,
+    HookFailed,
     InvalidEvent,
     LogBusy,
     LogDirectoryMissing,
@@ -39,8 +41,10 @@ from ._errors import (
     UnsupportedPlatform,
 )
 from ._event import Event, Message, Receipt
+from ._hooks import HandlerCall, Hook, Hooks, Publishing
 from ._metrics import (
     BusMetrics,
+    Histogram,
     LatencySummary,
     LogMetrics,
     ReconcileMetrics,
@@ -84,7 +88,13 @@ __all__ = [
     "DrainTimeout",
     "Event",
     "EventTooLarge",
+    "HandlerCall",
     "HandlerStuck",
+    "Histogram",
+    "Hook",
+    "HookError",
+    "HookFailed",
+    "Hooks",
     "InvalidEvent",
     "LatencySummary",
     "LogBusy",
@@ -96,6 +106,7 @@ __all__ = [
     "NotALog",
     "PayloadError",
     "PayloadValidationError",
+    "Publishing",
     "Receipt",
     "ReconcileMetrics",
     "ReconcileReport",

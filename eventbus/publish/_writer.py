@@ -187,6 +187,11 @@ class LogWriter:
         # once; many tasks share a group commit. Alone means: no other publish is
         # waiting for a commit, no other task published in this turn of the loop,
         # and none but one did in the last turn that had publishes.
+        if self._burst >= _BURST:
+            # Let the loop run (subscriptions take what was committed): a producer
+            # that never waits must not hold it for long. Before this publish's
+            # commit, so that a cancellation here leaves nothing written.
+            await asyncio.sleep(0)
         task = asyncio.current_task()
         if self._turn_task is None:
             self._turn_task = task
@@ -197,10 +202,6 @@ class LogWriter:
             receipt = self._commit_at_once(record)
             if receipt is not None:
                 self._burst += 1
-                if self._burst >= _BURST:
-                    # Let the loop run (subscriptions take what was committed): a
-                    # producer that never waits must not hold it for long.
-                    await asyncio.sleep(0)
                 return receipt
         if self._pending >= self._max_pending:
             await self.wait_for_space()
@@ -281,15 +282,22 @@ class LogWriter:
         started = time.monotonic()
         try:
             receipts = self._log.commit_now(batch)
-        except COMMIT_ERRORS:
+        except BaseException as exc:
             receipts = None
+            if not isinstance(exc, COMMIT_ERRORS):
+                self._give_back(sourced)
+                raise
         if receipts is None:
-            for source, writes in sourced:
-                source.commit_failed(writes)
-                self._dirty[source] = None
+            # Nothing was written: the sources keep their writes for the writer.
+            self._give_back(sourced)
             return None
         self._done(batch, taken, [], [], sourced, receipts, started, time.monotonic(), inline=True)
         return receipts[0]
+
+    def _give_back(self, sourced: list[_Sourced]) -> None:
+        for source, writes in sourced:
+            source.commit_failed(writes)
+            self._dirty[source] = None
 
     def _end_turn(self) -> None:
         """The loop turned: the next turn commits at once only if this one had a

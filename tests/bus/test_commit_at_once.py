@@ -16,6 +16,7 @@ import pytest
 
 from eventbus import Bus, BusConfig, Context, Event
 from storage import MemoryStorage, NewRecord, Receipt, SQLiteStorage, WriteBatch
+from storage import StorageFull as LogFull
 
 pytestmark = pytest.mark.anyio
 
@@ -157,3 +158,40 @@ async def test_full_durability_never_fsyncs_on_the_loop(tmp_path: Path) -> None:
         assert [r.seq for r in await log.commit(WriteBatch(appends=[record(1)]))] == [1]
     finally:
         await log.close()
+
+
+async def test_a_failed_commit_at_once_falls_back_and_loses_no_acknowledgement() -> None:
+    """A commit made at once that fails (here: the disk full, once) writes nothing;
+    the publish goes to the writer, and the acknowledgements it had taken along
+    are committed there, not dropped."""
+
+    class FullOnce(MemoryStorage):
+        fail_next = False
+
+        def commit_now(self, batch: WriteBatch) -> list[Receipt] | None:
+            if self.fail_next:
+                self.fail_next = False
+                raise LogFull("the disk is full")
+            return super().commit_now(batch)
+
+    log = FullOnce()
+    async with Bus.open(":memory:", storage=log) as bus:
+        seen = asyncio.Event()
+
+        @bus.subscribe("t", name="s")
+        async def handle(event: Event[dict[str, int]], ctx: Context) -> None:
+            ctx.state.set(str(event.payload["n"]), 1)
+            seen.set()
+
+        await bus.drain(timeout=10)
+        await bus.publish("t", {"n": 1})
+        with anyio.fail_after(10):
+            await seen.wait()  # its acknowledgement is now pending
+        log.fail_next = True
+        receipt = await bus.publish("t", {"n": 2})
+        assert receipt.seq == 2
+        assert not log.fail_next  # the commit at once was tried, and failed
+        await bus.drain(timeout=10)
+        view = bus.state("s")
+        assert (await view.get("1"), await view.get("2")) == (1, 1)
+        assert (await bus.stats()).lag == {"s": 0}
