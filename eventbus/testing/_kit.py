@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 from storage import MemoryStorage, NewRecord, Receipt, WriteBatch
 
@@ -15,12 +15,10 @@ from .._bus import Bus
 from .._config import BusConfig
 from .._errors import BusError
 from .._event import Event
+from .._hooks import HandlerCall, Hook
 from .._payloads import payload_type
-from ..dispatch import Context, Handler, check_handler
 from ..failures import DeadLettered
 from ._faults import Faults, faults
-
-H = TypeVar("H", bound=Handler)
 
 #: How long the kit's ``drain`` waits by default, in virtual seconds: long enough
 #: for retries hours apart (the virtual clock jumps over the wait), short enough
@@ -120,19 +118,8 @@ class _RecordingLog(MemoryStorage):
 class KitBus(Bus):
     """The kit's bus: a :class:`~eventbus.Bus` (on an in-memory log) whose
     :meth:`drain` raises handlers' failures by default, and whose handlers'
-    calls :data:`~eventbus.testing.faults` can fail by subscription name."""
-
-    def subscribe(self, topic: str | Iterable[str], **options: Any) -> Callable[[H], H]:
-        """:meth:`Bus.subscribe`, with each handler call first passing the
-        subscription's fault point (``faults.fail(name, ...)`` fails it)."""
-        register = super().subscribe(topic, **options)
-
-        def decorator(handler: H) -> H:
-            check_handler(handler)  # as the bus would: the wrapper is always well-formed
-            register(_FaultPoint(handler, faults))
-            return handler
-
-        return decorator
+    calls :data:`~eventbus.testing.faults` can fail by subscription name (through
+    an ``around_call`` hook, :class:`~eventbus.Hook`)."""
 
     async def drain(
         self,
@@ -163,22 +150,19 @@ class KitBus(Bus):
             raise _own_exception(failure)
 
 
-class _FaultPoint:
-    """A handler behind the fault point named after its subscription."""
+class _FaultPoints(Hook):
+    """The kit's hook: each handler call first passes the fault point named after
+    its subscription (``faults.fail("billing")`` fails the next calls of
+    "billing"); what it raises is the call's failure, as the handler's own would be."""
 
-    def __init__(self, handler: Handler, points: Faults) -> None:
-        self.__wrapped__ = handler  # what the bus inspects: signature, annotations
+    def __init__(self, points: Faults) -> None:
         self._points = points
-        # Copied only when the handler has them: a callable object without a
-        # __name__ still needs name=, as it would without the kit.
-        for attr in ("__name__", "__qualname__", "__module__", "__doc__", "__annotations__"):
-            if hasattr(handler, attr):
-                setattr(self, attr, getattr(handler, attr))
 
-    async def __call__(self, arg: Any, ctx: Context) -> None:
-        __tracebackhide__ = True  # pytest shows the handler's frames, not this one
-        await self._points.point(ctx.subscription)
-        await self.__wrapped__(arg, ctx)
+    @contextlib.asynccontextmanager
+    async def around_call(self, call: HandlerCall) -> AsyncIterator[None]:
+        __tracebackhide__ = True  # pytest shows the test's frames, not this one
+        await self._points.point(call.subscription)
+        yield
 
 
 def _own_exception(failure: DeadLettered) -> BaseException:
@@ -247,6 +231,7 @@ async def open_kit(config: BusConfig | None = None) -> AsyncIterator[BusKit]:
             ":memory:", config=config or kit_config(), storage=_RecordingLog(recorder)
         ) as bus:
             assert isinstance(bus, KitBus)
+            bus.hooks.add(_FaultPoints(faults))
             yield BusKit(bus, recorder, faults)
     finally:
         faults.clear()
