@@ -168,7 +168,9 @@ def timed() -> Iterator[Meter]:
 
 
 class _BusCounter:
-    def __init__(self, tally: Tally, latency: list[float] | None = None, sent: list[float] | None = None) -> None:
+    def __init__(
+        self, tally: Tally, latency: list[float] | None = None, sent: list[float] | None = None
+    ) -> None:
         self.tally = tally
         self.latencies = latency
         self.sent = sent
@@ -237,7 +239,11 @@ async def eventbus_throughput(
                 await bus.drain(timeout=WAIT)
                 seconds, cpu = meter.stop()
     return Outcome(
-        seconds, cpu, tally.count, tally.total, _bus_how(memory, publishers, batch),
+        seconds,
+        cpu,
+        tally.count,
+        tally.total,
+        _bus_how(memory, publishers, batch),
         version("eventbus"),
     )
 
@@ -270,9 +276,7 @@ async def eventbus_latency(events: int, *, interval: float = 0.001) -> Outcome:
         f" {interval * 1000:g} ms, awaited; latency from just before publish() to the"
         " per-event handler's start (perf_counter)"
     )
-    return Outcome(
-        seconds, cpu, tally.count, tally.total, how, version("eventbus"), latencies
-    )
+    return Outcome(seconds, cpu, tally.count, tally.total, how, version("eventbus"), latencies)
 
 
 # -- ceilings ---------------------------------------------------------------------
@@ -425,7 +429,7 @@ def _threads(
     def consumer() -> None:
         try:
             consume()
-        except BaseException as exc:
+        except Exception as exc:  # noqa: BLE001  (raised again in the timing thread)
             failure.append(exc)
             tally.done.set()
 
