@@ -30,13 +30,18 @@ from importlib import metadata
 from typing import Any, cast
 
 import msgspec
-from _support import frozen_gc, temp_dir
+from _support import frozen_gc, load_script, temp_dir
 
 import eventbus
 from eventbus import Bus, BusConfig, Context, Event
 from storage._schema import MIGRATIONS
 
 TOPIC = "peers"
+# The SQLite peers that leave SQLite's default synchronous=FULL (persist-queue, huey,
+# DBOS) run like for like with the bus and the other peers at synchronous=NORMAL, set on
+# their connections; --peer-defaults (SYNCHRONOUS = None) leaves them at FULL, where an
+# fsync per commit bounds them (~700 commits/s on this machine, against ~15,000).
+SYNCHRONOUS: str | None = "NORMAL"
 PAD_BYTES = 100
 WAIT = 600.0  # seconds a consumer may take before the run is declared stuck
 
@@ -447,15 +452,36 @@ def _threads(
     return seconds, cpu
 
 
+PQ_CLEAR_EVERY = 100  # acks between persist-queue's clear_acked_data() calls
+
+
+def _synchronous(conn: sqlite3.Connection) -> str:
+    """Set the run's ``synchronous`` on a peer's connection; what it runs with."""
+    if SYNCHRONOUS is not None:
+        conn.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
+    ((level,),) = conn.execute("PRAGMA synchronous").fetchall()
+    ((mode,),) = conn.execute("PRAGMA journal_mode").fetchall()
+    return f"journal_mode={mode} synchronous={_LEVELS.get(level, level)}"
+
+
+_LEVELS = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+
+
+def _set_by(default: str) -> str:
+    return f"set by the bench; its default {default}" if SYNCHRONOUS else "its default"
+
+
 def persist_queue_run(events: int) -> Outcome:
     """persist-queue's ``SQLiteAckQueue`` (``multithreading=True``: a connection each for
     put and get): ``put()`` commits; the consumer thread's blocking ``get()`` marks the
-    item unacked (a commit), then ``ack()`` (another commit)."""
+    item unacked (a commit), then ``ack()`` (another commit); every ``PQ_CLEAR_EVERY``
+    acks it deletes the acked rows with ``clear_acked_data()``."""
     pq = peer("persistqueue", "persist-queue")
     items = payloads(events)
     tally = Tally(events)
     with temp_dir() as directory:
         queue = pq.SQLiteAckQueue(directory, multithreading=True, auto_commit=True)
+        settings = {_synchronous(conn) for conn in (queue._putter, queue._getter)}
         try:
 
             def produce() -> None:
@@ -469,14 +495,20 @@ def persist_queue_run(events: int) -> Outcome:
                     raw = get(block=True, raw=True)
                     tally.add(raw["data"]["amount"])
                     ack(id=raw["pqid"])
+                    if tally.count % PQ_CLEAR_EVERY == 0:
+                        # get() scans past every acked row still in the table: without
+                        # this its cost grows with the rows handled (20,000 events: 3x
+                        # slower). The call its maintainers point users to.
+                        queue.clear_acked_data(max_delete=None, keep_latest=None)
 
             seconds, cpu = _threads(produce, consume, tally)
         finally:
             queue.close()
     how = (
-        "SQLiteAckQueue(multithreading=True): WAL, synchronous=FULL (SQLite's default;"
-        " it sets none); put() returns after its commit; consumer thread get() + ack()"
-        " (a commit each); pickled payloads"
+        f"SQLiteAckQueue(multithreading=True): {', '.join(sorted(settings))}"
+        f" ({_set_by('FULL')}); put() returns after its commit; consumer thread get() +"
+        f" ack() (a commit each), clear_acked_data() every {PQ_CLEAR_EVERY} acks; pickled"
+        " payloads"
     )
     return Outcome(seconds, cpu, tally.count, tally.total, how, version("persist-queue"))
 
@@ -563,8 +595,9 @@ HUEY_MAX_DELAY = 0.01  # its --max-delay
 
 def huey_run(events: int) -> Outcome:
     """huey's ``SqliteHuey`` (WAL; ``fsync=None`` leaves SQLite's default
-    ``synchronous=FULL``): calling the task enqueues it with a commit; huey's own
-    consumer, started in this process (one worker thread), runs the task."""
+    ``synchronous=FULL``, which :data:`SYNCHRONOUS` overrides on its one shared
+    connection): calling the task enqueues it with a commit; huey's own consumer,
+    started in this process (one worker thread), runs the task."""
     huey_mod = peer("huey")
     items = payloads(events)
     tally = Tally(events)
@@ -577,6 +610,7 @@ def huey_run(events: int) -> Outcome:
             tally.add(amount)
 
         task = huey.task()(handle)
+        settings = _synchronous(huey.storage.conn)  # the one connection, shared by threads
         consumer = huey.create_consumer(
             workers=1,
             worker_type="thread",
@@ -597,7 +631,7 @@ def huey_run(events: int) -> Outcome:
         if not finished:
             raise RuntimeError(f"huey's consumer handled {tally.count} tasks in {WAIT:.0f} s")
     how = (
-        "SqliteHuey(results=False): WAL, synchronous=FULL (SQLite's default; fsync=None);"
+        f"SqliteHuey(results=False): {settings} ({_set_by('FULL, fsync=None')});"
         " calling the task enqueues it and returns after the commit; huey's consumer"
         f" in-process, 1 worker thread, --delay {HUEY_DELAY} --max-delay {HUEY_MAX_DELAY}"
     )
@@ -618,9 +652,13 @@ async def dbos_run(events: int) -> Outcome:
         path = os.path.join(directory, "dbos.sqlite")
         with contextlib.closing(sqlite3.connect(path)) as conn:
             conn.execute("PRAGMA journal_mode = WAL")  # persists in the file
+        # bench/peers_workflows.py's connection factory: sets SYNCHRONOUS on each of
+        # DBOS's connections and reads back what they run with.
+        probe = load_script("peers_workflows")._Probe(SYNCHRONOUS)
         config = {
             "name": "eventbus-peers",
             "system_database_url": f"sqlite:///{path}",
+            "db_engine_kwargs": {"connect_args": {"factory": probe.factory()}},
             "log_level": "WARNING",
         }
 
@@ -644,8 +682,9 @@ async def dbos_run(events: int) -> Outcome:
             dbos.DBOS.destroy()
     how = (
         "DBOS queue, a workflow per event: enqueue_async() returns after the workflow's"
-        f" record is committed; polling_interval_sec={DBOS_POLL}; system database SQLite"
-        " in WAL, synchronous=FULL (SQLite's default); timed until every result"
+        f" record is committed; polling_interval_sec={DBOS_POLL}; system database SQLite,"
+        f" its connections {probe.described()} ({_set_by('FULL')}); timed until every"
+        " result"
     )
     return Outcome(seconds, cpu, tally.count, tally.total, how, version("dbos"))
 

@@ -79,7 +79,7 @@ BUS_FILE = (
     " publish() returns after the group commit"
 )
 NORMAL_PUT = "SQLite, WAL, synchronous=NORMAL; put() returns after its commit"
-FULL_PUT = "SQLite, WAL, synchronous=FULL (SQLite's default); put() returns after its commit"
+FULL_PUT = "SQLite, WAL, {peer_sync}; put() returns after its commit"
 NONE = "none: in memory"
 SQLITE_CEILING = "SQLite, WAL, synchronous=NORMAL; 1,000 rows per commit"
 
@@ -92,14 +92,14 @@ SYSTEMS: tuple[System, ...] = (
         "huey",
         "huey SqliteHuey",
         ONE,
-        "SqliteHuey, WAL, synchronous=FULL (SQLite's default); enqueue returns after its commit",
+        "SqliteHuey, WAL, {peer_sync}; enqueue returns after its commit",
     ),
     System(
         "dbos",
         "DBOS Transact, SQLite",
         ONE,
-        "SQLite, WAL, synchronous=FULL (SQLite's default); enqueue_async() returns after"
-        " the workflow's record is committed",
+        "SQLite, WAL, {peer_sync}; enqueue_async() returns after the workflow's record"
+        " is committed",
         cap=DBOS_CAP,
     ),
     System("ceiling-sqlite", "ceiling: sqlite3 executemany", ONE, SQLITE_CEILING),
@@ -150,10 +150,19 @@ LATENCY_TARGETS = (("p50", 0.5), ("p99", 2.0))  # ms, eventbus-latency
 # -- the child ------------------------------------------------------------------------
 
 
-def child(name: str, events: int) -> int:
+PEER_SYNC = {
+    True: "synchronous=FULL (SQLite's default, which it keeps)",
+    False: "synchronous=NORMAL (set by the bench, like for like; its default is FULL)",
+}
+
+
+def child(name: str, events: int, *, peer_defaults: bool = False) -> int:
     """Measure one system once and print its result line (status ok, failed or
     unavailable, with the reason)."""
     import _peers_systems as ps
+
+    if peer_defaults:
+        ps.SYNCHRONOUS = None
 
     result: dict[str, object] = {"system": name, "events": events}
     try:
@@ -184,11 +193,11 @@ def check(count: int, total: int, want_count: int, want_total: int) -> dict[str,
 # -- the parent -----------------------------------------------------------------------
 
 
-def run_child(system: System, events: int) -> dict[str, Any]:
+def run_child(system: System, events: int, *, peer_defaults: bool = False) -> dict[str, Any]:
     """One measurement in a fresh process; a crash or a timeout becomes a failed result."""
     n = min(events, system.cap) if system.cap else events
     command = [sys.executable, str(Path(__file__).resolve()), "--child", system.name]
-    command += ["--events", str(n)]
+    command += ["--events", str(n)] + (["--peer-defaults"] if peer_defaults else [])
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False
@@ -214,6 +223,7 @@ def measure(
     latency_events: int,
     repeat: int,
     progress: Callable[[str], None],
+    peer_defaults: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every system once per round, rounds in turn; returns each system's runs."""
     runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in systems}
@@ -223,7 +233,7 @@ def measure(
             if done and done[0]["status"] == "unavailable":
                 continue  # not installed: once is enough
             n = latency_events if system.workload == LIGHT else events
-            result = run_child(system, n)
+            result = run_child(system, n, peer_defaults=peer_defaults)
             done.append(result)
             progress(f"round {round_no}/{repeat} {system.name}: {_brief(result)}")
     return runs
@@ -241,13 +251,15 @@ def _brief(result: dict[str, Any]) -> str:
     return text
 
 
-def summarise(system: System, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(
+    system: System, runs: list[dict[str, Any]], *, peer_defaults: bool = False
+) -> dict[str, Any]:
     """One row: medians over the runs, or why there is no number."""
     row: dict[str, Any] = {
         "system": system.name,
         "label": system.label,
         "workload": system.workload,
-        "durability": system.durability,
+        "durability": system.durability.format(peer_sync=PEER_SYNC[peer_defaults]),
     }
     bad = [r for r in runs if r["status"] != "ok"]
     ok = [r for r in runs if r["status"] == "ok"]
@@ -487,10 +499,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS, help="where peers.json/png go")
     parser.add_argument("--readme", action="store_true", help="rewrite README.md from the JSON")
     parser.add_argument("--list", action="store_true", help="list the systems and exit")
+    parser.add_argument(
+        "--peer-defaults",
+        action="store_true",
+        help="leave persist-queue, huey and DBOS at SQLite's synchronous=FULL (their"
+        " default) instead of the like-for-like NORMAL",
+    )
     parser.add_argument("--child", metavar="NAME", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        return child(args.child, args.events)
+        if args.events is None:
+            parser.error("--child needs --events")
+        return child(args.child, args.events, peer_defaults=args.peer_defaults)
     if args.list:
         for s in SYSTEMS:
             print(f"{s.name:<26} {s.workload:<14} {s.label}")
@@ -510,8 +530,9 @@ def main(argv: list[str] | None = None) -> int:
         latency_events=latency_events,
         repeat=repeat,
         progress=lambda msg: print(f"  .. {msg}", file=sys.stderr, flush=True),
+        peer_defaults=args.peer_defaults,
     )
-    rows = {s.name: summarise(s, runs[s.name]) for s in systems}
+    rows = {s.name: summarise(s, runs[s.name], peer_defaults=args.peer_defaults) for s in systems}
     for system in systems:
         row = rows[system.name]
         row["capped"] = bool(system.cap and "events" in row and row["events"] < events)
@@ -523,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         "events": events,
         "latency_events": latency_events,
         "repeat": repeat,
+        "peer_defaults": args.peer_defaults,
         "seconds": round(time.monotonic() - started, 1),
         "systems": [rows[s.name] for s in systems],
         "targets": verdicts(rows, runs),
