@@ -27,7 +27,10 @@ published: a mismatch, a crash or a timeout is reported as a failure, never as a
 a peer that is not installed is reported with the reason. With ``--repeat K`` every
 system runs once per round, rounds in turn; figures are medians, ratios the median of the
 ratios paired within a round. How each system is driven (and how durable a publish is)
-is in bench/_peers_systems.py and printed with the table.
+is in bench/_peers_systems.py and printed with the table. Every SQLite system runs in
+WAL mode at ``synchronous=NORMAL``, the bus's default: persist-queue, huey and DBOS,
+which leave SQLite's ``FULL``, get it set on their connections (``--peer-defaults``
+leaves them at ``FULL``).
 
 Results go to ``bench/results/peers.json`` and ``peers.png`` (``--output DIR``);
 ``--readme`` rewrites README.md's section between ``<!-- peers:begin -->`` and
