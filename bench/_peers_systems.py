@@ -147,7 +147,8 @@ def _cpu() -> float:
 
 class Tally:
     """The subscriber's work in every system: count the events and sum ``amount``;
-    ``done`` is set at the last one (thread-safe: sync peers consume in a thread)."""
+    ``done`` (a ``threading.Event``: sync peers count in their consumer thread) is set
+    at the last one."""
 
     def __init__(self, events: int) -> None:
         self.events = events
@@ -513,6 +514,9 @@ def persist_queue_run(events: int) -> Outcome:
     return Outcome(seconds, cpu, tally.count, tally.total, how, version("persist-queue"))
 
 
+LOCK_TIMEOUT = 60.0  # seconds litequeue's connections wait for SQLite's lock
+
+
 def litequeue_run(events: int) -> Outcome:
     """litequeue's ``LiteQueue`` (it sets WAL and ``synchronous=NORMAL``): ``put()`` of
     a JSON string commits (autocommit); a consumer thread with its own ``LiteQueue`` on
@@ -522,8 +526,12 @@ def litequeue_run(events: int) -> Outcome:
     tally = Tally(events)
     with temp_dir() as directory:
         path = os.path.join(directory, "litequeue.db")
-        producer_q = lq.LiteQueue(path)
-        consumer_q = lq.LiteQueue(path)
+        # Its connections wait for SQLite's lock at most 5 s (sqlite3's default): with a
+        # backlog the consumer's pop() holds it long enough, often enough, that the
+        # producer's put() gave up ("database is locked"); the constructor passes its
+        # keyword arguments to sqlite3.connect.
+        producer_q = lq.LiteQueue(path, timeout=LOCK_TIMEOUT)
+        consumer_q = lq.LiteQueue(path, timeout=LOCK_TIMEOUT)
         try:
 
             def produce() -> None:
@@ -548,7 +556,7 @@ def litequeue_run(events: int) -> Outcome:
     how = (
         "LiteQueue: WAL, synchronous=NORMAL (set by it); put() of a JSON string returns"
         " after its commit; consumer thread (own connection) pop() + done(), 1 ms sleep"
-        " when empty"
+        f" when empty; sqlite3.connect(timeout={LOCK_TIMEOUT:g})"
     )
     return Outcome(seconds, cpu, tally.count, tally.total, how, version("litequeue"))
 
