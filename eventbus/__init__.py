@@ -25,6 +25,8 @@ from ._errors import (
     DrainTimeout,
     EventTooLarge,
     HandlerStuck,
+    HookError,
+    HookFailed,
     InvalidEvent,
     LogBusy,
     LogDirectoryMissing,
@@ -38,8 +40,10 @@ from ._errors import (
     UnsupportedPlatform,
 )
 from ._event import Event, Message, Receipt
+from ._hooks import HandlerCall, Hook, Hooks, Publishing
 from ._metrics import (
     BusMetrics,
+    Histogram,
     LatencySummary,
     LogMetrics,
     ReconcileMetrics,
@@ -83,7 +87,13 @@ __all__ = [
     "DrainTimeout",
     "Event",
     "EventTooLarge",
+    "HandlerCall",
     "HandlerStuck",
+    "Histogram",
+    "Hook",
+    "HookError",
+    "HookFailed",
+    "Hooks",
     "InvalidEvent",
     "LatencySummary",
     "LogBusy",
@@ -94,6 +104,7 @@ __all__ = [
     "Message",
     "NotALog",
     "PayloadError",
+    "Publishing",
     "Receipt",
     "ReconcileMetrics",
     "ReconcileReport",

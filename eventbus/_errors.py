@@ -12,6 +12,8 @@
     ├── SubscriptionError        a subscribe() call is wrong (bad topic, handler, name)
     ├── DrainTimeout             drain() ran out of time; says which subscriptions lag
     ├── HandlerStuck             reconciliation cancelled a handler call that ran too long
+    ├── HookError                a hook cannot be registered (it has no hook method)
+    │   └── HookFailed           a before_publish hook raised; nothing was published
     └── StorageError             the log failed (also a storage.StorageError)
         ├── LogLocked            another process owns the log file (names its pid)
         ├── LogBusy              another connection held the write lock past busy_timeout
@@ -146,6 +148,30 @@ class HandlerStuck(BusError):
             f"({lease:g}s); cancelled and retried. Give the handler a RetryPolicy.timeout "
             "shorter than the lease, or raise BusConfig.reconcile_lease if it is legitimately "
             "that slow"
+        )
+
+
+class HookError(BusError):
+    """A hook given to ``bus.hooks`` (or ``Bus.open(hooks=...)``) cannot be used."""
+
+
+class HookFailed(HookError):
+    """A ``before_publish`` hook raised, so the publish did not happen: nothing was
+    written (or, for ``publish_many``, none of the messages). The hook's own
+    exception is the ``__cause__``.
+
+    Attributes:
+        hook: The hook's name (its ``__qualname__``, or its type's).
+        topic: The topic of the event being published.
+    """
+
+    def __init__(self, hook: str, topic: str, error: BaseException) -> None:
+        self.hook = hook
+        self.topic = topic
+        super().__init__(
+            f"before_publish hook {hook} failed for an event on topic {reprlib.repr(topic)} "
+            f"({type(error).__name__}: {error}); nothing was published. Fix the hook or "
+            "remove it with bus.hooks.remove(...)"
         )
 
 

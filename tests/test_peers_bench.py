@@ -147,7 +147,8 @@ def test_unknown_system_names_are_refused_with_the_known_ones() -> None:
 def test_the_readme_section_is_rewritten_between_its_markers(
     quick: tuple[int, dict[str, Any], Path], tmp_path: Path
 ) -> None:
-    _, report, _ = quick
+    _, report, out = quick
+    assert (out / "peers.md").read_text() == pb.tables(report)  # the docs site shows it
     readme = tmp_path / "README.md"
     readme.write_text(f"# before\n\n{pb.BEGIN}\nold\n{pb.END}\n\n# after\n")
     pb.rewrite_readme(report, readme)
@@ -165,4 +166,5 @@ def test_the_committed_readme_table_is_generated_from_the_committed_results() ->
     assert pb.readme_section(report) in pb.README.read_text(), (
         "README.md's peers section is stale: run python bench/peers.py --readme"
     )
+    assert (pb.RESULTS / "peers.md").read_text() == pb.tables(report)
     assert {row["system"] for row in report["systems"]} == set(pb.BY_NAME)

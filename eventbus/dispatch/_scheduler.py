@@ -774,6 +774,12 @@ class Scheduler:
             order.popleft()
         return order[0].seq - 1 if order else self.read_pos
 
+    def oldest_pending(self) -> Entry | None:
+        """The first event in log order that is read and not finished (the one that
+        holds the cursor back), or None."""
+        self.cursor()  # drops the finished ones from the front
+        return self._order[0] if self._order else None
+
     def take_acks(self) -> tuple[int, list[tuple[int, int]]]:
         """The cursor, and the ranges of fresh events done ahead of it since the last
         call (to record in the acknowledgement ledger with the cursor)."""

@@ -119,6 +119,7 @@ class Subscription:
         self.is_batch = is_batch_handler(handler)
         # Typed once here: a cast per call would build a typing object every time.
         self._handler = typing.cast("Callable[[object, Context], Awaitable[None]]", handler)
+        self.handler = self._handler  # as subscribed (``_handler`` may wrap it)
         self.batch_policy = batch_policy
         self.retry = retry
         self.ordered = ordered
@@ -202,6 +203,11 @@ class Subscription:
         if self._scope is not None:
             self._scope.cancel()
 
+    def call_through(self, wrapper: Callable[[object, Context], Awaitable[None]] | None) -> None:
+        """From the next call on, call ``wrapper`` instead of the handler (the bus's
+        hooks wrap it); None calls the handler itself again."""
+        self._handler = wrapper or self.handler
+
     def add_retries(self, records: list[RetryRecord]) -> None:
         """Take events into the retry lane that the log already holds there
         (redriven dead letters, events reconciliation re-dispatched)."""
@@ -268,6 +274,8 @@ class Subscription:
         stats = self.stats
         pending = self.pending()
         breaker = self._sched.breaker
+        oldest = self._sched.oldest_pending()
+        created = _created_at(oldest.item) if oldest is not None else None
         return SubscriptionMetrics(
             handled=stats.handled,
             batches=stats.batches,
@@ -290,6 +298,10 @@ class Subscription:
             concurrency=self.concurrency,
             breaker_state=breaker.state if breaker is not None else "closed",
             breaker_trips=breaker.trips if breaker is not None else 0,
+            lag_seconds=0.0 if created is None else max(0.0, self._clock.wall() - created),
+            handler_seconds=stats.handler_seconds.snapshot(),
+            end_to_end_seconds=stats.end_to_end_seconds.snapshot(),
+            call_sizes=stats.call_sizes.snapshot(),
         )
 
     # -- running --------------------------------------------------------------------
@@ -866,6 +878,14 @@ class Subscription:
             self._writes.touch()
             self._signal()
             self._on_progress()
+
+
+def _created_at(item: object) -> float | None:
+    """When the event an entry holds was published (None if it holds none)."""
+    if isinstance(item, Event):
+        return item.created_at
+    record = getattr(item, "record", None)  # a RetryRecord or an Undecodable
+    return record.created_at if isinstance(record, Record) else None
 
 
 class _Abandoned(BaseException):

@@ -32,6 +32,7 @@ from .._metrics import WorkflowMetrics
 from ..failures import error_type_name, format_error
 from ._workflow import (
     StepFailed,
+    StepInfo,
     Workflow,
     WorkflowCancelled,
     WorkflowError,
@@ -109,6 +110,13 @@ class WorkflowEngine:
         self._idle = anyio.Event()
         self._idle.set()
         self.counts: Counter[str] = Counter()
+        # Set by the bus while hooks of these kinds are registered (else None).
+        self.around_run: (
+            Callable[[Workflow], contextlib.AbstractAsyncContextManager[object]] | None
+        ) = None
+        self.around_step: (
+            Callable[[StepInfo], contextlib.AbstractAsyncContextManager[object]] | None
+        ) = None
 
     async def commit(self, batch: WriteBatch) -> None:
         await self._commit(batch)
@@ -274,7 +282,11 @@ class WorkflowEngine:
         checkpoints = _Checkpoints(record, steps)
         wf = Workflow(self, record, checkpoints)
         try:
-            value = await d.fn(wf, _decoder(d.input_type).decode(record.input))
+            if self.around_run is None:
+                value = await d.fn(wf, _decoder(d.input_type).decode(record.input))
+            else:
+                async with self.around_run(wf):
+                    value = await d.fn(wf, _decoder(d.input_type).decode(record.input))
             checkpoints.check_all_reached()
             output = _encode(f"the result of workflow {record.name!r}", value)
         except (BusClosed, _storage.StorageError):

@@ -45,6 +45,8 @@ class StepHost(Protocol):
 
     step_retry: RetryPolicy
     counts: Counter[str]
+    #: Entered around each attempt of a step while hooks are registered (else None).
+    around_step: Callable[[StepInfo], contextlib.AbstractAsyncContextManager[object]] | None
 
     async def commit(self, batch: WriteBatch) -> None:
         """Commit step checkpoints (through the log writer)."""
@@ -174,13 +176,24 @@ class WorkflowStatus(msgspec.Struct, frozen=True):
 
 
 class StepInfo(msgspec.Struct, frozen=True):
-    """The step running in the current task (see :func:`current_step`)."""
+    """The step running in the current task (see :func:`current_step`), also what an
+    ``around_step`` hook sees.
+
+    Attributes:
+        workflow_id: The run's id.
+        step: The step's name.
+        position: Its position in the run's call order.
+        attempt: This attempt (1 for the first).
+        idempotency_key: A key for outside calls, stable across attempts and replays.
+        workflow: The workflow's name.
+    """
 
     workflow_id: str
     step: str
     position: int
     attempt: int
     idempotency_key: str
+    workflow: str = ""
 
 
 _CURRENT_STEP: contextvars.ContextVar[StepInfo] = contextvars.ContextVar("eventbus_step")
@@ -471,12 +484,19 @@ class Workflow:
                 # code runs to count it.
                 marker = msgspec.structs.replace(step, attempts=attempts, died=step.died + 1)
                 await engine.commit(WriteBatch(steps=[marker]))
-                token = _CURRENT_STEP.set(StepInfo(self.id, name, pos, attempts, key))
+                info = StepInfo(self.id, name, pos, attempts, key, self.name)
+                token = _CURRENT_STEP.set(info)
                 try:
                     with _deadline(policy.timeout):
-                        value = fn(*args, **kwargs)
-                        if inspect.isawaitable(value):
-                            value = await value
+                        if engine.around_step is None:
+                            value = fn(*args, **kwargs)
+                            if inspect.isawaitable(value):
+                                value = await value
+                        else:
+                            async with engine.around_step(info):
+                                value = fn(*args, **kwargs)
+                                if inspect.isawaitable(value):
+                                    value = await value
                 finally:
                     _CURRENT_STEP.reset(token)
             except anyio.get_cancelled_exc_class():
