@@ -34,7 +34,7 @@ from _support import frozen_gc, load_script, temp_dir
 
 import eventbus
 from eventbus import Bus, BusConfig, Context, Event
-from storage._schema import MIGRATIONS
+from eventbus.storage._schema import MIGRATIONS
 
 TOPIC = "peers"
 # The SQLite peers that leave SQLite's default synchronous=FULL (persist-queue, huey,

@@ -1,4 +1,4 @@
-"""The bus: publish, subscribe, drain and close, over a :class:`storage.Storage`."""
+"""The bus: publish, subscribe, drain and close, over a :class:`eventbus.storage.Storage`."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Literal, TypeVar
 import anyio
 import msgspec
 
-import storage as _storage
-from storage import (
+import eventbus.storage as _storage
+from eventbus.storage import (
     WORKFLOW_PREFIX,
     LogStats,
     MemoryStorage,
@@ -24,7 +24,7 @@ from storage import (
     Record,
     SQLiteStorage,
 )
-from storage import SubscriptionInfo as _SubInfo
+from eventbus.storage import SubscriptionInfo as _SubInfo
 
 from ._clock import Clock, LoopClock
 from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy, subscription_policies
@@ -170,7 +170,7 @@ class Bus:
                 schema and its tables are created if missing; needs the
                 ``postgres`` extra).
             config: Settings; ``BusConfig()`` by default.
-            storage: A ready :class:`storage.Storage` to use instead of ``path``.
+            storage: A ready :class:`eventbus.storage.Storage` to use instead of ``path``.
             clock: Where the bus reads time; the event loop's clock by default
                 (so a loop with a virtual clock runs the whole bus on it).
             hooks: Hook objects to register at once, as ``bus.hooks.add`` does
@@ -633,7 +633,11 @@ class Bus:
         ``async def h(events: list[Event], ctx: Context)`` (recognised by the
         ``list[...]`` annotation on its first parameter). Its shape is checked here:
         a plain ``def``, a lambda, a third required parameter or ``(ctx, event)``
-        is refused at once rather than failing every event later.
+        is refused at once rather than failing every event later. Annotated
+        ``Event[T]`` (or ``list[Event[T]]``), it receives payloads decoded as ``T``
+        (a ``msgspec.Struct``, dataclass, ``TypedDict``...); an event whose payload
+        does not decode is dead-lettered at once with
+        :class:`~eventbus.PayloadValidationError`, never retried.
 
         A subscription new to the log that starts at the earliest event logs a
         warning when more than 10,000 events (``REPLAY_WARNING``) are already in the
@@ -669,7 +673,8 @@ class Bus:
         Raises:
             SubscriptionError: The name is taken; the topic is not a name or an
                 iterable of names (or the decorator was used without parentheses);
-                the handler is not an ``async def`` taking ``(event, ctx)``.
+                the handler is not an ``async def`` taking ``(event, ctx)``; its
+                ``Event[T]`` names a type that cannot be found or decoded to.
             ConfigError: A policy is neither a policy, a dict nor None, or a dict's
                 key is unknown or its value impossible.
             BusClosed: The bus is closed.

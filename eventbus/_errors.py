@@ -7,6 +7,8 @@
     ├── BusFull                  publish_nowait found max_pending_publishes waiting
     ├── EventTooLarge            the event exceeds max_event_bytes; nothing written
     ├── PayloadError             the payload or headers cannot be encoded; nothing written
+    ├── PayloadValidationError   a payload does not decode as its handler's Event[T]
+                                 (dead-lettered at once, never retried)
     ├── InvalidEvent             a topic, key or idempotency key is not allowed
     ├── ConfigError              a configuration key or value is wrong (names the key)
     ├── SubscriptionError        a subscribe() call is wrong (bad topic, handler, name)
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import reprlib
 
-import storage as _storage
+import eventbus.storage as _storage
 
 
 class BusError(Exception):
@@ -84,6 +86,55 @@ class PayloadError(BusError, TypeError):
             f"cannot encode the event for topic {reprlib.repr(topic)}: {reason}; payloads must be "
             "msgspec-encodable (dicts, lists, str, int, float, bool, None, bytes, "
             "msgspec.Struct, dataclasses...)"
+        )
+
+
+class PayloadValidationError(BusError):
+    """An event's payload does not decode as the type its handler is annotated with
+    (``Event[T]`` or ``list[Event[T]]``), or its stored bytes do not decode at all.
+
+    Raised inside the subscription, never to a publisher: it is the failure recorded
+    for the event's first attempt, and the event is dead-lettered at once, without
+    retries, since the same payload never decodes (``drain(raise_failures=True)``
+    surfaces it in tests). Redriving the dead letter fails the same way unless the
+    handler's type changed meanwhile: publish a corrected event instead, or change
+    the type (a new field with a default, a wider type) and then redrive.
+
+    Attributes:
+        subscription: The subscription that could not take the event.
+        event_id: The event's id.
+        seq: Its position in the log.
+        topic: Its topic.
+        expected: The name of the type it should decode as ("" when its stored
+            bytes are not valid msgpack).
+        reason: msgspec's explanation (which field, what was expected).
+        path: Where in the payload it failed, as msgspec writes it: ``"$"`` for
+            the payload itself, ``"$.amount"``, ``"$.items[2].sku"``.
+    """
+
+    def __init__(
+        self,
+        subscription: str,
+        event_id: str,
+        seq: int,
+        topic: str,
+        expected: str,
+        reason: str,
+    ) -> None:
+        self.subscription = subscription
+        self.event_id = event_id
+        self.seq = seq
+        self.topic = topic
+        self.expected = expected
+        self.reason = reason
+        at = reason.rfind(" - at `$")
+        self.path = reason[at + 7 : -1] if at >= 0 and reason.endswith("`") else "$"
+        what = f"does not decode as {expected}" if expected else "is not valid msgpack"
+        super().__init__(
+            f"subscription {subscription!r}: the payload of event {event_id} (seq {seq}, "
+            f"topic {reprlib.repr(topic)}) {what}: {reason}. It was dead-lettered without "
+            "retries, since the same payload never decodes: publish a corrected event, or "
+            "change the handler's payload type to accept it and then redrive the dead letter"
         )
 
 

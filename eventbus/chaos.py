@@ -75,11 +75,11 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
-import storage as _storage
+import eventbus.storage as _storage
 
 # The harness checks the call journal itself against what the handlers say ran, so
 # it reads the file the way the log's next open does.
-from storage._calls import read_journal
+from eventbus.storage._calls import read_journal
 
 from ._bus import Bus
 from ._config import BatchPolicy, BusConfig, RetryPolicy
@@ -235,7 +235,7 @@ def _subscribe(bus: Bus, sink: Sink, calls: CallLog, settings: Settings) -> None
         concurrency=settings.concurrency,
         ordered=settings.ordered,
     )
-    async def enrich(event: Event[dict[str, int]], ctx: Context) -> None:
+    async def enrich(event: Event[dict[str, int | bool]], ctx: Context) -> None:
         calls.start("enrich", [event], ctx)
         try:
             n = event.payload["n"]

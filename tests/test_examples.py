@@ -44,3 +44,8 @@ def test_the_handler_testing_example_passes_and_fails_as_it_says() -> None:
     assert len(tests) == 2
     for test in tests:
         anyio.run(test)
+
+
+def test_the_users_tests_example_passes_under_pytest_with_the_kit() -> None:
+    out = run_example("-m", "pytest", "examples/users_tests", "-q", "-p", "no:cacheprovider")
+    assert "4 passed" in out

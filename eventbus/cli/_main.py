@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import anyio
 
-import storage as _storage
-from storage import DeadRecord, SQLiteStorage
+import eventbus.storage as _storage
+from eventbus.storage import DeadRecord, SQLiteStorage
 
 from ..failures import CONTROL_ENCODER, ControlCommand
 from ..progress import Progress

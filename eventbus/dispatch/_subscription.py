@@ -31,9 +31,9 @@ import anyio
 import anyio.abc
 import msgspec
 
-import storage as _storage
-from backpressure import BatchSample
-from storage import (
+import eventbus.storage as _storage
+from eventbus.backpressure import BatchSample
+from eventbus.storage import (
     PROCESS_DIED,
     DeadRecord,
     NoCallSlots,
@@ -45,7 +45,7 @@ from storage import (
 
 from .._clock import Clock
 from .._config import BatchPolicy, BreakerPolicy, RetryPolicy
-from .._errors import BusClosed, HandlerStuck
+from .._errors import BusClosed, HandlerStuck, PayloadValidationError
 from .._event import Event
 from .._logging import event_fields, get_logger
 from .._metrics import SubscriptionMetrics, SubscriptionRecorder, median, summarize
@@ -57,7 +57,7 @@ from ..failures import (
 )
 from ..publish import LogWriter, RecentEvents
 from ._context import Context, Encoder
-from ._handler import Handler, is_batch_handler, make_controller
+from ._handler import Handler, handler_payload_type, is_batch_handler, make_controller
 from ._scheduler import MAIN, RETRY, RUN, STOP, Call, Entry, Pending, Scheduler
 from ._state import StateCache
 from ._writes import PendingWrites, Undecodable, event_id
@@ -117,6 +117,8 @@ class Subscription:
         self.topics = topics
         self._filter = None if "*" in topics else topics
         self.is_batch = is_batch_handler(handler)
+        # Event[T]: payloads decoded as T, a batch at a time; None costs nothing.
+        self._payload = handler_payload_type(handler)
         # Typed once here: a cast per call would build a typing object every time.
         self._handler = typing.cast("Callable[[object, Context], Awaitable[None]]", handler)
         self.handler = self._handler  # as subscribed (``_handler`` may wrap it)
@@ -367,6 +369,8 @@ class Subscription:
             delay=estimated_previous_delay(self.retry, record.attempt),
             first_failed=record.first_failed_at,
         )
+        if self._payload is not None:
+            entry.view = None
         if record.due_at is None:
             entry.due = now
         else:
@@ -468,7 +472,10 @@ class Subscription:
         taken = self._recent.take(pos, head, self._filter, room)
         if taken is not None:
             events, upto = taken
-            sched.append([Entry(e.seq, e.key, e) for e in events], upto)
+            entries = [Entry(e.seq, e.key, e) for e in events]
+            if self._payload is not None:
+                self._decode_views(entries)
+            sched.append(entries, upto)
         else:
             self._reading = True
             try:
@@ -481,8 +488,10 @@ class Subscription:
                 try:
                     item = self._decode(rec)
                 except msgspec.DecodeError as exc:
-                    item = Undecodable(rec, exc)
+                    item = Undecodable(rec, self._undecodable(rec, "", exc))
                 entries.append(Entry(rec.seq, rec.key, item))
+            if self._payload is not None:
+                self._decode_views(entries)
             sched.append(entries, records[-1].seq if len(records) == room else head)
         self._signal()
         if not sched.buffered:
@@ -538,22 +547,70 @@ class Subscription:
             )
 
     def _event_of(self, entry: Entry) -> Event[object]:
-        """The event to hand to the handler, at the entry's attempt.
+        """The event to hand to the handler, at the entry's attempt (its payload
+        decoded as the handler's type, for a typed handler).
 
         Raises:
-            msgspec.DecodeError: Its payload does not decode.
+            PayloadValidationError: Its payload does not decode.
         """
         item = entry.item
         if isinstance(item, Event):
             event = item
         elif isinstance(item, RetryRecord):
-            event = self._decode(item.record)
+            try:
+                event = self._decode(item.record)
+            except msgspec.DecodeError as exc:
+                raise self._undecodable(item.record, "", exc) from exc
         else:
             raise typing.cast("Undecodable", item).error
         if event.attempt != entry.attempt:
             event = msgspec.structs.replace(event, attempt=entry.attempt)
         entry.item = event
-        return event
+        if self._payload is None:
+            return event
+        view = getattr(entry, "view", None)
+        if view is None:  # read from the retry lane: decoded when first reached
+            self._decode_views([entry])
+            view = entry.view
+        if type(view) is not Event:
+            raise typing.cast("PayloadValidationError", view)
+        if view.attempt != entry.attempt:
+            view = entry.view = msgspec.structs.replace(view, attempt=entry.attempt)
+        return view
+
+    def _decode_views(self, entries: list[Entry]) -> None:
+        """Set each entry's ``view``: for a decoded event (read from the log), the
+        event with its payload decoded as the handler's type, or the
+        :class:`PayloadValidationError` that dead-letters it when it is reached
+        (one msgspec call for them all); None for the others, decoded when reached.
+        """
+        payload = self._payload
+        assert payload is not None
+        todo: list[Entry] = []
+        events: list[Event[object]] = []
+        for entry in entries:
+            item = entry.item
+            if type(item) is Event:
+                todo.append(entry)
+                events.append(item)
+            else:
+                entry.view = None
+        if todo:
+            for entry, event, view in zip(todo, events, payload.events(events), strict=True):
+                if type(view) is Event:
+                    entry.view = view
+                else:
+                    error = typing.cast("msgspec.ValidationError", view)
+                    entry.view = self._undecodable(event, payload.name, error)
+
+    def _undecodable(
+        self, event: Event[object] | Record, expected: str, error: msgspec.DecodeError
+    ) -> PayloadValidationError:
+        failure = PayloadValidationError(
+            self.name, event.id, event.seq, event.topic, expected, str(error)
+        )
+        failure.__cause__ = error
+        return failure
 
     async def _run_events(self, call: Call, slot: int, info: RunningCall) -> None:
         """A per-event handler's call: its events one after the other, in the
@@ -580,6 +637,7 @@ class Subscription:
         done_from = 0
         changes = sched.changes
         checking = False
+        typed = self._payload is not None  # its events come with their views
         try:
             while i < count:
                 entry = entries[i]
@@ -595,17 +653,17 @@ class Subscription:
                         i += 1
                         done_from = i
                         continue
-                event = entry.item
+                event = getattr(entry, "view", None) if typed else entry.item
                 if type(event) is not Event or event.attempt != entry.attempt:
                     try:
                         event = self._event_of(entry)
-                    except msgspec.DecodeError as exc:
+                    except PayloadValidationError as exc:
                         if done_from < i:
                             sched.succeeded_many(call, entries[done_from:i])
                         i += 1
                         done_from = i
                         checking = True
-                        self._failed(call, entry, exc, final=True)
+                        self._failed(call, entry, exc)
                         continue
                 buf.event = event
                 buf.attempt = entry.attempt
@@ -701,8 +759,8 @@ class Subscription:
             try:
                 events.append(self._event_of(entry))
                 runnable.append(entry)
-            except msgspec.DecodeError as exc:
-                self._failed(call, entry, exc, final=True)
+            except PayloadValidationError as exc:
+                self._failed(call, entry, exc)
         if not runnable:
             return []
         error = await self._invoke(
@@ -788,14 +846,12 @@ class Subscription:
             del self._running[slot]
         return error
 
-    def _failed(
-        self, call: Call, entry: Entry, error: BaseException, *, final: bool = False
-    ) -> None:
+    def _failed(self, call: Call, entry: Entry, error: BaseException) -> None:
         if isinstance(error, TimeoutError) and not str(error) and self.retry.timeout is not None:
             error = _timed_out(self.retry.timeout, error)
         self.stats.failed_attempts += 1
         attempt = entry.attempt
-        if not self._sched.failed(call, entry, error, self._clock.now(), final=final):
+        if not self._sched.failed(call, entry, error, self._clock.now()):
             logger.info(
                 "subscription %s: event (seq %d) attempt %d failed (%s: %s); retrying in %.3fs",
                 self.name,
@@ -853,9 +909,9 @@ class Subscription:
         try:
             try:
                 event = self._event_of(entry)
-            except msgspec.DecodeError as exc:
+            except PayloadValidationError as exc:
                 unhandled = []
-                self._failed(call, entry, exc, final=True)
+                self._failed(call, entry, exc)
                 return
             arg: object = [event] if self.is_batch else event
             error = await self._invoke(slot, RETRY, arg, (entry.seq,), entry.attempt)

@@ -14,8 +14,8 @@ import anyio
 import anyio.abc
 import msgspec
 
-import storage as _storage
-from storage import (
+import eventbus.storage as _storage
+from eventbus.storage import (
     WORKFLOW_PREFIX,
     DeadRecord,
     Record,
@@ -29,6 +29,7 @@ from .._errors import BusClosed, translate_storage_error
 from .._event import new_event_id
 from .._logging import get_logger
 from .._metrics import WorkflowMetrics
+from .._payloads import payload_type
 from ..failures import error_type_name, format_error
 from ._workflow import (
     StepFailed,
@@ -41,7 +42,6 @@ from ._workflow import (
     WorkflowStatus,
     _Checkpoints,
     _deadline,
-    _decoder,
     _encode,
     _hints,
     _return_type,
@@ -283,10 +283,10 @@ class WorkflowEngine:
         wf = Workflow(self, record, checkpoints)
         try:
             if self.around_run is None:
-                value = await d.fn(wf, _decoder(d.input_type).decode(record.input))
+                value = await d.fn(wf, payload_type(d.input_type).decode(record.input))
             else:
                 async with self.around_run(wf):
-                    value = await d.fn(wf, _decoder(d.input_type).decode(record.input))
+                    value = await d.fn(wf, payload_type(d.input_type).decode(record.input))
             checkpoints.check_all_reached()
             output = _encode(f"the result of workflow {record.name!r}", value)
         except (BusClosed, _storage.StorageError):
@@ -445,7 +445,7 @@ class WorkflowEngine:
             raise WorkflowCancelled(record.id)
         assert record.output is not None
         d = self._defs.get(record.name)
-        return _decoder(Any if d is None else d.result_type).decode(record.output)
+        return payload_type(Any if d is None else d.result_type).decode(record.output)
 
     async def reconcile(self) -> tuple[list[str], list[str]]:
         """Resume unfinished runs of registered workflows that this process does not

@@ -31,12 +31,13 @@ import anyio
 import anyio.abc
 import msgspec
 
-import storage as _storage
-from storage import StepRecord, WorkflowRecord, WriteBatch
+import eventbus.storage as _storage
+from eventbus.storage import StepRecord, WorkflowRecord, WriteBatch
 
 from .._config import RetryPolicy
 from .._errors import BusClosed, BusError, PayloadError
 from .._logging import get_logger
+from .._payloads import payload_type
 from ..failures import backoff_delay, error_type_name
 
 
@@ -227,18 +228,6 @@ def step_status(step: StepRecord) -> StepStatus:
 # -- encoding -------------------------------------------------------------------------
 
 _ENCODER = msgspec.msgpack.Encoder()
-_DECODERS: dict[object, msgspec.msgpack.Decoder[Any]] = {}
-
-
-def _decoder(kind: object) -> msgspec.msgpack.Decoder[Any]:
-    try:
-        return _DECODERS[kind]
-    except KeyError:
-        dec: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(kind)
-        _DECODERS[kind] = dec
-        return dec
-    except TypeError:  # unhashable annotation
-        return msgspec.msgpack.Decoder(kind)
 
 
 def _encode(what: str, value: object) -> bytes:
@@ -427,7 +416,7 @@ class Workflow:
         if found is not None and found.status == "done":
             self._engine.counts["steps_replayed"] += 1
             assert found.output is not None
-            return _decoder(kind).decode(found.output)  # type: ignore[no-any-return]
+            return payload_type(kind).decode(found.output)  # type: ignore[no-any-return]
         if found is not None and found.status == "failed":
             # Replayed as it happened, so code that caught it takes the same path.
             self._raised.append(pos)
@@ -541,7 +530,7 @@ class Workflow:
                 error_message="",
             )
             await engine.commit(WriteBatch(steps=[done]))
-            return _decoder(kind).decode(raw)
+            return payload_type(kind).decode(raw)
 
     async def _step_failed(self, step: StepRecord, kind: str, message: str) -> None:
         record = msgspec.structs.replace(
@@ -566,7 +555,7 @@ class Workflow:
         self._in_progress += 1
         try:
             if found is not None and found.status == "done" and found.output is not None:
-                wake = float(_decoder(float).decode(found.output))
+                wake = float(payload_type(float).decode(found.output))
             else:
                 now = time.time()
                 wake = now + seconds
