@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from ._calls import CallSlots, NoCallSlots
 from ._errors import (
     CorruptLog,
+    LeaseLost,
     LogBusy,
     LogDirectoryMissing,
     LogLocked,
@@ -24,19 +25,22 @@ from ._errors import (
 )
 from ._memory import MemoryStorage
 from ._pg_url import is_postgres_url
-from ._protocol import Storage
+from ._protocol import SharedLog, Storage
 from ._schema import SCHEMA_VERSION
 from ._sqlite import Durability, SQLiteStorage
 from ._statements import submit_control
 from ._types import (
     PROCESS_DIED,
     WORKFLOW_PREFIX,
+    Claim,
     DeadRecord,
+    Lease,
     LogStats,
     NewRecord,
     Receipt,
     Record,
     RetryRecord,
+    Share,
     StepRecord,
     SubscriptionInfo,
     Unaccounted,
@@ -66,10 +70,13 @@ __all__ = [
     "PROCESS_DIED",
     "WORKFLOW_PREFIX",
     "CallSlots",
+    "Claim",
     "SCHEMA_VERSION",
     "CorruptLog",
     "DeadRecord",
     "Durability",
+    "Lease",
+    "LeaseLost",
     "LogBusy",
     "LogDirectoryMissing",
     "LogLocked",
@@ -85,6 +92,8 @@ __all__ = [
     "RetryRecord",
     "SQLiteStorage",
     "SchemaTooNew",
+    "Share",
+    "SharedLog",
     "Storage",
     "StorageClosed",
     "StorageError",

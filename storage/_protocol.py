@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from ._calls import CallSlots
 from ._types import (
+    Claim,
     DeadRecord,
+    Lease,
     LogStats,
     Receipt,
     Record,
     RetryRecord,
+    Share,
     StepRecord,
     SubscriptionInfo,
     Unaccounted,
@@ -180,3 +183,61 @@ class Storage(Protocol):
 
     async def stats(self) -> LogStats:
         """A snapshot of the log's size, cursors and lag."""
+
+
+@runtime_checkable
+class SharedLog(Protocol):
+    """A log that several processes dispatch from at once (PostgreSQL), on top of
+    :class:`Storage`: each subscription's events are divided into partitions, and a
+    process handles only those of the partitions it holds a lease on.
+
+    The writes a process makes for a subscription carry its :class:`Lease`
+    (``WriteBatch.leases``): a batch whose lease was lost is refused whole with
+    :class:`LeaseLost` (fencing).
+    """
+
+    #: This process's name among those sharing the log.
+    member: str
+    #: Seconds a lease lasts unless renewed.
+    lease_time: float
+
+    @property
+    def partitions(self) -> int: ...
+
+    def watch(self, watcher: Callable[[str, int], None]) -> None:
+        """Call ``watcher`` with what other processes announce: ``("", head)`` when
+        events were appended, ``(subscription, 0)`` when its partitions changed
+        hands or it gained a member."""
+
+    async def heartbeat(self, subscription: str, lease: Lease | None) -> Share:
+        """Renew what of ``lease`` is still held, say this process is alive on
+        ``subscription``, and learn its fair share of the partitions."""
+
+    async def acquire(self, subscription: str, want: int) -> Claim:
+        """Take up to ``want`` more free partitions (charging the deaths a holder
+        whose lease expired left in flight); returns everything held now."""
+
+    async def release(self, subscription: str, partitions: Sequence[int] | None) -> None:
+        """Give up ``partitions`` (all of them, and membership, if None)."""
+
+    async def mark_call(
+        self, lease: Lease, slot: int, seqs: Sequence[int], attempts: Sequence[int]
+    ) -> None:
+        """Record a handler call of ``seqs`` in ``slot`` before it starts."""
+
+    async def read_claimed(
+        self, claim: Claim, after: int, upto: int, topics: frozenset[str] | None, limit: int
+    ) -> list[Record]:
+        """:meth:`Storage.read` of the claim's partitions, each past its start."""
+
+    async def claimed_retries(self, lease: Lease) -> list[RetryRecord]:
+        """:meth:`Storage.retries` of the lease's partitions."""
+
+    async def claimed_finished_ahead(self, lease: Lease, after: int) -> list[tuple[int, int]]:
+        """:meth:`Storage.finished_ahead` for a reader of the lease's partitions."""
+
+    async def progress(
+        self, subscription: str, topics: frozenset[str], upto: int
+    ) -> tuple[int, int]:
+        """How far the subscription finished the log up to ``upto`` in every
+        partition, and how many of its events wait in its retry lane."""
