@@ -248,10 +248,13 @@ async def release(conn: Connection, sub: str, member: str, partitions: Sequence[
     return int(status.rsplit(" ", 1)[-1])
 
 
-async def announce(conn: Connection, what: str) -> None:
-    """Tell every process listening on the log: ``""`` for new events, else the name
-    of a subscription whose partitions or members changed."""
-    await conn.execute("SELECT pg_notify(log_channel(), $1)", "s" + what if what else "h")
+async def announce(conn: Connection, subscription: str, *, retries: bool = False) -> None:
+    """Tell every process listening on the log that the partitions or members of
+    ``subscription`` changed (or, with ``retries``, that its retry lane was written
+    outside its holders' handling: they read it again)."""
+    await conn.execute(
+        "SELECT pg_notify(log_channel(), $1)", ("r" if retries else "s") + subscription
+    )
 
 
 _MARK = "SELECT mark_call($1, $2, $3, $4::bigint[], $5::integer[], $6::integer[], $7::bigint[])"

@@ -2,10 +2,12 @@
 
 Appends announce the new head (``h<seq>``, sent by the commit itself, so delivered
 when it commits); a subscription whose partitions change hands or gains a member is
-announced as ``s<name>``. Notifications only wake: what they say is read again from
-the log, and a slow poll (each lease heartbeat reads the head) covers a notification
-lost with a dropped connection. The connection is a session of its own, outside the
-pool (LISTEN is session state), and is made again when it drops.
+announced as ``s<name>``, one whose retry lane was written outside its holders'
+handling (a redrive, a repair) as ``r<name>``. Notifications only wake: what they
+say is read again from the log, and a slow poll (each lease heartbeat reads the
+head) covers a notification lost with a dropped connection. The connection is a
+session of its own, outside the pool (LISTEN is session state), and is made again
+when it drops.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import anyio
 
+from ._types import Notice
+
 if TYPE_CHECKING:
     import asyncpg
 
 logger = logging.getLogger("eventbus.storage")
 
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"
-#: Told of each notification: ``""`` with the new head, or a subscription's name.
-Watcher = Callable[[str, int], None]
+
+
+Watcher = Callable[[Notice], None]
 
 
 class Listener:
@@ -33,8 +38,7 @@ class Listener:
     Args:
         connect: Opens a new connection to the log's database.
         channel: The log's channel (the schema's ``log_channel()``).
-        on_notice: Called (on the event loop) with each notification: ``("", head)``
-            for appends, ``(subscription, 0)`` for a change of its partitions.
+        on_notice: Called (on the event loop) with each :class:`Notice`.
     """
 
     def __init__(
@@ -65,14 +69,16 @@ class Listener:
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         text = str(payload)
-        if text.startswith("h"):
+        kind, rest = text[:1], text[1:]
+        if kind == "h":
             try:
-                head = int(text[1:])
+                self._on_notice(Notice("head", "", int(rest)))
             except ValueError:
                 return
-            self._on_notice("", head)
-        elif text.startswith("s") and len(text) > 1:
-            self._on_notice(text[1:], 0)
+        elif kind == "s" and rest:
+            self._on_notice(Notice("share", rest))
+        elif kind == "r" and rest:
+            self._on_notice(Notice("retries", rest))
 
     async def stop(self) -> None:
         conn, self._conn = self._conn, None

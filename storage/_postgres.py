@@ -74,6 +74,7 @@ from ._types import (
     DeadRecord,
     Lease,
     LogStats,
+    Notice,
     Receipt,
     Record,
     RetryRecord,
@@ -573,22 +574,31 @@ class PostgresStorage:
     # -- sharing the work among processes (see _pg_leases) --------------------------
 
     def watch(self, watcher: Watcher) -> None:
-        """Call ``watcher`` on the event loop with what other processes announce:
-        ``("", head)`` when events were appended (by anyone), ``(subscription, 0)``
-        when that subscription's partitions changed hands or it gained a member."""
+        """Call ``watcher`` on the event loop with each :class:`Notice` of what
+        processes announce on the log (this one's appends included)."""
         self._watchers.append(watcher)
 
-    def _notified(self, what: str, head: int) -> None:
-        if not what:
-            if head <= self._head:
+    def _notified(self, notice: Notice) -> None:
+        if notice.kind == "head":
+            if notice.head <= self._head:
                 return
-            self._head = head
+            self._head = notice.head
         for watcher in list(self._watchers):
-            watcher(what, head)
+            watcher(notice)
 
     def _saw_head(self, head: int) -> None:
         if head > self._head:
-            self._notified("", head)
+            self._notified(Notice("head", "", head))
+
+    async def announce(self, subscription: str) -> None:
+        """Tell the processes holding ``subscription``'s partitions that its retry
+        lane was written outside their handling (a redrive, a repair): they read it
+        again."""
+
+        async def tell(conn: Connection) -> None:
+            await leases.announce(conn, subscription, retries=True)
+
+        await self._db.read(tell)
 
     async def heartbeat(self, subscription: str, lease: Lease | None) -> Share:
         """Renew what of ``lease`` is still held, say this process is alive on

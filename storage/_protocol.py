@@ -11,6 +11,7 @@ from ._types import (
     DeadRecord,
     Lease,
     LogStats,
+    Notice,
     Receipt,
     Record,
     RetryRecord,
@@ -204,10 +205,13 @@ class SharedLog(Protocol):
     @property
     def partitions(self) -> int: ...
 
-    def watch(self, watcher: Callable[[str, int], None]) -> None:
-        """Call ``watcher`` with what other processes announce: ``("", head)`` when
-        events were appended, ``(subscription, 0)`` when its partitions changed
-        hands or it gained a member."""
+    def watch(self, watcher: Callable[[Notice], None]) -> None:
+        """Call ``watcher`` with each :class:`Notice` of what processes announce on
+        the log: appends, partitions changing hands, retry lanes written."""
+
+    async def announce(self, subscription: str) -> None:
+        """Tell the holders of ``subscription``'s partitions that its retry lane was
+        written outside their handling: they read it again."""
 
     async def heartbeat(self, subscription: str, lease: Lease | None) -> Share:
         """Renew what of ``lease`` is still held, say this process is alive on

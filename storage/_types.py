@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import msgspec
 
 
@@ -309,3 +311,19 @@ class Unaccounted(msgspec.Struct, frozen=True):
     subscription: str
     count: int
     seqs: tuple[int, ...]
+
+
+class Notice(NamedTuple):
+    """What another process announced on the log.
+
+    Attributes:
+        kind: ``"head"`` (events appended: ``head`` is the new head), ``"share"`` (the
+            partitions of ``subscription`` changed hands, or it gained a member) or
+            ``"retries"`` (its retry lane was written outside its holders' handling).
+        subscription: The subscription concerned (empty for ``"head"``).
+        head: The new head, for ``"head"``.
+    """
+
+    kind: str
+    subscription: str = ""
+    head: int = 0

@@ -15,6 +15,7 @@ from storage import (
     PROCESS_DIED,
     LeaseLost,
     NewRecord,
+    Notice,
     PostgresStorage,
     RetryRecord,
     SubscriptionInfo,
@@ -198,24 +199,29 @@ async def _partitions(url: str) -> dict[int, int]:
 
 async def test_appends_and_changes_of_hands_wake_the_other_processes(pg_url: str) -> None:
     a, b = await _opened(pg_url), await _opened(pg_url)
-    heard: list[tuple[str, int]] = []
+    heard: list[Notice] = []
     woke = anyio.Event()
 
-    def watcher(what: str, head: int) -> None:
-        heard.append((what, head))
+    def watcher(notice: Notice) -> None:
+        heard.append(notice)
         woke.set()
 
     b.watch(watcher)
     try:
         await _registered(a, events=3)
         with anyio.fail_after(5):
-            while ("", 3) not in heard:
+            while Notice("head", "", 3) not in heard:
                 await woke.wait()
                 woke = anyio.Event()
         assert b.head == 3
         await a.heartbeat("s", None)  # a new member is announced
         with anyio.fail_after(5):
-            while ("s", 0) not in heard:
+            while Notice("share", "s") not in heard:
+                await woke.wait()
+                woke = anyio.Event()
+        await a.announce("s")  # a retry lane written behind the holders' backs
+        with anyio.fail_after(5):
+            while Notice("retries", "s") not in heard:
                 await woke.wait()
                 woke = anyio.Event()
     finally:
