@@ -41,8 +41,10 @@ from ._stopping import stop_requested
 from ._unclaimed import apply_drop, warn_unclaimed
 from .dispatch import (
     Handler,
+    SharedSubscription,
     StateReader,
     Subscription,
+    SubscriptionRuntime,
     check_handler,
     check_topics,
     subscription_name,
@@ -89,7 +91,7 @@ class Bus:
             max_commit_batch=config.max_commit_batch,
             on_committed=self._route,
         )
-        self._subs: dict[str, Subscription] = {}
+        self._subs: dict[str, SubscriptionRuntime] = {}
         self._known: dict[str, _SubInfo] = {}
         self._oldest = 1  # the first seq still in the log when it was opened
         # Whoever waits for progress (drain, reconciliation): woken at the next change.
@@ -186,6 +188,8 @@ class Bus:
         try:
             bus = cls(storage, config, clock or LoopClock())
             bus._known = await storage.subscriptions()
+            if isinstance(storage, _storage.SharedLog):
+                storage.watch(bus._noticed)
             first = await storage.read(0, storage.head, None, 1)
             bus._oldest = first[0].seq if first else storage.head + 1
             async with anyio.create_task_group() as tg:
@@ -487,6 +491,18 @@ class Bus:
                 sub.wake()
         self._notify_progress()
 
+    def _noticed(self, notice: _storage.Notice) -> None:
+        """What the processes sharing the log announced: events appended (by any of
+        them), a subscription's partitions changing hands."""
+        if notice.kind == "head":
+            for sub in self._subs.values():
+                sub.wake()
+            self._notify_progress()
+            return
+        shared = self._subs.get(notice.subscription)
+        if isinstance(shared, SharedSubscription):
+            shared.notice(notice)
+
     def _notify_progress(self) -> None:
         # Called for every commit and call: nothing to do unless someone waits.
         if self._progress_waiters:
@@ -626,6 +642,33 @@ class Bus:
             cursor = known.cursor
         else:
             cursor = 0 if start == "earliest" else self._writer.committed_head
+        register = _SubInfo(name, tuple(sorted(topics)), cursor, self._clock.wall())
+        sub: SubscriptionRuntime
+        if isinstance(self._log, _storage.SharedLog):
+            # Several processes share the log: this one handles its share of it.
+            sub = SharedSubscription(
+                name=name,
+                topics=topics,
+                handler=handler,
+                batch_policy=batch,
+                retry=retry,
+                breaker=breaker,
+                ordered=ordered,
+                concurrency=concurrency,
+                capacity=self.config.channel_capacity,
+                writer=self._writer,
+                log=self._log,
+                decode=self._to_event,
+                encode=self._encode,
+                clock=self._clock,
+                on_progress=self._notify_progress,
+                on_dead=self._dead_lettered,
+                register=register,
+            )
+            assert self._tg is not None
+            self._subs[name] = sub
+            self._tg.start_soon(sub.run, name=f"eventbus subscription {name}")
+            return
         sub = Subscription(
             name=name,
             topics=topics,
@@ -645,7 +688,7 @@ class Bus:
             clock=self._clock,
             on_progress=self._notify_progress,
             on_dead=self._dead_lettered,
-            register=_SubInfo(name, tuple(sorted(topics)), cursor, self._clock.wall()),
+            register=register,
         )
         assert self._tg is not None
         self._subs[name] = sub
@@ -835,7 +878,7 @@ class Bus:
             failures[0][1]
         )
 
-    def _lagging(self, target: int) -> list[Subscription]:
+    def _lagging(self, target: int) -> list[SubscriptionRuntime]:
         return [s for s in self._subs.values() if s.finished_upto() < target or not s.settled()]
 
     def state(self, subscription: str) -> StateReader:
@@ -901,7 +944,7 @@ def _is_cancellation(exc: BaseException) -> bool:
     return isinstance(exc, asyncio.CancelledError | anyio.get_cancelled_exc_class())
 
 
-def _describe(sub: Subscription, head: int) -> str:
+def _describe(sub: SubscriptionRuntime, head: int) -> str:
     """What a subscription behind still holds, for ``DrainTimeout``."""
     pending = sub.pending()
     parts = [f"at {sub.finished_upto()} of {head}"]

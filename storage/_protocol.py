@@ -187,7 +187,7 @@ class Storage(Protocol):
 
 
 @runtime_checkable
-class SharedLog(Protocol):
+class SharedLog(Storage, Protocol):
     """A log that several processes dispatch from at once (PostgreSQL), on top of
     :class:`Storage`: each subscription's events are divided into partitions, and a
     process handles only those of the partitions it holds a lease on.
