@@ -151,20 +151,13 @@ async def acquire(
             seconds,
             want,
         )
+        expired: dict[str, dict[int, int]] = {}  # old holder -> {partition: epoch}
         for part, old_owner, old_epoch in rows:
-            if old_owner is None:
-                continue  # given up on purpose: nothing was left running
-            taken_over.append(int(part))
-            calls = await conn.fetch(
-                "DELETE FROM calls WHERE subscription = $1 AND member = $2 AND part = $3"
-                " AND epoch = $4 RETURNING seq, attempt",
-                sub,
-                old_owner,
-                part,
-                old_epoch,
-            )
-            for seq, attempt in sorted((int(q), int(a)) for q, a in calls):
-                charged += await charge(conn, sub, int(part), seq, attempt, now)
+            if old_owner is not None:  # else given up on purpose: nothing left running
+                expired.setdefault(str(old_owner), {})[int(part)] = int(old_epoch)
+                taken_over.append(int(part))
+        for old_owner, epochs in expired.items():
+            charged += await _charge_calls(conn, sub, old_owner, epochs, now)
     held = await conn.fetch(
         "SELECT part, epoch, cursor FROM partitions WHERE subscription = $1 AND owner = $2"
         " AND expires_at > clock_timestamp() ORDER BY part",
@@ -174,6 +167,43 @@ async def acquire(
     lease = Lease(sub, member, tuple(int(r[0]) for r in held), tuple(int(r[1]) for r in held))
     claim = Claim(lease, tuple(int(r[2]) for r in held), tuple(sorted(taken_over)))
     return claim, charged
+
+
+async def _charge_calls(
+    conn: Connection, sub: str, member: str, epochs: dict[int, int], now: float
+) -> int:
+    """Charge the deaths of ``member``'s calls in flight in the partitions taken from
+    it (``{partition: its epoch there}``), and forget those calls."""
+    charged = 0
+    for slot, seqs, attempts, parts, row_epochs in await conn.fetch(
+        "SELECT slot, seqs, attempts, parts, epochs FROM calls"
+        " WHERE subscription = $1 AND member = $2 FOR UPDATE",
+        sub,
+        member,
+    ):
+        kept: list[tuple[int, int, int, int]] = []
+        for seq, attempt, part, epoch in zip(seqs, attempts, parts, row_epochs, strict=True):
+            if epochs.get(part) == epoch:
+                charged += await charge(conn, sub, int(part), int(seq), int(attempt), now)
+            else:
+                kept.append((int(seq), int(attempt), int(part), int(epoch)))
+        if not kept:
+            await conn.execute(
+                "DELETE FROM calls WHERE subscription = $1 AND member = $2 AND slot = $3",
+                sub,
+                member,
+                slot,
+            )
+        elif len(kept) < len(seqs):
+            await conn.execute(
+                "UPDATE calls SET seqs = $4, attempts = $5, parts = $6, epochs = $7"
+                " WHERE subscription = $1 AND member = $2 AND slot = $3",
+                sub,
+                member,
+                slot,
+                *[list(column) for column in zip(*kept, strict=True)],
+            )
+    return charged
 
 
 async def charge(conn: Connection, sub: str, part: int, seq: int, attempt: int, now: float) -> int:
@@ -234,14 +264,10 @@ async def release(conn: Connection, sub: str, member: str, partitions: Sequence[
         member,
         None if partitions is None else list(partitions),
     )
-    await conn.execute(
-        "DELETE FROM calls WHERE subscription = $1 AND member = $2"
-        " AND ($3::integer[] IS NULL OR part = ANY($3))",
-        sub,
-        member,
-        None if partitions is None else list(partitions),
-    )
     if partitions is None:
+        # The calls of a process that holds nothing are forgotten (its rows of
+        # partitions given up are too, at a heartbeat): none is charged.
+        await conn.execute("DELETE FROM calls WHERE subscription = $1 AND member = $2", sub, member)
         await conn.execute(
             "DELETE FROM members WHERE subscription = $1 AND member = $2", sub, member
         )
@@ -257,14 +283,30 @@ async def announce(conn: Connection, subscription: str, *, retries: bool = False
     )
 
 
-_MARK = "SELECT mark_call($1, $2, $3, $4::bigint[], $5::integer[], $6::integer[], $7::bigint[])"
+# One statement: the slot's row replaced, each event with its partition and that
+# partition's epoch in the lease.
+_MARK = (
+    "INSERT INTO calls (subscription, member, slot, seqs, attempts, parts, epochs)"
+    " SELECT $1, $2, $3, $4::bigint[], $5::integer[], array_agg(p.part ORDER BY p.o),"
+    " array_agg(coalesce(l.epoch, -1) ORDER BY p.o)"
+    " FROM (SELECT partition_of(u.k, u.s) AS part, u.o"
+    " FROM unnest($4::bigint[], $6::text[]) WITH ORDINALITY AS u(s, k, o)) AS p"
+    " LEFT JOIN unnest($7::integer[], $8::bigint[]) AS l(part, epoch) ON l.part = p.part"
+    " ON CONFLICT (subscription, member, slot) DO UPDATE SET seqs = excluded.seqs,"
+    " attempts = excluded.attempts, parts = excluded.parts, epochs = excluded.epochs"
+)
 
 
 async def mark_call(
-    conn: Connection, lease: Lease, slot: int, seqs: Sequence[int], attempts: Sequence[int]
+    conn: Connection,
+    lease: Lease,
+    slot: int,
+    seqs: Sequence[int],
+    attempts: Sequence[int],
+    keys: Sequence[str | None],
 ) -> None:
-    """Record that a handler call of ``seqs`` (at ``attempts``) starts in ``slot`` under
-    ``lease``, replacing the slot's previous call."""
+    """Record that a handler call of ``seqs`` (at ``attempts``, of ``keys``) starts in
+    ``slot`` under ``lease``, replacing the slot's previous call."""
     await conn.execute(
         _MARK,
         lease.subscription,
@@ -272,6 +314,7 @@ async def mark_call(
         slot,
         list(seqs),
         list(attempts),
+        list(keys),
         list(lease.partitions),
         list(lease.epochs),
     )

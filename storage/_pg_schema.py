@@ -282,8 +282,8 @@ _PARTITION_OF = (
     "CASE WHEN key IS NULL THEN (seq % {P})::integer"
     " ELSE (('x' || substr(md5(key), 1, 8))::bit(32)::bigint % {P})::integer END"
 )
-_V6 = (
-    """
+_PARTITION_OF_ARGS = _PARTITION_OF.replace("key", "p_key").replace("seq", "p_seq")
+_V6 = """
 CREATE FUNCTION partition_count() RETURNS integer IMMUTABLE LANGUAGE sql AS 'SELECT {P}';
 ALTER TABLE events ADD COLUMN part integer GENERATED ALWAYS AS (PARTITION_OF) STORED;
 CREATE INDEX events_by_part ON events (part, seq);
@@ -308,17 +308,18 @@ CREATE TABLE members (
     expires_at   timestamptz NOT NULL,
     PRIMARY KEY (subscription, member)
 );
--- Handler calls in flight, written before each call: whoever takes a partition over
--- from a holder whose lease expired charges a death to those of its events.
+-- Handler calls in flight, written before each call (one row per slot, replaced by
+-- the slot's next call): whoever takes a partition over from a holder whose lease
+-- expired charges a death to its events there at that epoch.
 CREATE TABLE calls (
     subscription text COLLATE "C" NOT NULL,
     member       text COLLATE "C" NOT NULL,
     slot         integer NOT NULL,
-    seq          bigint NOT NULL,
-    attempt      integer NOT NULL,
-    part         integer NOT NULL,
-    epoch        bigint NOT NULL,
-    PRIMARY KEY (subscription, member, slot, seq)
+    seqs         bigint[] NOT NULL,
+    attempts     integer[] NOT NULL,
+    parts        integer[] NOT NULL,
+    epochs       bigint[] NOT NULL,
+    PRIMARY KEY (subscription, member, slot)
 );
 -- Events a cursor passed while they were in the retry lane or the dead letters: each
 -- must end acknowledged or dead-lettered (reconciliation checks it). Every other
@@ -423,23 +424,9 @@ BEGIN
     END LOOP;
 END $fn$;
 
--- A handler call starts in a slot of a process: it replaces the slot's last call.
-CREATE FUNCTION mark_call(p_sub text, p_member text, p_slot integer, p_seqs bigint[],
-                          p_attempts integer[], p_parts integer[], p_epochs bigint[])
-RETURNS void LANGUAGE plpgsql AS $fn$
-BEGIN
-    DELETE FROM calls WHERE subscription = p_sub AND member = p_member AND slot = p_slot;
-    INSERT INTO calls (subscription, member, slot, seq, attempt, part, epoch)
-    SELECT p_sub, p_member, p_slot, u.seq, u.attempt, l.part, l.epoch
-      FROM unnest(p_seqs, p_attempts) AS u(seq, attempt)
-      JOIN LATERAL (
-            SELECT part FROM events WHERE seq = u.seq
-            UNION ALL
-            SELECT part FROM retries WHERE subscription = p_sub AND seq = u.seq
-            LIMIT 1) AS e ON true
-      JOIN unnest(p_parts, p_epochs) AS l(part, epoch) ON l.part = e.part
-    ON CONFLICT DO NOTHING;
-END $fn$;
+-- The partition of an event of key p_key and seq p_seq (the events table's).
+CREATE FUNCTION partition_of(p_key text, p_seq bigint) RETURNS integer IMMUTABLE
+LANGUAGE sql AS $fn$ SELECT PARTITION_OF_ARGS $fn$;
 
 -- The hot path (see version 5), fenced by the leases it carries (one row per
 -- partition), announcing the new head when it appends.
@@ -486,8 +473,7 @@ BEGIN
     END IF;
     RETURN v_base;
 END $fn$;
-"""
-).replace("PARTITION_OF", _PARTITION_OF)
+""".replace("PARTITION_OF_ARGS", _PARTITION_OF_ARGS).replace("PARTITION_OF", _PARTITION_OF)
 
 # Each entry migrates from version BASE_VERSION + i to BASE_VERSION + i + 1, the same
 # version as the SQLite migration to it. Append, never edit a shipped one. ``{P}``

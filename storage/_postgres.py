@@ -665,12 +665,17 @@ class PostgresStorage:
         await self._db.read(give)
 
     async def mark_call(
-        self, lease: Lease, slot: int, seqs: Sequence[int], attempts: Sequence[int]
+        self,
+        lease: Lease,
+        slot: int,
+        seqs: Sequence[int],
+        attempts: Sequence[int],
+        keys: Sequence[str | None],
     ) -> None:
-        """Record, before it starts, a handler call of ``seqs`` in ``slot`` under
-        ``lease``: if this process dies during it, whoever takes the partitions over
-        charges the death to those events."""
-        await self._db.read(leases.mark_call, lease, slot, seqs, attempts)
+        """Record, before it starts, a handler call of ``seqs`` (at ``attempts``, of
+        ``keys``) in ``slot`` under ``lease``: if this process dies during it, whoever
+        takes the partitions over charges the death to those events."""
+        await self._db.read(leases.mark_call, lease, slot, seqs, attempts, keys)
 
     async def read_claimed(
         self,

@@ -225,9 +225,15 @@ class SharedLog(Storage, Protocol):
         """Give up ``partitions`` (all of them, and membership, if None)."""
 
     async def mark_call(
-        self, lease: Lease, slot: int, seqs: Sequence[int], attempts: Sequence[int]
+        self,
+        lease: Lease,
+        slot: int,
+        seqs: Sequence[int],
+        attempts: Sequence[int],
+        keys: Sequence[str | None],
     ) -> None:
-        """Record a handler call of ``seqs`` in ``slot`` before it starts."""
+        """Record a handler call of ``seqs`` (at ``attempts``, of ``keys``) in
+        ``slot`` before it starts."""
 
     async def read_claimed(
         self, claim: Claim, after: int, upto: int, topics: frozenset[str] | None, limit: int

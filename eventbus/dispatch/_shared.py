@@ -307,7 +307,9 @@ class SharedSubscription:
         if not records:
             return
         self._restart = self._announce = True
+        self._retrying += len(records)  # until the next reading of the log says
         self._poke.set()
+        self._progress_poke.set()
 
     def holds(self, seq: int) -> bool:
         """True: on a shared log, whichever process holds an event's partition holds
@@ -329,7 +331,8 @@ class SharedSubscription:
 
     def settled(self) -> bool:
         """No event of the subscription waits in a retry lane, in any process."""
-        return self._polled and not self._retrying
+        inner = self._inner
+        return self._polled and not self._retrying and (inner is None or inner.settled())
 
     def pending(self) -> Pending:
         return self._inner.pending() if self._inner is not None else Pending()
@@ -626,7 +629,11 @@ class SharedSubscription:
                 if lease is not None:
                     try:
                         await self._log.mark_call(
-                            lease, slot, [e.seq for e in events], [e.attempt for e in events]
+                            lease,
+                            slot,
+                            [e.seq for e in events],
+                            [e.attempt for e in events],
+                            [e.key for e in events],
                         )
                     except _storage.StorageError as exc:
                         raise translate_storage_error(exc) from exc
