@@ -22,7 +22,9 @@ and only those:
   transaction, so a takeover waits for a commit that passed it; a process paused
   past its lease (``SIGSTOP``, a long GC, a network cut) can therefore never
   acknowledge or write state once another has taken over.
-- **Takeover.** A partition whose holder's lease expired is free. Its taker first
+- **Takeover.** A partition whose holder's lease expired is free (so is one whose
+  holder ran on this host and is gone: a restart after a ``kill -9`` does not wait
+  for the lease). Its taker first
   charges a death (``eventbus.ProcessDied``, one failed attempt) to every event of it
   whose handler call the holder had started and not finished: each call is written
   to ``calls`` before it starts (:func:`mark_call`). So an event that kills every
@@ -51,6 +53,29 @@ _INTERVAL = "$3 * interval '1 second'"
 def new_member() -> str:
     """A name for this process's life on a log, unique among all processes ever."""
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{os.urandom(4).hex()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def gone_here(members: Sequence[str]) -> list[str]:
+    """The members that ran on this host and whose process is gone (killed): their
+    leases need not be waited out."""
+    host = socket.gethostname()[:40]
+    gone: list[str] = []
+    for member in members:
+        name, _, rest = member.rpartition(":")
+        where, _, pid = name.rpartition(":")
+        if where == host and pid.isdigit() and rest and not _alive(int(pid)):
+            gone.append(member)
+    return gone
 
 
 def fair_share(members: Sequence[str], me: str, partitions: int) -> int:
@@ -99,10 +124,17 @@ async def heartbeat(
             sub,
         )
     ]
+    gone = gone_here([m for m in members if m != member])
+    if gone:
+        await conn.execute(
+            "DELETE FROM members WHERE subscription = $1 AND member = ANY($2::text[])", sub, gone
+        )
+        members = [m for m in members if m not in gone]
     free = await conn.fetchval(
         "SELECT count(*) FROM partitions WHERE subscription = $1"
-        " AND (owner IS NULL OR expires_at <= clock_timestamp())",
+        " AND (owner IS NULL OR expires_at <= clock_timestamp() OR owner = ANY($2::text[]))",
         sub,
+        gone_here(await _owners(conn, sub, member)),
     )
     head = await conn.fetchval("SELECT seq FROM head")
     # Housekeeping: members long gone, and the calls of processes that hold nothing
@@ -138,10 +170,11 @@ async def acquire(
     charged = 0
     taken_over: list[int] = []
     if want > 0:
+        # Free: given up, expired, or held by a process of this host that is gone.
         rows = await conn.fetch(
             "WITH cand AS (SELECT part, owner, epoch FROM partitions"
-            " WHERE subscription = $1 AND (owner IS NULL OR expires_at <= clock_timestamp())"
-            " ORDER BY part LIMIT $4 FOR UPDATE SKIP LOCKED)"
+            " WHERE subscription = $1 AND (owner IS NULL OR expires_at <= clock_timestamp()"
+            " OR owner = ANY($5::text[])) ORDER BY part LIMIT $4 FOR UPDATE SKIP LOCKED)"
             " UPDATE partitions p SET owner = $2, epoch = p.epoch + 1,"
             f" expires_at = clock_timestamp() + {_INTERVAL}"
             " FROM cand WHERE p.subscription = $1 AND p.part = cand.part"
@@ -150,6 +183,7 @@ async def acquire(
             member,
             seconds,
             want,
+            gone_here(await _owners(conn, sub, member)),
         )
         expired: dict[str, dict[int, int]] = {}  # old holder -> {partition: epoch}
         for part, old_owner, old_epoch in rows:
@@ -167,6 +201,17 @@ async def acquire(
     lease = Lease(sub, member, tuple(int(r[0]) for r in held), tuple(int(r[1]) for r in held))
     claim = Claim(lease, tuple(int(r[2]) for r in held), tuple(sorted(taken_over)))
     return claim, charged
+
+
+async def _owners(conn: Connection, sub: str, member: str) -> list[str]:
+    """The other processes holding unexpired partitions of ``sub``."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT owner FROM partitions WHERE subscription = $1 AND owner <> $2"
+        " AND expires_at > clock_timestamp()",
+        sub,
+        member,
+    )
+    return [str(r[0]) for r in rows]
 
 
 async def _charge_calls(
