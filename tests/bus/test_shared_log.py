@@ -58,7 +58,7 @@ async def _buses(url: str, n: int, books: Books, io: float = 0.0) -> AsyncIterat
 
 
 def _shared(bus: Bus) -> SharedSubscription:
-    sub = bus._subs["count"]  # noqa: SLF001 - the test looks at which partitions it holds
+    sub = bus._subs["count"]
     assert isinstance(sub, SharedSubscription)
     return sub
 
@@ -108,9 +108,7 @@ async def test_a_bus_joining_and_one_leaving_move_partitions_without_losing_orde
     n = 900
     async with _buses(url, 2, books, io=0.001) as buses:
         await _held(buses)
-        await buses[0].publish_many(
-            Message("orders", i, key=f"k{i % KEYS}") for i in range(n // 3)
-        )
+        await buses[0].publish_many(Message("orders", i, key=f"k{i % KEYS}") for i in range(n // 3))
         async with _buses(url, 1, books, io=0.001) as joined:
             # A third bus joins while the first two are busy: each gives partitions up.
             everyone = [*buses, *joined]
