@@ -42,6 +42,7 @@ FLOORS: dict[str, int] = {
     "eventbus._effects": 7,
     "eventbus.operators": 7,
     "eventbus.cli": 7,
+    "eventbus._chaos_pg": 7,
     "eventbus.chaos": 8,
     "eventbus": 9,
     "eventbus.__main__": 9,
