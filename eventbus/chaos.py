@@ -56,8 +56,8 @@ random) with SIGKILL and starts it again, while the others go on and take its
 partitions over. The same books are checked, from the PostgreSQL log. Blame is read
 from the handlers' own records (there is no journal file: calls in flight are rows
 of the log, which the process taking over charges and deletes at once): every call
-running at a kill may be charged, and so may the last call each worker slot ended
-(its row is replaced only when the slot's next call starts), but no other event.
+running at a kill must be charged, and so may each subscription's call that ended
+last (its row deleted a round trip after its handler's last line), but no other.
 """
 
 from __future__ import annotations
@@ -530,8 +530,7 @@ def run_processes(directory: Path, settings: Settings) -> Report:
             proc.wait(timeout=RUN_TIMEOUT)
             _close(proc)
             running, window, _ = _read_calls(directory / f"calls-{victim}.txt")
-            slots = settings.concurrency + RETRY.concurrency
-            ended = _last_ended(directory / f"calls-{victim}.txt", slots)
+            ended = _last_ended(directory / f"calls-{victim}.txt", 1)
             kills.append(Kill(victim, running, running, window, ended))
             life += 1
             members[slot] = (life, _spawn(directory, settings, life, "member"))

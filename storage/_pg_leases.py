@@ -365,6 +365,16 @@ async def mark_call(
     )
 
 
+async def end_call(conn: Connection, lease: Lease, slot: int) -> None:
+    """The call in ``slot`` ended (returned or raised): no death can be blamed on it."""
+    await conn.execute(
+        "DELETE FROM calls WHERE subscription = $1 AND member = $2 AND slot = $3",
+        lease.subscription,
+        lease.member,
+        slot,
+    )
+
+
 def _starts(claim: Claim, partitions: int) -> list[int]:
     """Each partition's start, by partition number (those not held: never read)."""
     starts = [2**62] * partitions

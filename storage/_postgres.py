@@ -677,6 +677,10 @@ class PostgresStorage:
         takes the partitions over charges the death to those events."""
         await self._db.read(leases.mark_call, lease, slot, seqs, attempts, keys)
 
+    async def end_call(self, lease: Lease, slot: int) -> None:
+        """The call in ``slot`` returned or raised: a death is no longer its."""
+        await self._db.read(leases.end_call, lease, slot)
+
     async def read_claimed(
         self,
         claim: Claim,

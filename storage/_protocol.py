@@ -235,6 +235,9 @@ class SharedLog(Storage, Protocol):
         """Record a handler call of ``seqs`` (at ``attempts``, of ``keys``) in
         ``slot`` before it starts."""
 
+    async def end_call(self, lease: Lease, slot: int) -> None:
+        """The call in ``slot`` returned or raised."""
+
     async def read_claimed(
         self, claim: Claim, after: int, upto: int, topics: frozenset[str] | None, limit: int
     ) -> list[Record]:

@@ -26,6 +26,7 @@ which one process at a time handles, from where the last holder's commits left i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -624,20 +625,29 @@ class SharedSubscription:
         async def marked(arg: object, ctx: Context) -> None:
             events = typing.cast("list[Event[object]]", arg if isinstance(arg, list) else [arg])
             lease = self._lease
+            if lease is None:
+                await call(arg, ctx)
+                return
             slot = self._slots.take()
             try:
-                if lease is not None:
-                    try:
-                        await self._log.mark_call(
-                            lease,
-                            slot,
-                            [e.seq for e in events],
-                            [e.attempt for e in events],
-                            [e.key for e in events],
-                        )
-                    except _storage.StorageError as exc:
-                        raise translate_storage_error(exc) from exc
-                await call(arg, ctx)
+                try:
+                    await self._log.mark_call(
+                        lease,
+                        slot,
+                        [e.seq for e in events],
+                        [e.attempt for e in events],
+                        [e.key for e in events],
+                    )
+                except _storage.StorageError as exc:
+                    raise translate_storage_error(exc) from exc
+                try:
+                    await call(arg, ctx)
+                finally:
+                    # Returned or raised (not cancelled: then the scope is gone, and
+                    # the row is replaced by the slot's next call, or forgotten when
+                    # the partitions are given up).
+                    with contextlib.suppress(_storage.StorageError):
+                        await self._log.end_call(lease, slot)
             finally:
                 self._slots.give(slot)
 

@@ -55,3 +55,28 @@ def test_the_order_checks_catch_a_subscription_that_lets_a_key_run_out_of_order(
     text = format_report(report, seed=settings.seed)
     assert not report.ok, text
     assert report.order_violations > 0, text
+
+
+@pytest.mark.postgres
+def test_consumer_processes_sharing_a_postgres_log_are_exactly_once_across_kills(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Three consumer processes and a publisher on one PostgreSQL log; one consumer
+    at a time killed and started again: the others take its partitions over."""
+    settings = Settings(
+        events=4000,
+        kills=4,
+        seed=5,
+        poison_every=100,
+        flaky_every=250,
+        min_wait=0.1,
+        max_wait=0.8,
+        backend="postgres",
+        processes=3,
+        url=pg_url + "&lease=2",
+    )
+    report = run_harness(tmp_path, settings)
+    text = format_report(report, seed=settings.seed)
+    assert report.ok, text
+    assert report.kills == 4, text
+    assert report.poison_dead_letters == report.dead_letters == 40, text

@@ -138,6 +138,8 @@ async def test_taking_over_charges_a_death_to_exactly_the_calls_in_flight(pg_url
         await a.mark_call(claim.lease, 2, [5], [1], ["k4"])
         await a.mark_call(claim.lease, 2, [6], [1], ["k5"])  # replaced 5 in its slot: 5 ended
         await a.mark_call(claim.lease, 3, [1], [1], ["k0"])  # ended, and its ack committed
+        await a.mark_call(claim.lease, 4, [4], [1], ["k3"])
+        await a.end_call(claim.lease, 4)  # returned: not running any more
         await anyio.sleep(0.4)  # a dies: its lease runs out
         taken = await b.acquire("s", 4)
         assert taken.taken_over == (0, 1, 2, 3)
