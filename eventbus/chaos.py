@@ -691,6 +691,31 @@ def _blame(kills: list[Kill], attempts: dict[str, int], book: _Log, own: set[str
     return out
 
 
+def _charged_in_an_instant(blame: _Blame, directory: Path, last_life: int, kills: int) -> None:
+    """On a shared log, the handlers' records stand for the journal: a call whose row
+    was written but whose handler had not yet written its first line when the kill
+    landed is charged too, seen first at a later attempt. Count those as calls in an
+    instant: each kill may leave one per subscription."""
+    lowest: dict[str, int] = {}
+    for life in range(last_life + 1):
+        path = directory / f"calls-{life}.txt"
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8").split("\n")[:-1]:
+            what, sub, seqs, *rest = line.split()
+            if what == "start":
+                for seq, attempt in zip(seqs.split(","), rest[0].split(","), strict=True):
+                    key = f"{sub} {seq}"
+                    lowest[key] = min(lowest.get(key, int(attempt)), int(attempt))
+    instants = 0
+    for key in blame.blamed - set(blame.deaths) - set(blame.possible):
+        if lowest.get(key, 2) > 1:
+            blame.possible[key] += lowest.get(key, 2) - 1
+            instants += lowest.get(key, 2) - 1
+    blame.in_an_instant += instants
+    blame.beyond_one_call += max(0, instants - 2 * kills)
+
+
 def account(
     directory: Path,
     settings: Settings,
@@ -714,6 +739,8 @@ def account(
         for key, attempt in _read_calls(directory / f"calls-{life}.txt")[2].items():
             attempts[key] = max(attempts.get(key, 0), attempt)
     blame = _blame(kills, attempts, book, poison_keys | flaky_keys)
+    if settings.url:
+        _charged_in_an_instant(blame, directory, last_life, len(kills))
     in_flight = set(blame.deaths) - poison_keys - flaky_keys
 
     # Dead letters: the poison, and events that killed the process max_attempts times
