@@ -331,14 +331,15 @@ async def announce(conn: Connection, subscription: str, *, retries: bool = False
 # One statement: the slot's row replaced, each event with its partition and that
 # partition's epoch in the lease.
 _MARK = (
-    "INSERT INTO calls (subscription, member, slot, seqs, attempts, parts, epochs)"
-    " SELECT $1, $2, $3, $4::bigint[], $5::integer[], array_agg(p.part ORDER BY p.o),"
+    "INSERT INTO calls (subscription, member, slot, call, seqs, attempts, parts, epochs)"
+    " SELECT $1, $2, $3, $9, $4::bigint[], $5::integer[], array_agg(p.part ORDER BY p.o),"
     " array_agg(coalesce(l.epoch, -1) ORDER BY p.o)"
     " FROM (SELECT partition_of(u.k, u.s) AS part, u.o"
     " FROM unnest($4::bigint[], $6::text[]) WITH ORDINALITY AS u(s, k, o)) AS p"
     " LEFT JOIN unnest($7::integer[], $8::bigint[]) AS l(part, epoch) ON l.part = p.part"
-    " ON CONFLICT (subscription, member, slot) DO UPDATE SET seqs = excluded.seqs,"
-    " attempts = excluded.attempts, parts = excluded.parts, epochs = excluded.epochs"
+    " ON CONFLICT (subscription, member, slot) DO UPDATE SET call = excluded.call,"
+    " seqs = excluded.seqs, attempts = excluded.attempts, parts = excluded.parts,"
+    " epochs = excluded.epochs"
 )
 
 
@@ -349,9 +350,10 @@ async def mark_call(
     seqs: Sequence[int],
     attempts: Sequence[int],
     keys: Sequence[str | None],
+    call: int,
 ) -> None:
-    """Record that a handler call of ``seqs`` (at ``attempts``, of ``keys``) starts in
-    ``slot`` under ``lease``, replacing the slot's previous call."""
+    """Record that handler call number ``call``, of ``seqs`` (at ``attempts``, of
+    ``keys``), starts in ``slot`` under ``lease``, replacing the slot's previous call."""
     await conn.execute(
         _MARK,
         lease.subscription,
@@ -362,16 +364,20 @@ async def mark_call(
         list(keys),
         list(lease.partitions),
         list(lease.epochs),
+        call,
     )
 
 
-async def end_call(conn: Connection, lease: Lease, slot: int) -> None:
-    """The call in ``slot`` ended (returned or raised): no death can be blamed on it."""
+async def end_calls(conn: Connection, lease: Lease, calls: Sequence[tuple[int, int]]) -> None:
+    """The calls ``(slot, call number)`` ended (returned or raised): no death can be
+    blamed on them. A slot whose next call started already is left alone."""
     await conn.execute(
-        "DELETE FROM calls WHERE subscription = $1 AND member = $2 AND slot = $3",
+        "DELETE FROM calls WHERE subscription = $1 AND member = $2"
+        " AND (slot, call) IN (SELECT * FROM unnest($3::integer[], $4::bigint[]))",
         lease.subscription,
         lease.member,
-        slot,
+        [slot for slot, _ in calls],
+        [call for _, call in calls],
     )
 
 

@@ -315,6 +315,7 @@ CREATE TABLE calls (
     subscription text COLLATE "C" NOT NULL,
     member       text COLLATE "C" NOT NULL,
     slot         integer NOT NULL,
+    call         bigint NOT NULL,
     seqs         bigint[] NOT NULL,
     attempts     integer[] NOT NULL,
     parts        integer[] NOT NULL,

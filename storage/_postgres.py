@@ -671,15 +671,19 @@ class PostgresStorage:
         seqs: Sequence[int],
         attempts: Sequence[int],
         keys: Sequence[str | None],
+        call: int = 0,
     ) -> None:
-        """Record, before it starts, a handler call of ``seqs`` (at ``attempts``, of
-        ``keys``) in ``slot`` under ``lease``: if this process dies during it, whoever
-        takes the partitions over charges the death to those events."""
-        await self._db.read(leases.mark_call, lease, slot, seqs, attempts, keys)
+        """Record, before it starts, handler call number ``call`` of ``seqs`` (at
+        ``attempts``, of ``keys``) in ``slot`` under ``lease``: if this process dies
+        during it, whoever takes the partitions over charges the death to those
+        events."""
+        await self._db.read(leases.mark_call, lease, slot, seqs, attempts, keys, call)
 
-    async def end_call(self, lease: Lease, slot: int) -> None:
-        """The call in ``slot`` returned or raised: a death is no longer its."""
-        await self._db.read(leases.end_call, lease, slot)
+    async def end_calls(self, lease: Lease, calls: Sequence[tuple[int, int]]) -> None:
+        """The calls ``(slot, call number)`` returned or raised: a death is no longer
+        theirs (a slot whose next call started is left as it is)."""
+        if calls:
+            await self._db.read(leases.end_calls, lease, calls)
 
     async def read_claimed(
         self,

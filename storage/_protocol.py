@@ -231,12 +231,13 @@ class SharedLog(Storage, Protocol):
         seqs: Sequence[int],
         attempts: Sequence[int],
         keys: Sequence[str | None],
+        call: int = 0,
     ) -> None:
-        """Record a handler call of ``seqs`` (at ``attempts``, of ``keys``) in
-        ``slot`` before it starts."""
+        """Record handler call number ``call`` of ``seqs`` (at ``attempts``, of
+        ``keys``) in ``slot`` before it starts."""
 
-    async def end_call(self, lease: Lease, slot: int) -> None:
-        """The call in ``slot`` returned or raised."""
+    async def end_calls(self, lease: Lease, calls: Sequence[tuple[int, int]]) -> None:
+        """The calls ``(slot, call number)`` returned or raised."""
 
     async def read_claimed(
         self, claim: Claim, after: int, upto: int, topics: frozenset[str] | None, limit: int

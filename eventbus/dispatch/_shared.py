@@ -26,7 +26,6 @@ which one process at a time handles, from where the last holder's commits left i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -69,6 +68,9 @@ logger = logging.getLogger("eventbus.dispatch")
 # While the subscription's progress (in every partition) trails the head, it is read
 # this often, so that drain() sees other processes' acknowledgements.
 _PROGRESS_POLL = 0.05
+# How long after a call ends its row is deleted, unless its slot's next call
+# replaces it first: a busy worker never waits for a deletion.
+_CLEAR_AFTER = 0.005
 # How long to wait before trying again after the log failed (a lost connection).
 _RETRY_DELAY = 0.5
 
@@ -242,6 +244,10 @@ class SharedSubscription:
         self._totals = (0, 0, 0, 0)  # handled, batches, failed, dead of ended generations
         self._lease: Lease | None = None
         self._slots = _Slots()
+        self._calls = 0  # handler calls marked so far
+        # Slots whose call ended and whose row is still in the log: (lease, call).
+        self._ended: dict[int, tuple[Lease, int]] = {}
+        self._clear = asyncio.Event()
         self._poke = asyncio.Event()  # the lease loop has something to look at
         self._progress_poke = asyncio.Event()
         self._stopping = False
@@ -389,6 +395,7 @@ class SharedSubscription:
                 await self._register_once()
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._watch_progress, name=f"{self.name} progress")
+                    tg.start_soon(self._clear_ended, name=f"{self.name} calls ended")
                     await self._serve()
                     tg.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -613,6 +620,28 @@ class SharedSubscription:
             if self._finished_upto < self._log.head or retrying:
                 await anyio.sleep(_PROGRESS_POLL)
 
+    async def _clear_ended(self) -> None:
+        """Delete the rows of calls that ended, a moment after they did: a worker
+        that goes on with its next event replaces its row instead (no round trip);
+        one that goes idle has it deleted here, all at once."""
+        while True:
+            await self._clear.wait()
+            self._clear.clear()
+            await anyio.sleep(_CLEAR_AFTER)
+            ended, self._ended = self._ended, {}
+            by_lease: dict[Lease, list[tuple[int, int]]] = {}
+            for slot, (lease, number) in ended.items():
+                by_lease.setdefault(lease, []).append((slot, number))
+            for lease, calls in by_lease.items():
+                try:
+                    await self._log.end_calls(lease, calls)
+                except _storage.StorageError as exc:
+                    # Left in the log: charged only if this process dies before the
+                    # slot's next call replaces the row.
+                    logger.info(
+                        "subscription %s: forgetting ended calls failed (%s)", self.name, exc
+                    )
+
     # -- handler calls ----------------------------------------------------------------
 
     def _marked(self, handler: Handler) -> Handler:
@@ -629,6 +658,9 @@ class SharedSubscription:
                 await call(arg, ctx)
                 return
             slot = self._slots.take()
+            self._ended.pop(slot, None)  # its next call replaces its row
+            self._calls += 1
+            number = self._calls
             try:
                 try:
                     await self._log.mark_call(
@@ -637,17 +669,17 @@ class SharedSubscription:
                         [e.seq for e in events],
                         [e.attempt for e in events],
                         [e.key for e in events],
+                        number,
                     )
                 except _storage.StorageError as exc:
                     raise translate_storage_error(exc) from exc
                 try:
                     await call(arg, ctx)
                 finally:
-                    # Returned or raised (not cancelled: then the scope is gone, and
-                    # the row is replaced by the slot's next call, or forgotten when
-                    # the partitions are given up).
-                    with contextlib.suppress(_storage.StorageError):
-                        await self._log.end_call(lease, slot)
+                    # Returned or raised: its row goes, unless the slot's next call
+                    # replaces it first (a worker going on with its next event).
+                    self._ended[slot] = (lease, number)
+                    self._clear.set()
             finally:
                 self._slots.give(slot)
 

@@ -139,19 +139,20 @@ async def test_taking_over_charges_a_death_to_exactly_the_calls_in_flight(pg_url
         await a.mark_call(claim.lease, 2, [6], [1], ["k5"])  # replaced 5 in its slot: 5 ended
         await a.mark_call(claim.lease, 3, [1], [1], ["k0"])  # ended, and its ack committed
         await a.mark_call(claim.lease, 4, [4], [1], ["k3"])
-        await a.end_call(claim.lease, 4)  # returned: not running any more
+        await a.mark_call(claim.lease, 5, [5], [1], ["k4"], call=7)
+        await a.end_calls(claim.lease, [(4, 0), (5, 6)])  # 4 returned; 5 is call 7 now
         await anyio.sleep(0.4)  # a dies: its lease runs out
         taken = await b.acquire("s", 4)
         assert taken.taken_over == (0, 1, 2, 3)
         lane = {r.record.seq: r for r in await b.retries("s")}
-        assert sorted(lane) == [2, 3, 6]
+        assert sorted(lane) == [2, 3, 5, 6]
         assert (lane[2].attempt, lane[3].attempt, lane[6].attempt) == (2, 3, 2)
         assert {r.error_type for r in lane.values()} == {PROCESS_DIED}
         assert lane[3].error_message == "process died while handling (attempt 2)"
         # Charged once: a second takeover finds nothing more to charge.
         await b.release("s", None)
         await b.acquire("s", 4)
-        assert {r.record.seq: r.attempt for r in await b.retries("s")} == {2: 2, 3: 3, 6: 2}
+        assert {r.record.seq: r.attempt for r in await b.retries("s")} == {2: 2, 3: 3, 5: 2, 6: 2}
     finally:
         await a.close()
         await b.close()
