@@ -11,7 +11,7 @@ What is timed:
   (``python bench/scaleout.py --consumer``) subscribe one per-event handler that
   awaits ``--io-ms`` (default 1 ms) of simulated I/O, at concurrency 1 each, and wait
   until they hold the log's 16 partitions between them (a fair share each). Then
-  this process publishes ``--events`` small events over 256 keys (publish_many, 500
+  this process publishes ``--events`` small events over 10,000 keys (publish_many, 500
   a commit) and times from the first publish until every event is handled and
   acknowledged in every partition (the log's own progress, read every 10 ms). The
   ratio of each N's events/s to 1 process's is printed: the ideal is N, since each
@@ -41,7 +41,7 @@ from eventbus import Bus, BusConfig, Context, Event, Message
 from storage import PostgresStorage
 
 DEFAULT_URL = os.environ.get("TESTS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-KEYS = 256
+KEYS = 10_000  # many keys, as customers are: the partitions get even shares
 pg: ModuleType = load_script("postgres")  # the single-process publish scenarios
 SUBSCRIPTION = "work"
 TOPIC = "orders"
@@ -75,6 +75,8 @@ async def consumer(url: str, io_ms: float) -> None:
                 held = now
                 print(f"holding {held}", flush=True)
             await asyncio.wait([stdin], timeout=0.05)
+        generations = getattr(sub, "generations", 0)
+        print(f"done: {generations} generations", file=sys.stderr, flush=True)
 
 
 # -- the driver ----------------------------------------------------------------------------
