@@ -20,6 +20,7 @@ from storage import (
     NewRecord,
     Receipt,
     Record,
+    SharedSQLiteStorage,
     SQLiteStorage,
 )
 from storage import SubscriptionInfo as _SubInfo
@@ -101,6 +102,7 @@ class Bus:
         self._failure_count = 0
         self._tg: anyio.abc.TaskGroup | None = None
         self._maintenance_scope = anyio.CancelScope()
+        self._poll_scope = anyio.CancelScope()
         self._writer_done = anyio.Event()
         self._closing = False
         self._closed = False
@@ -188,6 +190,7 @@ class Bus:
         try:
             bus = cls(storage, config, clock or LoopClock())
             bus._known = await storage.subscriptions()
+            shared = isinstance(storage, _storage.SharedLog)
             if isinstance(storage, _storage.SharedLog):
                 storage.watch(bus._noticed)
             first = await storage.read(0, storage.head, None, 1)
@@ -199,6 +202,8 @@ class Bus:
                 tg.start_soon(bus._maintenance)
                 tg.start_soon(bus._reconciler.run)
                 tg.start_soon(bus._warn_unclaimed)
+                if shared:
+                    tg.start_soon(bus._poll_log)
                 try:
                     yield bus
                 except BaseException as exc:  # noqa: BLE001 - re-raised below, as it is
@@ -255,6 +260,7 @@ class Bus:
                 for sub in self._subs.values():
                     sub.flush_position()
                 self._maintenance_scope.cancel()
+                self._poll_scope.cancel()
                 self._writer.stop()
                 with anyio.move_on_after(self.config.close_timeout) as timer:
                     await self._writer_done.wait()
@@ -273,6 +279,28 @@ class Bus:
         finally:
             self._writer_done.set()
 
+    async def _poll_log(self) -> None:
+        """On a shared log that cannot announce appends (SQLite), look for other
+        processes' appends every ``poll_interval``."""
+        log = self._log
+        assert isinstance(log, _storage.SharedLog)
+        interval = log.poll_interval
+        if interval is None:
+            return
+        with self._poll_scope:
+            while True:
+                await anyio.sleep(interval)
+                try:
+                    await log.poll()
+                except _storage.StorageError as exc:
+                    logger.info("looking for other processes' appends failed: %s", exc)
+
+    def _upkeep(self) -> bool:
+        """Whether this process does the log's upkeep: queued commands, compaction
+        (on a SQLite log shared by processes, only the one dispatching)."""
+        log = self._log
+        return not isinstance(log, _storage.SharedLog) or log.dispatching
+
     async def _maintenance(self) -> None:
         """Compaction every ``compact_interval``; commands queued by the command line
         every ``control_interval``."""
@@ -282,6 +310,8 @@ class Bus:
             next_compaction = now() + config.compact_interval
             while True:
                 await anyio.sleep(min(config.control_interval, config.compact_interval))
+                if not self._upkeep():
+                    continue
                 try:
                     await self._apply_control()
                 except _storage.StorageError as exc:
@@ -922,7 +952,8 @@ def _storage_for(target: str, config: BusConfig) -> _storage.Storage:
     if target == ":memory:":
         return MemoryStorage()
     if not _storage.is_postgres_url(target):
-        return SQLiteStorage(
+        kind = SharedSQLiteStorage if config.shared else SQLiteStorage
+        return kind(
             target,
             durability=config.durability,
             busy_timeout=config.busy_timeout,

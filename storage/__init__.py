@@ -28,6 +28,7 @@ from ._pg_url import is_postgres_url
 from ._protocol import SharedLog, Storage
 from ._schema import SCHEMA_VERSION
 from ._sqlite import Durability, SQLiteStorage
+from ._sqlite_shared import SharedSQLiteStorage
 from ._statements import submit_control
 from ._types import (
     PROCESS_DIED,
@@ -93,6 +94,7 @@ __all__ = [
     "RecordRejected",
     "RetryRecord",
     "SQLiteStorage",
+    "SharedSQLiteStorage",
     "SchemaTooNew",
     "Share",
     "SharedLog",

@@ -183,6 +183,16 @@ class PostgresStorage:
         self._watchers: list[Watcher] = []
         self._listener: Listener | None = None
 
+    #: Calls in flight are rows of the log (:meth:`mark_call`).
+    records_calls = True
+    #: Appends are announced (LISTEN/NOTIFY): nothing to poll.
+    poll_interval: float | None = None
+    #: Any process does the log's upkeep.
+    dispatching = True
+
+    async def poll(self) -> None:
+        """Nothing: appends are announced."""
+
     @property
     def head(self) -> int:
         """The highest head seen: committed here, announced, or read."""

@@ -201,6 +201,14 @@ class SharedLog(Storage, Protocol):
     member: str
     #: Seconds a lease lasts unless renewed.
     lease_time: float
+    #: Whether handler calls are recorded in the log (:meth:`mark_call`); if not,
+    #: :meth:`Storage.calls` records them.
+    records_calls: bool
+    #: Seconds between :meth:`poll` calls the log needs to notice other processes'
+    #: appends (None: it announces them itself).
+    poll_interval: float | None
+    #: Whether this process may do the log's upkeep (queued commands, compaction).
+    dispatching: bool
 
     @property
     def partitions(self) -> int: ...
@@ -212,6 +220,9 @@ class SharedLog(Storage, Protocol):
     async def announce(self, subscription: str) -> None:
         """Tell the holders of ``subscription``'s partitions that its retry lane was
         written outside their handling: they read it again."""
+
+    async def poll(self) -> None:
+        """Look for other processes' appends (and tell the watchers)."""
 
     async def heartbeat(self, subscription: str, lease: Lease | None) -> Share:
         """Renew what of ``lease`` is still held, say this process is alive on

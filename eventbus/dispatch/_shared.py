@@ -94,7 +94,9 @@ class _ClaimedLog:
         return await self._log.claimed_finished_ahead(self._claim.lease, after)
 
     def calls(self, subscription: str, slots: int, width: int) -> CallSlots:
-        return NoCallSlots()  # calls are marked in the log by the handler's wrapper
+        if self._log.records_calls:
+            return NoCallSlots()  # marked in the log by the handler's wrapper
+        return self._log.calls(subscription, slots, width)
 
     async def get_state(self, subscription: str, keys: Sequence[str]) -> dict[str, bytes]:
         return await self._log.get_state(subscription, keys)
@@ -227,7 +229,7 @@ class SharedSubscription:
             "concurrency": concurrency,
             "capacity": capacity,
         }
-        self._handler = self._marked(handler)
+        self._handler = self._marked(handler) if log.records_calls else handler
         self._writer = writer
         self._log = log
         self._decode = decode

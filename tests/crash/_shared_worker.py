@@ -1,4 +1,5 @@
-"""A process on a PostgreSQL log shared with others, for tests/crash/test_shared_processes.py.
+"""A process on a log shared with others (PostgreSQL, or a SQLite file opened with
+``shared=True``), for tests/crash/test_shared_processes.py.
 
     python _shared_worker.py consume URL RECORD [--io S] [--stall N] [--kill N]
     python _shared_worker.py publish URL RECORD --first N --count M
@@ -25,15 +26,20 @@ import sys
 import anyio
 
 from eventbus import Bus, BusConfig, Context, Event, RetryPolicy
+from storage import is_postgres_url
 
 KEYS = 11
+
+
+def _config(url: str) -> BusConfig:
+    return BusConfig(breaker=None, shared=not is_postgres_url(url))
 
 
 async def consume(url: str, record: str, io: float, stall: int, kill: int) -> None:
     retry = RetryPolicy(max_attempts=3, initial_delay=0.01, max_delay=0.05)
     stop = anyio.Event()
     with open(record, "a", buffering=1) as out:  # noqa: ASYNC230 - a test's record
-        async with Bus.open(url, config=BusConfig(breaker=None)) as bus:
+        async with Bus.open(url, config=_config(url)) as bus:
             ready = False
 
             @bus.subscribe("orders", name="work", retry=retry)
@@ -80,7 +86,7 @@ async def consume(url: str, record: str, io: float, stall: int, kill: int) -> No
 
 async def publish(url: str, record: str, first: int, count: int) -> None:
     with open(record, "a", buffering=1) as out:  # noqa: ASYNC230 - a test's record
-        async with Bus.open(url) as bus:
+        async with Bus.open(url, config=_config(url)) as bus:
             for n in range(first, first + count):
                 receipt = await bus.publish(
                     "orders", n, key=f"k{n % KEYS}", idempotency_key=f"order-{n}"
