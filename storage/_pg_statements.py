@@ -6,9 +6,10 @@ runs on one asyncpg connection, inside a transaction its caller opened
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypeAlias
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
+from ._errors import StorageError
 from ._pg_batch import (
     ADD_ACKED,
     DEAD_COLUMNS,
@@ -228,3 +229,59 @@ async def drop_subscription(conn: Connection, name: str) -> bool:
         await conn.execute(f"DELETE FROM {table} WHERE subscription = $1", name)
     await conn.execute("DELETE FROM calls WHERE subscription = $1", name)
     return bool(existed)
+
+
+# -- filling a new log -----------------------------------------------------------------
+
+
+async def load(
+    conn: Connection,
+    chunks: AsyncIterator[tuple[str, tuple[str, ...], list[tuple[Any, ...]]]],
+    on_copied: Callable[[str, int], None] | None,
+    path: str,
+) -> dict[str, int]:
+    """Fill this empty log with rows of another (``_migrate``), in the caller's
+    transaction: ``(table, columns, rows)`` chunks, and ``("meta",
+    ("compacted_upto",), [(seq,)])`` for the head of a log whose last events were
+    compacted. Then each subscription's partitions start at its cursor."""
+    used = await conn.fetchval(
+        "SELECT (SELECT seq FROM head) > 0 OR EXISTS (SELECT 1 FROM subscriptions)"
+        " OR EXISTS (SELECT 1 FROM workflows) OR EXISTS (SELECT 1 FROM dead_letters)"
+    )
+    if used:
+        raise StorageError(
+            f"{path!r} is not empty: a log is copied only into a new one. Give it another "
+            "schema (?schema=... in the URL), or drop this one first"
+        )
+    counts: dict[str, int] = {}
+    compacted = 0
+    async for table, columns, rows in chunks:
+        if table == "meta":
+            compacted = int(rows[0][0])
+            continue
+        await conn.copy_records_to_table(table, records=rows, columns=list(columns))
+        counts[table] = counts.get(table, 0) + len(rows)
+        if on_copied is not None:
+            on_copied(table, len(rows))
+    await conn.execute(
+        "UPDATE head SET seq = greatest((SELECT coalesce(max(seq), 0) FROM events), $1)",
+        compacted,
+    )
+    await conn.execute(
+        "INSERT INTO partitions (subscription, part, cursor)"
+        " SELECT s.name, p, s.cursor FROM subscriptions s,"
+        " generate_series(0, partition_count() - 1) AS p ON CONFLICT DO NOTHING"
+    )
+    await conn.execute(
+        "INSERT INTO holes (subscription, seq)"
+        " SELECT r.subscription, r.seq FROM retries r JOIN subscriptions s"
+        " ON s.name = r.subscription WHERE r.seq <= s.cursor"
+        " UNION SELECT d.subscription, d.seq FROM dead_letters d JOIN subscriptions s"
+        " ON s.name = d.subscription WHERE d.seq <= s.cursor"
+        " ON CONFLICT DO NOTHING"
+    )
+    await conn.execute(
+        "SELECT setval(pg_get_serial_sequence('workflows', 'num'),"
+        " coalesce(max(num), 1), max(num) IS NOT NULL) FROM workflows"
+    )
+    return counts

@@ -54,8 +54,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from typing import TypeAlias
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeAlias
 
 import anyio
 import asyncpg
@@ -580,6 +580,24 @@ class PostgresStorage:
             wal_bytes=0,
             retries={name: int(n) for name, n in retries},
         )
+
+    async def load(
+        self,
+        chunks: AsyncIterator[tuple[str, tuple[str, ...], list[tuple[Any, ...]]]],
+        on_copied: Callable[[str, int], None] | None = None,
+    ) -> dict[str, int]:
+        """Fill this log, which must be empty, with the rows of another, in one
+        transaction (``eventbus migrate``: :mod:`storage._migrate`). Returns the rows
+        copied per table.
+
+        Raises:
+            StorageError: The log is not empty.
+
+        Cancellation: the transaction runs to its end first (shielded).
+        """
+        counts = await self._db.write(stmts.load, chunks, on_copied, self.path)
+        self._head = await self._db.read(stmts.read_head)
+        return counts
 
     # -- sharing the work among processes (see _pg_leases) --------------------------
 
