@@ -332,11 +332,11 @@ async def announce(conn: Connection, subscription: str, *, retries: bool = False
 # partition's epoch in the lease.
 _MARK = (
     "INSERT INTO calls (subscription, member, slot, call, seqs, attempts, parts, epochs)"
-    " SELECT $1, $2, $3, $9, $4::bigint[], $5::integer[], array_agg(p.part ORDER BY p.o),"
+    " SELECT $1, $2, $3, $7, $4::bigint[], $5::integer[], array_agg(p.part ORDER BY p.o),"
     " array_agg(coalesce(l.epoch, -1) ORDER BY p.o)"
     " FROM (SELECT partition_of(u.k, u.s) AS part, u.o"
     " FROM unnest($4::bigint[], $6::text[]) WITH ORDINALITY AS u(s, k, o)) AS p"
-    " LEFT JOIN unnest($7::integer[], $8::bigint[]) AS l(part, epoch) ON l.part = p.part"
+    " LEFT JOIN partitions l ON l.subscription = $1 AND l.part = p.part AND l.owner = $2"
     " ON CONFLICT (subscription, member, slot) DO UPDATE SET call = excluded.call,"
     " seqs = excluded.seqs, attempts = excluded.attempts, parts = excluded.parts,"
     " epochs = excluded.epochs"
@@ -353,7 +353,9 @@ async def mark_call(
     call: int,
 ) -> None:
     """Record that handler call number ``call``, of ``seqs`` (at ``attempts``, of
-    ``keys``), starts in ``slot`` under ``lease``, replacing the slot's previous call."""
+    ``keys``), starts in ``slot`` under ``lease``, replacing the slot's previous call.
+    Each event is recorded with its partition's epoch as the log holds it now (the
+    lease's, unless it was lost: then no takeover charges it)."""
     await conn.execute(
         _MARK,
         lease.subscription,
@@ -362,8 +364,6 @@ async def mark_call(
         list(seqs),
         list(attempts),
         list(keys),
-        list(lease.partitions),
-        list(lease.epochs),
         call,
     )
 
