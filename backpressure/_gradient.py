@@ -222,6 +222,7 @@ class GradientController(NaturalController):
         self._tolerance = tolerance
         self.model = CostModel(smoothing, memory=smoothing / 2)
         self._limit = float(initial)
+        self._target = max(self._min, min(self._max, initial))  # target(), cached
         self._backlog = False
 
     @property
@@ -229,7 +230,7 @@ class GradientController(NaturalController):
         return self._target_latency
 
     def target(self) -> int:
-        return max(self._min, min(self._max, int(self._limit)))
+        return self._target
 
     def linger(self) -> float:
         if not self._backlog:
@@ -255,7 +256,7 @@ class GradientController(NaturalController):
         # is identified the limit follows the latencies, so full batches would bias
         # its fit (closed-loop data); smaller ones, sized by the arrivals, and the
         # fixed doubling of the slow start, do not.
-        full = size >= self.target()
+        full = size >= self._target
         wanted = full and sample.queue_depth > 0
         self.model.add(size, latency, fit=not (full and self.model.identified))
         ideal = self.ideal_size()
@@ -271,4 +272,5 @@ class GradientController(NaturalController):
         elif wanted and ideal > high:
             limit = ideal
         self._limit = min(float(self._max), max(float(self._min), limit))
-        self._backlog = sample.queue_depth >= self.target()
+        self._target = max(self._min, min(self._max, int(self._limit)))
+        self._backlog = sample.queue_depth >= self._target

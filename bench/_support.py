@@ -7,6 +7,7 @@ with :func:`load_script` after putting bench/ there too.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import importlib.util
@@ -22,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar, overload
+
+from eventbus.progress import Progress
 
 T = TypeVar("T")
 
@@ -93,6 +96,28 @@ class ThreadTimes:
         this object was made."""
         cpu, wait = self._read()
         return cpu - self.cpu, None if wait is None or self.wait is None else wait - self.wait
+
+
+@contextmanager
+def steps(label: str, total: int, *, quiet: bool = False) -> Iterator[Callable[[str], None]]:
+    """What a script's ``progress=`` takes: each call counts one of ``total``
+    measurement steps done and prints its message (``  .. message``) on stderr; on a
+    terminal a progress line with an ETA stays below the messages
+    (:mod:`eventbus.progress`). ``quiet`` (the scripts' ``--quiet``) prints neither."""
+    with Progress(label, total, unit="steps", quiet=quiet) as progress:
+
+        def say(message: str) -> None:
+            progress.advance()
+            progress.echo(f"  .. {message}")
+
+        yield say
+
+
+def add_quiet(parser: argparse.ArgumentParser) -> None:
+    """The scripts' ``--quiet``: no progress messages, no progress line."""
+    parser.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress messages and no progress line"
+    )
 
 
 @contextmanager

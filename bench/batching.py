@@ -67,7 +67,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from _support import loop_name, machine, temp_dir
+from _support import add_quiet, loop_name, machine, steps, temp_dir
 
 import eventbus
 from eventbus import BatchPolicy, Bus, BusConfig, Context, Event
@@ -521,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--gc", action="store_true", help="keep the cyclic GC on during runs")
     parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio loop")
+    add_quiet(parser)
     args = parser.parse_args(argv)
     base = QUICK if args.quick else Plan()
     plan = Plan(
@@ -539,13 +540,11 @@ def main(argv: list[str] | None = None) -> int:
         s for s in SETTINGS if not args.setting or s.label in args.setting or s.label == "adaptive"
     )
 
+    total = max(1, plan.rounds) * len(workloads) * len(settings)
+
     async def run() -> Report:
-        report = await measure(
-            plan,
-            workloads,
-            settings,
-            progress=lambda msg: print(f"  .. {msg}", file=sys.stderr, flush=True),
-        )
+        with steps("batching", total, quiet=args.quiet) as say:
+            report = await measure(plan, workloads, settings, progress=say)
         print(format_report(report))
         return report
 

@@ -60,7 +60,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
-from _support import ThreadTimes, frozen_gc, loop_name, machine, median, temp_dir
+from _support import (
+    ThreadTimes,
+    add_quiet,
+    frozen_gc,
+    loop_name,
+    machine,
+    median,
+    steps,
+    temp_dir,
+)
 
 import eventbus
 from eventbus import Bus, BusConfig, BusFull, Context, Event, Message
@@ -544,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds, medians reported (default 3)")
     parser.add_argument("--paced-seconds", type=float, help="length of each paced run (2)")
     parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio loop")
+    add_quiet(parser)
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     plan = Plan(
@@ -554,10 +564,12 @@ def main(argv: list[str] | None = None) -> int:
         paced_seconds=args.paced_seconds or plan.paced_seconds,
     )
 
+    # Each round's backlog runs, then one paced run per level.
+    total = (max(1, plan.rounds) + 1) * len(plan.levels)
+
     async def run() -> Report:
-        report = await measure(
-            plan, progress=lambda msg: print(f"  .. {msg}", file=sys.stderr, flush=True)
-        )
+        with steps("concurrency", total, quiet=args.quiet) as say:
+            report = await measure(plan, progress=say)
         print(format_report(report))  # inside the loop, so the header names it
         return report
 

@@ -71,7 +71,16 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from _support import frozen_gc, load_script, loop_name, machine, median, temp_dir
+from _support import (
+    add_quiet,
+    frozen_gc,
+    load_script,
+    loop_name,
+    machine,
+    median,
+    steps,
+    temp_dir,
+)
 
 import eventbus
 
@@ -497,20 +506,24 @@ def main(argv: list[str] | None = None) -> int:
         help="let DBOS have at most N runs in flight (default: all started at once)",
     )
     parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio loops")
+    add_quiet(parser)
     args = parser.parse_args(argv)
     if dbos_version() is None:
         print(f"SKIP DBOS Transact is not installed; to compare with it: {INSTALL_HINT}")
         return 0
     runs = 200 if args.quick and args.runs == 2000 else args.runs
     work = wb.Workload(runs=runs, durability=args.durability)
-    report = measure(
-        work,
-        repeat=args.repeat or (1 if args.quick else 3),
-        defaults=not args.no_dbos_defaults,
-        in_flight=args.dbos_in_flight,
-        use_uvloop=not args.no_uvloop,
-        progress=lambda msg: print(f"  .. {msg}", file=sys.stderr, flush=True),
-    )
+    repeat = args.repeat or (1 if args.quick else 3)
+    setups = dbos_setups(work, defaults=not args.no_dbos_defaults, in_flight=args.dbos_in_flight)
+    with steps("peers", max(1, repeat) * (1 + len(setups)), quiet=args.quiet) as say:
+        report = measure(
+            work,
+            repeat=repeat,
+            defaults=not args.no_dbos_defaults,
+            in_flight=args.dbos_in_flight,
+            use_uvloop=not args.no_uvloop,
+            progress=say,
+        )
     print(format_report(report, eventbus.run(_loop_name(), use_uvloop=not args.no_uvloop)))
     return 0
 

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
-from _support import loop_name, machine, median, temp_dir
+from _support import add_quiet, loop_name, machine, median, steps, temp_dir
 
 import eventbus
 from eventbus import Bus, BusConfig, Context, Event
@@ -183,7 +183,17 @@ async def postgres_round(url: str, events: int, durability: str, handle: bool) -
             await _drop(url, schema)
 
 
-async def measure(url: str, events: int, rounds: int) -> tuple[list[Result], float, float]:
+#: Steps of :func:`measure`: 3 storages x publish / publish+handle, the ceiling, and
+#: the call journal's cost.
+STEPS = 8
+
+
+async def measure(
+    url: str, events: int, rounds: int, progress: Callable[[str], None] | None = None
+) -> tuple[list[Result], float, float]:
+    """Each scenario ``rounds`` times (medians), then the call journal's cost; calls
+    ``progress`` after each of the :data:`STEPS` steps."""
+    say = progress or (lambda _msg: None)
     scenarios: list[tuple[str, Callable[[], Awaitable[float]]]] = []
     for handle in (False, True):
         kind = "publish+handle" if handle else "publish"
@@ -204,8 +214,9 @@ async def measure(url: str, events: int, rounds: int) -> tuple[list[Result], flo
     for name, once in scenarios:
         seconds = median([await once() for _ in range(rounds)])
         results.append(Result(name, events, seconds))
-        print(f"  .. {name}: {events / seconds:,.0f}/s", file=sys.stderr, flush=True)
+        say(f"{name}: {events / seconds:,.0f}/s")
     per_call, per_trip = await journal_cost(url, 2000)
+    say("cost of a call in flight")
     return results, per_call, per_trip
 
 
@@ -215,10 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=20_000, help="events per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per scenario")
     parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio loop")
+    add_quiet(parser)
     args = parser.parse_args(argv)
 
     async def run() -> None:
-        results, per_call, per_trip = await measure(args.url, args.events, args.rounds)
+        with steps("postgres", STEPS, quiet=args.quiet) as say:
+            results, per_call, per_trip = await measure(args.url, args.events, args.rounds, say)
         conn = await asyncpg.connect(args.url)
         try:
             server = await conn.fetchval("SHOW server_version")

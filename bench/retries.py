@@ -50,11 +50,12 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-from _support import loop_name, machine, temp_dir
+from _support import add_quiet, loop_name, machine, steps, temp_dir
 
 import eventbus
 from eventbus import BatchPolicy, Bus, BusConfig, Context, Event, Message, RetryPolicy
@@ -308,9 +309,18 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1)))] * 1000
 
 
+#: Runs :func:`measure` makes: saturated and paced, each healthy then failing; recovery.
+RUNS = 5
+
+
 async def measure(
-    total: int, work: float, quick: bool, hold: float = 3.0
+    total: int,
+    work: float,
+    quick: bool,
+    hold: float = 3.0,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[list[Result], Recovery]:
+    say = progress or (lambda _msg: None)
     results: list[Result] = []
     with temp_dir() as tmp:
         n = 0
@@ -326,6 +336,7 @@ async def measure(
         for name, kinds in (("healthy", healthy_kinds), ("failing", mixed_kinds)):
             t, _, commits, dead = await one_run(fresh(), kinds, work, None)
             saturated[name] = (len(healthy_kinds) / t, commits, dead)
+            say(f"saturated {name}: {len(healthy_kinds) / t:,.0f} healthy events/s")
         # Paced: healthy events arrive at half the measured all-healthy capacity in
         # both runs; the failing run adds its failing events on top.
         capacity = saturated["healthy"][0]
@@ -334,7 +345,9 @@ async def measure(
             _, lat, _, _ = await one_run(fresh(), kinds, work, paced_rate)
             rate, commits, dead = saturated[name]
             results.append(Result(name, rate, pct(lat, 0.5), pct(lat, 0.99), commits, dead))
+            say(f"paced {name}: p99 {pct(lat, 0.99) * 1e3:.2f} ms")
         recovery = await recovery_run(fresh(), total, work, hold)
+        say("recovery")
     return results, recovery
 
 
@@ -409,12 +422,14 @@ def main(argv: list[str] | None = None) -> int:
         "--hold", type=float, help="seconds the dependency stays down after the burst (3)"
     )
     parser.add_argument("--quick", action="store_true")
+    add_quiet(parser)
     args = parser.parse_args(argv)
     total = 2000 if args.quick and args.events == 20_000 else args.events
     hold = args.hold or (1.0 if args.quick else 3.0)
 
     async def run() -> int:
-        results, recovery = await measure(total, args.work, args.quick, hold)
+        with steps("retries", RUNS, quiet=args.quiet) as say:
+            results, recovery = await measure(total, args.work, args.quick, hold, say)
         return report(results, recovery, total, args.work)  # in the loop: it names it
 
     # The failing runs dead-letter thousands of events on purpose, each logged at

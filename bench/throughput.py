@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
-from _support import frozen_gc, loop_name, machine, median, temp_dir
+from _support import add_quiet, frozen_gc, loop_name, machine, median, steps, temp_dir
 
 import eventbus
 from eventbus import Bus, BusConfig, BusFull, Context, Event, Message
@@ -488,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", help="only scenarios whose storage/producer/handler has this")
     parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio loop")
+    add_quiet(parser)
     args = parser.parse_args(argv)
     events = 10_000 if args.quick and args.events == 100_000 else args.events
     work = Workload(
@@ -497,15 +498,21 @@ def main(argv: list[str] | None = None) -> int:
         publish_producers=args.producers,
     )
     storages = tuple(args.storage) if args.storage else STORAGES
+    scenarios = [
+        name
+        for name in (scenario_name(s, p, h) for s in storages for p in PRODUCERS for h in HANDLERS)
+        if args.only is None or args.only in name
+    ]
 
     async def run() -> Report:
-        report = await measure(
-            work,
-            storages=storages,
-            repeat=args.repeat or (1 if args.quick else 3),
-            only=args.only,
-            progress=lambda msg: print(f"  .. {msg}", file=sys.stderr, flush=True),
-        )
+        with steps("throughput", len(scenarios), quiet=args.quiet) as say:
+            report = await measure(
+                work,
+                storages=storages,
+                repeat=args.repeat or (1 if args.quick else 3),
+                only=args.only,
+                progress=say,
+            )
         # Formatted inside the loop, so the header names the loop that ran.
         print(format_report(report))
         return report

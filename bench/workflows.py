@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import msgspec
-from _support import frozen_gc, loop_name, machine, median, temp_dir
+from _support import add_quiet, frozen_gc, loop_name, machine, median, steps, temp_dir
 
 import eventbus
 from eventbus import Bus, BusConfig, BusMetrics, Workflow
@@ -520,18 +520,18 @@ def main(argv: list[str] | None = None) -> int:
         help=f"workflow_concurrency settings (repeatable; default {DEFAULT_CONCURRENCY} and 1)",
     )
     parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio loop")
+    add_quiet(parser)
     args = parser.parse_args(argv)
     runs = 200 if args.quick and args.runs == 2000 else args.runs
     work = Workload(runs=runs, durability=args.durability)
     concurrencies = tuple(args.concurrency or (DEFAULT_CONCURRENCY, 1))
 
+    repeat = args.repeat or (1 if args.quick else 3)
+    total = max(1, repeat) * (1 + len(concurrencies))  # the ceilings, then each setting
+
     async def run() -> Report:
-        report = await measure(
-            work,
-            concurrencies=concurrencies,
-            repeat=args.repeat or (1 if args.quick else 3),
-            progress=lambda msg: print(f"  .. {msg}", file=sys.stderr, flush=True),
-        )
+        with steps("workflows", total, quiet=args.quiet) as say:
+            report = await measure(work, concurrencies=concurrencies, repeat=repeat, progress=say)
         print(format_report(report))  # inside the loop, so the header names it
         return report
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Literal, TypeVar
 
@@ -36,6 +38,7 @@ from ._errors import (
     translate_storage_error,
 )
 from ._event import Event, Message
+from ._hooks import Hooks, PublishKind
 from ._metrics import BusMetrics
 from ._reconciliation import ReconciliationBase
 from ._stopping import stop_requested
@@ -78,6 +81,13 @@ class Bus:
     Publishing appends to a write-ahead log (group-committed); every subscription
     receives every event of its topics in log order, in batches, and acknowledges
     them in the same transaction as its outbox publishes.
+
+    Attributes:
+        config: The bus's settings.
+        dead_letters: Inspect, redrive and purge dead letters (:class:`DeadLetters`).
+        effects: Results of outside effects recorded by :func:`eventbus.idempotent`.
+        hooks: The hooks run around publishes, handler calls and workflow runs
+            (:class:`Hooks`).
     """
 
     def __init__(self, log: _storage.Storage, config: BusConfig, clock: Clock) -> None:
@@ -106,6 +116,12 @@ class Bus:
         self._writer_done = anyio.Event()
         self._closing = False
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Events committed per topic, once something asked for them (count_topics).
+        self._topic_counts: Counter[str] | None = None
+        #: The hooks run around publishes, handler calls and workflow runs.
+        self.hooks = Hooks(self._hooks_changed)
+        self._publish_hooks = False  # whether a publish hook is registered
         self._workflows = WorkflowEngine(
             log, self._writer.commit, config.retry, config.workflow_concurrency
         )
@@ -145,6 +161,7 @@ class Bus:
         config: BusConfig | None = None,
         storage: _storage.Storage | None = None,
         clock: Clock | None = None,
+        hooks: Iterable[object] = (),
     ) -> AsyncIterator[Bus]:
         """Open a bus on the log at ``path`` (``":memory:"`` for no durability).
 
@@ -160,8 +177,11 @@ class Bus:
             storage: A ready :class:`storage.Storage` to use instead of ``path``.
             clock: Where the bus reads time; the event loop's clock by default
                 (so a loop with a virtual clock runs the whole bus on it).
+            hooks: Hook objects to register at once, as ``bus.hooks.add`` does
+                (see :class:`Hook`).
 
         Raises:
+            HookError: One of ``hooks`` has no hook method.
             LogLocked: Another process runs a bus on this file (or PostgreSQL log).
             ConfigError: A PostgreSQL URL that cannot be used (a schema name that
                 is not a plain identifier, or asyncpg is not installed).
@@ -189,6 +209,9 @@ class Bus:
         body_error: BaseException | None = None
         try:
             bus = cls(storage, config, clock or LoopClock())
+            bus._loop = asyncio.get_running_loop()
+            for hook in hooks:
+                bus.hooks.add(hook)
             bus._known = await storage.subscriptions()
             shared = isinstance(storage, _storage.SharedLog)
             if isinstance(storage, _storage.SharedLog):
@@ -399,22 +422,12 @@ class Bus:
     # -- publishing -----------------------------------------------------------------
 
     def _encode(
-        self,
-        topic: str,
-        payload: object,
-        key: str | None,
-        headers: dict[str, str] | None,
-        idempotency_key: str | None = None,
-        now: float | None = None,
+        self, topic: str, payload: object, key: str | None, headers: dict[str, str] | None
     ) -> NewRecord:
-        return self._events.encode(
-            topic,
-            payload,
-            key,
-            headers,
-            idempotency_key,
-            self._clock.wall() if now is None else now,
-        )
+        """An outbox event (``ctx.publish``), with the publish hooks around it."""
+        if self._publish_hooks:
+            return self._queue_hooked("outbox", topic, payload, key, headers, None)
+        return self._events.encode(topic, payload, key, headers, None, self._clock.wall())
 
     def _check_open(self) -> None:
         if self._closing:
@@ -452,14 +465,47 @@ class Bus:
                 never encoded much past the limit).
             BusClosed: The bus is closed or closed before the commit.
             StorageError: The log failed to commit (nothing written).
+            HookFailed: A ``before_publish`` hook raised (nothing written).
 
         Cancellation: if cancelled while waiting for room, nothing is written; if
         cancelled while waiting for the commit, the event may still be committed
         (use an idempotency key to publish again safely).
         """
-        self._check_open()
-        record = self._encode(topic, payload, key, headers, idempotency_key)
+        if self._closing:
+            raise BusClosed("the bus is closed")
+        if self._publish_hooks:
+            return await self._publish_hooked(topic, payload, key, headers, idempotency_key)
+        record = self._events.encode(
+            topic, payload, key, headers, idempotency_key, self._clock.wall()
+        )
         return await self._writer.submit(record)
+
+    async def _publish_hooked(
+        self,
+        topic: str,
+        payload: object,
+        key: str | None,
+        headers: dict[str, str] | None,
+        idempotency_key: str | None,
+    ) -> Receipt:
+        """``publish`` with the publish hooks around it."""
+        hooks = self.hooks
+        publishing = hooks.prepare("publish", topic, payload, key, headers, idempotency_key)
+        try:
+            record = self._events.encode(
+                topic,
+                payload,
+                key,
+                publishing.headers or None,
+                idempotency_key,
+                self._clock.wall(),
+            )
+            receipt = await self._writer.submit(record)
+        except BaseException as exc:
+            hooks.finish(publishing, error=exc)
+            raise
+        hooks.finish(publishing, receipt)
+        return receipt
 
     def publish_nowait(
         self,
@@ -477,12 +523,47 @@ class Bus:
 
         Raises:
             BusFull: ``max_pending_publishes`` events are already waiting.
-            InvalidEvent, PayloadError, EventTooLarge, BusClosed: as for
-                :meth:`publish`; nothing is queued.
+            InvalidEvent, PayloadError, EventTooLarge, BusClosed, HookFailed: as
+                for :meth:`publish`; nothing is queued.
         """
         self._check_open()
-        record = self._encode(topic, payload, key, headers, idempotency_key)
+        if self._publish_hooks:
+            self._queue_hooked("publish_nowait", topic, payload, key, headers, idempotency_key)
+            return
+        record = self._events.encode(
+            topic, payload, key, headers, idempotency_key, self._clock.wall()
+        )
         self._writer.submit_nowait(record, want_receipt=False)
+
+    def _queue_hooked(
+        self,
+        kind: PublishKind,
+        topic: str,
+        payload: object,
+        key: str | None,
+        headers: dict[str, str] | None,
+        idempotency_key: str | None,
+    ) -> NewRecord:
+        """``publish_nowait`` (or, without ``idempotency_key``, an outbox event's
+        encoding) with the publish hooks around it."""
+        hooks = self.hooks
+        publishing = hooks.prepare(kind, topic, payload, key, headers, idempotency_key)
+        try:
+            record = self._events.encode(
+                topic,
+                payload,
+                key,
+                publishing.headers or None,
+                idempotency_key,
+                self._clock.wall(),
+            )
+            if kind == "publish_nowait":
+                self._writer.submit_nowait(record, want_receipt=False)
+        except BaseException as exc:
+            hooks.finish(publishing, error=exc)
+            raise
+        hooks.finish(publishing)
+        return record
 
     async def publish_many(self, messages: Iterable[Message]) -> list[Receipt]:
         """Append several events in one transaction: all are committed, or none.
@@ -490,12 +571,26 @@ class Bus:
         Raises:
             InvalidEvent, PayloadError, EventTooLarge: One message is bad; nothing
                 is written.
+            HookFailed: A ``before_publish`` hook raised for one message; nothing
+                is written.
             BusClosed, StorageError: As for :meth:`publish`.
 
         Cancellation: as for :meth:`publish`.
         """
         self._check_open()
-        return await self._writer.submit_many(self._events.encode_many(messages))
+        if not self._publish_hooks:
+            return await self._writer.submit_many(self._events.encode_many(messages))
+        hooks = self.hooks
+        prepared, messages = hooks.prepare_many(messages)
+        try:
+            receipts = await self._writer.submit_many(self._events.encode_many(messages))
+        except BaseException as exc:
+            for publishing in prepared:
+                hooks.finish(publishing, error=exc)
+            raise
+        for publishing, receipt in zip(prepared, receipts, strict=True):
+            hooks.finish(publishing, receipt)
+        return receipts
 
     # -- routing (called by the writer after each commit) ---------------------------
 
@@ -517,6 +612,8 @@ class Bus:
         """After each group commit: new events are in the window; wake subscribers."""
         if appended:
             self._recent.append(appended, receipts)
+            if self._topic_counts is not None:
+                self._count_topics(appended, receipts)
             for sub in self._subs.values():
                 sub.wake()
         self._notify_progress()
@@ -532,6 +629,13 @@ class Bus:
         shared = self._subs.get(notice.subscription)
         if isinstance(shared, SharedSubscription):
             shared.notice(notice)
+
+    def _count_topics(self, appended: list[NewRecord], receipts: list[Receipt]) -> None:
+        counts = self._topic_counts
+        assert counts is not None
+        for record, receipt in zip(appended, receipts, strict=False):
+            if not receipt.duplicate:
+                counts[record.topic] += 1
 
     def _notify_progress(self) -> None:
         # Called for every commit and call: nothing to do unless someone waits.
@@ -575,7 +679,11 @@ class Bus:
         ``async def h(events: list[Event], ctx: Context)`` (recognised by the
         ``list[...]`` annotation on its first parameter). Its shape is checked here:
         a plain ``def``, a lambda, a third required parameter or ``(ctx, event)``
-        is refused at once rather than failing every event later.
+        is refused at once rather than failing every event later. Annotated
+        ``Event[T]`` (or ``list[Event[T]]``), it receives payloads decoded as ``T``
+        (a ``msgspec.Struct``, dataclass, ``TypedDict``...); an event whose payload
+        does not decode is dead-lettered at once with
+        :class:`~eventbus.PayloadValidationError`, never retried.
 
         A subscription new to the log that starts at the earliest event logs a
         warning when more than 10,000 events (``REPLAY_WARNING``) are already in the
@@ -611,7 +719,8 @@ class Bus:
         Raises:
             SubscriptionError: The name is taken; the topic is not a name or an
                 iterable of names (or the decorator was used without parentheses);
-                the handler is not an ``async def`` taking ``(event, ctx)``.
+                the handler is not an ``async def`` taking ``(event, ctx)``; its
+                ``Event[T]`` names a type that cannot be found or decoded to.
             ConfigError: A policy is neither a policy, a dict nor None, or a dict's
                 key is unknown or its value impossible.
             BusClosed: The bus is closed.
@@ -697,6 +806,8 @@ class Bus:
             )
             assert self._tg is not None
             self._subs[name] = sub
+            if self.hooks.calls:
+                self._wrap(sub)
             self._tg.start_soon(sub.run, name=f"eventbus subscription {name}")
             return
         sub = Subscription(
@@ -722,7 +833,26 @@ class Bus:
         )
         assert self._tg is not None
         self._subs[name] = sub
+        if self.hooks.calls:
+            self._wrap(sub)
         self._tg.start_soon(sub.run, name=f"eventbus subscription {name}")
+
+    # -- hooks ----------------------------------------------------------------------
+
+    def _hooks_changed(self) -> None:
+        """Hooks were added or removed: call through them only where some are."""
+        hooks = self.hooks
+        self._publish_hooks = hooks.publishing
+        for sub in self._subs.values():
+            if hooks.calls:
+                self._wrap(sub)
+            else:
+                sub.call_through(None)
+        self._workflows.around_run = hooks.around_run if hooks.runs else None
+        self._workflows.around_step = hooks.around_attempt if hooks.steps else None
+
+    def _wrap(self, sub: SubscriptionRuntime) -> None:
+        sub.call_through(self.hooks.wrap_handler(sub.handler, sub.name, sub.topics, sub.is_batch))
 
     # -- workflows ------------------------------------------------------------------
 
@@ -927,8 +1057,61 @@ class Bus:
         except _storage.StorageError as exc:
             raise translate_storage_error(exc) from exc
 
+    def count_topics(self) -> None:
+        """Count the events committed per topic from now on, in
+        ``metrics().published`` (the metrics exporters turn this on). Off until
+        asked, since it costs a little per event. Idempotent."""
+        if self._topic_counts is None:
+            self._topic_counts = Counter()
+
+    def metrics_threadsafe(self, timeout: float = 5.0) -> BusMetrics:
+        """:meth:`metrics` from any thread (a metrics exporter's, a WSGI server's).
+
+        On the bus's event loop it is :meth:`metrics`; from another thread the
+        snapshot is taken on the loop, between two steps of the bus, so it never
+        reads counters halfway through a change.
+
+        Args:
+            timeout: Seconds to wait for the loop to take it.
+
+        Raises:
+            BusClosed: The bus was never opened, or its event loop has stopped.
+            TimeoutError: The loop did not take the snapshot within ``timeout``
+                (it is blocked, or waits on this thread).
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise BusClosed("the bus's event loop is not running")
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            return self.metrics()
+        result: concurrent.futures.Future[BusMetrics] = concurrent.futures.Future()
+
+        def take() -> None:
+            if result.set_running_or_notify_cancel():
+                try:
+                    result.set_result(self.metrics())
+                except Exception as exc:  # noqa: BLE001 - handed to the waiting thread
+                    result.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(take)
+        except RuntimeError:
+            raise BusClosed("the bus's event loop has stopped") from None
+        try:
+            return result.result(timeout)
+        except concurrent.futures.TimeoutError:
+            result.cancel()
+            raise TimeoutError(
+                f"the bus's event loop did not take a metrics snapshot within {timeout}s"
+            ) from None
+
     def metrics(self) -> BusMetrics:
-        """A snapshot of in-process counters (no I/O)."""
+        """A snapshot of in-process counters (no I/O). Call it on the bus's event
+        loop; from another thread use :meth:`metrics_threadsafe`."""
         head = self._writer.committed_head
         return BusMetrics(
             head=head,
@@ -939,6 +1122,7 @@ class Bus:
             reconcile=self._reconciler.metrics(),
             workflows=self._workflows.metrics(),
             subscriptions={name: s.metrics(head) for name, s in self._subs.items()},
+            published=dict(self._topic_counts) if self._topic_counts is not None else {},
         )
 
     @property

@@ -7,11 +7,15 @@
     ├── BusFull                  publish_nowait found max_pending_publishes waiting
     ├── EventTooLarge            the event exceeds max_event_bytes; nothing written
     ├── PayloadError             the payload or headers cannot be encoded; nothing written
+    ├── PayloadValidationError   a payload does not decode as its handler's Event[T]
+                                 (dead-lettered at once, never retried)
     ├── InvalidEvent             a topic, key or idempotency key is not allowed
     ├── ConfigError              a configuration key or value is wrong (names the key)
     ├── SubscriptionError        a subscribe() call is wrong (bad topic, handler, name)
     ├── DrainTimeout             drain() ran out of time; says which subscriptions lag
     ├── HandlerStuck             reconciliation cancelled a handler call that ran too long
+    ├── HookError                a hook cannot be registered (it has no hook method)
+    │   └── HookFailed           a before_publish hook raised; nothing was published
     └── StorageError             the log failed (also a storage.StorageError)
         ├── LogLocked            another process owns the log file (names its pid)
         ├── LogBusy              another connection held the write lock past busy_timeout
@@ -85,6 +89,55 @@ class PayloadError(BusError, TypeError):
         )
 
 
+class PayloadValidationError(BusError):
+    """An event's payload does not decode as the type its handler is annotated with
+    (``Event[T]`` or ``list[Event[T]]``), or its stored bytes do not decode at all.
+
+    Raised inside the subscription, never to a publisher: it is the failure recorded
+    for the event's first attempt, and the event is dead-lettered at once, without
+    retries, since the same payload never decodes (``drain(raise_failures=True)``
+    surfaces it in tests). Redriving the dead letter fails the same way unless the
+    handler's type changed meanwhile: publish a corrected event instead, or change
+    the type (a new field with a default, a wider type) and then redrive.
+
+    Attributes:
+        subscription: The subscription that could not take the event.
+        event_id: The event's id.
+        seq: Its position in the log.
+        topic: Its topic.
+        expected: The name of the type it should decode as ("" when its stored
+            bytes are not valid msgpack).
+        reason: msgspec's explanation (which field, what was expected).
+        path: Where in the payload it failed, as msgspec writes it: ``"$"`` for
+            the payload itself, ``"$.amount"``, ``"$.items[2].sku"``.
+    """
+
+    def __init__(
+        self,
+        subscription: str,
+        event_id: str,
+        seq: int,
+        topic: str,
+        expected: str,
+        reason: str,
+    ) -> None:
+        self.subscription = subscription
+        self.event_id = event_id
+        self.seq = seq
+        self.topic = topic
+        self.expected = expected
+        self.reason = reason
+        at = reason.rfind(" - at `$")
+        self.path = reason[at + 7 : -1] if at >= 0 and reason.endswith("`") else "$"
+        what = f"does not decode as {expected}" if expected else "is not valid msgpack"
+        super().__init__(
+            f"subscription {subscription!r}: the payload of event {event_id} (seq {seq}, "
+            f"topic {reprlib.repr(topic)}) {what}: {reason}. It was dead-lettered without "
+            "retries, since the same payload never decodes: publish a corrected event, or "
+            "change the handler's payload type to accept it and then redrive the dead letter"
+        )
+
+
 class InvalidEvent(BusError, ValueError):
     """A topic, key or idempotency key given to a publish is not allowed (wrong type,
     empty topic, ``"*"``, text that is not valid Unicode); nothing was written."""
@@ -146,6 +199,30 @@ class HandlerStuck(BusError):
             f"({lease:g}s); cancelled and retried. Give the handler a RetryPolicy.timeout "
             "shorter than the lease, or raise BusConfig.reconcile_lease if it is legitimately "
             "that slow"
+        )
+
+
+class HookError(BusError):
+    """A hook given to ``bus.hooks`` (or ``Bus.open(hooks=...)``) cannot be used."""
+
+
+class HookFailed(HookError):
+    """A ``before_publish`` hook raised, so the publish did not happen: nothing was
+    written (or, for ``publish_many``, none of the messages). The hook's own
+    exception is the ``__cause__``.
+
+    Attributes:
+        hook: The hook's name (its ``__qualname__``, or its type's).
+        topic: The topic of the event being published.
+    """
+
+    def __init__(self, hook: str, topic: str, error: BaseException) -> None:
+        self.hook = hook
+        self.topic = topic
+        super().__init__(
+            f"before_publish hook {hook} failed for an event on topic {reprlib.repr(topic)} "
+            f"({type(error).__name__}: {error}); nothing was published. Fix the hook or "
+            "remove it with bus.hooks.remove(...)"
         )
 
 

@@ -25,7 +25,8 @@ class Event(msgspec.Struct, Generic[P], frozen=True):
         topic: The topic it was published on.
         key: The ordering key (events with one key are handled in order), or None.
         payload: The decoded payload: built-in types (a ``msgspec.Struct`` arrives as
-            a dict).
+            a dict), or a ``T`` for a handler annotated ``Event[T]`` (strictly decoded;
+            one that does not decode is dead-lettered at once).
         headers: String metadata.
         created_at: Unix time of the publish.
         attempt: 1 on first delivery, counting up on each retry.

@@ -23,6 +23,7 @@ LOGGERS: dict[str, str] = {
     "eventbus.storage": "the SQLite log: a busy file, WAL checkpoints",
     "eventbus.workflows": "workflow runs: failed steps, runs that fail or resume",
     "eventbus.reconcile": "reconciliation passes and user reconcilers",
+    "eventbus.hooks": "hooks: an after_publish hook that raised (the event was published)",
 }
 
 #: The attributes :func:`event_fields` sets on a log record.

@@ -2,12 +2,87 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable
 
 import msgspec
 
 _SAMPLES = 2048  # latest samples kept per series: recent behaviour, bounded memory
+
+#: Upper bounds (seconds) of the latency histograms' buckets: sub-millisecond
+#: handlers to minutes of backlog.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+#: Upper bounds of the size histograms' buckets (events per call or commit).
+SIZE_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(14))  # 1 .. 8192
+
+
+class Histogram(msgspec.Struct, frozen=True):
+    """A cumulative histogram since the bus opened, as Prometheus and OpenTelemetry
+    export one.
+
+    Attributes:
+        bounds: The buckets' upper bounds, increasing.
+        counts: Observations per bucket: ``counts[i]`` fell in
+            ``(bounds[i-1], bounds[i]]``; the last, one longer than ``bounds``,
+            counts those above the last bound.
+        sum: The sum of every observation.
+        count: How many observations.
+    """
+
+    bounds: tuple[float, ...] = ()
+    counts: tuple[int, ...] = (0,)
+    sum: float = 0.0
+    count: int = 0
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, observations <= it)`` per bucket, ending with
+        ``(inf, count)``: Prometheus's ``le`` buckets."""
+        out: list[tuple[float, int]] = []
+        total = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
+
+class HistogramRecorder:
+    """Counts observations into fixed buckets (O(log buckets) per observation)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def snapshot(self) -> Histogram:
+        """The counts so far, as a frozen :class:`Histogram`."""
+        counts = tuple(self.counts)
+        return Histogram(self.bounds, counts, self.sum, sum(counts))
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -29,6 +104,10 @@ class SubscriptionRecorder:
         self.handler_latency: deque[float] = deque(maxlen=_SAMPLES)
         self.end_to_end: deque[float] = deque(maxlen=_SAMPLES)
         self._window: deque[tuple[float, int]] = deque(maxlen=_SAMPLES)
+        # Since open, for exporters: per call, never per event.
+        self.handler_seconds = HistogramRecorder(LATENCY_BUCKETS)
+        self.end_to_end_seconds = HistogramRecorder(LATENCY_BUCKETS)
+        self.call_sizes = HistogramRecorder(SIZE_BUCKETS)
 
     def batch(
         self,
@@ -46,9 +125,14 @@ class SubscriptionRecorder:
         self.batches += 1
         self.batch_sizes.append(size)
         self.handler_latency.append(handler_seconds)
-        self.end_to_end.append(wall - oldest_created)
+        self.handler_seconds.observe(handler_seconds)
+        self.call_sizes.observe(size)
+        oldest = wall - oldest_created
+        self.end_to_end.append(oldest)
+        self.end_to_end_seconds.observe(oldest)
         if newest_created != oldest_created:
             self.end_to_end.append(wall - newest_created)
+            self.end_to_end_seconds.observe(wall - newest_created)
         self._window.append((now, size))
 
     def throughput(self, now: float) -> float:
@@ -71,6 +155,8 @@ class CommitRecorder:
         self.sizes: deque[int] = deque(maxlen=_SAMPLES)
         self.acks: deque[int] = deque(maxlen=_SAMPLES)
         self.latency: deque[float] = deque(maxlen=_SAMPLES)
+        self.seconds = HistogramRecorder(LATENCY_BUCKETS)
+        self.appended = HistogramRecorder(SIZE_BUCKETS)
 
     def commit(self, appended: int, acks: int, seconds: float) -> None:
         """Record a committed transaction: events appended (publishes and outbox
@@ -79,8 +165,10 @@ class CommitRecorder:
         self.committed_events += appended
         if appended:  # acknowledgement-only commits say nothing about group commit
             self.sizes.append(appended)
+            self.appended.observe(appended)
         self.acks.append(acks)
         self.latency.append(seconds)
+        self.seconds.observe(seconds)
 
     def snapshot(self, target: int) -> LogMetrics:
         """The recorded commits as :class:`LogMetrics`; ``target`` is the size the
@@ -93,6 +181,8 @@ class CommitRecorder:
             commit_size_max=max(self.sizes, default=0),
             acks_per_commit_p50=median(self.acks),
             commit_latency=summarize(self.latency),
+            commit_seconds=self.seconds.snapshot(),
+            commit_sizes=self.appended.snapshot(),
         )
 
 
@@ -124,7 +214,14 @@ class SubscriptionMetrics(msgspec.Struct, frozen=True):
     """One subscription's counters and recent latencies.
 
     ``lag`` is the distance in sequence numbers from the log head to the last
-    finished position (0 when caught up). Latencies cover the latest calls.
+    finished position (0 when caught up); ``lag_seconds`` the age of the oldest event
+    read and not finished yet (0 when none is: caught up, or only events in the
+    retry lane left). Latencies cover the latest calls.
+
+    ``handler_seconds``, ``end_to_end_seconds`` and ``call_sizes`` are histograms
+    since the bus opened, recorded per call (not per event): how long each handler
+    call took, how old its oldest and newest events were when it ended (measured
+    from their publish), and how many events it handled.
 
     What is not finished, and why: ``buffered`` events read and waiting for a
     worker, ``in_flight`` handler calls, ``retries_waiting`` events in the retry lane
@@ -156,6 +253,10 @@ class SubscriptionMetrics(msgspec.Struct, frozen=True):
     concurrency: int = 1
     breaker_state: str = "closed"
     breaker_trips: int = 0
+    lag_seconds: float = 0.0
+    handler_seconds: Histogram = msgspec.field(default_factory=Histogram)
+    end_to_end_seconds: Histogram = msgspec.field(default_factory=Histogram)
+    call_sizes: Histogram = msgspec.field(default_factory=Histogram)
 
 
 class LogMetrics(msgspec.Struct, frozen=True):
@@ -172,6 +273,9 @@ class LogMetrics(msgspec.Struct, frozen=True):
         acks_per_commit_p50: Median acknowledgements merged into one commit.
         commit_latency: Seconds one commit took (the storage transaction, as the
             writer awaited it), over every commit.
+        commit_seconds: The same, as a histogram since the bus opened.
+        commit_sizes: Events appended per commit (of those that appended), as a
+            histogram since the bus opened.
     """
 
     commits: int
@@ -181,6 +285,8 @@ class LogMetrics(msgspec.Struct, frozen=True):
     commit_size_max: int
     acks_per_commit_p50: float
     commit_latency: LatencySummary
+    commit_seconds: Histogram = msgspec.field(default_factory=Histogram)
+    commit_sizes: Histogram = msgspec.field(default_factory=Histogram)
 
 
 class ReconcileMetrics(msgspec.Struct, frozen=True):
@@ -198,6 +304,9 @@ class ReconcileMetrics(msgspec.Struct, frozen=True):
         repaired_total: What all passes repaired.
         flags: Inconsistencies the user reconcilers flagged in their latest runs.
         reconciler_errors: User reconcilers whose latest run failed.
+        dead_letters: Dead letters in the log per subscription, as the latest pass
+            counted them (every subscription in the log, also those of other
+            processes on a shared PostgreSQL log).
     """
 
     runs: int = 0
@@ -210,6 +319,7 @@ class ReconcileMetrics(msgspec.Struct, frozen=True):
     repaired_total: int = 0
     flags: int = 0
     reconciler_errors: int = 0
+    dead_letters: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class WorkflowMetrics(msgspec.Struct, frozen=True):
@@ -236,7 +346,9 @@ class BusMetrics(msgspec.Struct, frozen=True):
     """The bus's counters at one moment.
 
     ``log`` describes the group commits (None from a bus that does not report it);
-    ``reconcile`` the latest reconciliation pass; ``workflows`` the workflow runs.
+    ``reconcile`` the latest reconciliation pass; ``workflows`` the workflow runs;
+    ``published`` the events committed per topic since ``bus.count_topics()`` was
+    first called (empty until then).
     """
 
     head: int
@@ -247,3 +359,4 @@ class BusMetrics(msgspec.Struct, frozen=True):
     log: LogMetrics | None = None
     reconcile: ReconcileMetrics | None = None
     workflows: WorkflowMetrics | None = None
+    published: dict[str, int] = msgspec.field(default_factory=dict)

@@ -2,7 +2,7 @@
 that nothing was lost, applied twice, reordered, or blamed on the wrong event.
 
     python -m eventbus.chaos [--events 100000] [--kills 50] [--seed 1] [--concurrency 1]
-                             [--publish-first] [--io-ms 0] [--dir DIR] [--json]
+                             [--publish-first] [--io-ms 0] [--dir DIR] [--json] [--quiet]
                              [--backend sqlite|postgres] [--processes 3]
                              [--postgres-url URL] [--lease 2]
 
@@ -49,6 +49,10 @@ lets the last run finish, then checks the books:
 It exits non-zero if any check fails. ``--unordered`` subscribes with
 ``ordered=False``, which the order checks must catch: a check of the checks.
 
+On a terminal a progress line on stderr counts the orders settled at the sink, with
+the run, the kills so far and an ETA (``--quiet``, a pipe or ``CI`` turn it off;
+see :mod:`eventbus.progress`).
+
 ``--backend postgres`` runs the pipeline on a PostgreSQL log (a new schema of
 ``--postgres-url``, dropped afterwards) shared by ``--processes`` consumer processes
 beside one publisher process: the harness kills one consumer at a time (chosen at
@@ -75,6 +79,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -94,6 +99,7 @@ from ._config import BatchPolicy, BusConfig, RetryPolicy
 from ._effects import idempotent
 from ._event import Event, Message
 from .dispatch import Context
+from .progress import Progress
 from .reconcile import check_log
 
 CUSTOMERS = 97
@@ -250,7 +256,7 @@ def _subscribe(bus: Bus, sink: Sink, calls: CallLog, settings: Settings) -> None
         concurrency=settings.concurrency,
         ordered=settings.ordered,
     )
-    async def enrich(event: Event[dict[str, int]], ctx: Context) -> None:
+    async def enrich(event: Event[dict[str, int | bool]], ctx: Context) -> None:
         calls.start("enrich", [event], ctx)
         try:
             n = event.payload["n"]
@@ -449,24 +455,88 @@ def _close(proc: subprocess.Popen[bytes]) -> None:
         proc.stdout.close()
 
 
-def _finish(proc: subprocess.Popen[bytes], directory: Path, life: int) -> None:
-    proc.wait(timeout=3600)
+def _wait(proc: subprocess.Popen[bytes], timeout: float, tick: Callable[[], None] | None) -> None:
+    """``proc.wait(timeout)``, calling ``tick`` about once a second meanwhile (the
+    slices share one deadline, so a kill timed by ``timeout`` is not delayed)."""
+    if tick is None:
+        proc.wait(timeout=timeout)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            proc.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            return
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                raise
+            tick()
+
+
+def _finish(
+    proc: subprocess.Popen[bytes],
+    directory: Path,
+    life: int,
+    tick: Callable[[], None] | None = None,
+) -> None:
+    _wait(proc, 3600, tick)
     _close(proc)
     if proc.returncode != 0:
         tail = _log_tail(directory, life)
         raise RuntimeError(f"worker run {life} failed (exit {proc.returncode}):\n{tail}")
 
 
-def run_harness(directory: Path, settings: Settings) -> Report:
-    """Run the worker to completion through ``settings.kills`` kills; the books."""
+def expected_settled(settings: Settings) -> int:
+    """Orders that reach the sink when nothing is killed three times: all but the
+    poison."""
+    return sum(1 for n in range(settings.events) if not is_poison(n, settings.poison_every))
+
+
+def settled(directory: Path) -> int | None:
+    """Orders applied at the sink so far; None before the sink exists. A read beside
+    the worker's writes (WAL: it blocks none of them)."""
+    path = directory / "sink.db"
+    if not path.exists():
+        return None
+    try:
+        conn = sqlite3.connect(path, timeout=1)
+        try:
+            ((n,),) = conn.execute("SELECT count(*) FROM effects").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:  # not created yet, or busy: the next tick reads it
+        return None
+    return int(n)
+
+
+def run_harness(directory: Path, settings: Settings, progress: Progress | None = None) -> Report:
+    """Run the worker to completion through ``settings.kills`` kills; the books.
+
+    Args:
+        directory: Where the log, the sink and each run's files go.
+        settings: The run's parameters.
+        progress: Where to show the orders settled so far while it runs; read from
+            the sink about once a second, only while ``progress.enabled``.
+    """
     if settings.backend == "postgres":
         return run_processes(directory, settings)
     rng = random.Random(settings.seed)
     started = time.monotonic()
     kills: list[Kill] = []
     life = 0
+    tick: Callable[[], None] | None = None
+    if progress is not None and progress.enabled:
+        shown = progress
+
+        def tick() -> None:
+            n = settled(directory)
+            note = f"run {life}, {len(kills)}/{settings.kills} kills"
+            if n is None:
+                shown.update(shown.done, note=note)
+            else:
+                shown.update(n, note=note)
+
     if settings.publish_first:
-        _finish(_spawn(directory, settings, life, "publish"), directory, life)
+        _finish(_spawn(directory, settings, life, "publish"), directory, life, tick)
     role = "consume" if settings.publish_first else "both"
     seen_generation: int | None = None
     finished = False
@@ -480,20 +550,24 @@ def run_harness(directory: Path, settings: Settings) -> Report:
         if rng.random() >= 0.25:
             _wait_for_line(proc, RUN_TIMEOUT)
         try:
-            proc.wait(timeout=delay)
+            _wait(proc, delay, tick)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=RUN_TIMEOUT)
             _close(proc)
             kill, seen_generation = _after_kill(directory, life, seen_generation)
             kills.append(kill)
+            if tick is not None:
+                tick()
             continue
-        _finish(proc, directory, life)
+        _finish(proc, directory, life, tick)
         finished = True  # finished before its kill: nothing left to interrupt
         break
     if not finished:
         life += 1
-        _finish(_spawn(directory, settings, life, role), directory, life)
+        _finish(_spawn(directory, settings, life, role), directory, life, tick)
+    if tick is not None:
+        tick()  # the last count
     starts = life + 1 if settings.publish_first else life
     # What each kill interrupted, for a post-mortem beside the runs' own files.
     (directory / "kills.json").write_bytes(msgspec.json.encode(kills))
@@ -534,9 +608,9 @@ def run_processes(directory: Path, settings: Settings) -> Report:
             kills.append(Kill(victim, running, running, window, ended))
             life += 1
             members[slot] = (life, _spawn(directory, settings, life, "member"))
-        _finish(publisher, directory, 0)
+        _finish(publisher, directory, 0, None)
         for member, proc in members:
-            _finish(proc, directory, member)
+            _finish(proc, directory, member, None)
     finally:
         for proc in [publisher, *(p for _, p in members)]:
             if proc.poll() is None:
@@ -948,6 +1022,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no progress line (it shows only on a terminal, and never under CI)",
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--life", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--role", default="both", help=argparse.SUPPRESS)
@@ -980,11 +1060,14 @@ def main(argv: list[str] | None = None) -> int:
         settings = msgspec.structs.replace(
             settings, url=_chaos_pg.log_url(args.postgres_url, settings.lease)
         )
-    with tempfile.TemporaryDirectory() as tmp:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Progress("chaos", expected_settled(settings), unit="settled", quiet=args.quiet) as progress,
+    ):
         directory = args.dir or Path(tmp)
         directory.mkdir(parents=True, exist_ok=True)
         try:
-            report = run_harness(directory, settings)
+            report = run_harness(directory, settings, progress)
         finally:
             if settings.url:
                 anyio.run(_chaos_pg.drop, settings.url)

@@ -21,12 +21,22 @@ import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import TypedDict
 
 from eventbus import Bus, Context, Event, Message, operators, run
 
 CUSTOMERS = 5
 MINUTE = 60
 LATENESS = 10
+
+
+class MinuteTotal(TypedDict):
+    """A closed window's result, as the operator publishes it."""
+
+    key: str
+    start: int
+    end: int
+    value: int
 
 
 def payment(n: int) -> Message:
@@ -62,7 +72,7 @@ def register(bus: Bus) -> operators.Windows[int]:
     )
 
     @bus.subscribe("minute-totals", name="ledger")
-    async def book(event: Event[dict[str, int]], ctx: Context) -> None:
+    async def book(event: Event[MinuteTotal], ctx: Context) -> None:
         # State keyed by the event key's own windows: [total, times booked].
         entry = f"{event.payload['key']}/{event.payload['start']:08d}"
         booked = await ctx.state.get(entry, [0, 0])

@@ -22,6 +22,7 @@ from ._types import (
     Unaccounted,
     WorkflowRecord,
     WriteBatch,
+    plain_commit,
 )
 
 
@@ -75,6 +76,7 @@ class MemoryStorage:
         self._workflow_num = 0
         self._steps: dict[str, dict[int, StepRecord]] = {}
         self._closed = False
+        self._plain = False  # set by open(): see commit_now
 
     @property
     def head(self) -> int:
@@ -82,6 +84,7 @@ class MemoryStorage:
 
     async def open(self) -> None:
         self._closed = False
+        self._plain = plain_commit(self, MemoryStorage)
 
     async def close(self) -> None:
         self._closed = True
@@ -91,6 +94,16 @@ class MemoryStorage:
             raise StorageClosed("the in-memory log is closed")
 
     async def commit(self, batch: WriteBatch) -> list[Receipt]:
+        return self._apply(batch)
+
+    def commit_now(self, batch: WriteBatch) -> list[Receipt] | None:
+        """Commit ``batch`` at once (there is no I/O); None, with nothing written,
+        when a subclass overrides :meth:`commit` (it must see every commit)."""
+        if not self._plain:
+            return None
+        return self._apply(batch)
+
+    def _apply(self, batch: WriteBatch) -> list[Receipt]:
         self._check_open()
         receipts: list[Receipt] = []
         now = time.time()
@@ -119,6 +132,20 @@ class MemoryStorage:
         self._head = seq
         for ikey, receipt in fresh_keys.items():
             self._idempotency[ikey] = (receipt, now)
+        if not (
+            batch.acks
+            or batch.subscriptions
+            or batch.retries
+            or batch.settled
+            or batch.dead
+            or batch.state
+            or batch.effects
+            or batch.done
+            or batch.workflow_starts
+            or batch.workflows
+            or batch.steps
+        ):
+            return receipts  # appends only
         prev = {name: (s.cursor if (s := self._subs.get(name)) else 0) for name in batch.acks}
         for info in batch.subscriptions:
             old = self._subs.get(info.name)

@@ -266,6 +266,10 @@ class PostgresStorage:
 
     # -- writing --------------------------------------------------------------------
 
+    def commit_now(self, batch: WriteBatch) -> list[Receipt] | None:
+        """Never: every PostgreSQL transaction is a round trip to the server."""
+        return None
+
     async def commit(self, batch: WriteBatch) -> list[Receipt]:
         """Apply ``batch`` in one transaction (see :class:`storage.Storage`).
 

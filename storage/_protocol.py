@@ -50,6 +50,14 @@ class Storage(Protocol):
         ``duplicate=True``. Either everything in the batch is written, or nothing.
         """
 
+    def commit_now(self, batch: WriteBatch) -> list[Receipt] | None:
+        """:meth:`commit` without awaiting, when this storage can do it cheaply on the
+        calling thread (a small transaction, no lock to wait for); otherwise None,
+        with nothing written, and the caller awaits :meth:`commit`.
+
+        Raises as :meth:`commit` does when it tried and failed.
+        """
+
     async def read(
         self, after: int, upto: int, topics: frozenset[str] | None, limit: int
     ) -> list[Record]:

@@ -52,6 +52,8 @@ from ._types import (
     Unaccounted,
     WorkflowRecord,
     WriteBatch,
+    batch_rows,
+    plain_commit,
 )
 
 logger = logging.getLogger("eventbus.storage")
@@ -65,6 +67,13 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 # Checkpoint explicitly once this much has been appended since the last one, so the
 # WAL stays bounded even when a reader keeps the passive auto-checkpoint from finishing.
 _CHECKPOINT_EVERY_BYTES = 32 * 1024 * 1024
+# What SQLite's automatic checkpoint would do (every ~1,000 pages), done by
+# _checkpoint_if_due on the connection's thread rather than inside a commit.
+_PASSIVE_CHECKPOINT_BYTES = 4 * 1024 * 1024
+_PAGE_BYTES = 4096
+# The largest transaction commit_now runs on the loop's thread (rows written): about
+# 20 us a row there, so a larger one costs the loop more than the thread hop would.
+_INLINE_MAX_ROWS = 16
 # The first wait between tries of a commit that SQLite refused as busy before
 # busy_timeout ran out (as it does while another connection recovers or checkpoints).
 _BUSY_FIRST_DELAY = 0.01
@@ -116,12 +125,55 @@ def _is_busy(exc: BaseException) -> bool:
 
 
 class _Connection(aiosqlite.Connection):
-    """An aiosqlite connection that runs a whole function on its thread, in one hop.
+    """An aiosqlite connection that runs a whole function on its thread, in one hop,
+    and that the event loop's thread may also use while the connection's thread is idle.
 
     aiosqlite queues every statement to the connection's thread; a transaction made
     of several awaited statements costs a hop each, and a cancellation between them
     would leave it open. :meth:`run` hands the thread one function instead.
+
+    ``busy_ms`` (the writer's): the connection rests with a busy timeout of 0, so a
+    transaction begun on the loop's thread (:meth:`run_here`) fails at once instead
+    of blocking the loop while another process holds the write lock; each function
+    on the connection's thread waits up to ``busy_ms`` for the lock instead.
     """
+
+    def __init__(
+        self,
+        connector: Callable[[], sqlite3.Connection],
+        *,
+        busy_ms: int | None = None,
+    ) -> None:
+        super().__init__(connector, iter_chunk_size=64)
+        self.busy_ms = busy_ms
+        self._queued = 0  # written by the loop's thread only
+        self._finished = 0  # written by the connection's thread only
+
+    @property
+    def idle(self) -> bool:
+        """Whether nothing is queued to or running on the connection's thread."""
+        return self._queued == self._finished
+
+    async def _execute(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        function = partial(fn, *args, **kwargs)
+        busy = self.busy_ms
+        self._queued += 1
+
+        def counted() -> T:
+            try:
+                if busy is None:
+                    return function()
+                raw = self._conn
+                raw.execute(f"PRAGMA busy_timeout = {busy}")
+                try:
+                    return function()
+                finally:
+                    with contextlib.suppress(sqlite3.Error, ValueError):
+                        raw.execute("PRAGMA busy_timeout = 0")
+            finally:
+                self._finished += 1
+
+        return await super()._execute(counted)  # type: ignore[no-untyped-call,no-any-return]
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn(connection)`` on the connection's thread.
@@ -129,16 +181,23 @@ class _Connection(aiosqlite.Connection):
         Cancellation: ``fn`` still runs to its end on the thread (a transaction it
         holds commits or rolls back there); only the wait for its result stops.
         """
-        return await self._execute(fn, self._conn)  # type: ignore[no-untyped-call,no-any-return]
+        return await self._execute(fn, self._conn)
+
+    def run_here(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(connection)`` on the calling thread; only while :attr:`idle`."""
+        assert self.idle, "the connection's thread is using it"
+        return fn(self._conn)
 
 
-def _connect(database: str, *, uri: bool) -> _Connection:
+def _connect(database: str, *, uri: bool, busy_ms: int | None = None) -> _Connection:
     """A connection to ``database`` (not yet started: await it)."""
 
     def connector() -> sqlite3.Connection:
-        return sqlite3.connect(database, uri=uri, isolation_level=None)
+        return sqlite3.connect(
+            database, uri=uri, isolation_level=None, check_same_thread=busy_ms is None
+        )
 
-    return _Connection(connector, iter_chunk_size=64)
+    return _Connection(connector, busy_ms=busy_ms)
 
 
 class SQLiteStorage:
@@ -184,6 +243,7 @@ class SQLiteStorage:
         self._journal: CallJournal | None = None
         self._head = 0
         self._bytes_since_checkpoint = 0
+        self._bytes_since_passive = 0
 
     @property
     def head(self) -> int:
@@ -281,15 +341,19 @@ class SQLiteStorage:
             raise NotALog(self.path, "it is not a SQLite database")
 
     async def _connect(self, *, writer: bool) -> _Connection:
+        busy_ms = int(self.busy_timeout * 1000)
         if self.read_only:
             conn = _connect(f"file:{self.path}?mode=ro", uri=True)
         else:
-            conn = _connect(self.path, uri=False)
+            conn = _connect(self.path, uri=False, busy_ms=busy_ms if writer else None)
         await conn  # starts its thread and connects
         try:
-            await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            await conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
             if writer:
                 await conn.execute("PRAGMA journal_mode = WAL")
+                # Checkpoints run when this storage asks (_passive_checkpoint), on the
+                # connection's thread: never inside a commit made on the loop's thread.
+                await conn.execute("PRAGMA wal_autocheckpoint = 0")
                 await conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[self.durability]}")
                 await conn.execute("PRAGMA journal_size_limit = 67108864")
             else:
@@ -438,33 +502,74 @@ class SQLiteStorage:
                 await anyio.sleep(min(delay, left))
                 delay = min(delay * 4, 1.0)
                 shortened = True
-                with contextlib.suppress(sqlite3.Error):  # then the try waits longer
-                    await self._set_busy_timeout(conn, deadline - time.monotonic())
+                # Then the try waits longer.
+                conn.busy_ms = max(1, int((deadline - time.monotonic()) * 1000))
         finally:
             if shortened:
-                with anyio.CancelScope(shield=True), contextlib.suppress(sqlite3.Error):
-                    await self._set_busy_timeout(conn, self.busy_timeout)
-        self._head = new_head
-        self._bytes_since_checkpoint += nbytes
-        if self._bytes_since_checkpoint >= self.checkpoint_bytes:
-            self._bytes_since_checkpoint = 0
-            await self._checkpoint(conn)
+                conn.busy_ms = int(self.busy_timeout * 1000)
+        self._committed(new_head, nbytes)
+        await self._checkpoint_if_due(conn)
         return receipts
 
-    async def _set_busy_timeout(self, conn: _Connection, seconds: float) -> None:
-        await conn.execute(f"PRAGMA busy_timeout = {max(1, int(seconds * 1000))}")
+    def commit_now(self, batch: WriteBatch) -> list[Receipt] | None:
+        """Commit a small ``batch`` on the calling thread (the event loop's), skipping
+        the hop to the connection's thread, which costs more than a small commit.
 
-    async def _checkpoint(self, conn: _Connection) -> None:
+        None, with nothing written, when it must go through :meth:`commit` instead: a
+        large batch (it would hold the loop), ``durability="full"`` (its fsync would
+        hold the loop for milliseconds), the connection's thread busy (a commit
+        or maintenance in flight), a checkpoint due, the write lock held by another
+        connection (the thread waits for it; the loop must not), or ``commit``
+        overridden (a subclass injecting faults sees every commit).
+        """
+        conn = self._writer
+        if (
+            conn is None
+            or self.read_only
+            or self.durability == "full"  # an fsync per commit: never on the loop
+            or not conn.idle
+            or self._bytes_since_passive >= _PASSIVE_CHECKPOINT_BYTES
+            or not plain_commit(self, SQLiteStorage)
+            or batch_rows(batch) > _INLINE_MAX_ROWS
+        ):
+            return None
+        try:
+            receipts, new_head, nbytes = conn.run_here(partial(_apply_batch, batch, self._head))
+        except sqlite3.Error as exc:
+            if _is_busy(exc):
+                return None
+            raise _translate(self.path, exc) from exc
+        self._committed(new_head, nbytes)
+        return receipts
+
+    def _committed(self, new_head: int, nbytes: int) -> None:
+        self._head = new_head
+        # The WAL grows by whole pages: a commit adds at least one, however small.
+        nbytes += _PAGE_BYTES
+        self._bytes_since_checkpoint += nbytes
+        self._bytes_since_passive += nbytes
+
+    async def _checkpoint_if_due(self, conn: _Connection) -> None:
+        if self._bytes_since_checkpoint >= self.checkpoint_bytes:
+            self._bytes_since_checkpoint = self._bytes_since_passive = 0
+            await self._checkpoint(conn, "TRUNCATE")
+        elif self._bytes_since_passive >= _PASSIVE_CHECKPOINT_BYTES:
+            self._bytes_since_passive = 0
+            await self._checkpoint(conn, "PASSIVE")
+
+    async def _checkpoint(self, conn: _Connection, mode: str) -> None:
         # A TRUNCATE checkpoint waits (busy handler) for readers of old snapshots;
         # ours are short, so wait briefly rather than stall commits for busy_timeout.
+        # A PASSIVE one copies what no reader still needs and never waits.
+        conn.busy_ms = 200
         try:
-            await conn.execute("PRAGMA busy_timeout = 200")
-            try:
-                rows = await conn.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            rows = await conn.execute_fetchall(f"PRAGMA wal_checkpoint({mode})")
         except sqlite3.Error as exc:
             logger.warning("WAL checkpoint of %s failed: %s", self.path, exc)
+            return
+        finally:
+            conn.busy_ms = int(self.busy_timeout * 1000)
+        if mode == "PASSIVE":
             return
         busy = next(iter(rows))[0]
         if busy:

@@ -148,6 +148,22 @@ def _add_acked(conn: sqlite3.Connection, sub: str, lo: int, hi: int) -> None:
     conn.execute("INSERT INTO acked (subscription, lo, hi) VALUES (?, ?, ?)", (sub, lo, hi))
 
 
+def _coalesce(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """``ranges`` with those of one subscription that overlap or touch merged: calls
+    running at once finish out of order, so one commit often holds neighbours."""
+    if len(ranges) < 2:
+        return ranges
+    merged: list[tuple[str, int, int]] = []
+    for name, lo, hi in sorted(ranges):
+        if merged:
+            m_name, m_lo, m_hi = merged[-1]
+            if m_name == name and lo <= m_hi + 1:
+                merged[-1] = (name, m_lo, max(m_hi, hi))
+                continue
+        merged.append((name, lo, hi))
+    return merged
+
+
 def _ack_ranges(conn: sqlite3.Connection, sub: str, prev: int, cursor: int) -> None:
     """Record (prev, cursor] as done for ``sub``, except the events it passed to its
     retry lane or the dead letters."""
@@ -271,8 +287,15 @@ def apply_batch(
     conn: sqlite3.Connection, batch: WriteBatch, head: int
 ) -> tuple[list[Receipt], int, int]:
     """One write transaction, run on the connection's thread: all of it or nothing."""
-    with _immediate(conn):
+    # _immediate, spelt out: this runs for every commit, often on the loop's thread.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
         result = write_batch(conn, batch, head)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
     return result
 
 
@@ -318,13 +341,19 @@ def write_batch(
     elif appends:
         # The common case, without idempotency keys: no per-record branching.
         first = head + 1
-        conn.executemany(
-            _INSERT_EVENT,
-            [
-                (first + i, r.id, r.topic, r.key, r.payload, r.headers, r.created_at)
-                for i, r in enumerate(appends)
-            ],
-        )
+        if len(appends) == 1:
+            r = appends[0]
+            conn.execute(
+                _INSERT_EVENT, (first, r.id, r.topic, r.key, r.payload, r.headers, r.created_at)
+            )
+        else:
+            conn.executemany(
+                _INSERT_EVENT,
+                [
+                    (first + i, r.id, r.topic, r.key, r.payload, r.headers, r.created_at)
+                    for i, r in enumerate(appends)
+                ],
+            )
         receipts = [Receipt(first + i, r.id) for i, r in enumerate(appends)]
         seq = head + len(appends)
         nbytes = sum(len(r.payload) for r in appends)
@@ -392,7 +421,7 @@ def write_batch(
     for name, cursor in batch.acks.items():
         if cursor > prev[name]:
             _ack_ranges(conn, name, prev[name], cursor)
-    for name, lo, hi in batch.done:
+    for name, lo, hi in _coalesce(batch.done):
         _add_acked(conn, name, lo, hi)
     if batch.workflow_starts:
         conn.executemany(

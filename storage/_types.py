@@ -327,3 +327,30 @@ class Notice(NamedTuple):
     kind: str
     subscription: str = ""
     head: int = 0
+
+
+def batch_rows(batch: WriteBatch) -> int:
+    """About how many rows ``batch`` writes: what a transaction costs, roughly."""
+    return (
+        len(batch.appends)
+        + len(batch.acks)
+        + len(batch.subscriptions)
+        + len(batch.dead)
+        + len(batch.retries)
+        + len(batch.settled)
+        + len(batch.done)
+        + len(batch.state)
+        + len(batch.effects)
+        + len(batch.workflow_starts)
+        + len(batch.workflows)
+        + len(batch.steps)
+    )
+
+
+def plain_commit(storage: object, cls: type) -> bool:
+    """Whether ``storage.commit`` is ``cls.commit`` itself: neither overridden by a
+    subclass nor replaced on the instance (as tests that inject faults do). Only then
+    may a commit skip it (``commit_now``): such a ``commit`` must see every commit."""
+    return getattr(type(storage), "commit", None) is getattr(cls, "commit", None) and (
+        "commit" not in getattr(storage, "__dict__", ())
+    )

@@ -1,5 +1,5 @@
-"""Shared fixtures: a fresh log path (or PostgreSQL schema) per test, and anyio on
-asyncio only."""
+"""Shared fixtures: a fresh log path (or PostgreSQL schema) per test, anyio on
+asyncio only, and the users' test kit (eventbus.testing)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ import anyio
 import hypothesis  # noqa: F401 - imported early: a late import during the summary hits a CPython 3.11 AST bug
 import pytest
 
+from eventbus.testing import VirtualClockLoop
 from tests import postgres
-from tests.virtual_clock import VirtualClockLoop
+
+pytest_plugins = ["eventbus.testing"]
 
 
 @pytest.fixture
 def anyio_backend(request: pytest.FixtureRequest) -> object:
     # aiosqlite is asyncio-only; the bus runs on asyncio (and uvloop). Tests of timing
-    # behaviour run on a virtual clock (tests/virtual_clock.py) in no wall time.
+    # behaviour run on a virtual clock (eventbus.testing.VirtualClockLoop) in no wall
+    # time, as do the tests that use the kit's fixtures (which the kit sees to).
     if request.node.get_closest_marker("virtual_clock"):
         return ("asyncio", {"loop_factory": VirtualClockLoop})
     return "asyncio"

@@ -20,6 +20,7 @@ PACKAGES = ("eventbus", "storage", "backpressure")
 FLOORS: dict[str, int] = {
     # what every subsystem shares
     "eventbus._errors": 0,
+    "eventbus.progress": 0,
     "eventbus._config": 1,
     "eventbus._clock": 1,
     "eventbus._event": 1,
@@ -27,13 +28,16 @@ FLOORS: dict[str, int] = {
     "eventbus._logging": 1,
     "eventbus._stopping": 1,
     "eventbus._effect_log": 2,
+    "eventbus._payloads": 2,
     "eventbus._run": 2,
+    "eventbus._export": 2,
     # subsystems
     "eventbus.publish": 2,
     "eventbus.failures": 2,
     "eventbus.dispatch": 3,
     "eventbus.workflows": 3,
     "eventbus.reconcile": 4,
+    "eventbus._hooks": 4,
     # the facade
     "eventbus._reconciliation": 5,
     "eventbus._unclaimed": 5,
@@ -44,6 +48,10 @@ FLOORS: dict[str, int] = {
     "eventbus.cli": 7,
     "eventbus._chaos_pg": 7,
     "eventbus.chaos": 8,
+    "eventbus.testing": 8,
+    # optional exporters, imported only when used
+    "eventbus.prometheus": 8,
+    "eventbus.otel": 8,
     "eventbus": 9,
     "eventbus.__main__": 9,
 }

@@ -21,9 +21,14 @@ import storage as _storage
 from storage import DeadRecord, SQLiteStorage
 
 from ..failures import CONTROL_ENCODER, ControlCommand
+from ..progress import Progress
 from ..reconcile import check_log
 from . import _output as out
 from ._parser import build_parser
+
+# Dead letters re-injected per transaction by `dlq redrive` on a log no bus owns: the
+# progress line moves between chunks, and each chunk is a short write.
+REDRIVE_CHUNK = 1000
 
 # The exit status of a command whose reader went away (`eventbus dlq list F | head`),
 # as for one killed by SIGPIPE.
@@ -236,10 +241,7 @@ async def _change_dead_letters(args: argparse.Namespace) -> int:
         return await _queue(args, command, exc.owner)
     try:
         if args.dlq_command == "redrive":
-            moved = await store.redrive(
-                args.subscription, ids=ids, error_type=args.error_type, due_at=time.time()
-            )
-            count = len(moved)
+            count = await _redrive(store, args, ids)
         else:
             count = await store.purge(args.subscription, ids=ids, error_type=args.error_type)
     finally:
@@ -250,6 +252,27 @@ async def _change_dead_letters(args: argparse.Namespace) -> int:
     else:
         print(f"{done} {count} dead letters")
     return 0
+
+
+async def _redrive(store: SQLiteStorage, args: argparse.Namespace, ids: list[str] | None) -> int:
+    """Re-inject the matching dead letters, ``REDRIVE_CHUNK`` per transaction, with a
+    progress line on a terminal. Interrupted, the letters not yet reached stay dead
+    letters: running it again re-injects them."""
+    total = await store.count_dead_letters(args.subscription, error_type=args.error_type, ids=ids)
+    count = 0
+    with Progress("redrive", total, unit="dead letters", quiet=args.quiet) as progress:
+        while True:
+            moved = await store.redrive(
+                args.subscription,
+                ids=ids,
+                error_type=args.error_type,
+                due_at=time.time(),
+                limit=REDRIVE_CHUNK,
+            )
+            count += len(moved)
+            progress.update(count)
+            if len(moved) < REDRIVE_CHUNK:
+                return count
 
 
 async def _drop_subscription(args: argparse.Namespace) -> int:

@@ -131,6 +131,13 @@ def _dlq(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument(
             "--dry-run", action="store_true", help=f"say how many it would {verb}; change nothing"
         )
+        if name == "redrive":
+            p.add_argument(
+                "--quiet",
+                "-q",
+                action="store_true",
+                help="no progress line (it shows only on a terminal, and never under CI)",
+            )
         _json(p)
 
 

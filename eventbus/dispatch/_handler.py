@@ -1,10 +1,12 @@
 """Handlers: checking a subscribe call's topics and handler, recognising batch
-handlers, and choosing a subscription's batch controller."""
+handlers and typed payloads, and choosing a subscription's batch controller."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+import types
 import typing
 from collections.abc import Awaitable, Callable, Container, Iterable
 
@@ -19,6 +21,7 @@ from backpressure import (
 from .._config import BatchPolicy
 from .._errors import SubscriptionError
 from .._event import Event
+from .._payloads import PayloadType, as_decoded, payload_type, type_name
 from ._context import Context
 
 logger = logging.getLogger("eventbus.bus")  # about subscriptions at open
@@ -222,6 +225,110 @@ def is_batch_handler(handler: Callable[..., object]) -> bool:
         except Exception:  # noqa: BLE001 - an unresolvable string: judge it by its text
             return text.startswith(("list[", "typing.list["))
     return bool(typing.get_origin(annotation) is list or annotation is list)
+
+
+def handler_payload_type(handler: object) -> PayloadType | None:
+    """The type a handler wants its payloads decoded as: ``T`` when its first
+    parameter is annotated ``Event[T]`` or ``list[Event[T]]``.
+
+    None (payloads stay the built-in values the bus decodes, at no cost) for no
+    annotation, a bare ``Event``, and ``Event[Any]``, ``Event[object]``,
+    ``Event[dict[str, Any]]``. String annotations (``from __future__ import
+    annotations``) are resolved in the handler's module, and in the namespace of the
+    code that subscribes it (a type defined in the function that subscribes).
+
+    Raises:
+        SubscriptionError: The annotation names a type that cannot be found at run
+            time, or one msgspec cannot decode to.
+    """
+    try:
+        params = [
+            p
+            for p in inspect.signature(handler).parameters.values()  # type: ignore[arg-type]
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        return None  # check_handler says what is wrong with it
+    if not params or params[0].annotation is inspect.Parameter.empty:
+        return None
+    first = params[0]
+    annotation: object = first.annotation
+    if isinstance(annotation, str):
+        annotation = _resolve(handler, first.name, annotation)
+        if annotation is None:
+            return None
+    if typing.get_origin(annotation) is list:
+        (annotation,) = typing.get_args(annotation) or (None,)
+    origin = typing.get_origin(annotation) or annotation
+    if not (isinstance(origin, type) and issubclass(origin, Event)):
+        return None
+    args = typing.get_args(annotation)
+    if not args or isinstance(args[0], typing.TypeVar) or as_decoded(args[0]):
+        return None
+    try:
+        return payload_type(args[0])
+    except TypeError as exc:
+        raise SubscriptionError(
+            f"handler {_name(handler)} takes Event[{type_name(args[0])}], a type msgspec "
+            f"cannot decode payloads to ({exc}): use a msgspec.Struct, a dataclass, a "
+            "TypedDict or another type msgspec supports, or Event[Any] to take payloads "
+            "as built-in types"
+        ) from exc
+
+
+# String annotations that ask for no decoding: resolving them is not needed.
+_UNTYPED_TEXT = frozenset(
+    f"{event}{arg}"
+    for event in ("Event", "eventbus.Event")
+    for arg in ("", "[Any]", "[typing.Any]", "[object]", "[dict]", "[dict[str,Any]]")
+)
+
+
+def _resolve(handler: object, name: str, text: str) -> object:
+    """The object a string annotation names (None: an untyped ``Event`` that need
+    not be found).
+
+    Raises:
+        SubscriptionError: It names ``Event[...]`` of something that cannot be found.
+    """
+    target: object = inspect.unwrap(handler)  # type: ignore[arg-type]
+    while isinstance(target, functools.partial):
+        target = inspect.unwrap(target.func)
+    if not inspect.isfunction(target) and not inspect.ismethod(target):
+        target = type(target).__call__  # a callable object
+    target = getattr(target, "__func__", target)
+    holder = types.SimpleNamespace(__annotations__={name: text})
+    try:
+        return typing.get_type_hints(
+            holder, getattr(target, "__globals__", {}), _subscriber_namespace()
+        )[name]
+    except Exception as exc:  # any failure to evaluate the text
+        bare = text.replace(" ", "")
+        if bare.startswith(("list[", "typing.List[", "List[")):
+            bare = bare[bare.index("[") + 1 : -1]
+        if bare in _UNTYPED_TEXT or bare.split("[", 1)[0].rsplit(".", 1)[-1] != "Event":
+            return None
+        raise SubscriptionError(
+            f"handler {_name(handler)} takes {text!r}, which cannot be resolved ({exc}) "
+            "in the handler's module or where it is subscribed: import or define the type "
+            "at run time (not only under TYPE_CHECKING), or take Event[Any] for payloads "
+            "as built-in types"
+        ) from exc
+
+
+def _subscriber_namespace() -> dict[str, object]:
+    """The local names of the code that called ``subscribe`` (the first frame outside
+    this package), where a type used only in a handler's annotation may live."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            module = frame.f_globals.get("__name__", "")
+            if module != "eventbus" and not module.startswith("eventbus."):
+                return dict(frame.f_locals)
+            frame = frame.f_back
+        return {}
+    finally:
+        del frame  # a frame holds its locals: no cycle through this one
 
 
 def make_controller(policy: BatchPolicy) -> BatchController:

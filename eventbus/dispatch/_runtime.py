@@ -4,6 +4,7 @@ a log shared by several processes."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import anyio
@@ -11,6 +12,7 @@ import anyio
 from storage import RetryRecord
 
 from .._metrics import SubscriptionMetrics
+from ._context import Context
 from ._scheduler import Pending
 from ._state import StateCache
 from ._subscription import RunningCall
@@ -20,6 +22,10 @@ class SubscriptionRuntime(Protocol):
     """A running subscription, as the bus drives it."""
 
     name: str
+    topics: frozenset[str]
+    is_batch: bool
+    #: The handler as subscribed.
+    handler: Callable[[object, Context], Awaitable[None]]
     finished: anyio.Event
 
     @property
@@ -31,6 +37,9 @@ class SubscriptionRuntime(Protocol):
     async def run(self) -> None: ...
 
     def wake(self) -> None: ...
+
+    def call_through(self, wrapper: Callable[[object, Context], Awaitable[None]] | None) -> None:
+        """From the next call on, call ``wrapper`` instead of the handler."""
 
     def stop(self) -> None: ...
 

@@ -38,7 +38,7 @@ from collections.abc import Iterable
 from typing import Literal, Protocol
 
 from .._config import RetryPolicy
-from ..failures import CircuitBreaker, GiveUp, RetryBudget, decide
+from ..failures import CircuitBreaker, GiveUp, RetryBudget, decide, never_succeeds
 
 Lane = Literal["main", "retry"]
 MAIN: Lane = "main"
@@ -70,6 +70,8 @@ class Entry:
         due: When it is due (monotonic), while ``WAITING``.
         delay: The backoff delay that preceded its next attempt.
         first_failed: When it first failed (unix time), set by the shell.
+        view: The shell's own data for how its handler sees it (the event with its
+            payload decoded as the handler's type), once made.
     """
 
     __slots__ = (
@@ -84,7 +86,12 @@ class Entry:
         "seq",
         "state",
         "suspect",
+        "view",
     )
+
+    # Set only for a handler that wants its payloads typed, so that other entries
+    # cost nothing more to make: read it with ``getattr(entry, "view", None)``.
+    view: object
 
     def __init__(
         self,
@@ -507,16 +514,15 @@ class Scheduler:
         # Any of them may be ahead of the cursor (an older event held or retried).
         self._done_ahead.extend([entry.seq for entry in entries])
 
-    def failed(
-        self, call: Call, entry: Entry, error: BaseException, now: float, *, final: bool = False
-    ) -> bool:
+    def failed(self, call: Call, entry: Entry, error: BaseException, now: float) -> bool:
         """``entry``'s attempt failed with ``error``: retry it later or dead-letter it
-        (returns True when dead-lettered). ``final``: no attempt can ever succeed (the
-        event does not decode): dead-letter it at once."""
+        (returns True when dead-lettered), as :func:`~eventbus.failures.decide` says.
+        An event that can never succeed (its payload does not decode for the
+        handler) is dead-lettered at once, and not counted by the circuit breaker."""
         self._now = now
-        self._record(call, call.ok, 1, now)
+        self._record(call, call.ok, 0 if never_succeeds(error) else 1, now)
         decision = decide(self.retry_policy, entry.attempt, error, entry.delay, self._rng)
-        if final or isinstance(decision, GiveUp):
+        if isinstance(decision, GiveUp):
             entry.state = GONE
             entry.pending = False
             self._sink.dead(entry, error)
@@ -773,6 +779,12 @@ class Scheduler:
         while order and not order[0].pending:
             order.popleft()
         return order[0].seq - 1 if order else self.read_pos
+
+    def oldest_pending(self) -> Entry | None:
+        """The first event in log order that is read and not finished (the one that
+        holds the cursor back), or None."""
+        self.cursor()  # drops the finished ones from the front
+        return self._order[0] if self._order else None
 
     def take_acks(self) -> tuple[int, list[tuple[int, int]]]:
         """The cursor, and the ranges of fresh events done ahead of it since the last

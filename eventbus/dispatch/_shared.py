@@ -229,7 +229,10 @@ class SharedSubscription:
             "concurrency": concurrency,
             "capacity": capacity,
         }
-        self._handler = self._marked(handler) if log.records_calls else handler
+        #: The handler as subscribed; ``_call`` is what a call runs (hooks wrap it).
+        self.handler = typing.cast("Callable[[object, Context], Awaitable[None]]", handler)
+        self._call = self.handler
+        self._handler = self._marked() if log.records_calls else self._through()
         self._writer = writer
         self._log = log
         self._decode = decode
@@ -646,14 +649,30 @@ class SharedSubscription:
 
     # -- handler calls ----------------------------------------------------------------
 
-    def _marked(self, handler: Handler) -> Handler:
-        """``handler``, recording each call in the log before it starts (see the
-        module docstring). It keeps the handler's signature, so that it is still
-        recognised as a batch handler or not."""
-        call = typing.cast("Callable[[object, Context], Awaitable[None]]", handler)
+    def call_through(self, wrapper: Callable[[object, Context], Awaitable[None]] | None) -> None:
+        """From the next call on, call ``wrapper`` instead of the handler (the bus's
+        hooks wrap it); None calls the handler itself again."""
+        self._call = wrapper or self.handler
+
+    def _through(self) -> Handler:
+        """What a generation calls: the handler, or what wraps it now."""
+        handler = self.handler
+
+        @functools.wraps(handler)
+        async def through(arg: object, ctx: Context) -> None:
+            await self._call(arg, ctx)
+
+        return typing.cast("Handler", through)
+
+    def _marked(self) -> Handler:
+        """The handler (or what wraps it now), recording each call in the log before
+        it starts (see the module docstring). It keeps the handler's signature, so
+        that it is still recognised as a batch handler or not."""
+        handler = self.handler
 
         @functools.wraps(handler)
         async def marked(arg: object, ctx: Context) -> None:
+            call = self._call
             events = typing.cast("list[Event[object]]", arg if isinstance(arg, list) else [arg])
             lease = self._lease
             if lease is None:

@@ -45,7 +45,7 @@ from storage import (
 
 from .._clock import Clock
 from .._config import BatchPolicy, BreakerPolicy, RetryPolicy
-from .._errors import BusClosed, HandlerStuck
+from .._errors import BusClosed, HandlerStuck, PayloadValidationError
 from .._event import Event
 from .._logging import event_fields, get_logger
 from .._metrics import SubscriptionMetrics, SubscriptionRecorder, median, summarize
@@ -57,7 +57,7 @@ from ..failures import (
 )
 from ..publish import RecentEvents
 from ._context import Context, Encoder
-from ._handler import Handler, is_batch_handler, make_controller
+from ._handler import Handler, handler_payload_type, is_batch_handler, make_controller
 from ._ports import DispatchLog, DispatchWriter
 from ._scheduler import MAIN, RETRY, RUN, STOP, Call, Entry, Pending, Scheduler
 from ._state import StateCache
@@ -118,8 +118,11 @@ class Subscription:
         self.topics = topics
         self._filter = None if "*" in topics else topics
         self.is_batch = is_batch_handler(handler)
+        # Event[T]: payloads decoded as T, a batch at a time; None costs nothing.
+        self._payload = handler_payload_type(handler)
         # Typed once here: a cast per call would build a typing object every time.
         self._handler = typing.cast("Callable[[object, Context], Awaitable[None]]", handler)
+        self.handler = self._handler  # as subscribed (``_handler`` may wrap it)
         self.batch_policy = batch_policy
         self.retry = retry
         self.ordered = ordered
@@ -203,6 +206,11 @@ class Subscription:
         if self._scope is not None:
             self._scope.cancel()
 
+    def call_through(self, wrapper: Callable[[object, Context], Awaitable[None]] | None) -> None:
+        """From the next call on, call ``wrapper`` instead of the handler (the bus's
+        hooks wrap it); None calls the handler itself again."""
+        self._handler = wrapper or self.handler
+
     def add_retries(self, records: list[RetryRecord]) -> None:
         """Take events into the retry lane that the log already holds there
         (redriven dead letters, events reconciliation re-dispatched)."""
@@ -269,6 +277,8 @@ class Subscription:
         stats = self.stats
         pending = self.pending()
         breaker = self._sched.breaker
+        oldest = self._sched.oldest_pending()
+        created = _created_at(oldest.item) if oldest is not None else None
         return SubscriptionMetrics(
             handled=stats.handled,
             batches=stats.batches,
@@ -291,6 +301,10 @@ class Subscription:
             concurrency=self.concurrency,
             breaker_state=breaker.state if breaker is not None else "closed",
             breaker_trips=breaker.trips if breaker is not None else 0,
+            lag_seconds=0.0 if created is None else max(0.0, self._clock.wall() - created),
+            handler_seconds=stats.handler_seconds.snapshot(),
+            end_to_end_seconds=stats.end_to_end_seconds.snapshot(),
+            call_sizes=stats.call_sizes.snapshot(),
         )
 
     # -- running --------------------------------------------------------------------
@@ -356,6 +370,8 @@ class Subscription:
             delay=estimated_previous_delay(self.retry, record.attempt),
             first_failed=record.first_failed_at,
         )
+        if self._payload is not None:
+            entry.view = None
         if record.due_at is None:
             entry.due = now
         else:
@@ -457,7 +473,10 @@ class Subscription:
         taken = self._recent.take(pos, head, self._filter, room)
         if taken is not None:
             events, upto = taken
-            sched.append([Entry(e.seq, e.key, e) for e in events], upto)
+            entries = [Entry(e.seq, e.key, e) for e in events]
+            if self._payload is not None:
+                self._decode_views(entries)
+            sched.append(entries, upto)
         else:
             self._reading = True
             try:
@@ -470,8 +489,10 @@ class Subscription:
                 try:
                     item = self._decode(rec)
                 except msgspec.DecodeError as exc:
-                    item = Undecodable(rec, exc)
+                    item = Undecodable(rec, self._undecodable(rec, "", exc))
                 entries.append(Entry(rec.seq, rec.key, item))
+            if self._payload is not None:
+                self._decode_views(entries)
             sched.append(entries, records[-1].seq if len(records) == room else head)
         self._signal()
         if not sched.buffered:
@@ -527,22 +548,70 @@ class Subscription:
             )
 
     def _event_of(self, entry: Entry) -> Event[object]:
-        """The event to hand to the handler, at the entry's attempt.
+        """The event to hand to the handler, at the entry's attempt (its payload
+        decoded as the handler's type, for a typed handler).
 
         Raises:
-            msgspec.DecodeError: Its payload does not decode.
+            PayloadValidationError: Its payload does not decode.
         """
         item = entry.item
         if isinstance(item, Event):
             event = item
         elif isinstance(item, RetryRecord):
-            event = self._decode(item.record)
+            try:
+                event = self._decode(item.record)
+            except msgspec.DecodeError as exc:
+                raise self._undecodable(item.record, "", exc) from exc
         else:
             raise typing.cast("Undecodable", item).error
         if event.attempt != entry.attempt:
             event = msgspec.structs.replace(event, attempt=entry.attempt)
         entry.item = event
-        return event
+        if self._payload is None:
+            return event
+        view = getattr(entry, "view", None)
+        if view is None:  # read from the retry lane: decoded when first reached
+            self._decode_views([entry])
+            view = entry.view
+        if type(view) is not Event:
+            raise typing.cast("PayloadValidationError", view)
+        if view.attempt != entry.attempt:
+            view = entry.view = msgspec.structs.replace(view, attempt=entry.attempt)
+        return view
+
+    def _decode_views(self, entries: list[Entry]) -> None:
+        """Set each entry's ``view``: for a decoded event (read from the log), the
+        event with its payload decoded as the handler's type, or the
+        :class:`PayloadValidationError` that dead-letters it when it is reached
+        (one msgspec call for them all); None for the others, decoded when reached.
+        """
+        payload = self._payload
+        assert payload is not None
+        todo: list[Entry] = []
+        events: list[Event[object]] = []
+        for entry in entries:
+            item = entry.item
+            if type(item) is Event:
+                todo.append(entry)
+                events.append(item)
+            else:
+                entry.view = None
+        if todo:
+            for entry, event, view in zip(todo, events, payload.events(events), strict=True):
+                if type(view) is Event:
+                    entry.view = view
+                else:
+                    error = typing.cast("msgspec.ValidationError", view)
+                    entry.view = self._undecodable(event, payload.name, error)
+
+    def _undecodable(
+        self, event: Event[object] | Record, expected: str, error: msgspec.DecodeError
+    ) -> PayloadValidationError:
+        failure = PayloadValidationError(
+            self.name, event.id, event.seq, event.topic, expected, str(error)
+        )
+        failure.__cause__ = error
+        return failure
 
     async def _run_events(self, call: Call, slot: int, info: RunningCall) -> None:
         """A per-event handler's call: its events one after the other, in the
@@ -569,6 +638,7 @@ class Subscription:
         done_from = 0
         changes = sched.changes
         checking = False
+        typed = self._payload is not None  # its events come with their views
         try:
             while i < count:
                 entry = entries[i]
@@ -584,17 +654,17 @@ class Subscription:
                         i += 1
                         done_from = i
                         continue
-                event = entry.item
+                event = getattr(entry, "view", None) if typed else entry.item
                 if type(event) is not Event or event.attempt != entry.attempt:
                     try:
                         event = self._event_of(entry)
-                    except msgspec.DecodeError as exc:
+                    except PayloadValidationError as exc:
                         if done_from < i:
                             sched.succeeded_many(call, entries[done_from:i])
                         i += 1
                         done_from = i
                         checking = True
-                        self._failed(call, entry, exc, final=True)
+                        self._failed(call, entry, exc)
                         continue
                 buf.event = event
                 buf.attempt = entry.attempt
@@ -690,8 +760,8 @@ class Subscription:
             try:
                 events.append(self._event_of(entry))
                 runnable.append(entry)
-            except msgspec.DecodeError as exc:
-                self._failed(call, entry, exc, final=True)
+            except PayloadValidationError as exc:
+                self._failed(call, entry, exc)
         if not runnable:
             return []
         error = await self._invoke(
@@ -777,14 +847,12 @@ class Subscription:
             del self._running[slot]
         return error
 
-    def _failed(
-        self, call: Call, entry: Entry, error: BaseException, *, final: bool = False
-    ) -> None:
+    def _failed(self, call: Call, entry: Entry, error: BaseException) -> None:
         if isinstance(error, TimeoutError) and not str(error) and self.retry.timeout is not None:
             error = _timed_out(self.retry.timeout, error)
         self.stats.failed_attempts += 1
         attempt = entry.attempt
-        if not self._sched.failed(call, entry, error, self._clock.now(), final=final):
+        if not self._sched.failed(call, entry, error, self._clock.now()):
             logger.info(
                 "subscription %s: event (seq %d) attempt %d failed (%s: %s); retrying in %.3fs",
                 self.name,
@@ -842,9 +910,9 @@ class Subscription:
         try:
             try:
                 event = self._event_of(entry)
-            except msgspec.DecodeError as exc:
+            except PayloadValidationError as exc:
                 unhandled = []
-                self._failed(call, entry, exc, final=True)
+                self._failed(call, entry, exc)
                 return
             arg: object = [event] if self.is_batch else event
             error = await self._invoke(slot, RETRY, arg, (entry.seq,), entry.attempt)
@@ -867,6 +935,14 @@ class Subscription:
             self._writes.touch()
             self._signal()
             self._on_progress()
+
+
+def _created_at(item: object) -> float | None:
+    """When the event an entry holds was published (None if it holds none)."""
+    if isinstance(item, Event):
+        return item.created_at
+    record = getattr(item, "record", None)  # a RetryRecord or an Undecodable
+    return record.created_at if isinstance(record, Record) else None
 
 
 class _Abandoned(BaseException):

@@ -14,6 +14,7 @@ import typing
 from storage import PROCESS_DIED, DeadRecord, NewRecord, Record, RetryRecord, WriteBatch
 
 from .._clock import Clock
+from .._errors import PayloadValidationError
 from .._event import Event
 from .._logging import event_fields, get_logger
 from .._metrics import SubscriptionRecorder
@@ -31,7 +32,7 @@ class Undecodable:
 
     __slots__ = ("error", "record")
 
-    def __init__(self, record: Record, error: Exception) -> None:
+    def __init__(self, record: Record, error: PayloadValidationError) -> None:
         self.record = record
         self.error = error
 

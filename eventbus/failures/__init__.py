@@ -18,6 +18,7 @@ from ._policy import (
     backoff_delay,
     decide,
     estimated_previous_delay,
+    never_succeeds,
 )
 from ._records import (
     PROCESS_DIED,
@@ -36,6 +37,7 @@ __all__ = [
     "RetryBudget",
     "decide",
     "estimated_previous_delay",
+    "never_succeeds",
     "CONTROL_DECODER",
     "CONTROL_ENCODER",
     "PROCESS_DIED",

@@ -10,6 +10,7 @@ import random
 from typing import NamedTuple
 
 from .._config import RetryPolicy
+from .._errors import PayloadValidationError
 
 
 class Retry(NamedTuple):
@@ -19,8 +20,9 @@ class Retry(NamedTuple):
 
 
 class GiveUp(NamedTuple):
-    """Dead-letter the event: ``why`` says whether it ran out of attempts or its
-    error is one the policy does not retry."""
+    """Dead-letter the event: ``why`` says whether it ran out of attempts
+    (``"attempts"``) or its error is one that is not retried (``"not retryable"``:
+    the policy's ``retry_on``/``give_up_on``, or an event that can never succeed)."""
 
     why: str
 
@@ -36,7 +38,8 @@ def decide(
     rng: random.Random,
 ) -> Decision:
     """What follows the failure of attempt ``attempt`` (1-based) with ``error`` (None:
-    the process died during it, which is always retryable).
+    the process died during it, which is always retryable). An event that can never
+    succeed (:func:`never_succeeds`) is not retried, whatever the policy.
 
     Args:
         policy: The subscription's retry policy.
@@ -46,11 +49,21 @@ def decide(
             ``"decorrelated"`` jitter grows from it.
         rng: The jitter's random source.
     """
+    if error is not None and never_succeeds(error):
+        return GiveUp("not retryable")
     if attempt >= policy.max_attempts:
         return GiveUp("attempts")
     if error is not None and not policy.retryable(error):
         return GiveUp("not retryable")
     return Retry(backoff_delay(policy, attempt, previous_delay, rng))
+
+
+def never_succeeds(error: BaseException) -> bool:
+    """Whether ``error`` is the event's own fault, so that no attempt can succeed: its
+    payload does not decode for the handler (:class:`PayloadValidationError`). Such
+    a failure is not retried, and says nothing about the health of what the handler
+    calls (the circuit breaker does not count it)."""
+    return isinstance(error, PayloadValidationError)
 
 
 def backoff_delay(

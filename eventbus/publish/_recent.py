@@ -39,6 +39,16 @@ class RecentEvents:
         """Add a commit's new events (duplicates carry no new seq and are skipped)."""
         n = len(records)
         expected = self._first + len(self._records)
+        if n == 1 and receipts[0].seq == expected:
+            # One new event (the common commit of a producer publishing alone).
+            size = len(records[0].payload) + 100
+            self._records.append(records[0])
+            self._events.append(None)
+            self._sizes.append(size)
+            self._bytes += size
+            if len(self._records) > self._max_events or self._bytes > self._max_bytes:
+                self._bound()
+            return
         if n and receipts[0].seq == expected and receipts[-1].seq == expected + n - 1:
             # No duplicates (seqs are dense): append in bulk.
             sizes = [len(r.payload) + 100 for r in records]

@@ -511,6 +511,7 @@ class Reconciler:
             repaired_total=self.repaired_total,
             flags=sum(u.flagged for u in users),
             reconciler_errors=sum(1 for u in users if u.error),
+            dead_letters={s.name: s.dead for s in last.subscriptions} if last else {},
         )
 
     def reconciler(self, every: float, name: str | None) -> Callable[[R], R]:

@@ -29,9 +29,11 @@ from .._errors import BusClosed, translate_storage_error
 from .._event import new_event_id
 from .._logging import get_logger
 from .._metrics import WorkflowMetrics
+from .._payloads import payload_type
 from ..failures import error_type_name, format_error
 from ._workflow import (
     StepFailed,
+    StepInfo,
     Workflow,
     WorkflowCancelled,
     WorkflowError,
@@ -40,7 +42,6 @@ from ._workflow import (
     WorkflowStatus,
     _Checkpoints,
     _deadline,
-    _decoder,
     _encode,
     _hints,
     _return_type,
@@ -109,6 +110,13 @@ class WorkflowEngine:
         self._idle = anyio.Event()
         self._idle.set()
         self.counts: Counter[str] = Counter()
+        # Set by the bus while hooks of these kinds are registered (else None).
+        self.around_run: (
+            Callable[[Workflow], contextlib.AbstractAsyncContextManager[object]] | None
+        ) = None
+        self.around_step: (
+            Callable[[StepInfo], contextlib.AbstractAsyncContextManager[object]] | None
+        ) = None
 
     async def commit(self, batch: WriteBatch) -> None:
         await self._commit(batch)
@@ -274,7 +282,11 @@ class WorkflowEngine:
         checkpoints = _Checkpoints(record, steps)
         wf = Workflow(self, record, checkpoints)
         try:
-            value = await d.fn(wf, _decoder(d.input_type).decode(record.input))
+            if self.around_run is None:
+                value = await d.fn(wf, payload_type(d.input_type).decode(record.input))
+            else:
+                async with self.around_run(wf):
+                    value = await d.fn(wf, payload_type(d.input_type).decode(record.input))
             checkpoints.check_all_reached()
             output = _encode(f"the result of workflow {record.name!r}", value)
         except (BusClosed, _storage.StorageError):
@@ -433,7 +445,7 @@ class WorkflowEngine:
             raise WorkflowCancelled(record.id)
         assert record.output is not None
         d = self._defs.get(record.name)
-        return _decoder(Any if d is None else d.result_type).decode(record.output)
+        return payload_type(Any if d is None else d.result_type).decode(record.output)
 
     async def reconcile(self) -> tuple[list[str], list[str]]:
         """Resume unfinished runs of registered workflows that this process does not

@@ -37,6 +37,7 @@ from storage import StepRecord, WorkflowRecord, WriteBatch
 from .._config import RetryPolicy
 from .._errors import BusClosed, BusError, PayloadError
 from .._logging import get_logger
+from .._payloads import payload_type
 from ..failures import backoff_delay, error_type_name
 
 
@@ -45,6 +46,8 @@ class StepHost(Protocol):
 
     step_retry: RetryPolicy
     counts: Counter[str]
+    #: Entered around each attempt of a step while hooks are registered (else None).
+    around_step: Callable[[StepInfo], contextlib.AbstractAsyncContextManager[object]] | None
 
     async def commit(self, batch: WriteBatch) -> None:
         """Commit step checkpoints (through the log writer)."""
@@ -174,13 +177,24 @@ class WorkflowStatus(msgspec.Struct, frozen=True):
 
 
 class StepInfo(msgspec.Struct, frozen=True):
-    """The step running in the current task (see :func:`current_step`)."""
+    """The step running in the current task (see :func:`current_step`), also what an
+    ``around_step`` hook sees.
+
+    Attributes:
+        workflow_id: The run's id.
+        step: The step's name.
+        position: Its position in the run's call order.
+        attempt: This attempt (1 for the first).
+        idempotency_key: A key for outside calls, stable across attempts and replays.
+        workflow: The workflow's name.
+    """
 
     workflow_id: str
     step: str
     position: int
     attempt: int
     idempotency_key: str
+    workflow: str = ""
 
 
 _CURRENT_STEP: contextvars.ContextVar[StepInfo] = contextvars.ContextVar("eventbus_step")
@@ -214,18 +228,6 @@ def step_status(step: StepRecord) -> StepStatus:
 # -- encoding -------------------------------------------------------------------------
 
 _ENCODER = msgspec.msgpack.Encoder()
-_DECODERS: dict[object, msgspec.msgpack.Decoder[Any]] = {}
-
-
-def _decoder(kind: object) -> msgspec.msgpack.Decoder[Any]:
-    try:
-        return _DECODERS[kind]
-    except KeyError:
-        dec: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(kind)
-        _DECODERS[kind] = dec
-        return dec
-    except TypeError:  # unhashable annotation
-        return msgspec.msgpack.Decoder(kind)
 
 
 def _encode(what: str, value: object) -> bytes:
@@ -414,7 +416,7 @@ class Workflow:
         if found is not None and found.status == "done":
             self._engine.counts["steps_replayed"] += 1
             assert found.output is not None
-            return _decoder(kind).decode(found.output)  # type: ignore[no-any-return]
+            return payload_type(kind).decode(found.output)  # type: ignore[no-any-return]
         if found is not None and found.status == "failed":
             # Replayed as it happened, so code that caught it takes the same path.
             self._raised.append(pos)
@@ -471,12 +473,19 @@ class Workflow:
                 # code runs to count it.
                 marker = msgspec.structs.replace(step, attempts=attempts, died=step.died + 1)
                 await engine.commit(WriteBatch(steps=[marker]))
-                token = _CURRENT_STEP.set(StepInfo(self.id, name, pos, attempts, key))
+                info = StepInfo(self.id, name, pos, attempts, key, self.name)
+                token = _CURRENT_STEP.set(info)
                 try:
                     with _deadline(policy.timeout):
-                        value = fn(*args, **kwargs)
-                        if inspect.isawaitable(value):
-                            value = await value
+                        if engine.around_step is None:
+                            value = fn(*args, **kwargs)
+                            if inspect.isawaitable(value):
+                                value = await value
+                        else:
+                            async with engine.around_step(info):
+                                value = fn(*args, **kwargs)
+                                if inspect.isawaitable(value):
+                                    value = await value
                 finally:
                     _CURRENT_STEP.reset(token)
             except anyio.get_cancelled_exc_class():
@@ -521,7 +530,7 @@ class Workflow:
                 error_message="",
             )
             await engine.commit(WriteBatch(steps=[done]))
-            return _decoder(kind).decode(raw)
+            return payload_type(kind).decode(raw)
 
     async def _step_failed(self, step: StepRecord, kind: str, message: str) -> None:
         record = msgspec.structs.replace(
@@ -546,7 +555,7 @@ class Workflow:
         self._in_progress += 1
         try:
             if found is not None and found.status == "done" and found.output is not None:
-                wake = float(_decoder(float).decode(found.output))
+                wake = float(payload_type(float).decode(found.output))
             else:
                 now = time.time()
                 wake = now + seconds

@@ -9,7 +9,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from eventbus import Bus, BusConfig, Context, Event, RetryPolicy
+from eventbus import Bus, BusConfig, Context, Event, Message, RetryPolicy, progress
+from eventbus.cli import _main as cli_main
 from eventbus.cli import main
 from tests.conftest import wait_until
 
@@ -103,3 +104,47 @@ async def test_redrive_from_the_command_line_reaches_the_running_bus(log_path: P
         assert b"queued redrive" in result.stdout
         await wait_until(bus, lambda: seen == [3])
         assert await bus.dead_letters.list() == []
+
+
+async def make_dead_letters(path: Path, n: int) -> None:
+    async with Bus.open(path) as bus:
+
+        @bus.subscribe("orders", name="billing", retry=RetryPolicy(max_attempts=1))
+        async def bill(event: Event[int], ctx: Context) -> None:
+            raise ValueError(f"order {event.payload} is cursed")
+
+        await bus.publish_many(Message("orders", i, key=f"o-{i}") for i in range(n))
+        await bus.drain(timeout=10)
+
+
+def test_redrive_reinjects_every_letter_in_chunks_with_a_progress_line_on_a_terminal(
+    log_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    anyio.run(make_dead_letters, log_path, 7)
+    monkeypatch.setattr(cli_main, "REDRIVE_CHUNK", 3)  # chunks of 3, 3 and 1
+    monkeypatch.setattr(progress, "should_draw", lambda *_a, **_k: True)
+    assert main(["dlq", "redrive", str(log_path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "re-injected 7 dead letters\n"
+    drawn = [part for part in captured.err.split("\r") if part.strip()]
+    # Drawn after the first chunk, then at most every 0.1 s, and at the end.
+    assert drawn[0].split()[1] == "3/7"
+    assert drawn[-1].split()[1] == "7/7"
+    assert "ETA 0:00" in drawn[-1]
+    assert captured.err.endswith("\r")  # the line is cleared before the command's output
+    assert main(["dlq", "list", str(log_path)]) == 0
+    assert "no dead letters" in capsys.readouterr().out
+
+
+def test_redrive_with_quiet_draws_nothing_even_on_a_terminal(
+    log_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    anyio.run(make_dead_letters, log_path, 4)
+    monkeypatch.setattr(cli_main, "REDRIVE_CHUNK", 3)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    assert main(["dlq", "redrive", str(log_path), "--quiet", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"re-injected": 4}
+    assert captured.err == ""

@@ -172,31 +172,28 @@ async def test_a_pending_retry_survives_a_restart_and_keeps_its_schedule() -> No
     assert when <= failed_at[0] + 61.0  # not lost either
 
 
-@pytest.mark.virtual_clock
-async def test_the_circuit_breaker_pauses_a_failing_subscription_instead_of_dead_lettering() -> (
-    None
-):
+async def test_the_circuit_breaker_pauses_a_failing_subscription_instead_of_dead_lettering(
+    bus: Bus,
+) -> None:
+    """On the test kit's bus (eventbus.testing): its drain fails the test on any
+    dead letter."""
     breaker = BreakerPolicy(failure_ratio=0.5, min_calls=5, window=10, cooldown=5, max_cooldown=30)
     retry = RetryPolicy(max_attempts=3, initial_delay=1.0, max_delay=2.0)
     down = True
     handled: list[int] = []
-    async with Bus.open(":memory:") as bus:
 
-        @bus.subscribe(
-            "t", name="s", retry=retry, breaker=breaker, batch=BatchPolicy(mode="natural")
-        )
-        async def handler(event: Event[int], ctx: Context) -> None:
-            if down:
-                raise ConnectionError("the payments API is down")
-            handled.append(event.payload)
+    @bus.subscribe("t", name="s", retry=retry, breaker=breaker, batch=BatchPolicy(mode="natural"))
+    async def handler(event: Event[int], ctx: Context) -> None:
+        if down:
+            raise ConnectionError("the payments API is down")
+        handled.append(event.payload)
 
-        await bus.publish_many(Message("t", i, key=f"k{i}") for i in range(100))
-        await wait_until(bus, lambda: bus.metrics().subscriptions["s"].breaker_trips > 0)
-        # Open: most events wait in the log, not in the dead letters.
-        assert bus.metrics().subscriptions["s"].handled < 100
-        down = False
-        await bus.drain(timeout=600)
-        assert await bus.dead_letters.list() == []
+    await bus.publish_many(Message("t", i, key=f"k{i}") for i in range(100))
+    await wait_until(bus, lambda: bus.metrics().subscriptions["s"].breaker_trips > 0)
+    # Open: most events wait in the log, not in the dead letters.
+    assert bus.metrics().subscriptions["s"].handled < 100
+    down = False
+    await bus.drain(timeout=600)
     assert sorted(handled) == list(range(100))
 
 

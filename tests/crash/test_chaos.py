@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from eventbus.chaos import Settings, format_report, run_harness
+from eventbus.chaos import Settings, expected_settled, format_report, run_harness, settled
+from eventbus.progress import Progress
+from tests.test_progress import Terminal
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +57,27 @@ def test_the_order_checks_catch_a_subscription_that_lets_a_key_run_out_of_order(
     text = format_report(report, seed=settings.seed)
     assert not report.ok, text
     assert report.order_violations > 0, text
+
+
+def test_on_a_terminal_the_harness_shows_the_orders_settled_and_the_kills(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    settings = Settings(events=6000, kills=2, seed=5, poison_every=100, min_wait=0.1, max_wait=0.5)
+    screen = Terminal()
+    total = expected_settled(settings)
+    assert total == 5940
+    progress = Progress("chaos", total, unit="settled", stream=screen, enabled=True)
+    report = run_harness(tmp_path, settings, progress)
+    text = format_report(report, seed=settings.seed)
+    assert report.ok, text
+    assert report.kills == 2, text
+    # The last count is the sink's, read after the last run.
+    assert progress.done == settled(tmp_path)
+    assert 5940 - report.killed_thrice <= progress.done <= 5940
+    last = screen.getvalue().rsplit("\r", 1)[1]
+    assert last.startswith(f"chaos  {progress.done:,}/5,940 settled")
+    assert last.rstrip().endswith("run 3, 2/2 kills")
 
 
 @pytest.mark.postgres

@@ -12,6 +12,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import anyio
 import pytest
@@ -37,7 +38,7 @@ async def read_back(path: Path) -> None:
         minutes = example.register(bus)
         inputs: list[dict[str, int]] = []
         input_keys: dict[int, str] = {}
-        outputs: list[dict[str, int]] = []
+        outputs: list[dict[str, Any]] = []
 
         # New subscriptions start at the oldest event: they read the whole log.
         @bus.subscribe("payments", name="check-input")
@@ -47,7 +48,7 @@ async def read_back(path: Path) -> None:
                 input_keys[event.payload["n"]] = event.key or ""
 
         @bus.subscribe("minute-totals", name="check-output")
-        async def read_output(events: list[Event[dict[str, int]]], ctx: Context) -> None:
+        async def read_output(events: list[Event[dict[str, Any]]], ctx: Context) -> None:
             outputs.extend(e.payload for e in events)
 
         await bus.drain(timeout=60)

@@ -8,7 +8,11 @@ completes as usual: before each jump the loop polls for it; a jump happens only 
 nothing has come in for ``threshold`` real seconds. Tests on this loop use
 ``:memory:`` logs, whose storage never waits on a thread.
 
-Use it with ``@pytest.mark.virtual_clock`` (see ``conftest.py``).
+Only what runs on the loop's clock is virtual: ``anyio.sleep``, timeouts, the bus's
+retries, its breaker and workflow sleeps. ``time.time()`` in your own code is not.
+
+The kit's fixtures and :func:`~eventbus.testing.open_kit` run on it; outside pytest,
+``asyncio.Runner(loop_factory=VirtualClockLoop).run(main())``.
 """
 
 from __future__ import annotations
@@ -16,30 +20,34 @@ from __future__ import annotations
 import asyncio
 import selectors
 import time
-from typing import Any
 
 
-class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _JumpingSelector(selectors.DefaultSelector):
     def __init__(self, threshold: float) -> None:
         super().__init__()
         self.threshold = threshold
         self.offset = 0.0
 
-    def select(self, timeout: float | None = None) -> list[tuple[Any, int]]:
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if timeout is not None and timeout <= 0:
-            return super().select(timeout)  # type: ignore[no-any-return]
+            return super().select(timeout)
         wait = self.threshold if timeout is None else min(self.threshold, timeout)
         ready = super().select(wait)
         if ready:
-            return ready  # type: ignore[no-any-return]
+            return ready
         if timeout is None:
-            return super().select(None)  # type: ignore[no-any-return]  # no timer: wait for I/O
+            return super().select(None)  # no timer: wait for I/O
         self.offset += max(0.0, timeout - wait)  # idle until the next timer: jump to it
         return []
 
 
 class VirtualClockLoop(asyncio.SelectorEventLoop):
-    """An event loop whose clock jumps over idle time (see the module docstring)."""
+    """An event loop whose clock jumps over idle time (see the module docstring).
+
+    Args:
+        threshold: Real seconds the loop waits for I/O before it jumps to its next
+            timer.
+    """
 
     #: Tells the bus to derive wall time from this loop's clock.
     virtual_clock = True
