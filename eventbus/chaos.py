@@ -60,8 +60,9 @@ random) with SIGKILL and starts it again, while the others go on and take its
 partitions over. The same books are checked, from the PostgreSQL log. Blame is read
 from the handlers' own records (there is no journal file: calls in flight are rows
 of the log, which the process taking over charges and deletes at once): every call
-running at a kill must be charged, and so may each subscription's call that ended
-last (its row deleted a round trip after its handler's last line), but no other.
+running at a kill must be charged, and so may the calls that ended in the tenth of
+a second before it (a row is deleted a few milliseconds after its call ends), but no
+other.
 """
 
 from __future__ import annotations
@@ -600,11 +601,12 @@ def run_processes(directory: Path, settings: Settings) -> Report:
             time.sleep(rng.uniform(settings.min_wait, settings.max_wait))
             if proc.poll() is not None:
                 break  # finished: everything was handled before the last kill
+            killed_at = time.monotonic()
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=RUN_TIMEOUT)
             _close(proc)
             running, window, _ = _read_calls(directory / f"calls-{victim}.txt")
-            ended = _last_ended(directory / f"calls-{victim}.txt", 1)
+            ended = _ended_since(directory / f"calls-{victim}.txt", killed_at - _ROW_LINGERS)
             kills.append(Kill(victim, running, running, window, ended))
             life += 1
             members[slot] = (life, _spawn(directory, settings, life, "member"))
@@ -621,17 +623,21 @@ def run_processes(directory: Path, settings: Settings) -> Report:
     return account(directory, settings, kills, life, life + 1, time.monotonic() - started)
 
 
-def _last_ended(path: Path, per: int) -> dict[str, list[int]]:
-    """Per subscription, the events of the last ``per`` calls that ended."""
-    last: dict[str, list[list[int]]] = {}
+# A call's row in a shared log is deleted a few milliseconds after it ends (unless
+# its slot's next call replaces it first): a kill this soon after may charge it.
+_ROW_LINGERS = 0.1
+
+
+def _ended_since(path: Path, since: float) -> dict[str, list[int]]:
+    """Per subscription, the events of the calls that ended at ``since`` or later
+    (monotonic time, as the handlers write it: the clock is the machine's)."""
+    ended: dict[str, list[int]] = {}
     if path.exists():
         for line in path.read_text(encoding="utf-8").split("\n")[:-1]:
-            what, sub, seqs, *_ = line.split()
-            if what == "end":
-                calls = last.setdefault(sub, [])
-                calls.append([int(q) for q in seqs.split(",")])
-                del calls[:-per]
-    return {sub: [q for call in calls for q in call] for sub, calls in last.items()}
+            what, sub, seqs, *rest = line.split()
+            if what == "end" and rest and float(rest[-1]) >= since:
+                ended.setdefault(sub, []).extend(int(q) for q in seqs.split(","))
+    return ended
 
 
 def _after_kill(directory: Path, life: int, seen: int | None) -> tuple[Kill, int | None]:
