@@ -43,7 +43,7 @@ from _support import add_quiet, loop_name, machine, median, steps, temp_dir
 
 import eventbus
 from eventbus import Bus, BusConfig, Context, Event
-from storage import NewRecord, PostgresStorage, SubscriptionInfo, WriteBatch
+from eventbus.storage import NewRecord, PostgresStorage, SubscriptionInfo, WriteBatch
 
 DEFAULT_URL = os.environ.get("TESTS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 PUBLISHERS = 64

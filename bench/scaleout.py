@@ -38,7 +38,7 @@ from _support import load_script, loop_name, machine, median
 
 import eventbus
 from eventbus import Bus, BusConfig, Context, Event, Message
-from storage import PostgresStorage
+from eventbus.storage import PostgresStorage
 
 DEFAULT_URL = os.environ.get("TESTS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 KEYS = 10_000  # many keys, as customers are: the partitions get even shares

@@ -48,7 +48,7 @@ from _support import add_quiet, frozen_gc, loop_name, machine, median, steps, te
 
 import eventbus
 from eventbus import Bus, BusConfig, BusFull, Context, Event, Message
-from storage._schema import MIGRATIONS
+from eventbus.storage._schema import MIGRATIONS
 
 StorageKind = Literal["memory", "normal", "full"]
 ProducerKind = Literal["publish_many", "publish", "publish_nowait"]

@@ -60,7 +60,7 @@ from _support import add_quiet, frozen_gc, loop_name, machine, median, steps, te
 
 import eventbus
 from eventbus import Bus, BusConfig, BusMetrics, Workflow
-from storage._schema import MIGRATIONS
+from eventbus.storage._schema import MIGRATIONS
 
 Durability = Literal["normal", "full"]
 

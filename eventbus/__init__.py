@@ -11,7 +11,7 @@ transaction as the handlers' outbox publishes.
         await bus.publish("orders", {"amount": 5}, key="o-1")
 """
 
-from storage import LogStats
+from eventbus.storage import LogStats
 
 from ._bus import Bus, Reconciliation
 from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy

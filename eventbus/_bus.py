@@ -1,4 +1,4 @@
-"""The bus: publish, subscribe, drain and close, over a :class:`storage.Storage`."""
+"""The bus: publish, subscribe, drain and close, over a :class:`eventbus.storage.Storage`."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Literal, TypeVar
 import anyio
 import msgspec
 
-import storage as _storage
-from storage import (
+import eventbus.storage as _storage
+from eventbus.storage import (
     WORKFLOW_PREFIX,
     LogStats,
     MemoryStorage,
@@ -25,7 +25,7 @@ from storage import (
     SharedSQLiteStorage,
     SQLiteStorage,
 )
-from storage import SubscriptionInfo as _SubInfo
+from eventbus.storage import SubscriptionInfo as _SubInfo
 
 from ._clock import Clock, LoopClock
 from ._config import BatchPolicy, BreakerPolicy, BusConfig, RetryPolicy, subscription_policies
@@ -174,7 +174,7 @@ class Bus:
                 schema and its tables are created if missing; needs the
                 ``postgres`` extra).
             config: Settings; ``BusConfig()`` by default.
-            storage: A ready :class:`storage.Storage` to use instead of ``path``.
+            storage: A ready :class:`eventbus.storage.Storage` to use instead of ``path``.
             clock: Where the bus reads time; the event loop's clock by default
                 (so a loop with a virtual clock runs the whole bus on it).
             hooks: Hook objects to register at once, as ``bus.hooks.add`` does

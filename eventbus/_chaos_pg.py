@@ -7,7 +7,7 @@ import uuid
 from typing import TypeAlias
 from urllib.parse import urlencode
 
-import storage as _storage
+import eventbus.storage as _storage
 
 from .reconcile import check_log
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-import storage as _storage
-from storage import WriteBatch
+import eventbus.storage as _storage
+from eventbus.storage import WriteBatch
 
 from ._errors import translate_storage_error
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import reprlib
 
-import storage as _storage
+import eventbus.storage as _storage
 
 
 class BusError(Exception):

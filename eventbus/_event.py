@@ -9,7 +9,7 @@ from typing import Generic, TypeVar
 
 import msgspec
 
-from storage import Receipt
+from eventbus.storage import Receipt
 
 P = TypeVar("P", covariant=True)  # frozen: an Event[Order] is an Event[object]
 

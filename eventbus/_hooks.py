@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, TypeVar, cast
 
-from storage import Receipt
+from eventbus.storage import Receipt
 
 from ._errors import HookError, HookFailed
 from ._event import Event, Message

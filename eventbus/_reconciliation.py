@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Generic, Protocol, TypeVar
 
-from storage import Receipt
+from eventbus.storage import Receipt
 
 
 class Publisher(Protocol):

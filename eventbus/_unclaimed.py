@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Collection, MutableMapping
 
-import storage as _storage
-from storage import WORKFLOW_PREFIX, SubscriptionInfo
+import eventbus.storage as _storage
+from eventbus.storage import WORKFLOW_PREFIX, SubscriptionInfo
 
 from ._errors import translate_storage_error
 from ._logging import get_logger

@@ -88,11 +88,11 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
-import storage as _storage
+import eventbus.storage as _storage
 
 # The harness checks the call journal itself against what the handlers say ran, so
 # it reads the file the way the log's next open does.
-from storage._calls import read_journal
+from eventbus.storage._calls import read_journal
 
 from . import _chaos_pg
 from ._bus import Bus

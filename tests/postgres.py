@@ -20,7 +20,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from storage import Storage
+from eventbus.storage import Storage
 
 T = TypeVar("T")
 
@@ -111,7 +111,7 @@ def drop_schema(schema: str) -> None:
 def log_at(target: str | Path, *, read_only: bool = False) -> Storage:
     """The storage ``Bus.open(target)`` would use, not yet opened: a PostgreSQL log
     for a URL, else a SQLite file."""
-    from storage import PostgresStorage, SQLiteStorage, is_postgres_url
+    from eventbus.storage import PostgresStorage, SQLiteStorage, is_postgres_url
 
     if is_postgres_url(str(target)):
         return PostgresStorage(str(target), read_only=read_only)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
+import venv
+import zipfile
 from pathlib import Path
+
+import msgspec
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
@@ -60,3 +64,69 @@ def test_the_changelog_keeps_an_unreleased_section_first() -> None:
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert headings[0] == "## [Unreleased]"
     assert "keepachangelog.com" in text
+
+
+def test_the_wheel_installs_only_eventbus_beside_an_apps_own_storage_package(
+    tmp_path: Path,
+) -> None:
+    """The repository keeps ``storage/`` and ``backpressure/`` at the top, but the wheel
+    ships them inside ``eventbus``: an application with its own ``storage`` package
+    (a common name) imports both."""
+    root = PYPROJECT.parent
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("eventbus-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        tops = {name.split("/")[0] for name in archive.namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"eventbus"}
+
+    # A fresh environment: the wheel, the dependencies of this one, the app's package.
+    env = tmp_path / "env"
+    venv.create(env, with_pip=False)
+    (site,) = env.glob("lib/python*/site-packages")
+    installed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert installed.returncode == 0, installed.stderr
+    deps = Path(msgspec.__file__).parent.parent  # this environment's site-packages
+    (site / "deps.pth").write_text(f"{deps}\n")
+    app = tmp_path / "app"
+    (app / "storage").mkdir(parents=True)
+    (app / "storage" / "__init__.py").write_text("WHOSE = 'the app'\n")
+    script = (
+        "import asyncio, storage, eventbus\n"
+        "from eventbus import Bus\n"
+        "assert storage.WHOSE == 'the app', storage\n"
+        f"assert eventbus.__file__.startswith({str(site)!r}), eventbus.__file__\n"
+        "async def main():\n"
+        "    async with Bus.open(':memory:') as bus:\n"
+        "        print((await bus.publish('t', {'n': 1})).seq)\n"
+        "asyncio.run(main())\n"
+    )
+    ran = subprocess.run(
+        [str(env / "bin" / "python"), "-c", script],
+        cwd=app,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "1"

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import anyio
 
-import storage as _storage
-from storage import DeadRecord, SQLiteStorage
+import eventbus.storage as _storage
+from eventbus.storage import DeadRecord, SQLiteStorage
 
 from ..failures import CONTROL_ENCODER, ControlCommand
 from ..progress import Progress
@@ -326,7 +326,7 @@ async def _migrate(args: argparse.Namespace) -> int:
         return 2
     await (await _open(args.source)).close()  # an existing log, or refused as is
     try:
-        from storage._migrate import migrate_sqlite_to_postgres
+        from eventbus.storage._migrate import migrate_sqlite_to_postgres
     except ImportError as exc:  # pragma: no cover - without the postgres extra
         print(f"eventbus: {exc}; install it with pip install 'eventbus[postgres]'", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ import sys
 
 import msgspec
 
-from storage import DeadRecord, LogStats, StepRecord, SubscriptionInfo, WorkflowRecord
+from eventbus.storage import DeadRecord, LogStats, StepRecord, SubscriptionInfo, WorkflowRecord
 
 JSON = msgspec.json.Encoder()
 _MSGPACK: msgspec.msgpack.Decoder[object] = msgspec.msgpack.Decoder()

@@ -4,7 +4,7 @@ and :class:`State` write into it."""
 
 from __future__ import annotations
 
-from storage import NewRecord
+from eventbus.storage import NewRecord
 
 from .._event import Event
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from typing import Any
 
-from storage import NewRecord
+from eventbus.storage import NewRecord
 
 from .._event import Event
 from ._buffer import CallBuffer

@@ -10,7 +10,7 @@ import types
 import typing
 from collections.abc import Awaitable, Callable, Container, Iterable
 
-from backpressure import (
+from eventbus.backpressure import (
     AIMDController,
     BatchController,
     FixedController,

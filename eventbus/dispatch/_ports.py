@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from storage import CallSlots, Receipt, Record, RetryRecord, WriteBatch
+from eventbus.storage import CallSlots, Receipt, Record, RetryRecord, WriteBatch
 
 from ..publish import Source
 

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import anyio
 
-from storage import RetryRecord
+from eventbus.storage import RetryRecord
 
 from .._metrics import SubscriptionMetrics
 from ._context import Context

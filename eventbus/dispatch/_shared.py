@@ -35,8 +35,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 import msgspec
 
-import storage as _storage
-from storage import (
+import eventbus.storage as _storage
+from eventbus.storage import (
     CallSlots,
     Claim,
     DeadRecord,

@@ -9,7 +9,7 @@ from typing import TypeVar, overload
 
 import msgspec
 
-import storage as _storage
+import eventbus.storage as _storage
 
 from .._errors import PayloadError, translate_storage_error
 from ._buffer import CallBuffer

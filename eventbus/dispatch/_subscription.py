@@ -31,9 +31,9 @@ import anyio
 import anyio.abc
 import msgspec
 
-import storage as _storage
-from backpressure import BatchSample
-from storage import (
+import eventbus.storage as _storage
+from eventbus.backpressure import BatchSample
+from eventbus.storage import (
     PROCESS_DIED,
     DeadRecord,
     NoCallSlots,

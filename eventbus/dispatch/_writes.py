@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typing
 
-from storage import PROCESS_DIED, DeadRecord, NewRecord, Record, RetryRecord, WriteBatch
+from eventbus.storage import PROCESS_DIED, DeadRecord, NewRecord, Record, RetryRecord, WriteBatch
 
 from .._clock import Clock
 from .._errors import PayloadValidationError

@@ -10,8 +10,8 @@ from typing import Literal
 
 import msgspec
 
-import storage as _storage
-from storage import DeadRecord, Record, RetryRecord
+import eventbus.storage as _storage
+from eventbus.storage import DeadRecord, Record, RetryRecord
 
 from .._errors import BusError, translate_storage_error
 from .._event import Event

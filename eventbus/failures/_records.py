@@ -8,7 +8,7 @@ import traceback
 
 import msgspec
 
-from storage import DeadRecord, Record, RetryRecord
+from eventbus.storage import DeadRecord, Record, RetryRecord
 
 from .._event import Event
 

@@ -19,7 +19,7 @@ from time import time as _time
 
 import msgspec
 
-from storage import NewRecord
+from eventbus.storage import NewRecord
 
 from .._errors import EventTooLarge, InvalidEvent, PayloadError
 from .._event import Message, new_event_id
@@ -65,7 +65,7 @@ _BOUNDED = _bounded_encoding_works()
 
 
 class EventEncoder:
-    """Turns publish arguments into a :class:`storage.NewRecord`, or raises.
+    """Turns publish arguments into a :class:`eventbus.storage.NewRecord`, or raises.
 
     One per bus: it reuses one msgspec encoder. Not thread-safe (the bus calls it on
     the event loop only).

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-import storage as _storage
+import eventbus.storage as _storage
 
 from .._errors import BusClosed, BusError, StorageError, translate_storage_error
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from storage import NewRecord, Receipt
+from eventbus.storage import NewRecord, Receipt
 
 from .._event import Event
 

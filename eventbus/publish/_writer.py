@@ -21,9 +21,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-import storage as _storage
-from backpressure import BatchController, BatchSample, GradientController
-from storage import NewRecord, Receipt, WriteBatch
+import eventbus.storage as _storage
+from eventbus.backpressure import BatchController, BatchSample, GradientController
+from eventbus.storage import NewRecord, Receipt, WriteBatch
 
 from .._errors import BusClosed, BusFull
 from .._metrics import CommitRecorder, LogMetrics
@@ -80,13 +80,13 @@ COMMIT_TARGET_LATENCY = 0.1
 
 
 class LogWriter:
-    """Group-commits appends and acknowledgements to a :class:`storage.Storage`.
+    """Group-commits appends and acknowledgements to a :class:`eventbus.storage.Storage`.
 
     ``on_committed`` is called synchronously after each successful commit with the
     appended records and their receipts, before any waiting publisher resumes.
 
     ``controller`` sizes the appends of each commit (the group-commit batching
-    point); by default an adaptive :class:`backpressure.GradientController` that
+    point); by default an adaptive :class:`eventbus.backpressure.GradientController` that
     starts at ``max_commit_batch`` and only takes fewer when a commit would take
     longer than ``COMMIT_TARGET_LATENCY``. It never waits: a commit starts as soon as
     the previous one ends.

@@ -29,8 +29,8 @@ from typing import Any, Protocol, TypeVar
 import anyio
 import anyio.lowlevel
 
-import storage as _storage
-from storage import Record, RetryRecord, SubscriptionInfo, Unaccounted, WriteBatch
+import eventbus.storage as _storage
+from eventbus.storage import Record, RetryRecord, SubscriptionInfo, Unaccounted, WriteBatch
 
 from .._clock import Clock
 from .._config import BusConfig

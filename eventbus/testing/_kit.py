@@ -9,7 +9,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from storage import MemoryStorage, NewRecord, Receipt, WriteBatch
+from eventbus.storage import MemoryStorage, NewRecord, Receipt, WriteBatch
 
 from .._bus import Bus
 from .._config import BusConfig

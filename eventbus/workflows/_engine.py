@@ -14,8 +14,8 @@ import anyio
 import anyio.abc
 import msgspec
 
-import storage as _storage
-from storage import (
+import eventbus.storage as _storage
+from eventbus.storage import (
     WORKFLOW_PREFIX,
     DeadRecord,
     Record,

@@ -31,8 +31,8 @@ import anyio
 import anyio.abc
 import msgspec
 
-import storage as _storage
-from storage import StepRecord, WorkflowRecord, WriteBatch
+import eventbus.storage as _storage
+from eventbus.storage import StepRecord, WorkflowRecord, WriteBatch
 
 from .._config import RetryPolicy
 from .._errors import BusClosed, BusError, PayloadError

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backpressure import (
+from eventbus.backpressure import (
     AIMDController,
     BatchController,
     BatchSample,

@@ -19,7 +19,7 @@ from eventbus import (
     PayloadError,
     Receipt,
 )
-from storage import SQLiteStorage
+from eventbus.storage import SQLiteStorage
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ import pytest
 
 from eventbus import Bus, BusConfig, Context, Event
 from eventbus.cli._parser import build_parser
-from storage import DeadRecord, Record, SQLiteStorage, WriteBatch
+from eventbus.storage import DeadRecord, Record, SQLiteStorage, WriteBatch
 
 EVENTBUS = str(Path(sys.executable).parent / "eventbus")
 

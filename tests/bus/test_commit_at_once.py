@@ -15,8 +15,8 @@ import anyio
 import pytest
 
 from eventbus import Bus, BusConfig, Context, Event
-from storage import MemoryStorage, NewRecord, Receipt, SQLiteStorage, WriteBatch
-from storage import StorageFull as LogFull
+from eventbus.storage import MemoryStorage, NewRecord, Receipt, SQLiteStorage, WriteBatch
+from eventbus.storage import StorageFull as LogFull
 
 pytestmark = pytest.mark.anyio
 

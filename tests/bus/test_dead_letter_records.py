@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from eventbus import Bus, BusConfig, Context, DeadLetterPage, Event, RetryPolicy
-from storage import DeadRecord, Record, WriteBatch
+from eventbus.storage import DeadRecord, Record, WriteBatch
 from tests import postgres
 
 pytestmark = pytest.mark.anyio

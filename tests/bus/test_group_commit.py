@@ -10,11 +10,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from backpressure import FixedController
 from eventbus import Bus, BusConfig, BusError, Context, Event, Message, StorageError, StorageFull
 from eventbus._metrics import CommitRecorder
+from eventbus.backpressure import FixedController
 from eventbus.publish import COMMIT_TARGET_LATENCY, LogWriter
-from storage import (
+from eventbus.storage import (
     MemoryStorage,
     NewRecord,
     Receipt,
@@ -23,7 +23,7 @@ from storage import (
     SubscriptionInfo,
     WriteBatch,
 )
-from storage import StorageFull as LogFull
+from eventbus.storage import StorageFull as LogFull
 
 pytestmark = pytest.mark.anyio
 

@@ -9,9 +9,9 @@ import pkgutil
 
 import pytest
 
-import backpressure
 import eventbus
-import storage
+import eventbus.backpressure as backpressure
+import eventbus.storage as storage
 from eventbus import BreakerPolicy, Bus, BusConfig, Context, Event, RetryPolicy
 from eventbus._logging import EVENT_FIELDS, LOGGERS, event_fields, get_logger
 
@@ -33,7 +33,7 @@ def test_every_logger_of_the_library_sits_under_eventbus() -> None:
     # Regression: the SQLite log wrote to "storage._sqlite", outside the namespace an
     # application configures with logging.getLogger("eventbus").
     found = module_loggers()
-    assert found["storage._sqlite"] == "eventbus.storage"
+    assert found["eventbus.storage._sqlite"] == "eventbus.storage"
     assert found["eventbus._bus"] == "eventbus.bus"
     assert found["eventbus.workflows._engine"] == "eventbus.workflows"
     assert found["eventbus.reconcile._reconciler"] == "eventbus.reconcile"

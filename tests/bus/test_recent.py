@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from eventbus._event import Event
 from eventbus.publish import RecentEvents
-from storage import NewRecord, Receipt
+from eventbus.storage import NewRecord, Receipt
 
 
 def to_event(rec: NewRecord, seq: int) -> Event[object]:

@@ -18,7 +18,7 @@ from eventbus import (
     Message,
     RetryPolicy,
 )
-from storage import MemoryStorage
+from eventbus.storage import MemoryStorage
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.anyio

@@ -26,7 +26,7 @@ import sys
 import anyio
 
 from eventbus import Bus, BusConfig, Context, Event, RetryPolicy
-from storage import is_postgres_url
+from eventbus.storage import is_postgres_url
 
 KEYS = 11
 

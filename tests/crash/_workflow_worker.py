@@ -22,7 +22,7 @@ import anyio
 import msgspec
 
 from eventbus import Bus, Workflow
-from storage import WriteBatch
+from eventbus.storage import WriteBatch
 
 
 class Order(msgspec.Struct):

@@ -12,7 +12,7 @@ import anyio
 import msgspec
 import pytest
 
-from storage import SQLiteStorage
+from eventbus.storage import SQLiteStorage
 
 WORKER = Path(__file__).with_name("_term_worker.py")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from eventbus import Bus, Context, Event
-from storage import SQLiteStorage
+from eventbus.storage import SQLiteStorage
 
 pytestmark = pytest.mark.anyio
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-import storage._ownership
+import eventbus.storage._ownership
 from eventbus import Bus, LogDirectoryMissing, LogLocked
 
 CONTENDER = textwrap.dedent(
@@ -146,7 +146,7 @@ async def test_a_stale_pid_of_a_dead_owner_is_not_named_as_the_owner(
 ) -> None:
     # The lock is held (as by an owner that has not written its pid yet) and the file
     # still names an owner killed earlier: the refusal must not present it as live.
-    monkeypatch.setattr(storage._ownership, "OWNER_WAIT", 0.2)
+    monkeypatch.setattr(eventbus.storage._ownership, "OWNER_WAIT", 0.2)
     finished = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
     dead_pid = int(finished.stdout)
     lock = tmp_path / "log.db.lock"

@@ -24,8 +24,8 @@ import msgspec
 import pytest
 
 from eventbus import Bus, BusConfig, Message
-from storage import PROCESS_DIED, is_postgres_url
-from storage._pg_url import parse
+from eventbus.storage import PROCESS_DIED, is_postgres_url
+from eventbus.storage._pg_url import parse
 from tests import postgres
 from tests.postgres import log_at
 

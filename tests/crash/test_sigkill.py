@@ -24,7 +24,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from storage import Record, SubscriptionInfo
+from eventbus.storage import Record, SubscriptionInfo
 from tests import postgres
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import anyio
 import pytest
 
 from eventbus import BatchPolicy, Bus, Context, Event, Message
-from storage import MemoryStorage, Receipt, WriteBatch
+from eventbus.storage import MemoryStorage, Receipt, WriteBatch
 
 pytestmark = pytest.mark.anyio
 

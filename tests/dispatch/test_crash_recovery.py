@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 from eventbus import Bus, Context, Event, RetryPolicy
-from storage import SQLiteStorage, WriteBatch
+from eventbus.storage import SQLiteStorage, WriteBatch
 
 pytestmark = pytest.mark.anyio
 

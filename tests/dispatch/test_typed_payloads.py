@@ -26,8 +26,8 @@ from eventbus import (
 )
 from eventbus.dispatch._handler import handler_payload_type
 from eventbus.failures import GiveUp, decide
+from eventbus.storage import MemoryStorage, NewRecord, WriteBatch
 from eventbus.testing import Faults
-from storage import MemoryStorage, NewRecord, WriteBatch
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.anyio

@@ -15,8 +15,8 @@ import asyncpg
 import pytest
 
 from eventbus import BatchPolicy, Bus, BusConfig, Context, Event, Message, RetryPolicy
-from storage import MemoryStorage, is_postgres_url
-from storage._pg_url import parse
+from eventbus.storage import MemoryStorage, is_postgres_url
+from eventbus.storage._pg_url import parse
 from tests import postgres
 
 pytestmark = pytest.mark.anyio

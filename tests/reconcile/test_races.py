@@ -21,7 +21,7 @@ import pytest
 
 from eventbus import Bus, BusConfig, Context, Event, RetryPolicy
 from eventbus.dispatch import Subscription
-from storage import (
+from eventbus.storage import (
     MemoryStorage,
     NewRecord,
     Receipt,
@@ -31,7 +31,7 @@ from storage import (
     Unaccounted,
     WriteBatch,
 )
-from storage import _statements as stmts
+from eventbus.storage import _statements as stmts
 from tests.conftest import wait_until
 from tests.reconcile.test_lost import punch_hole
 

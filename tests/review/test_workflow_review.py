@@ -19,7 +19,7 @@ from eventbus import (
     Workflow,
     WorkflowFailed,
 )
-from storage import MemoryStorage, StorageError, WriteBatch
+from eventbus.storage import MemoryStorage, StorageError, WriteBatch
 
 pytestmark = pytest.mark.anyio
 

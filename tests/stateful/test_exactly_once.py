@@ -16,9 +16,9 @@ import anyio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import storage as _storage
+import eventbus.storage as _storage
 from eventbus import BatchPolicy, Bus, BusConfig, Context, Event, RetryPolicy
-from storage import MemoryStorage, Receipt, WriteBatch
+from eventbus.storage import MemoryStorage, Receipt, WriteBatch
 
 
 class CrashableStorage(MemoryStorage):

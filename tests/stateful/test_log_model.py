@@ -38,7 +38,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from storage import (
+from eventbus.storage import (
     DeadRecord,
     MemoryStorage,
     NewRecord,

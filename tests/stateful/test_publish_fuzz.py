@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eventbus import Bus, BusConfig, BusError, Message
-from storage import SQLiteStorage
+from eventbus.storage import SQLiteStorage
 
 LIMIT = 2048  # max_event_bytes: payloads of a few kB go over it
 

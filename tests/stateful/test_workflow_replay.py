@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from eventbus import Bus, BusConfig, RetryPolicy, StorageError, Workflow, WorkflowFailed
-from storage import WriteBatch
+from eventbus.storage import WriteBatch
 from tests.stateful.test_exactly_once import CrashableStorage
 
 MAX_ATTEMPTS = 4

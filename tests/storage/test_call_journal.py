@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import (
+from eventbus.storage import (
     PROCESS_DIED,
     MemoryStorage,
     NewRecord,
@@ -21,7 +21,7 @@ from storage import (
     SubscriptionInfo,
     WriteBatch,
 )
-from storage._calls import CallJournal, read_journal
+from eventbus.storage._calls import CallJournal, read_journal
 
 pytestmark = pytest.mark.anyio
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from storage import (
+from eventbus.storage import (
     DeadRecord,
     MemoryStorage,
     NewRecord,

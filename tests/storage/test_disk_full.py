@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from eventbus import Bus, Context, Event, StorageError, StorageFull
-from storage import SQLiteStorage
+from eventbus.storage import SQLiteStorage
 
 pytestmark = pytest.mark.anyio
 

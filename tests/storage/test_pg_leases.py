@@ -11,7 +11,7 @@ import anyio
 import asyncpg
 import pytest
 
-from storage import (
+from eventbus.storage import (
     PROCESS_DIED,
     LeaseLost,
     NewRecord,
@@ -21,7 +21,7 @@ from storage import (
     SubscriptionInfo,
     WriteBatch,
 )
-from storage._pg_url import parse
+from eventbus.storage._pg_url import parse
 from tests import postgres
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]

@@ -15,7 +15,7 @@ import pytest
 
 import eventbus
 from eventbus import Bus
-from storage import (
+from eventbus.storage import (
     SCHEMA_VERSION,
     LogBusy,
     LogLocked,
@@ -27,9 +27,9 @@ from storage import (
     StorageError,
     WriteBatch,
 )
-from storage import _pg_schema as pg_schema
-from storage._pg_batch import write_batch
-from storage._pg_url import parse
+from eventbus.storage import _pg_schema as pg_schema
+from eventbus.storage._pg_batch import write_batch
+from eventbus.storage._pg_url import parse
 from tests import postgres
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]

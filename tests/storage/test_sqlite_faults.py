@@ -13,7 +13,7 @@ import aiosqlite
 import anyio
 import pytest
 
-from storage import (
+from eventbus.storage import (
     SCHEMA_VERSION,
     CorruptLog,
     DeadRecord,
@@ -200,7 +200,7 @@ async def test_a_transaction_failing_half_way_rolls_back_and_releases_the_lock(
 async def test_a_commit_cancelled_while_its_transaction_runs_leaves_a_consistent_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import storage._statements as sqlite_module
+    import eventbus.storage._statements as sqlite_module
 
     path = tmp_path / "log.db"
     store = SQLiteStorage(path)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import (
+from eventbus.storage import (
     LeaseLost,
     LogLocked,
     NewRecord,

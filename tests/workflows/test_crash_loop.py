@@ -33,7 +33,7 @@ from eventbus import (
     WorkflowStatus,
     current_step,
 )
-from storage import MemoryStorage, Receipt, WriteBatch
+from eventbus.storage import MemoryStorage, Receipt, WriteBatch
 
 pytestmark = pytest.mark.anyio
 

@@ -21,7 +21,7 @@ from eventbus import (
     WorkflowIncompatible,
     current_step,
 )
-from storage import WriteBatch
+from eventbus.storage import WriteBatch
 
 pytestmark = pytest.mark.anyio
 
