@@ -87,11 +87,12 @@ def test_consumer_processes_sharing_a_postgres_log_are_exactly_once_across_kills
     """Three consumer processes and a publisher on one PostgreSQL log; one consumer
     at a time killed and started again: the others take its partitions over."""
     settings = Settings(
-        events=4000,
+        events=10000,
         kills=4,
         seed=5,
-        poison_every=100,
-        flaky_every=250,
+        io_ms=1.0,  # enough work that the consumers are still busy at the last kill
+        poison_every=250,
+        flaky_every=500,
         min_wait=0.1,
         max_wait=0.8,
         backend="postgres",
