@@ -22,6 +22,7 @@ from eventbus.storage import (
     NewRecord,
     Receipt,
     Record,
+    SharedSQLiteStorage,
     SQLiteStorage,
 )
 from eventbus.storage import SubscriptionInfo as _SubInfo
@@ -44,8 +45,10 @@ from ._stopping import stop_requested
 from ._unclaimed import apply_drop, warn_unclaimed
 from .dispatch import (
     Handler,
+    SharedSubscription,
     StateReader,
     Subscription,
+    SubscriptionRuntime,
     check_handler,
     check_topics,
     subscription_name,
@@ -99,7 +102,7 @@ class Bus:
             max_commit_batch=config.max_commit_batch,
             on_committed=self._route,
         )
-        self._subs: dict[str, Subscription] = {}
+        self._subs: dict[str, SubscriptionRuntime] = {}
         self._known: dict[str, _SubInfo] = {}
         self._oldest = 1  # the first seq still in the log when it was opened
         # Whoever waits for progress (drain, reconciliation): woken at the next change.
@@ -109,6 +112,7 @@ class Bus:
         self._failure_count = 0
         self._tg: anyio.abc.TaskGroup | None = None
         self._maintenance_scope = anyio.CancelScope()
+        self._poll_scope = anyio.CancelScope()
         self._writer_done = anyio.Event()
         self._closing = False
         self._closed = False
@@ -209,6 +213,9 @@ class Bus:
             for hook in hooks:
                 bus.hooks.add(hook)
             bus._known = await storage.subscriptions()
+            shared = isinstance(storage, _storage.SharedLog)
+            if isinstance(storage, _storage.SharedLog):
+                storage.watch(bus._noticed)
             first = await storage.read(0, storage.head, None, 1)
             bus._oldest = first[0].seq if first else storage.head + 1
             async with anyio.create_task_group() as tg:
@@ -218,6 +225,8 @@ class Bus:
                 tg.start_soon(bus._maintenance)
                 tg.start_soon(bus._reconciler.run)
                 tg.start_soon(bus._warn_unclaimed)
+                if shared:
+                    tg.start_soon(bus._poll_log)
                 try:
                     yield bus
                 except BaseException as exc:  # noqa: BLE001 - re-raised below, as it is
@@ -274,6 +283,7 @@ class Bus:
                 for sub in self._subs.values():
                     sub.flush_position()
                 self._maintenance_scope.cancel()
+                self._poll_scope.cancel()
                 self._writer.stop()
                 with anyio.move_on_after(self.config.close_timeout) as timer:
                     await self._writer_done.wait()
@@ -292,6 +302,28 @@ class Bus:
         finally:
             self._writer_done.set()
 
+    async def _poll_log(self) -> None:
+        """On a shared log that cannot announce appends (SQLite), look for other
+        processes' appends every ``poll_interval``."""
+        log = self._log
+        assert isinstance(log, _storage.SharedLog)
+        interval = log.poll_interval
+        if interval is None:
+            return
+        with self._poll_scope:
+            while True:
+                await anyio.sleep(interval)
+                try:
+                    await log.poll()
+                except _storage.StorageError as exc:
+                    logger.info("looking for other processes' appends failed: %s", exc)
+
+    def _upkeep(self) -> bool:
+        """Whether this process does the log's upkeep: queued commands, compaction
+        (on a SQLite log shared by processes, only the one dispatching)."""
+        log = self._log
+        return not isinstance(log, _storage.SharedLog) or log.dispatching
+
     async def _maintenance(self) -> None:
         """Compaction every ``compact_interval``; commands queued by the command line
         every ``control_interval``."""
@@ -301,6 +333,8 @@ class Bus:
             next_compaction = now() + config.compact_interval
             while True:
                 await anyio.sleep(min(config.control_interval, config.compact_interval))
+                if not self._upkeep():
+                    continue
                 try:
                     await self._apply_control()
                 except _storage.StorageError as exc:
@@ -584,6 +618,18 @@ class Bus:
                 sub.wake()
         self._notify_progress()
 
+    def _noticed(self, notice: _storage.Notice) -> None:
+        """What the processes sharing the log announced: events appended (by any of
+        them), a subscription's partitions changing hands."""
+        if notice.kind == "head":
+            for sub in self._subs.values():
+                sub.wake()
+            self._notify_progress()
+            return
+        shared = self._subs.get(notice.subscription)
+        if isinstance(shared, SharedSubscription):
+            shared.notice(notice)
+
     def _count_topics(self, appended: list[NewRecord], receipts: list[Receipt]) -> None:
         counts = self._topic_counts
         assert counts is not None
@@ -735,6 +781,35 @@ class Bus:
             cursor = known.cursor
         else:
             cursor = 0 if start == "earliest" else self._writer.committed_head
+        register = _SubInfo(name, tuple(sorted(topics)), cursor, self._clock.wall())
+        sub: SubscriptionRuntime
+        if isinstance(self._log, _storage.SharedLog):
+            # Several processes share the log: this one handles its share of it.
+            sub = SharedSubscription(
+                name=name,
+                topics=topics,
+                handler=handler,
+                batch_policy=batch,
+                retry=retry,
+                breaker=breaker,
+                ordered=ordered,
+                concurrency=concurrency,
+                capacity=self.config.channel_capacity,
+                writer=self._writer,
+                log=self._log,
+                decode=self._to_event,
+                encode=self._encode,
+                clock=self._clock,
+                on_progress=self._notify_progress,
+                on_dead=self._dead_lettered,
+                register=register,
+            )
+            assert self._tg is not None
+            self._subs[name] = sub
+            if self.hooks.calls:
+                self._wrap(sub)
+            self._tg.start_soon(sub.run, name=f"eventbus subscription {name}")
+            return
         sub = Subscription(
             name=name,
             topics=topics,
@@ -754,7 +829,7 @@ class Bus:
             clock=self._clock,
             on_progress=self._notify_progress,
             on_dead=self._dead_lettered,
-            register=_SubInfo(name, tuple(sorted(topics)), cursor, self._clock.wall()),
+            register=register,
         )
         assert self._tg is not None
         self._subs[name] = sub
@@ -776,7 +851,7 @@ class Bus:
         self._workflows.around_run = hooks.around_run if hooks.runs else None
         self._workflows.around_step = hooks.around_attempt if hooks.steps else None
 
-    def _wrap(self, sub: Subscription) -> None:
+    def _wrap(self, sub: SubscriptionRuntime) -> None:
         sub.call_through(self.hooks.wrap_handler(sub.handler, sub.name, sub.topics, sub.is_batch))
 
     # -- workflows ------------------------------------------------------------------
@@ -963,7 +1038,7 @@ class Bus:
             failures[0][1]
         )
 
-    def _lagging(self, target: int) -> list[Subscription]:
+    def _lagging(self, target: int) -> list[SubscriptionRuntime]:
         return [s for s in self._subs.values() if s.finished_upto() < target or not s.settled()]
 
     def state(self, subscription: str) -> StateReader:
@@ -1061,7 +1136,8 @@ def _storage_for(target: str, config: BusConfig) -> _storage.Storage:
     if target == ":memory:":
         return MemoryStorage()
     if not _storage.is_postgres_url(target):
-        return SQLiteStorage(
+        kind = SharedSQLiteStorage if config.shared else SQLiteStorage
+        return kind(
             target,
             durability=config.durability,
             busy_timeout=config.busy_timeout,
@@ -1083,7 +1159,7 @@ def _is_cancellation(exc: BaseException) -> bool:
     return isinstance(exc, asyncio.CancelledError | anyio.get_cancelled_exc_class())
 
 
-def _describe(sub: Subscription, head: int) -> str:
+def _describe(sub: SubscriptionRuntime, head: int) -> str:
     """What a subscription behind still holds, for ``DrainTimeout``."""
     pending = sub.pending()
     parts = [f"at {sub.finished_upto()} of {head}"]

@@ -263,6 +263,10 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         reconcile_lease: Seconds a handler call may run before reconciliation
             cancels it as stuck (a failed attempt), and a retry may be overdue
             before it is re-armed; also bounds each run of a user reconciler.
+        shared: A SQLite log shared by several processes of this machine: each
+            publishes, one at a time dispatches, another takes over when it dies.
+            Every process of the log must say so (a PostgreSQL log is always
+            shared).
     """
 
     durability: Literal["normal", "full", "off"] = "normal"
@@ -285,6 +289,7 @@ class BusConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     workflow_concurrency: int = 100
     reconcile_interval: float = 60.0
     reconcile_lease: float = 300.0
+    shared: bool = False
 
     def __post_init__(self) -> None:
         _check_types(self, "")

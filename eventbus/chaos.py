@@ -3,6 +3,8 @@ that nothing was lost, applied twice, reordered, or blamed on the wrong event.
 
     python -m eventbus.chaos [--events 100000] [--kills 50] [--seed 1] [--concurrency 1]
                              [--publish-first] [--io-ms 0] [--dir DIR] [--json] [--quiet]
+                             [--backend sqlite|postgres] [--processes 3]
+                             [--postgres-url URL] [--lease 2]
 
 A worker process publishes ``--events`` orders (idempotency keys make re-publishing
 after a crash harmless) through a two-stage pipeline on one SQLite log:
@@ -50,6 +52,17 @@ It exits non-zero if any check fails. ``--unordered`` subscribes with
 On a terminal a progress line on stderr counts the orders settled at the sink, with
 the run, the kills so far and an ETA (``--quiet``, a pipe or ``CI`` turn it off;
 see :mod:`eventbus.progress`).
+
+``--backend postgres`` runs the pipeline on a PostgreSQL log (a new schema of
+``--postgres-url``, dropped afterwards) shared by ``--processes`` consumer processes
+beside one publisher process: the harness kills one consumer at a time (chosen at
+random) with SIGKILL and starts it again, while the others go on and take its
+partitions over. The same books are checked, from the PostgreSQL log. Blame is read
+from the handlers' own records (there is no journal file: calls in flight are rows
+of the log, which the process taking over charges and deletes at once): every call
+running at a kill must be charged, and so may the calls that ended in the tenth of
+a second before it (a row is deleted a few milliseconds after its call ends), but no
+other.
 """
 
 from __future__ import annotations
@@ -81,6 +94,7 @@ import eventbus.storage as _storage
 # it reads the file the way the log's next open does.
 from eventbus.storage._calls import read_journal
 
+from . import _chaos_pg
 from ._bus import Bus
 from ._config import BatchPolicy, BusConfig, RetryPolicy
 from ._effects import idempotent
@@ -110,6 +124,10 @@ class Settings(msgspec.Struct, frozen=True):
     min_wait: float = 0.3
     max_wait: float = 2.0
     ordered: bool = True
+    backend: str = "sqlite"
+    processes: int = 3
+    url: str = ""  # the PostgreSQL log (set by the harness)
+    lease: float = 2.0
 
 
 class Poison(Exception):
@@ -209,14 +227,18 @@ class CallLog:
 async def worker(directory: Path, settings: Settings, life: int, role: str) -> None:
     """One life of the pipeline: resume publishing (unless ``role`` is ``"consume"``),
     handle (unless it is ``"publish"``), exit once all is done."""
-    log_path, sink_path = directory / "log.db", str(directory / "sink.db")
-    sink = await anyio.to_thread.run_sync(Sink, sink_path)
+    log = settings.url or str(directory / "log.db")
+    sink = await anyio.to_thread.run_sync(Sink, str(directory / "sink.db"))
     with open(directory / f"calls-{life}.txt", "a", buffering=1, encoding="utf-8") as out:  # noqa: ASYNC230 - line-buffered appends of a few bytes
-        async with Bus.open(log_path, config=BusConfig(batch=BatchPolicy(max_size=256))) as bus:
+        async with Bus.open(log, config=BusConfig(batch=BatchPolicy(max_size=256))) as bus:
             if role != "publish":
                 _subscribe(bus, sink, CallLog(out), settings)
-            if role != "consume":
+            if role in ("both", "publish"):
                 await _publish(bus, directory / "published", settings)
+            if role == "member":
+                # One of several consumers: done once everything is published and
+                # finished, by whichever of them.
+                await _published_all(directory / "published", settings.events)
             await bus.drain(timeout=None)
     sink.close()
 
@@ -312,6 +334,14 @@ async def _publish(bus: Bus, progress: Path, settings: Settings) -> None:
         await anyio.to_thread.run_sync(_write_atomically, progress, str(last))
 
 
+async def _published_all(progress: Path, events: int) -> None:
+    while True:
+        text = progress.read_text() if progress.exists() else ""  # noqa: ASYNC240 - a few bytes
+        if text.strip() and int(text) >= events:
+            return
+        await anyio.sleep(0.1)
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
@@ -328,6 +358,8 @@ class Kill(msgspec.Struct):
     journal: dict[str, list[int]]  # the call journal's calls in flight, per subscription
     running: dict[str, list[int]]  # the handlers' own record of their calls in flight
     window: dict[str, list[int]]  # the call whose end was the handlers' last line
+    # Calls that ended but may still be charged (a shared log: each slot's last).
+    ended: dict[str, list[int]] = msgspec.field(default_factory=dict)
 
 
 class Report(msgspec.Struct):
@@ -360,6 +392,8 @@ class Report(msgspec.Struct):
     running_not_journaled: int
     kills_in_an_instant: int
     journaled_beyond_one_call: int
+    backend: str = "sqlite"
+    processes: int = 1
 
     @property
     def ok(self) -> bool:
@@ -484,6 +518,8 @@ def run_harness(directory: Path, settings: Settings, progress: Progress | None =
         progress: Where to show the orders settled so far while it runs; read from
             the sink about once a second, only while ``progress.enabled``.
     """
+    if settings.backend == "postgres":
+        return run_processes(directory, settings)
     rng = random.Random(settings.seed)
     started = time.monotonic()
     kills: list[Kill] = []
@@ -539,6 +575,71 @@ def run_harness(directory: Path, settings: Settings, progress: Progress | None =
     return account(directory, settings, kills, life, starts, time.monotonic() - started)
 
 
+def run_processes(directory: Path, settings: Settings) -> Report:
+    """One publisher and ``settings.processes`` consumers on a shared PostgreSQL log
+    (``settings.url``): kill a consumer chosen at random, ``settings.kills`` times,
+    starting it again each time; then let everything finish and check the books."""
+    rng = random.Random(settings.seed)
+    started = time.monotonic()
+    publisher = _spawn(directory, settings, 0, "publish")
+    members = [
+        (life, _spawn(directory, settings, life, "member"))
+        for life in range(1, 1 + max(1, settings.processes))
+    ]
+    life = len(members)
+    kills: list[Kill] = []
+    handling: set[int] = set()  # lives seen handling
+    try:
+        while len(kills) < settings.kills:
+            slot = rng.randrange(len(members))
+            victim, proc = members[slot]
+            # Most kills a random delay after the victim's first handler call (it may
+            # wait for partitions to be given up to it); one in four from whenever.
+            if rng.random() >= 0.25 and victim not in handling:
+                _wait_for_line(proc, RUN_TIMEOUT)
+                handling.add(victim)
+            time.sleep(rng.uniform(settings.min_wait, settings.max_wait))
+            if proc.poll() is not None:
+                break  # finished: everything was handled before the last kill
+            killed_at = time.monotonic()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=RUN_TIMEOUT)
+            _close(proc)
+            running, window, _ = _read_calls(directory / f"calls-{victim}.txt")
+            ended = _ended_since(directory / f"calls-{victim}.txt", killed_at - _ROW_LINGERS)
+            kills.append(Kill(victim, running, running, window, ended))
+            life += 1
+            members[slot] = (life, _spawn(directory, settings, life, "member"))
+        _finish(publisher, directory, 0, None)
+        for member, proc in members:
+            _finish(proc, directory, member, None)
+    finally:
+        for proc in [publisher, *(p for _, p in members)]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            _close(proc)
+    (directory / "kills.json").write_bytes(msgspec.json.encode(kills))
+    return account(directory, settings, kills, life, life + 1, time.monotonic() - started)
+
+
+# A call's row in a shared log is deleted a few milliseconds after it ends (unless
+# its slot's next call replaces it first): a kill this soon after may charge it.
+_ROW_LINGERS = 0.1
+
+
+def _ended_since(path: Path, since: float) -> dict[str, list[int]]:
+    """Per subscription, the events of the calls that ended at ``since`` or later
+    (monotonic time, as the handlers write it: the clock is the machine's)."""
+    ended: dict[str, list[int]] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").split("\n")[:-1]:
+            what, sub, seqs, *rest = line.split()
+            if what == "end" and rest and float(rest[-1]) >= since:
+                ended.setdefault(sub, []).extend(int(q) for q in seqs.split(","))
+    return ended
+
+
 def _after_kill(directory: Path, life: int, seen: int | None) -> tuple[Kill, int | None]:
     """What the kill of run ``life`` interrupted: the journal the next open will
     charge (unless that one was charged already) and the handlers' own record."""
@@ -591,36 +692,41 @@ class _Log(msgspec.Struct):
     sink_calls: int
 
 
-def _read_log(directory: Path) -> _Log:
+def _read_log(directory: Path, settings: Settings) -> _Log:
     decode = msgspec.msgpack.Decoder().decode
-    log = sqlite3.connect(f"file:{directory / 'log.db'}?mode=ro", uri=True)
+    if settings.url:
+        events, state, dead_rows = anyio.run(_chaos_pg.read_books, settings.url)
+    else:
+        log = sqlite3.connect(f"file:{directory / 'log.db'}?mode=ro", uri=True)
+        try:
+            events = log.execute(
+                "SELECT seq, topic, payload FROM events"
+                " WHERE topic IN ('orders', 'payments') ORDER BY seq"
+            ).fetchall()
+            state = log.execute("SELECT subscription, key, value FROM state").fetchall()
+            dead_rows = log.execute(
+                "SELECT subscription, seq, error_type FROM dead_letters"
+            ).fetchall()
+        finally:
+            log.close()
     sink = sqlite3.connect(f"file:{directory / 'sink.db'}?mode=ro", uri=True)
     try:
-        orders: dict[int, int] = {}
-        payments: list[tuple[int, int]] = []
-        for seq, topic, payload in log.execute(
-            "SELECT seq, topic, payload FROM events"
-            " WHERE topic IN ('orders', 'payments') ORDER BY seq"
-        ):
-            n = decode(payload)["n"]
-            if topic == "orders":
-                orders[n] = seq
-            elif topic == "payments":
-                payments.append((seq, n))
-        states: dict[str, dict[str, object]] = {"enrich": {}, "settle": {}}
-        for sub, key, value in log.execute("SELECT subscription, key, value FROM state"):
-            states.setdefault(sub, {})[key] = decode(value)
-        dead = {
-            (sub, seq): error_type
-            for sub, seq, error_type in log.execute(
-                "SELECT subscription, seq, error_type FROM dead_letters"
-            )
-        }
         effects = [row[0] for row in sink.execute("SELECT order_n FROM effects ORDER BY rowid")]
         calls = sink.execute("SELECT count(*) FROM calls").fetchone()[0]
     finally:
-        log.close()
         sink.close()
+    orders: dict[int, int] = {}
+    payments: list[tuple[int, int]] = []
+    for seq, topic, payload in events:
+        n = decode(payload)["n"]
+        if topic == "orders":
+            orders[n] = seq
+        elif topic == "payments":
+            payments.append((seq, n))
+    states: dict[str, dict[str, object]] = {"enrich": {}, "settle": {}}
+    for sub, key, value in state:
+        states.setdefault(sub, {})[key] = decode(value)
+    dead = {(sub, seq): error_type for sub, seq, error_type in dead_rows}
     return _Log(orders, payments, states["enrich"], states["settle"], dead, effects, calls)
 
 
@@ -629,6 +735,8 @@ class _Blame(msgspec.Struct):
 
     deaths: Counter[str]  # "sub seq" -> kills that found it in the call journal
     blamed: set[str]  # events seen again at a later attempt, or dead as ProcessDied
+    # "sub seq" -> kills that may have charged it without its call running (ended).
+    possible: Counter[str] = msgspec.field(default_factory=Counter)
     inside: int = 0  # kills that found a handler call running
     running_not_journaled: int = 0
     in_an_instant: int = 0  # kills between a journal entry and its handler's line
@@ -647,6 +755,7 @@ def _blame(kills: list[Kill], attempts: dict[str, int], book: _Log, own: set[str
         running = {f"{sub} {seq}" for sub, seqs in kill.running.items() for seq in seqs}
         window = {f"{sub} {seq}" for sub, seqs in kill.window.items() for seq in seqs}
         out.deaths.update(journal)
+        out.possible.update({f"{sub} {seq}" for sub, seqs in kill.ended.items() for seq in seqs})
         out.inside += bool(running)
         out.running_not_journaled += len(running - journal)
         # At the instant of the kill at most one call can be between its journal entry
@@ -662,6 +771,31 @@ def _blame(kills: list[Kill], attempts: dict[str, int], book: _Log, own: set[str
     return out
 
 
+def _charged_in_an_instant(blame: _Blame, directory: Path, last_life: int, kills: int) -> None:
+    """On a shared log, the handlers' records stand for the journal: a call whose row
+    was written but whose handler had not yet written its first line when the kill
+    landed is charged too, seen first at a later attempt. Count those as calls in an
+    instant: each kill may leave one per subscription."""
+    lowest: dict[str, int] = {}
+    for life in range(last_life + 1):
+        path = directory / f"calls-{life}.txt"
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8").split("\n")[:-1]:
+            what, sub, seqs, *rest = line.split()
+            if what == "start":
+                for seq, attempt in zip(seqs.split(","), rest[0].split(","), strict=True):
+                    key = f"{sub} {seq}"
+                    lowest[key] = min(lowest.get(key, int(attempt)), int(attempt))
+    instants = 0
+    for key in blame.blamed - set(blame.deaths) - set(blame.possible):
+        if lowest.get(key, 2) > 1:
+            blame.possible[key] += lowest.get(key, 2) - 1
+            instants += lowest.get(key, 2) - 1
+    blame.in_an_instant += instants
+    blame.beyond_one_call += max(0, instants - 2 * kills)
+
+
 def account(
     directory: Path,
     settings: Settings,
@@ -672,7 +806,7 @@ def account(
 ) -> Report:
     """Read the log, the sink and the handlers' records of runs up to ``last_life``,
     and check the books."""
-    book = _read_log(directory)
+    book = _read_log(directory, settings)
     n_of_order = {seq: n for n, seq in book.orders.items()}
     n_of_payment = dict(book.payments)
     poison = {n for n in range(settings.events) if is_poison(n, settings.poison_every)}
@@ -685,13 +819,16 @@ def account(
         for key, attempt in _read_calls(directory / f"calls-{life}.txt")[2].items():
             attempts[key] = max(attempts.get(key, 0), attempt)
     blame = _blame(kills, attempts, book, poison_keys | flaky_keys)
+    if settings.url:
+        _charged_in_an_instant(blame, directory, last_life, len(kills))
     in_flight = set(blame.deaths) - poison_keys - flaky_keys
 
     # Dead letters: the poison, and events that killed the process max_attempts times
     # (a flaky order fails once by itself: two deaths may be enough for it).
     limit = RETRY.max_attempts
     must_die = poison_keys | {k for k, deaths in blame.deaths.items() if deaths >= limit}
-    may_die = {k for k in flaky_keys if blame.deaths[k] >= limit - 1}
+    may_die = {k for k in flaky_keys if blame.deaths[k] + blame.possible[k] >= limit - 1}
+    may_die |= {k for k in blame.possible if blame.deaths[k] + blame.possible[k] >= limit}
     dead = {f"{sub} {seq}" for sub, seq in book.dead}
     dead_orders = {n_of_order[seq] for (sub, seq) in book.dead if sub == "enrich"}
     dead_payments = {n_of_payment[seq] for (sub, seq) in book.dead if sub == "settle"}
@@ -735,16 +872,22 @@ def account(
         poison_dead_letters=len(poison),
         killed_thrice=len(dead - poison_keys),
         unexpected_dead_letters=len(dead - must_die - may_die) + len(must_die - dead),
-        unaccounted=anyio.run(_unaccounted, directory / "log.db"),
+        unaccounted=(
+            anyio.run(_chaos_pg.unaccounted, settings.url)
+            if settings.url
+            else anyio.run(_unaccounted, directory / "log.db")
+        ),
         kills_inside_calls=blame.inside,
         in_flight_at_kills=len(in_flight),
         deaths_charged=sum(blame.deaths.values()),
         blamed=len(blame.blamed),
-        blamed_outside_calls=len(blame.blamed - set(blame.deaths)),
+        blamed_outside_calls=len(blame.blamed - set(blame.deaths) - set(blame.possible)),
         unblamed_in_flight=len(in_flight - blame.blamed),
         running_not_journaled=blame.running_not_journaled,
         kills_in_an_instant=blame.in_an_instant,
         journaled_beyond_one_call=blame.beyond_one_call,
+        backend=settings.backend,
+        processes=settings.processes if settings.url else 1,
     )
 
 
@@ -773,6 +916,11 @@ async def _unaccounted(path: Path) -> int:
 
 def format_report(report: Report, seed: int) -> str:
     mode = "published first, then consumers killed" if report.publish_first else "publishing"
+    if report.backend == "postgres":
+        mode = (
+            f"PostgreSQL, one publisher and {report.processes} consumer processes, "
+            "one consumer killed at a time"
+        )
     rows = [
         ("events published", report.published, f"of {report.events}"),
         ("kills (SIGKILL)", report.kills, f"{report.restarts} starts, seed {seed}"),
@@ -855,6 +1003,29 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="subscribe with ordered=False: the order checks must fail (a check of the checks)",
     )
+    parser.add_argument(
+        "--backend",
+        choices=["sqlite", "postgres"],
+        default=defaults.backend,
+        help="the log: a SQLite file, or PostgreSQL shared by --processes consumers",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=defaults.processes,
+        help="consumer processes sharing a PostgreSQL log (one of them killed at a time)",
+    )
+    parser.add_argument(
+        "--postgres-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="the PostgreSQL database to run in (a new schema, dropped afterwards)",
+    )
+    parser.add_argument(
+        "--lease",
+        type=float,
+        default=defaults.lease,
+        help="seconds a PostgreSQL partition lease lasts unless renewed",
+    )
     parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
@@ -887,14 +1058,25 @@ def main(argv: list[str] | None = None) -> int:
         min_wait=args.min_wait,
         max_wait=args.max_wait,
         ordered=not args.unordered,
+        backend=args.backend,
+        processes=args.processes,
+        lease=args.lease,
     )
+    if settings.backend == "postgres":
+        settings = msgspec.structs.replace(
+            settings, url=_chaos_pg.log_url(args.postgres_url, settings.lease)
+        )
     with (
         tempfile.TemporaryDirectory() as tmp,
         Progress("chaos", expected_settled(settings), unit="settled", quiet=args.quiet) as progress,
     ):
         directory = args.dir or Path(tmp)
         directory.mkdir(parents=True, exist_ok=True)
-        report = run_harness(directory, settings, progress)
+        try:
+            report = run_harness(directory, settings, progress)
+        finally:
+            if settings.url:
+                anyio.run(_chaos_pg.drop, settings.url)
     print(msgspec.json.encode(report).decode() if args.json else format_report(report, args.seed))
     return 0 if report.ok else 1
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from ._calls import CallSlots, NoCallSlots
 from ._errors import (
     CorruptLog,
+    LeaseLost,
     LogBusy,
     LogDirectoryMissing,
     LogLocked,
@@ -24,19 +25,24 @@ from ._errors import (
 )
 from ._memory import MemoryStorage
 from ._pg_url import is_postgres_url
-from ._protocol import Storage
+from ._protocol import SharedLog, Storage
 from ._schema import SCHEMA_VERSION
 from ._sqlite import Durability, SQLiteStorage
+from ._sqlite_shared import SharedSQLiteStorage
 from ._statements import submit_control
 from ._types import (
     PROCESS_DIED,
     WORKFLOW_PREFIX,
+    Claim,
     DeadRecord,
+    Lease,
     LogStats,
     NewRecord,
+    Notice,
     Receipt,
     Record,
     RetryRecord,
+    Share,
     StepRecord,
     SubscriptionInfo,
     Unaccounted,
@@ -66,10 +72,13 @@ __all__ = [
     "PROCESS_DIED",
     "WORKFLOW_PREFIX",
     "CallSlots",
+    "Claim",
     "SCHEMA_VERSION",
     "CorruptLog",
     "DeadRecord",
     "Durability",
+    "Lease",
+    "LeaseLost",
     "LogBusy",
     "LogDirectoryMissing",
     "LogLocked",
@@ -78,13 +87,17 @@ __all__ = [
     "NoCallSlots",
     "NewRecord",
     "NotALog",
+    "Notice",
     "PostgresStorage",
     "Receipt",
     "Record",
     "RecordRejected",
     "RetryRecord",
     "SQLiteStorage",
+    "SharedSQLiteStorage",
     "SchemaTooNew",
+    "Share",
+    "SharedLog",
     "Storage",
     "StorageClosed",
     "StorageError",

@@ -12,6 +12,7 @@
     ├── SchemaTooNew             written by a newer version of this library
     ├── StorageFull              the disk (or quota) is full
     ├── RecordRejected           the database refused a value of one write
+    ├── LeaseLost                a subscription's partitions changed hands (fencing)
     └── StorageClosed            the storage was closed
 
 The bus re-raises each of these as its own subclass of ``eventbus.BusError``.
@@ -165,3 +166,29 @@ class RecordRejected(StorageError):
 
 class StorageClosed(StorageError):
     """The storage was closed; open a new one."""
+
+
+class LeaseLost(StorageError):
+    """A write batch carried the lease of a subscription's partitions that this
+    process no longer holds (its lease expired while it was paused or cut off, and
+    another process took them over): nothing of the batch was written.
+
+    This is fencing at work, not a fault of the log: the other process handles those
+    events now. The writes of the subscriptions named are dropped (their events are
+    handled again by the new holder, so no effect is applied twice); the rest of the
+    batch can be committed without them.
+
+    Attributes:
+        path: The log.
+        subscriptions: The subscriptions whose lease was lost.
+    """
+
+    def __init__(self, path: str, subscriptions: tuple[str, ...]) -> None:
+        self.path = path
+        self.subscriptions = subscriptions
+        super().__init__(
+            f"this process no longer holds the partitions it wrote for "
+            f"{', '.join(map(repr, subscriptions))} on {path!r}: another process took "
+            "them over after its lease expired; nothing was written. Its events are "
+            "handled by that process now"
+        )

@@ -1,4 +1,5 @@
-"""One owner per SQLite log, however the file is reached.
+"""One owner per SQLite log, however the file is reached (or, for a log shared by
+the processes of one machine, one dispatcher at a time: :class:`ShareLock`).
 
 Two advisory ``flock`` locks, both released by the kernel when the owner dies, so a
 ``kill -9`` never leaves the log locked:
@@ -207,3 +208,71 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # it exists, under another user
     return True
+
+
+class ShareLock:
+    """Whether a SQLite log is shared by several processes, or owned by one.
+
+    Processes that share the log (``SQLiteStorage(shared=True)``) each hold
+    ``<real path>.share`` with a shared ``flock``; a process that owns it alone holds
+    it exclusively (beside :class:`LogOwnership`). So the two never mix: a process
+    owning the log alone would not look for events other processes append.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = -1
+
+    def acquire(self, *, shared: bool) -> None:
+        """Take the lock (blocking: call it from a worker thread).
+
+        Raises:
+            LogLocked: ``shared`` and one process owns the log alone, or not
+                ``shared`` and processes share it.
+        """
+        if not _POSIX:
+            raise UnsupportedPlatform(self.path, sys.platform)
+        real = os.path.realpath(self.path)
+        fd = os.open(real + ".share", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if shared:
+                owner = _owner_of(real + ".lock")
+                raise LogLocked(
+                    self.path,
+                    owner,
+                    None,
+                    advice="that process owns the log alone (it was opened without "
+                    "shared=True); open every process of the log with "
+                    "BusConfig(shared=True), or none",
+                ) from None
+            raise LogLocked(
+                self.path,
+                "processes sharing it",
+                None,
+                advice="they opened it with BusConfig(shared=True): open this one so too, "
+                "to publish beside them and dispatch in turn",
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let go. Idempotent."""
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _owner_of(lock: str) -> str:
+    try:
+        with open(lock, "rb") as f:
+            found = f.read(64)
+    except OSError:
+        return "unknown"
+    match = _PID.search(found) or _OLD_PID.fullmatch(found)
+    return f"pid {int(match.group(1))}" if match else "unknown"

@@ -56,8 +56,12 @@ _APPEND_PLAIN = (
 _COMMIT_HOT = (
     "SELECT commit_hot($1::text[], $2::text[], $3::text[], $4::bytea[], $5::bytea[],"
     " $6::float8[], $7::text[], $8::text[], $9::bytea[], $10::text[], $11::bigint[],"
-    " $12::text[], $13::bigint[], $14::bigint[], $15)"
+    " $12::text[], $13::bigint[], $14::bigint[], $15, $16::text[], $17::text[],"
+    " $18::integer[], $19::bigint[])"
 )
+# Each lease a batch carries, one row per partition (the schema's ``fence``).
+_FENCE = "SELECT fence($1::text[], $2::text[], $3::integer[], $4::bigint[])"
+_NOTIFY_HEAD = "SELECT pg_notify(log_channel(), 'h' || $1::bigint)"
 _INSERT_IDEMPOTENCY = (
     "INSERT INTO idempotency (key, seq, id, created_at)"
     " SELECT k, s, i, $4 FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(k, s, i)"
@@ -66,6 +70,7 @@ _UPSERT_SUBSCRIPTION = (
     "INSERT INTO subscriptions (name, topics, cursor, updated_at) VALUES ($1, $2, $3, $4)"
     " ON CONFLICT (name) DO UPDATE SET topics = excluded.topics"
 )
+_REGISTER = "SELECT register($1, $2, $3, $4)"
 DEAD_COLUMNS = (
     "subscription, seq, id, topic, key, payload, headers, created_at, attempts,"
     " error_type, error_message, traceback, first_failed_at, last_failed_at"
@@ -131,9 +136,27 @@ ADD_ACKED = (
     "SELECT add_acked(s, lo, hi) FROM unnest($1::text[], $2::bigint[], $3::bigint[])"
     " AS u(s, lo, hi)"
 )
-# Cursors forward and their ledger (_pg_schema.py), after the batch's retries and
-# dead letters are written: what they hold are holes in the ledger.
-_ACK = "SELECT ack($1::text[], $2::bigint[], $3)"
+# Cursors forward (_pg_schema.py), after the batch's retries and dead letters are
+# written: what they hold are holes the cursors pass.
+_ACK = "SELECT ack($1::text[], $2::bigint[], $3, $4::text[], $5::integer[])"
+
+
+def lease_rows(
+    batch: WriteBatch,
+) -> tuple[list[str], list[str], list[int], list[int]]:
+    """The batch's leases, one row per partition: subscriptions, members, partitions,
+    epochs."""
+    subs: list[str] = []
+    members: list[str] = []
+    parts: list[int] = []
+    epochs: list[int] = []
+    for lease in batch.leases.values():
+        n = len(lease.partitions)
+        subs += [lease.subscription] * n
+        members += [lease.member] * n
+        parts += lease.partitions
+        epochs += lease.epochs
+    return subs, members, parts, epochs
 
 
 def _workflow_row(w: WorkflowRecord) -> tuple[object, ...]:
@@ -243,6 +266,7 @@ async def commit_hot(
     final: dict[tuple[str, str], bytes | None] = {}
     for sub, key, value in batch.state:
         final[sub, key] = value  # a later write to a key in the batch wins
+    subs, members, parts, epochs = lease_rows(batch)
     base = await conn.fetchval(
         _COMMIT_HOT,
         [r.id for r in appends],
@@ -260,6 +284,10 @@ async def commit_hot(
         [lo for _, lo, _ in batch.done],
         [hi for _, _, hi in batch.done],
         now,
+        subs,
+        members,
+        parts,
+        epochs,
     )
     if base is None:
         return [], None
@@ -369,11 +397,16 @@ async def write_batch(
     Returns the receipts and the new head (None when nothing was appended)."""
     receipts: list[Receipt] = []
     head: int | None = None
+    subs, members, parts, epochs = lease_rows(batch)
+    if subs:
+        await conn.execute(_FENCE, subs, members, parts, epochs)
     if batch.appends:
         if any(r.idempotency_key is not None for r in batch.appends):
             receipts, head = await _append(conn, batch, now)
         else:
             receipts, head = await append_plain(conn, batch)
+        if receipts and head is not None:
+            await conn.execute(_NOTIFY_HEAD, head)
     if batch.subscriptions:
         existing = {
             name
@@ -395,6 +428,11 @@ async def write_batch(
         await conn.executemany(
             _UPSERT_SUBSCRIPTION,
             [(s.name, "\n".join(s.topics), s.cursor, now) for s in batch.subscriptions],
+        )
+        # Its partitions, each at the cursor it was first registered with.
+        await conn.executemany(
+            _REGISTER,
+            [(name, "*", cursor, now) for name, cursor in first.items()],
         )
     if batch.retries:
         rows = _last_wins([retry_row(r) for r in batch.retries], 2)
@@ -427,7 +465,7 @@ async def write_batch(
         # The cursor each starts from is read here, after this batch registered its
         # subscriptions: a new one's ledger already holds what precedes its cursor,
         # so the ledger ends up as when it is read first (the SQLite order).
-        await conn.execute(_ACK, list(batch.acks), list(batch.acks.values()), now)
+        await conn.execute(_ACK, list(batch.acks), list(batch.acks.values()), now, subs, parts)
     ranges += batch.done
     if ranges:
         await conn.execute(

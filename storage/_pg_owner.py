@@ -1,11 +1,14 @@
-"""One owner per PostgreSQL log, and the log's schema: created, recognised, migrated.
+"""Who runs on a PostgreSQL log, and the log's schema: created, recognised, migrated.
 
-The owner holds a session-level advisory lock keyed by the log's schema (its OID,
-so two logs never share a key) on the one connection it writes through. PostgreSQL
-releases it when that session ends, however the process died, so a ``kill -9``
-never leaves the log locked; and a write can only go through a session that holds
-it. The owner's connection names it in ``application_name`` (``eventbus pid 1234 on
-host``), which is how a refused opener names the owner in ``LogLocked``.
+Every process running a bus on the log holds a *shared* session-level advisory lock
+keyed by the log's schema (its OID, so two logs never share a key) on the connection
+it writes through; many processes share the log at once (``_pg_leases`` divides the
+work). Bringing the schema to a newer version takes the same lock *exclusively*, so
+a newer version never migrates a log under a running older one: it waits a moment
+for them, then refuses with ``LogLocked`` naming one. PostgreSQL releases the lock
+when a session ends, however the process died, so a ``kill -9`` never leaves the log
+locked. A writer's connection names its process in ``application_name``
+(``eventbus pid 1234 on host``), which is how a refused opener names them.
 """
 
 from __future__ import annotations
@@ -63,8 +66,20 @@ async def ensure_schema(conn: Connection, target: PgTarget) -> int:
     return oid
 
 
+async def try_join(conn: Connection, oid: int) -> bool:
+    """Take the log's lock shared on this session: false while a migration holds it."""
+    return bool(
+        await conn.fetchval("SELECT pg_try_advisory_lock_shared($1)", (OWNER_CLASS << 32) | oid)
+    )
+
+
+async def leave(conn: Connection, oid: int) -> None:
+    await conn.execute("SELECT pg_advisory_unlock_shared($1)", (OWNER_CLASS << 32) | oid)
+
+
 async def try_own(conn: Connection, oid: int) -> bool:
-    """Take the log's ownership lock on this session, if no other session holds it."""
+    """Take the log's lock exclusively on this session, if no other session holds it
+    (to migrate the schema)."""
     return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", (OWNER_CLASS << 32) | oid))
 
 
@@ -73,13 +88,15 @@ async def release(conn: Connection, oid: int) -> None:
 
 
 async def holder(conn: Connection, oid: int) -> tuple[str, int | None, int | None]:
-    """Who holds the ownership lock: a description, the owner's pid if it runs on
-    this host, and the server process of its session."""
+    """Another session holding the log's lock (a process running on it): a
+    description, its pid if it runs on this host, and the server process of its
+    session."""
     row = await conn.fetchrow(
         "SELECT l.pid, a.application_name, host(a.client_addr) FROM pg_locks l"
         " LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
         " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::bigint::oid"
-        " AND l.objid = $2::bigint::oid AND l.objsubid = 1",
+        " AND l.objid = $2::bigint::oid AND l.objsubid = 1 AND l.pid <> pg_backend_pid()"
+        " ORDER BY l.pid LIMIT 1",
         OWNER_CLASS,
         oid,
     )
@@ -124,9 +141,24 @@ async def identity(conn: Connection, oid: int, target: PgTarget) -> tuple[int, s
     return int(row[1]), str(row[2])
 
 
-async def migrate(conn: Connection, oid: int, target: PgTarget) -> None:
-    """Create the log in its (owned) schema, or bring an older one up to date, in one
-    transaction."""
+async def version(conn: Connection, oid: int) -> int | None:
+    """The log's schema version; None for a schema without a log yet."""
+    if "log_schema" not in await tables(conn, oid):
+        return None
+    found = await conn.fetchval("SELECT version FROM log_schema")
+    return None if found is None else int(found)
+
+
+async def partitions(conn: Connection) -> int:
+    """The number of partitions of the (current) log."""
+    found = await conn.fetchval("SELECT value FROM meta WHERE key = 'partitions'")
+    return int(found)
+
+
+async def migrate(conn: Connection, oid: int, target: PgTarget, parts: int) -> None:
+    """Create the log in its schema (with ``parts`` partitions), or bring an older one
+    up to date (a log that had none gets ``parts``), in one transaction. The caller
+    holds the log's lock exclusively."""
     async with conn.transaction():
         found = await tables(conn, oid)
         if not found:
@@ -145,8 +177,8 @@ async def migrate(conn: Connection, oid: int, target: PgTarget) -> None:
                 f"{target.display!r} has schema version {version}, older than any "
                 "PostgreSQL log this library wrote"
             )
-        for script in schema_sql.MIGRATIONS[version - schema_sql.BASE_VERSION :]:
-            await conn.execute(script)
+        for index in range(version - schema_sql.BASE_VERSION, len(schema_sql.MIGRATIONS)):
+            await conn.execute(schema_sql.migration(index, parts))
         await conn.execute("UPDATE log_schema SET version = $1", schema_sql.SCHEMA_VERSION)
 
 

@@ -264,9 +264,222 @@ BEGIN
 END $$;
 """
 
+#: Partitions of a new log unless its URL says otherwise (``?partitions=N``).
+DEFAULT_PARTITIONS = 16
+#: At most this many: a partition is a unit of work one process holds at a time.
+MAX_PARTITIONS = 4096
+
+# Version 6: several processes share the log. Every event falls in one of a fixed
+# number of partitions, chosen when the log is created: its key's hash (md5, the same
+# in every PostgreSQL version, so a key never changes partition), or its seq when it
+# has no key. Each subscription keeps a cursor per partition, and a lease on each:
+# the process holding it (``owner``), until when (``expires_at``, the database's
+# clock) and a fencing ``epoch`` bumped whenever it changes hands. A write that
+# carries a lease is refused unless every partition of it is still held at that
+# epoch (``fence``), so a process that lost its lease can neither acknowledge nor
+# write state. {P} is the number of partitions.
+_PARTITION_OF = (
+    "CASE WHEN key IS NULL THEN (seq % {P})::integer"
+    " ELSE (('x' || substr(md5(key), 1, 8))::bit(32)::bigint % {P})::integer END"
+)
+_PARTITION_OF_ARGS = _PARTITION_OF.replace("key", "p_key").replace("seq", "p_seq")
+_V6 = """
+CREATE FUNCTION partition_count() RETURNS integer IMMUTABLE LANGUAGE sql AS 'SELECT {P}';
+ALTER TABLE events ADD COLUMN part integer GENERATED ALWAYS AS (PARTITION_OF) STORED;
+CREATE INDEX events_by_part ON events (part, seq);
+ALTER TABLE retries ADD COLUMN part integer GENERATED ALWAYS AS (PARTITION_OF) STORED;
+ALTER TABLE dead_letters ADD COLUMN part integer GENERATED ALWAYS AS (PARTITION_OF) STORED;
+
+CREATE TABLE partitions (
+    subscription text COLLATE "C" NOT NULL,
+    part         integer NOT NULL,
+    cursor       bigint NOT NULL,
+    owner        text COLLATE "C",
+    epoch        bigint NOT NULL DEFAULT 0,
+    expires_at   timestamptz,
+    PRIMARY KEY (subscription, part)
+);
+INSERT INTO partitions (subscription, part, cursor)
+     SELECT s.name, p, s.cursor FROM subscriptions s, generate_series(0, {P} - 1) AS p;
+-- The processes subscribed, each alive until expires_at: the fair share of each.
+CREATE TABLE members (
+    subscription text COLLATE "C" NOT NULL,
+    member       text COLLATE "C" NOT NULL,
+    expires_at   timestamptz NOT NULL,
+    PRIMARY KEY (subscription, member)
+);
+-- Handler calls in flight, written before each call (one row per slot, replaced by
+-- the slot's next call): whoever takes a partition over from a holder whose lease
+-- expired charges a death to its events there at that epoch.
+CREATE TABLE calls (
+    subscription text COLLATE "C" NOT NULL,
+    member       text COLLATE "C" NOT NULL,
+    slot         integer NOT NULL,
+    call         bigint NOT NULL,
+    seqs         bigint[] NOT NULL,
+    attempts     integer[] NOT NULL,
+    parts        integer[] NOT NULL,
+    epochs       bigint[] NOT NULL,
+    PRIMARY KEY (subscription, member, slot)
+);
+-- Events a cursor passed while they were in the retry lane or the dead letters: each
+-- must end acknowledged or dead-lettered (reconciliation checks it). Every other
+-- event a cursor passes is done.
+CREATE TABLE holes (
+    subscription text COLLATE "C" NOT NULL,
+    seq          bigint NOT NULL,
+    PRIMARY KEY (subscription, seq)
+);
+INSERT INTO holes (subscription, seq)
+     SELECT r.subscription, r.seq FROM retries r JOIN subscriptions s ON s.name = r.subscription
+      WHERE r.seq <= s.cursor
+     UNION
+     SELECT d.subscription, d.seq FROM dead_letters d
+       JOIN subscriptions s ON s.name = d.subscription
+      WHERE d.seq <= s.cursor;
+INSERT INTO meta (key, value) VALUES ('partitions', '{P}')
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+
+-- The channel on which appends (and partitions changing hands) are announced.
+CREATE FUNCTION log_channel() RETURNS text STABLE LANGUAGE sql
+    AS $$ SELECT 'eventbus_' || current_schema()::regnamespace::oid::text $$;
+
+-- A subscription and its partitions, each at p_cursor.
+CREATE FUNCTION register(p_name text, p_topics text, p_cursor bigint, p_now double precision)
+RETURNS void LANGUAGE plpgsql AS $fn$
+BEGIN
+    INSERT INTO subscriptions (name, topics, cursor, updated_at)
+         VALUES (p_name, p_topics, p_cursor, p_now)
+    ON CONFLICT (name) DO NOTHING;
+    INSERT INTO partitions (subscription, part, cursor)
+         SELECT p_name, p, p_cursor FROM generate_series(0, {P} - 1) AS p
+    ON CONFLICT DO NOTHING;
+END $fn$;
+
+-- Refuse the transaction unless each (subscription, member, partition, epoch) is a
+-- lease still held; the rows stay locked to its end, so no one takes them over
+-- before it commits.
+CREATE FUNCTION fence(p_subs text[], p_members text[], p_parts integer[], p_epochs bigint[])
+RETURNS void LANGUAGE plpgsql AS $fn$
+DECLARE
+    n   integer;
+    bad text;
+BEGIN
+    PERFORM 1 FROM partitions x
+      JOIN unnest(p_subs, p_members, p_parts, p_epochs) AS u(s, m, p, e)
+        ON x.subscription = u.s AND x.part = u.p
+     WHERE x.owner = u.m AND x.epoch = u.e AND x.expires_at > clock_timestamp()
+       FOR NO KEY UPDATE OF x;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n < coalesce(array_length(p_subs, 1), 0) THEN
+        SELECT string_agg(DISTINCT u.s, E'\n') INTO bad
+          FROM unnest(p_subs, p_members, p_parts, p_epochs) AS u(s, m, p, e)
+         WHERE NOT EXISTS (
+            SELECT 1 FROM partitions x
+             WHERE x.subscription = u.s AND x.part = u.p AND x.owner = u.m
+               AND x.epoch = u.e AND x.expires_at > clock_timestamp());
+        RAISE EXCEPTION 'lease lost' USING ERRCODE = 'EB001', DETAIL = coalesce(bad, '');
+    END IF;
+END $fn$;
+
+-- Move cursors forward (never back): of the partitions leased for that subscription
+-- in this transaction, or all of them. An unknown subscription is registered for
+-- every topic. Events passed while in the retry lane or the dead letters are holes.
+DROP FUNCTION commit_hot(text[], text[], text[], bytea[], bytea[], double precision[],
+    text[], text[], bytea[], text[], bigint[], text[], bigint[], bigint[], double precision);
+DROP FUNCTION ack(text[], bigint[], double precision);
+CREATE FUNCTION ack(p_names text[], p_cursors bigint[], p_now double precision,
+                    p_lease_subs text[], p_lease_parts integer[])
+RETURNS void LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_parts integer[];
+    v_from  bigint;
+BEGIN
+    FOR i IN 1 .. coalesce(array_length(p_names, 1), 0) LOOP
+        v_parts := ARRAY(SELECT u.p FROM unnest(p_lease_subs, p_lease_parts) AS u(s, p)
+                          WHERE u.s = p_names[i]);
+        IF cardinality(v_parts) = 0 THEN
+            v_parts := NULL;
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM subscriptions WHERE name = p_names[i]) THEN
+            PERFORM register(p_names[i], '*', 0, p_now);
+        END IF;
+        SELECT min(cursor) INTO v_from FROM partitions
+         WHERE subscription = p_names[i] AND cursor < p_cursors[i]
+           AND (v_parts IS NULL OR part = ANY(v_parts));
+        CONTINUE WHEN v_from IS NULL;
+        INSERT INTO holes (subscription, seq)
+        SELECT p_names[i], h.seq FROM (
+                SELECT seq, part FROM retries WHERE subscription = p_names[i]
+                   AND seq > v_from AND seq <= p_cursors[i]
+                UNION ALL
+                SELECT seq, part FROM dead_letters WHERE subscription = p_names[i]
+                   AND seq > v_from AND seq <= p_cursors[i]
+            ) AS h
+          JOIN partitions x ON x.subscription = p_names[i] AND x.part = h.part
+         WHERE h.seq > x.cursor AND (v_parts IS NULL OR h.part = ANY(v_parts))
+        ON CONFLICT DO NOTHING;
+        UPDATE partitions SET cursor = p_cursors[i]
+         WHERE subscription = p_names[i] AND cursor < p_cursors[i]
+           AND (v_parts IS NULL OR part = ANY(v_parts));
+    END LOOP;
+END $fn$;
+
+-- The partition of an event of key p_key and seq p_seq (the events table's).
+CREATE FUNCTION partition_of(p_key text, p_seq bigint) RETURNS integer IMMUTABLE
+LANGUAGE sql AS $fn$ SELECT PARTITION_OF_ARGS $fn$;
+
+-- The hot path (see version 5), fenced by the leases it carries (one row per
+-- partition), announcing the new head when it appends.
+CREATE FUNCTION commit_hot(
+    p_ids text[], p_topics text[], p_keys text[], p_payloads bytea[], p_headers bytea[],
+    p_created double precision[],
+    p_state_subs text[], p_state_keys text[], p_state_values bytea[],
+    p_ack_names text[], p_ack_cursors bigint[],
+    p_done_subs text[], p_done_lo bigint[], p_done_hi bigint[],
+    p_now double precision,
+    p_lease_subs text[], p_lease_members text[], p_lease_parts integer[],
+    p_lease_epochs bigint[]
+) RETURNS bigint LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_count integer := coalesce(array_length(p_ids, 1), 0);
+    v_base  bigint;
+BEGIN
+    IF coalesce(array_length(p_lease_subs, 1), 0) > 0 THEN
+        PERFORM fence(p_lease_subs, p_lease_members, p_lease_parts, p_lease_epochs);
+    END IF;
+    IF v_count > 0 THEN
+        UPDATE head SET seq = seq + v_count RETURNING seq - v_count INTO v_base;
+        INSERT INTO events (seq, id, topic, key, payload, headers, created_at)
+        SELECT v_base + u.ord, u.id, u.topic, u.key, u.payload, u.headers, u.created_at
+          FROM unnest(p_ids, p_topics, p_keys, p_payloads, p_headers, p_created)
+               WITH ORDINALITY AS u(id, topic, key, payload, headers, created_at, ord);
+        PERFORM pg_notify(log_channel(), 'h' || (v_base + v_count));
+    END IF;
+    IF coalesce(array_length(p_state_subs, 1), 0) > 0 THEN
+        DELETE FROM state WHERE (subscription, key) IN (
+            SELECT u.s, u.k FROM unnest(p_state_subs, p_state_keys, p_state_values)
+                AS u(s, k, v) WHERE u.v IS NULL);
+        INSERT INTO state (subscription, key, value)
+        SELECT u.s, u.k, u.v FROM unnest(p_state_subs, p_state_keys, p_state_values)
+            AS u(s, k, v) WHERE u.v IS NOT NULL
+        ON CONFLICT (subscription, key) DO UPDATE SET value = excluded.value;
+    END IF;
+    IF coalesce(array_length(p_ack_names, 1), 0) > 0 THEN
+        PERFORM ack(p_ack_names, p_ack_cursors, p_now, p_lease_subs, p_lease_parts);
+    END IF;
+    IF coalesce(array_length(p_done_subs, 1), 0) > 0 THEN
+        PERFORM add_acked(u.s, u.lo, u.hi)
+           FROM unnest(p_done_subs, p_done_lo, p_done_hi) AS u(s, lo, hi);
+    END IF;
+    RETURN v_base;
+END $fn$;
+""".replace("PARTITION_OF_ARGS", _PARTITION_OF_ARGS).replace("PARTITION_OF", _PARTITION_OF)
+
 # Each entry migrates from version BASE_VERSION + i to BASE_VERSION + i + 1, the same
-# change as the SQLite migration to that version. Append, never edit a shipped one.
-MIGRATIONS: tuple[str, ...] = ()
+# version as the SQLite migration to it. Append, never edit a shipped one. ``{P}``
+# stands for the log's number of partitions.
+MIGRATIONS: tuple[str, ...] = (_V6,)
 
 SCHEMA_VERSION = BASE_VERSION + len(MIGRATIONS)
 
@@ -275,3 +488,9 @@ def create_script() -> str:
     """The statements that create a new log at :data:`BASE_VERSION` (``log_schema``
     is filled in by the caller)."""
     return _BASE
+
+
+def migration(index: int, partitions: int) -> str:
+    """The migration script ``index`` of :data:`MIGRATIONS`, for a log of
+    ``partitions`` partitions."""
+    return MIGRATIONS[index].replace("{P}", str(int(partitions)))

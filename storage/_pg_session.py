@@ -1,4 +1,4 @@
-"""The connections of a PostgreSQL log: the writer's session, which owns the log,
+"""The connections of a PostgreSQL log: the writer's session, which joins the log,
 and a small pool of readers, with asyncpg's errors translated at this one boundary.
 
 Writes go through the one writer session, serialised, each in a shielded scope: a
@@ -7,29 +7,36 @@ statement bounded by ``command_timeout``), then the cancellation proceeds. Reads
 through the pool, so a long backlog read never holds up a group commit.
 
 A lost writer session (a server restart, a network cut) is replaced on the next
-write: the new session takes the ownership lock again (ending this process's old
-session first, if the server still holds the lock for it), and refuses to write if
-another owner registered itself meanwhile.
+write: the new session joins the log again. Several processes write to one log at
+once; what keeps their dispatching apart is the partitions' leases (``_pg_leases``),
+checked in the transactions that need them, not the session.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-import os
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Literal, TypeAlias, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Literal, TypeAlias, TypeVar
 
 import anyio
 import asyncpg
 
 from . import _pg_owner as owner
-from ._errors import LogBusy, LogLocked, RecordRejected, StorageClosed, StorageError, StorageFull
+from . import _pg_schema as schema_sql
+from ._errors import (
+    LeaseLost,
+    LogBusy,
+    LogLocked,
+    RecordRejected,
+    SchemaTooNew,
+    StorageClosed,
+    StorageError,
+    StorageFull,
+)
 from ._pg_url import PgTarget
-
-if TYPE_CHECKING:
-    from asyncpg.pool import Pool
 
 logger = logging.getLogger("eventbus.storage")
 
@@ -40,6 +47,8 @@ Durability = Literal["normal", "full", "off"]
 _SYNCHRONOUS: dict[str, str | None] = {"normal": None, "full": "on", "off": "off"}
 # SQLSTATE classes and codes (PostgreSQL's errcodes.txt).
 _DISK_FULL = "53100"
+#: Raised by the schema's ``fence`` when a lease a transaction carries was lost.
+LEASE_LOST = "EB001"
 _CONNECTION_CLASSES = ("08", "57P")  # connection exceptions; operator intervention
 _REJECTED_CLASSES = ("22", "23", "54")  # data exceptions; constraints; program limits
 _INSUFFICIENT_PRIVILEGE = "42501"
@@ -62,33 +71,58 @@ def _lost_connection(exc: BaseException) -> bool:
 
 
 _OPEN_RETRY_FIRST = 0.05
-# How long an opener waits for the session of an owner that died on this host to end.
-_OWNER_WAIT = 5.0
-_OWNER_RETRY = 0.02
+# How long an opener waits for a migration by another process to end, or for the
+# processes of an older version to stop before it migrates the log.
+_JOIN_WAIT = 2.0
+_JOIN_RETRY = 0.02
 _LOCK_ADVICE = (
-    "only one process may run a bus on a PostgreSQL log for now. Stop that process, "
-    "or give this one another schema (?schema=... in the URL); the other's lock goes "
-    "when its database session ends, so a killed owner frees the log at once"
+    "this version must bring the log's schema up to date, which it does only while "
+    "no process runs on the log. Stop the processes of the older version, then start "
+    "this one (it migrates the log), then the others with this version"
 )
 
 
-async def _reset(conn: Connection) -> None:
-    """Ready a pooled connection for its next reader. Readers change no session
-    state, so only an interrupted transaction needs ending (asyncpg's default reset,
-    a round trip of ``RESET ALL`` and more on every release, doubled the cost of a
-    read)."""
-    if conn.is_in_transaction():
-        await conn.execute("ROLLBACK")
+class _Pool:
+    """Connections for reads (and the few pooled writes), at most ``size`` at once.
 
+    asyncpg's own pool costs about 0.1 ms of Python per acquire and release (a
+    shielded release, a timeout, a reset callback): as much as the statement, when
+    every handler call writes its row through it. This one hands a free connection
+    out and takes it back; one that failed, or was left in a transaction (a caller
+    cancelled mid-statement), is closed rather than reused.
+    """
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
+    def __init__(self, connect: Callable[[], Awaitable[Connection]], size: int) -> None:
+        self._connect = connect
+        self._free: list[Connection] = []
+        # asyncio's: it does not yield when a connection is free (anyio's does).
+        self._limit = asyncio.Semaphore(max(1, size))
+        self._closed = False
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Connection]:
+        async with self._limit:
+            conn = self._free.pop() if self._free else await self._connect()
+            reuse = False
+            try:
+                yield conn
+                reuse = True
+            finally:
+                if reuse and not self._closed and not conn.is_closed():
+                    if conn.is_in_transaction():
+                        conn.terminate()
+                    else:
+                        self._free.append(conn)
+                else:
+                    conn.terminate()
+
+    async def close(self) -> None:
+        self._closed = True
+        free, self._free = self._free, []
+        for conn in free:
+            with contextlib.suppress(Exception), anyio.move_on_after(2.0):
+                await conn.close()
+            conn.terminate()
 
 
 class LostConnection(StorageError):
@@ -111,6 +145,7 @@ class Sessions:
         command_timeout: float,
         read_only: bool,
         pool_size: int,
+        partitions: int,
     ) -> None:
         self.target = target
         self.path = target.display
@@ -120,16 +155,15 @@ class Sessions:
         self.command_timeout = command_timeout
         self.read_only = read_only
         self.pool_size = pool_size
+        #: Partitions of a log this opens for the first time; the log's own once open.
+        self.partitions = partitions
         self.oid = 0
         self.log_id = ""
-        #: This life's registration in the log (``meta.owner_generation``), once made.
-        self.generation = 0
         self.session: int | None = None  # the server process of the writer's session
         self._writer: Connection | None = None
-        self._pool: Pool[asyncpg.Record] | None = None
+        self._pool: _Pool | None = None
         self._lock = anyio.Lock()
         self._closed = False
-        self._fenced: StorageError | None = None
 
     def _settings(self, *, writer: bool) -> dict[str, str]:
         settings = dict(self.target.server_settings)
@@ -142,6 +176,13 @@ class Sessions:
             synchronous = _SYNCHRONOUS[self.durability]
             if synchronous is not None:
                 settings["synchronous_commit"] = synchronous
+        else:
+            # The pool's few writes (calls in flight, lease heartbeats and claims)
+            # must outlive this process, not the database server: they commit
+            # without waiting for the WAL to reach the disk (a handler call waits
+            # for its row: 0.1 ms so, 5-8 ms with the flush here). The writer's
+            # next commit flushes them before anything it writes.
+            settings["synchronous_commit"] = "off"
         return settings
 
     async def _connect(self) -> Connection:
@@ -165,24 +206,28 @@ class Sessions:
             await anyio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
+    async def connect_plain(self) -> Connection:
+        """A connection of its own to the log's schema (for LISTEN)."""
+        try:
+            return await asyncpg.connect(
+                self.target.dsn,
+                server_settings=self._settings(writer=False),
+                command_timeout=self.command_timeout,
+                timeout=self.open_timeout,
+            )
+        except Exception as exc:
+            raise self.translate(exc) from exc
+
     async def open(self) -> int:
         """Connect, create or migrate the log, own it (unless read-only); returns
         the head. Raises a ``StorageError`` subclass; closes what it opened first."""
         self._closed = False
-        self._fenced = None
         try:
             conn = self._writer = await self._connect()
             self.session = conn.get_server_pid()
             with anyio.CancelScope(shield=True):
                 head = await self._open_on(conn)
-            self._pool = await asyncpg.create_pool(
-                self.target.dsn,
-                min_size=1,
-                max_size=max(1, self.pool_size),
-                server_settings=self._settings(writer=False),
-                command_timeout=self.command_timeout,
-                reset=_reset,
-            )
+            self._pool = _Pool(self.connect_plain, self.pool_size)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self.close()
@@ -199,43 +244,38 @@ class Sessions:
             self.oid = oid
         else:
             self.oid = await owner.ensure_schema(conn, self.target)
-            # Owned before the log is read at all: a newer version opening it while
+            # Joined before the log is read at all: a newer version opening it while
             # an older one runs must not migrate it under that one.
-            await self._own(conn)
-            await owner.migrate(conn, self.oid, self.target)
+            await self._join(conn, migrate=True)
         self.log_id = await owner.check(conn, self.oid, self.target)
+        self.partitions = await owner.partitions(conn)
         head = await conn.fetchval("SELECT seq FROM head")
         return int(head)
 
-    async def _own(self, conn: Connection, previous: int | None = None) -> None:
-        """Take the ownership lock on ``conn``'s session, or raise ``LogLocked``.
-
-        ``previous`` is this storage's own earlier session (after a lost connection):
-        if the server still thinks it holds the lock, it is ended and the lock taken
-        over."""
-        deadline = time.monotonic() + _OWNER_WAIT
+    async def _join(self, conn: Connection, *, migrate: bool = False) -> None:
+        """Take the log's lock shared on ``conn``'s session; with ``migrate``, first
+        create the log or bring it up to date if it needs it (under the lock taken
+        exclusively, which waits briefly for other processes, then raises
+        ``LogLocked`` naming one)."""
+        deadline = time.monotonic() + _JOIN_WAIT
         while True:
-            if await owner.try_own(conn, self.oid):
-                return
-            description, pid, session = await owner.holder(conn, self.oid)
-            if previous is not None and session == previous:
-                logger.warning(
-                    "log %s: ending this process's previous database session %d, which "
-                    "the server still holds the log's lock for",
-                    self.path,
-                    previous,
-                )
-                await conn.execute("SELECT pg_terminate_backend($1, 5000)", previous)
-                previous = None
-                continue
-            # An owner on this host that is gone (killed): the server ends its session
-            # as soon as it sees the socket closed; wait for that, briefly.
-            gone = pid is not None and not _alive(pid)
-            if not gone or time.monotonic() >= deadline:
-                if gone:
-                    description += ", which is not running here any more"
+            if await owner.try_join(conn, self.oid):
+                found = await owner.version(conn, self.oid) if migrate else None
+                if not migrate or found == schema_sql.SCHEMA_VERSION:
+                    return
+                if found is not None and found > schema_sql.SCHEMA_VERSION:
+                    raise SchemaTooNew(self.path, found, schema_sql.SCHEMA_VERSION)
+                await owner.leave(conn, self.oid)
+                if await owner.try_own(conn, self.oid):
+                    try:
+                        await owner.migrate(conn, self.oid, self.target, self.partitions)
+                    finally:
+                        await owner.release(conn, self.oid)
+                    continue
+            if time.monotonic() >= deadline:
+                description, pid, _ = await owner.holder(conn, self.oid)
                 raise LogLocked(self.path, description, pid, advice=_LOCK_ADVICE)
-            await anyio.sleep(_OWNER_RETRY)
+            await anyio.sleep(_JOIN_RETRY)
 
     async def close(self) -> None:
         """Close the pool and the writer's session (the ownership lock goes with
@@ -244,9 +284,7 @@ class Sessions:
         with anyio.CancelScope(shield=True):
             pool, self._pool = self._pool, None
             if pool is not None:
-                with contextlib.suppress(Exception), anyio.move_on_after(self.command_timeout):
-                    await pool.close()
-                pool.terminate()
+                await pool.close()
             conn, self._writer = self._writer, None
             if conn is not None:
                 with contextlib.suppress(Exception), anyio.move_on_after(self.command_timeout):
@@ -256,11 +294,9 @@ class Sessions:
     # -- the writer's connection ----------------------------------------------------
 
     async def _writer_conn(self) -> Connection:
-        """The writer's connection; a new one (owning the log again) if it was lost."""
+        """The writer's connection; a new one (joining the log again) if it was lost."""
         if self._closed:
             raise StorageClosed(f"the log {self.path!r} is closed")
-        if self._fenced is not None:
-            raise self._fenced
         conn = self._writer
         if conn is not None and not conn.is_closed():
             return conn
@@ -268,28 +304,13 @@ class Sessions:
         conn = await self._connect()
         try:
             if not self.read_only:
-                await self._own(conn, previous=self.session)
-                await self._check_still_owner(conn)
+                await self._join(conn)
         except BaseException:
             conn.terminate()
             raise
         self._writer, self.session = conn, conn.get_server_pid()
         logger.warning("log %s: reconnected to the database", self.path)
         return conn
-
-    async def _check_still_owner(self, conn: Connection) -> None:
-        """After a lost connection: refuse to write if another owner came and went
-        meanwhile (its writes and this bus's memory of the log may disagree)."""
-        if not self.generation:
-            return
-        last = await conn.fetchval("SELECT value FROM meta WHERE key = 'owner_generation'")
-        if last != str(self.generation):
-            self._fenced = StorageError(
-                f"another process owned the log {self.path!r} while this one was "
-                "disconnected from the database; this bus can no longer write to it. "
-                "Close it and open a new one"
-            )
-            raise self._fenced
 
     async def write(
         self,
@@ -390,6 +411,9 @@ class Sessions:
                 "operation may or may not have completed"
             )
         state = getattr(exc, "sqlstate", None) or ""
+        if state == LEASE_LOST:
+            detail = getattr(exc, "detail", None) or ""
+            return LeaseLost(path, tuple(s for s in detail.split("\n") if s))
         if state == _DISK_FULL:
             return StorageFull(
                 f"the database server holding {path!r} is out of disk space; the write "

@@ -6,24 +6,18 @@ runs on one asyncpg connection, inside a transaction its caller opened
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypeAlias
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
+from ._errors import StorageError
 from ._pg_batch import (
     ADD_ACKED,
     DEAD_COLUMNS,
-    EVENT_COLUMNS,
     UPSERT_RETRY,
     dead_from_row,
     retry_row,
 )
-from ._types import (
-    PROCESS_DIED,
-    WORKFLOW_PREFIX,
-    Record,
-    RetryRecord,
-    Unaccounted,
-)
+from ._types import WORKFLOW_PREFIX, RetryRecord, Unaccounted
 
 if TYPE_CHECKING:
     import asyncpg
@@ -50,157 +44,32 @@ async def finished_ahead(conn: Connection, sub: str, after: int) -> list[tuple[i
     return [(int(lo), int(hi)) for lo, hi in rows]
 
 
-# Past this many gaps between acknowledged ranges, one scan beats a query per gap.
-_MAX_GAP_QUERIES = 2000
-
-
 async def unaccounted(conn: Connection, sub: str, upto: int, limit: int) -> Unaccounted:
-    """Events up to ``upto`` (and the cursor) on ``sub``'s topics that it has neither
-    acknowledged, nor in its retry lane, nor dead-lettered. Run it in a REPEATABLE
-    READ transaction: one snapshot."""
-    info = await conn.fetchrow("SELECT topics, cursor FROM subscriptions WHERE name = $1", sub)
+    """Events up to ``upto`` (and their partition's cursor) on ``sub``'s topics that it
+    has neither acknowledged, nor in its retry lane, nor dead-lettered. A cursor
+    passes only events done, retrying or dead-lettered, and records the last two as
+    holes: so the events to look at are the holes no longer retrying or dead-lettered
+    and not acknowledged since. Run it in a REPEATABLE READ transaction: one
+    snapshot."""
+    info = await conn.fetchrow("SELECT topics FROM subscriptions WHERE name = $1", sub)
     if info is None:
         return Unaccounted(sub, 0, ())
     topics = str(info[0]).split("\n")
-    upto = min(upto, int(info[1]))
-    ranges = [
-        (int(lo), int(hi))
-        for lo, hi in await conn.fetch(
-            "SELECT lo, hi FROM acked WHERE subscription = $1 ORDER BY lo", sub
-        )
-    ]
-    held = {
-        int(seq)
-        for (seq,) in await conn.fetch(
-            "SELECT seq FROM retries WHERE subscription = $1"
-            " UNION SELECT seq FROM dead_letters WHERE subscription = $1",
-            sub,
-        )
-    }
-    gaps: list[tuple[int, int]] = []
-    covered = 0  # every seq <= covered is in a range
-    for lo, hi in ranges:
-        if covered >= upto:
-            break
-        if lo > covered + 1:
-            gaps.append((covered + 1, min(lo - 1, upto)))
-        covered = max(covered, hi)
-    if covered < upto:
-        gaps.append((covered + 1, upto))
-    if len(gaps) > _MAX_GAP_QUERIES:
-        gaps = [(1, upto)]  # then held and ranges are checked per event below
-    topic_sql = "" if "*" in topics else " AND topic = ANY($3::text[])"
-    sql = f"SELECT seq FROM events WHERE seq BETWEEN $1 AND $2{topic_sql} ORDER BY seq"
-    count = 0
-    first: list[int] = []
-    i = 0
-    for a, b in gaps:
-        args: list[object] = [a, b] if "*" in topics else [a, b, topics]
-        for (seq,) in await conn.fetch(sql, *args):
-            while i < len(ranges) and ranges[i][1] < seq:
-                i += 1
-            if (i < len(ranges) and ranges[i][0] <= seq) or seq in held:
-                continue
-            count += 1
-            if len(first) < limit:
-                first.append(int(seq))
-    return Unaccounted(sub, count, tuple(first))
-
-
-# -- deaths ----------------------------------------------------------------------------
-
-
-async def charge_deaths(
-    conn: Connection,
-    previous: int | None,
-    inflight: dict[str, list[int]],
-    generation: int,
-    now: float,
-) -> int:
-    """Count a failed attempt for every event whose handler call was in flight when
-    the previous owner died, then register this life's journal, ``generation``.
-    Returns how many were charged.
-
-    ``previous`` and ``inflight`` are what this machine's call journal says. It is
-    charged only if it is the journal of the log's last owner (its generation is the
-    one registered last) and not charged yet: a journal left on this machine by an
-    owner that was followed by another one (elsewhere) says nothing of the log now.
-    """
-    rows: dict[str, str] = {
-        key: value
-        for key, value in await conn.fetch(
-            "SELECT key, value FROM meta WHERE key IN ('owner_generation', 'calls_generation')"
-        )
-    }
-    charged = 0
-    last = rows.get("owner_generation")
-    if (
-        previous is not None
-        and inflight
-        and last == str(previous)
-        and rows.get("calls_generation") != str(previous)
-    ):
-        subs = {
-            name
-            for (name,) in await conn.fetch(
-                "SELECT name FROM subscriptions WHERE name = ANY($1::text[])", list(inflight)
-            )
-        }
-        for sub, seqs in inflight.items():
-            if sub in subs:
-                for seq in sorted(set(seqs)):
-                    charged += await _charge(conn, sub, seq, now)
-    if previous is not None:
-        await _set_meta(conn, "calls_generation", str(previous))
-    await _set_meta(conn, "owner_generation", str(generation))
-    return charged
-
-
-async def _set_meta(conn: Connection, key: str, value: str) -> None:
-    await conn.execute(
-        "INSERT INTO meta (key, value) VALUES ($1, $2)"
-        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        key,
-        value,
+    topic_sql = "" if "*" in topics else " AND e.topic = ANY($3::text[])"
+    args: list[object] = [sub, upto] if "*" in topics else [sub, upto, topics]
+    rows = await conn.fetch(
+        "SELECT h.seq FROM holes h JOIN events e ON e.seq = h.seq"
+        " JOIN partitions p ON p.subscription = h.subscription AND p.part = e.part"
+        f" WHERE h.subscription = $1 AND h.seq <= $2 AND h.seq <= p.cursor{topic_sql}"
+        " AND NOT EXISTS (SELECT 1 FROM retries r WHERE r.subscription = $1 AND r.seq = h.seq)"
+        " AND NOT EXISTS (SELECT 1 FROM dead_letters d"
+        " WHERE d.subscription = $1 AND d.seq = h.seq)"
+        " AND NOT EXISTS (SELECT 1 FROM acked a WHERE a.subscription = $1"
+        " AND a.lo <= h.seq AND a.hi >= h.seq)"
+        " ORDER BY h.seq",
+        *args,
     )
-
-
-async def _charge(conn: Connection, sub: str, seq: int, now: float) -> int:
-    row = await conn.fetchrow(
-        "SELECT attempt FROM retries WHERE subscription = $1 AND seq = $2", sub, seq
-    )
-    if row is not None:
-        failed = int(row[0])
-        await conn.execute(
-            "UPDATE retries SET attempt = $1, due_at = $2, running = false,"
-            " first_failed_at = coalesce(first_failed_at, $2), error_type = $3,"
-            " error_message = $4, traceback = '' WHERE subscription = $5 AND seq = $6",
-            failed + 1,
-            now,
-            PROCESS_DIED,
-            _died(failed),
-            sub,
-            seq,
-        )
-        return 1
-    finished = await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM dead_letters WHERE subscription = $1 AND seq = $2)"
-        " OR EXISTS (SELECT 1 FROM acked WHERE subscription = $1 AND lo <= $2 AND hi >= $2)",
-        sub,
-        seq,
-    )
-    if finished:
-        return 0
-    event = await conn.fetchrow(f"SELECT {EVENT_COLUMNS} FROM events WHERE seq = $1", seq)
-    if event is None:
-        return 0
-    record = RetryRecord(sub, Record(*event), 2, now, now, PROCESS_DIED, _died(1))
-    await conn.execute(UPSERT_RETRY, *retry_row(record))
-    return 1
-
-
-def _died(attempt: int) -> str:
-    return f"process died while handling (attempt {attempt})"
+    return Unaccounted(sub, len(rows), tuple(int(r[0]) for r in rows[:limit]))
 
 
 # -- maintenance -----------------------------------------------------------------------
@@ -231,6 +100,10 @@ async def compact(
         idem_older_than,
     )
     await conn.execute(f"DELETE FROM workflows WHERE {old}", idem_older_than)
+    # Holes of events gone from the log can never be unaccounted for again.
+    await conn.execute(
+        "DELETE FROM holes WHERE seq < (SELECT coalesce(min(seq), $1 + 1) FROM events)", bound
+    )
     return _rowcount(status)
 
 
@@ -352,6 +225,63 @@ async def purge(conn: Connection, where: Filter) -> int:
 
 async def drop_subscription(conn: Connection, name: str) -> bool:
     existed = _rowcount(await conn.execute("DELETE FROM subscriptions WHERE name = $1", name))
-    for table in ("acked", "retries", "dead_letters", "state"):
+    for table in ("acked", "retries", "dead_letters", "state", "partitions", "holes", "members"):
         await conn.execute(f"DELETE FROM {table} WHERE subscription = $1", name)
+    await conn.execute("DELETE FROM calls WHERE subscription = $1", name)
     return bool(existed)
+
+
+# -- filling a new log -----------------------------------------------------------------
+
+
+async def load(
+    conn: Connection,
+    chunks: AsyncIterator[tuple[str, tuple[str, ...], list[tuple[Any, ...]]]],
+    on_copied: Callable[[str, int], None] | None,
+    path: str,
+) -> dict[str, int]:
+    """Fill this empty log with rows of another (``_migrate``), in the caller's
+    transaction: ``(table, columns, rows)`` chunks, and ``("meta",
+    ("compacted_upto",), [(seq,)])`` for the head of a log whose last events were
+    compacted. Then each subscription's partitions start at its cursor."""
+    used = await conn.fetchval(
+        "SELECT (SELECT seq FROM head) > 0 OR EXISTS (SELECT 1 FROM subscriptions)"
+        " OR EXISTS (SELECT 1 FROM workflows) OR EXISTS (SELECT 1 FROM dead_letters)"
+    )
+    if used:
+        raise StorageError(
+            f"{path!r} is not empty: a log is copied only into a new one. Give it another "
+            "schema (?schema=... in the URL), or drop this one first"
+        )
+    counts: dict[str, int] = {}
+    compacted = 0
+    async for table, columns, rows in chunks:
+        if table == "meta":
+            compacted = int(rows[0][0])
+            continue
+        await conn.copy_records_to_table(table, records=rows, columns=list(columns))
+        counts[table] = counts.get(table, 0) + len(rows)
+        if on_copied is not None:
+            on_copied(table, len(rows))
+    await conn.execute(
+        "UPDATE head SET seq = greatest((SELECT coalesce(max(seq), 0) FROM events), $1)",
+        compacted,
+    )
+    await conn.execute(
+        "INSERT INTO partitions (subscription, part, cursor)"
+        " SELECT s.name, p, s.cursor FROM subscriptions s,"
+        " generate_series(0, partition_count() - 1) AS p ON CONFLICT DO NOTHING"
+    )
+    await conn.execute(
+        "INSERT INTO holes (subscription, seq)"
+        " SELECT r.subscription, r.seq FROM retries r JOIN subscriptions s"
+        " ON s.name = r.subscription WHERE r.seq <= s.cursor"
+        " UNION SELECT d.subscription, d.seq FROM dead_letters d JOIN subscriptions s"
+        " ON s.name = d.subscription WHERE d.seq <= s.cursor"
+        " ON CONFLICT DO NOTHING"
+    )
+    await conn.execute(
+        "SELECT setval(pg_get_serial_sequence('workflows', 'num'),"
+        " coalesce(max(num), 1), max(num) IS NOT NULL) FROM workflows"
+    )
+    return counts

@@ -3,9 +3,11 @@
 ``postgresql://user:secret@db:5432/app?schema=events&sslmode=require`` names the
 database ``app`` and, in it, the schema ``events`` that holds the log. The schema can
 also come from libpq's ``options`` (``options=-c%20search_path%3Devents``); without
-either it is ``eventbus``. ``journal_dir`` says where this machine keeps the call
-journal. Every other query parameter goes to asyncpg as it is (``sslmode``,
-``connect_timeout``, server settings).
+either it is ``eventbus``. ``partitions`` sets how many partitions a new log gets,
+``lease`` how many seconds a process's lease on a partition lasts unless renewed
+(``_pg_leases``); ``journal_dir`` is accepted and ignored (earlier versions kept a
+call journal file per machine). Every other query parameter goes to asyncpg as it is
+(``sslmode``, ``connect_timeout``, server settings).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ class PgTarget:
         dsn: The URL asyncpg connects to (without this library's parameters).
         schema: The schema holding the log.
         display: The URL without its password, for messages.
-        journal_dir: Where the call journal goes; None for the default.
+        journal_dir: The URL's ``journal_dir``, if any (no longer used).
         server_settings: Settings from ``options`` other than ``search_path``.
+        partitions: The URL's ``partitions``, if any.
+        lease: The URL's ``lease`` (seconds), if any.
     """
 
     dsn: str
@@ -44,6 +48,8 @@ class PgTarget:
     display: str
     journal_dir: str | None = None
     server_settings: dict[str, str] = field(default_factory=dict)
+    partitions: int | None = None
+    lease: float | None = None
 
     @property
     def quoted_schema(self) -> str:
@@ -63,11 +69,27 @@ def parse(url: str, schema: str | None = None) -> PgTarget:
     settings: dict[str, str] = {}
     found: str | None = None
     journal: str | None = None
+    partitions: int | None = None
+    lease: float | None = None
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
         if key == "schema":
             found = value
         elif key == "journal_dir":
             journal = value
+        elif key == "partitions":
+            try:
+                partitions = int(value)
+            except ValueError:
+                raise ValueError(
+                    f"partitions={value!r} in {_without_password(url)!r}: a whole number"
+                ) from None
+        elif key == "lease":
+            try:
+                lease = float(value)
+            except ValueError:
+                raise ValueError(
+                    f"lease={value!r} in {_without_password(url)!r}: a number of seconds"
+                ) from None
         elif key == "options":
             for name, setting in _options(value).items():
                 if name == "search_path":
@@ -88,7 +110,7 @@ def parse(url: str, schema: str | None = None) -> PgTarget:
     )
     if journal is not None:
         journal = os.path.expanduser(journal)
-    return PgTarget(dsn, chosen, shown, journal, settings)
+    return PgTarget(dsn, chosen, shown, journal, settings, partitions, lease)
 
 
 def _options(value: str) -> dict[str, str]:
@@ -150,11 +172,3 @@ def _without_password(url: str) -> str:
         host = f"[{host}]"
     netloc = f"{parts.username or ''}@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-def default_journal_dir() -> str:
-    """``$XDG_STATE_HOME/eventbus``, or ``~/.local/state/eventbus``."""
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "state"
-    )
-    return os.path.join(state, "eventbus")

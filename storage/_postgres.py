@@ -1,8 +1,11 @@
-"""The log on PostgreSQL, through asyncpg: the same contract as the SQLite log.
+"""The log on PostgreSQL, through asyncpg: the same contract as the SQLite log, shared
+by any number of processes on any number of machines.
 
-One log is one schema (``_pg_url``). The owner writes through one connection, which
-holds the log's ownership lock for the bus's life (``_pg_owner``); reads go through
-a small pool, so a long backlog read never holds up a group commit.
+One log is one schema (``_pg_url``). Each process writes through one connection
+(``_pg_session``); reads go through a small pool, so a long backlog read never holds
+up a group commit; one more connection LISTENs for what the other processes do
+(``_pg_listen``). Each subscription's work is divided among the processes subscribed
+to it by partitions and their leases, with fencing (``_pg_leases``).
 
 **Visibility: appends are serialised, so readers never skip an event.** A reader
 that has seen event ``n`` must be sure no transaction still open can commit an
@@ -11,36 +14,28 @@ event below ``n``; with sequence values taken from a ``SEQUENCE`` that is false
 that moved past the later one never sees the earlier). Here the head of the log is
 one row, ``head``, that every append locks (``SELECT ... FOR UPDATE``, or the
 ``UPDATE`` that moves it) before it numbers its events after it, and holds to its
-commit. Appends therefore commit one after the other in sequence order, a rolled
-back append gives its numbers back (sequence numbers stay dense, as the contract
-requires), and every committed event has all lower sequence numbers committed
-before it: whatever prefix of the log a reader sees is final. The other design
-(record ``pg_current_xact_id()`` per event and read only below
-``pg_snapshot_xmin(pg_current_snapshot())``) lets appends run in parallel, but it
-leaves gaps in the numbering and makes every reader wait for the oldest transaction
-open anywhere in the cluster, however unrelated; here only appends to this log wait
-for each other, and only for the length of one group commit (about a millisecond),
-which the bus amortises over the whole batch. Several processes appending to one
-log stay correct under this design: they take turns on the head row.
+commit. Appends therefore commit one after the other in sequence order, whichever
+process makes them, a rolled back append gives its numbers back (sequence numbers
+stay dense, as the contract requires), and every committed event has all lower
+sequence numbers committed before it: whatever prefix of the log a reader sees is
+final. The other design (record ``pg_current_xact_id()`` per event and read only
+below ``pg_snapshot_xmin(pg_current_snapshot())``) lets appends run in parallel, but
+it leaves gaps in the numbering and makes every reader wait for the oldest
+transaction open anywhere in the cluster, however unrelated; here only appends to
+this log wait for each other, and only for the length of one group commit (about a
+millisecond), which the bus amortises over the whole batch. A transaction held open
+elsewhere in the database stalls nobody; one that holds the ``head`` row lock (an
+operator's ``SELECT ... FOR UPDATE`` on it) stalls appends, which fail with
+``LogBusy`` after ``busy_timeout``.
 
 **Durability.** ``"full"`` sets ``synchronous_commit = on`` on the writer's session;
 ``"normal"`` keeps the server's setting (``on`` unless changed); ``"off"`` sets it
 ``off``: a commit may then be lost if the database server (not this process)
 crashes within a fraction of a second.
 
-**The call journal** (which handler calls were running when the process died, see
-``_calls.py``) stays a memory-mapped file on this machine, as for SQLite, in
-``journal_dir`` and named after the log's id: starting or ending a call is a store
-into mapped memory (well under a microsecond), where a row per call would cost a
-round trip to the server (about 0.1 ms here) before every handler call, and a row
-written in batches would miss exactly the call that kills the process at once.
-The log records which life of which journal is the current owner's
-(``meta.owner_generation``); the next owner to open the log on this machine charges
-the deaths the journal records, once, and only if no other owner came between (a
-journal left behind by an owner that was followed by another, elsewhere, says
-nothing of the log now). What this does not cover: an owner that dies and is
-followed only by owners on other machines has its last calls retried without a
-death counted (see the README on several processes).
+**Calls in flight** are rows (``calls``), written before each handler call by the
+bus (:meth:`PostgresStorage.mark_call`); :meth:`calls` records nothing. A process
+that takes a partition over from one whose lease expired charges their deaths.
 
 **Cancellation.** A write runs in a shielded scope, each statement bounded by
 ``command_timeout``: a cancelled caller waits for the transaction in flight to
@@ -49,36 +44,41 @@ commit or roll back, then the cancellation proceeds. So, as with SQLite, a cance
 idempotency key gets the original receipt. A read stops at once (asyncpg cancels
 the statement on the server).
 
-**A lost connection.** A commit whose connection is lost is finished on a new one,
-which owns the log again: if the head moved, the commit went through and its
-receipts are worked out again, else it is applied then (``_finish``). Other writes
-fail with a retryable ``StorageError``; reads run once more on a new connection.
+**A lost connection.** A commit whose connection is lost is finished on a new one:
+if its events are in the log (found by their ids), it went through and its receipts
+are read back, else it is applied then (``_finish``). Other writes fail with a
+retryable ``StorageError``; reads run once more on a new connection.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Sequence
-from typing import TypeAlias
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeAlias
 
 import anyio
 import asyncpg
 
 from . import _pg_batch as batch_sql
+from . import _pg_leases as leases
 from . import _pg_statements as stmts
-from ._calls import CallJournal, CallSlots, NoCallSlots, read_journal
+from ._calls import CallSlots, NoCallSlots
 from ._errors import StorageError
+from ._pg_listen import Listener, Watcher
+from ._pg_schema import DEFAULT_PARTITIONS, MAX_PARTITIONS
 from ._pg_session import Durability, LostConnection, Sessions
-from ._pg_url import PgTarget, default_journal_dir, parse
+from ._pg_url import PgTarget, parse
 from ._types import (
-    PROCESS_DIED,
+    Claim,
     DeadRecord,
+    Lease,
     LogStats,
+    Notice,
     Receipt,
     Record,
     RetryRecord,
+    Share,
     StepRecord,
     SubscriptionInfo,
     Unaccounted,
@@ -92,9 +92,18 @@ Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"
 
 __all__ = ["Durability", "PostgresStorage"]
 
+#: Seconds a partition's lease lasts unless renewed (``?lease=`` in the URL).
+DEFAULT_LEASE = 10.0
+_SUBSCRIPTIONS = (
+    "SELECT s.name, s.topics, coalesce(min(p.cursor), s.cursor), s.updated_at"
+    " FROM subscriptions s LEFT JOIN partitions p ON p.subscription = s.name"
+    " GROUP BY s.name, s.topics, s.cursor, s.updated_at ORDER BY s.name"
+)
+
 
 class PostgresStorage:
-    """A log in one schema of a PostgreSQL database.
+    """A log in one schema of a PostgreSQL database, shared by every process that
+    opens it (see the module docstring).
 
     Args:
         url: ``postgresql://user:password@host:port/database?schema=name`` (see
@@ -109,11 +118,17 @@ class PostgresStorage:
             refuses connections (starting up, restarting).
         command_timeout: Seconds any one operation may take before its connection is
             dropped and the operation fails with :class:`StorageError`.
-        read_only: Open for inspection only: no ownership lock, no writes. Safe while
-            a bus runs on the log.
-        journal_dir: The directory of this machine's call journal for the log
-            (default: the URL's ``journal_dir``, else ``$XDG_STATE_HOME/eventbus``).
+        read_only: Open for inspection only: no writes, no share of the work. Safe
+            while buses run on the log.
+        journal_dir: Ignored (earlier versions kept a call journal file per machine;
+            calls in flight are rows of the log now).
         pool_size: Connections for reads, beside the writer's.
+        partitions: How many partitions a log created by this call gets (the URL's
+            ``partitions``, else 16): at most that many processes share one
+            subscription's work. An existing log keeps its own.
+        lease: Seconds a process holds a partition's lease unless it renews it (the
+            URL's ``lease``, else 10): how long a process that died keeps its
+            partitions from the others.
     """
 
     def __init__(
@@ -126,15 +141,34 @@ class PostgresStorage:
         open_timeout: float = 10.0,
         command_timeout: float = 60.0,
         read_only: bool = False,
-        journal_dir: str | os.PathLike[str] | None = None,
-        pool_size: int = 4,
+        journal_dir: object = None,
+        pool_size: int = 8,
+        partitions: int | None = None,
+        lease: float | None = None,
     ) -> None:
         self.target: PgTarget = parse(url, schema)
         self.path = self.target.display
         self.read_only = read_only
-        self.journal_dir = os.fspath(
-            journal_dir or self.target.journal_dir or default_journal_dir()
-        )
+        parts = partitions if partitions is not None else self.target.partitions
+        if parts is None:
+            parts = DEFAULT_PARTITIONS
+        if (
+            isinstance(parts, bool)
+            or not isinstance(parts, int)
+            or not 1 <= parts <= MAX_PARTITIONS
+        ):
+            raise ValueError(
+                f"partitions must be a whole number from 1 to {MAX_PARTITIONS}, got {parts!r}"
+            )
+        seconds = lease if lease is not None else self.target.lease
+        if seconds is None:
+            seconds = DEFAULT_LEASE
+        if not isinstance(seconds, int | float) or not 0.1 <= seconds <= 3600:
+            raise ValueError(f"lease must be from 0.1 to 3600 seconds, got {seconds!r}")
+        #: Seconds a lease lasts unless renewed.
+        self.lease_time = float(seconds)
+        #: This process's name among those sharing the log.
+        self.member = leases.new_member()
         self._db = Sessions(
             self.target,
             durability=durability,
@@ -143,18 +177,31 @@ class PostgresStorage:
             command_timeout=command_timeout,
             read_only=read_only,
             pool_size=pool_size,
+            partitions=parts,
         )
-        self._journal: CallJournal | None = None
         self._head = 0
+        self._watchers: list[Watcher] = []
+        self._listener: Listener | None = None
+
+    #: Calls in flight are rows of the log (:meth:`mark_call`).
+    records_calls = True
+    #: Appends are announced (LISTEN/NOTIFY): nothing to poll.
+    poll_interval: float | None = None
+    #: Any process does the log's upkeep.
+    dispatching = True
+
+    async def poll(self) -> None:
+        """Nothing: appends are announced."""
 
     @property
     def head(self) -> int:
+        """The highest head seen: committed here, announced, or read."""
         return self._head
 
     @property
-    def journal_path(self) -> str:
-        """This machine's call journal for the log (known once opened)."""
-        return os.path.join(self.journal_dir, f"pg-{self._db.log_id}.calls")
+    def partitions(self) -> int:
+        """How many partitions the log has (known once opened)."""
+        return self._db.partitions
 
     # -- opening --------------------------------------------------------------------
 
@@ -162,7 +209,8 @@ class PostgresStorage:
         """Open (creating the schema and its tables if needed) the log.
 
         Raises:
-            LogLocked: Another process runs a bus on this log.
+            LogLocked: The log must be migrated to this version's schema, and
+                processes of an older version still run on it.
             NotALog: The schema holds tables this library did not create.
             SchemaTooNew: A newer eventbus wrote the log.
             StorageError: The server cannot be reached, or refused (permissions).
@@ -170,53 +218,51 @@ class PostgresStorage:
         Cancellation: whatever was opened is closed again (shielded).
         """
         self._head = await self._db.open()
+        if self.read_only:
+            return
         try:
-            if not self.read_only:
-                await self._open_journal()
-        except BaseException:
+            self._listener = Listener(
+                self._db.connect_plain, f"eventbus_{self._db.oid}", self._notified
+            )
+            await self._listener.start()
+        except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self.close()
+            if isinstance(exc, Exception) and not isinstance(exc, StorageError):
+                raise self._db.translate(exc) from exc
             raise
 
-    async def _open_journal(self) -> None:
-        """Charge the deaths this machine's call journal records for the log's last
-        owner, register this life's journal, then start it."""
-        path = self.journal_path
-        try:
-            os.makedirs(self.journal_dir, mode=0o700, exist_ok=True)
-            previous = await anyio.to_thread.run_sync(read_journal, path)
-        except OSError as exc:
-            raise StorageError(
-                f"cannot use {self.journal_dir!r} for the call journal of {self.path!r} "
-                f"({exc}); give the log a writable directory with ?journal_dir=... in "
-                "its URL"
-            ) from exc
-        last, inflight = previous if previous is not None else (None, {})
-        self._db.generation = int.from_bytes(os.urandom(8), "little") >> 1
-        charged = await self._db.write(
-            stmts.charge_deaths, last, inflight, self._db.generation, time.time()
-        )
-        if charged:
-            logger.warning(
-                "log %s: the process died while handling %d events; each counts as a "
-                "failed attempt (%s)",
-                self.path,
-                charged,
-                PROCESS_DIED,
-            )
-        try:
-            self._journal = await anyio.to_thread.run_sync(CallJournal, path, self._db.generation)
-        except OSError as exc:
-            raise StorageError(
-                f"cannot write the call journal {path!r} of {self.path!r} ({exc})"
-            ) from exc
-
     async def close(self) -> None:
-        """Let go of the ownership lock and close every connection. Idempotent."""
-        await self._db.close()
-        if self._journal is not None:
-            self._journal.close()
-            self._journal = None
+        """Give up every partition this process holds (so others take them at once),
+        stop listening and close every connection. Idempotent."""
+        with anyio.CancelScope(shield=True):
+            if self._listener is not None:
+                await self._listener.stop()
+                self._listener = None
+                try:
+                    with anyio.move_on_after(2.0):
+                        await self._db.write(self._leave_all)
+                except StorageError as exc:
+                    logger.warning(
+                        "log %s: could not give up this process's partitions at close "
+                        "(%s); they free themselves when their leases expire",
+                        self.path,
+                        exc,
+                    )
+            await self._db.close()
+
+    async def _leave_all(self, conn: Connection) -> None:
+        subs = [
+            str(r[0])
+            for r in await conn.fetch(
+                "SELECT DISTINCT subscription FROM members WHERE member = $1"
+                " UNION SELECT DISTINCT subscription FROM partitions WHERE owner = $1",
+                self.member,
+            )
+        ]
+        for sub in subs:
+            await leases.release(conn, sub, self.member, None)
+            await leases.announce(conn, sub)
 
     # -- writing --------------------------------------------------------------------
 
@@ -250,32 +296,49 @@ class PostgresStorage:
                 exc,
             )
             receipts, head = await self._db.write(self._finish, batch, before)
-        self._head = max(self._head, head)
+        self._saw_head(head)
         return receipts
 
     async def _finish(
         self, conn: Connection, batch: WriteBatch, before: int
     ) -> tuple[list[Receipt], int]:
-        """After a commit lost its connection, on a new one that owns the log again
-        (so no one else appended meanwhile): if the head moved past ``before``, that
-        commit went through, and its receipts are worked out again; otherwise nothing
-        of it did, and it is applied now. A batch without appends is applied again
-        either way: applying one twice leaves what applying it once does (cursors
-        only move forward, ledger ranges merge, rows are replaced by the same rows).
-        """
-        head = await stmts.read_head(conn)
-        if batch.appends and head != before:
-            known = await batch_sql.known_keys(conn, batch.appends, before)
-            receipts, rows, _ = batch_sql.number(batch.appends, before, known)
-            if before + len(rows) != head:
-                raise StorageError(
-                    f"cannot tell whether a commit to {self.path!r} went through: the head "
-                    f"moved from {before} to {head}, not by the {len(rows)} events it held"
-                )
-            logger.warning("log %s: the interrupted commit had committed", self.path)
-            return receipts, head
+        """After a commit lost its connection, on a new one: if any of its events is
+        in the log (by id, past ``before``, the head it started from), it went
+        through, and its receipts are read back; otherwise nothing of it did (or it
+        appended nothing new), and it is applied now. Applying a batch twice leaves
+        what applying it once does (cursors only move forward, ranges merge, rows are
+        replaced by the same rows, known idempotency keys are duplicates)."""
+        if batch.appends:
+            rows = await conn.fetch(
+                "SELECT id, seq FROM events WHERE seq > $1 AND id = ANY($2::text[])",
+                before,
+                [r.id for r in batch.appends],
+            )
+            found = {str(i): int(q) for i, q in rows}
+            if found:
+                known = await batch_sql.known_keys(conn, batch.appends)
+                receipts: list[Receipt] = []
+                for rec in batch.appends:
+                    seq = found.get(rec.id)
+                    if seq is not None:
+                        receipts.append(Receipt(seq, rec.id))
+                        continue
+                    dup = known.get(rec.idempotency_key or "")
+                    if dup is None:
+                        raise StorageError(
+                            f"cannot tell whether a commit to {self.path!r} went through: "
+                            f"some of its events are in the log, but not event {rec.id}"
+                        )
+                    receipts.append(dup)
+                logger.warning("log %s: the interrupted commit had committed", self.path)
+                return receipts, max(found.values())
         receipts, new_head = await batch_sql.write_batch(conn, batch, time.time())
-        return receipts, head if new_head is None else new_head
+        return receipts, before if new_head is None else new_head
+
+    def calls(self, subscription: str, slots: int, width: int) -> CallSlots:
+        """Records nothing: on a shared log the bus writes each call in flight to the
+        log itself (:meth:`mark_call`), where any process taking over can see it."""
+        return NoCallSlots()
 
     async def redrive(
         self,
@@ -321,11 +384,6 @@ class PostgresStorage:
             stmts.compact, min(upto, self._head), older_than, idempotency_older_than, limit
         )
 
-    def calls(self, subscription: str, slots: int, width: int) -> CallSlots:
-        if self._journal is None:
-            return NoCallSlots()  # read-only: nothing runs
-        return self._journal.region(subscription, slots, width)
-
     # -- reading --------------------------------------------------------------------
 
     async def read(
@@ -347,9 +405,8 @@ class PostgresStorage:
         return [Record(*row) for row in rows]
 
     async def subscriptions(self) -> dict[str, SubscriptionInfo]:
-        rows = await self._db.fetch(
-            "SELECT name, topics, cursor, updated_at FROM subscriptions ORDER BY name"
-        )
+        """Every subscription, its cursor the lowest of its partitions'."""
+        rows = await self._db.fetch(_SUBSCRIPTIONS)
         return {
             name: SubscriptionInfo(name, tuple(topics.split("\n")), cursor, updated)
             for name, topics, cursor, updated in rows
@@ -490,20 +547,20 @@ class PostgresStorage:
         count, oldest = await conn.fetchrow("SELECT count(*), min(seq) FROM events") or (0, None)
         subs = {
             name: SubscriptionInfo(name, tuple(topics.split("\n")), cursor, updated)
-            for name, topics, cursor, updated in await conn.fetch(
-                "SELECT name, topics, cursor, updated_at FROM subscriptions ORDER BY name"
-            )
+            for name, topics, cursor, updated in await conn.fetch(_SUBSCRIPTIONS)
         }
         lag: dict[str, int] = {}
         for info in subs.values():
-            if "*" in info.topics:
-                n = await conn.fetchval("SELECT count(*) FROM events WHERE seq > $1", info.cursor)
-            else:
-                n = await conn.fetchval(
-                    "SELECT count(*) FROM events WHERE seq > $1 AND topic = ANY($2::text[])",
-                    info.cursor,
-                    list(info.topics),
-                )
+            # Per partition: each has a cursor of its own.
+            topic_sql = "" if "*" in info.topics else " AND e.topic = ANY($2::text[])"
+            args: list[object] = [info.name]
+            if "*" not in info.topics:
+                args.append(list(info.topics))
+            n = await conn.fetchval(
+                "SELECT count(*) FROM events e JOIN partitions p ON p.part = e.part"
+                f" WHERE p.subscription = $1 AND e.seq > p.cursor{topic_sql}",
+                *args,
+            )
             lag[info.name] = int(n)
         dead = await conn.fetch(
             "SELECT subscription, count(*) FROM dead_letters GROUP BY subscription"
@@ -527,3 +584,166 @@ class PostgresStorage:
             wal_bytes=0,
             retries={name: int(n) for name, n in retries},
         )
+
+    async def load(
+        self,
+        chunks: AsyncIterator[tuple[str, tuple[str, ...], list[tuple[Any, ...]]]],
+        on_copied: Callable[[str, int], None] | None = None,
+    ) -> dict[str, int]:
+        """Fill this log, which must be empty, with the rows of another, in one
+        transaction (``eventbus migrate``: :mod:`storage._migrate`). Returns the rows
+        copied per table.
+
+        Raises:
+            StorageError: The log is not empty.
+
+        Cancellation: the transaction runs to its end first (shielded).
+        """
+        counts = await self._db.write(stmts.load, chunks, on_copied, self.path)
+        self._head = await self._db.read(stmts.read_head)
+        return counts
+
+    # -- sharing the work among processes (see _pg_leases) --------------------------
+
+    def watch(self, watcher: Watcher) -> None:
+        """Call ``watcher`` on the event loop with each :class:`Notice` of what
+        processes announce on the log (this one's appends included)."""
+        self._watchers.append(watcher)
+
+    def _notified(self, notice: Notice) -> None:
+        if notice.kind == "head":
+            if notice.head <= self._head:
+                return
+            self._head = notice.head
+        for watcher in list(self._watchers):
+            watcher(notice)
+
+    def _saw_head(self, head: int) -> None:
+        if head > self._head:
+            self._notified(Notice("head", "", head))
+
+    async def announce(self, subscription: str) -> None:
+        """Tell the processes holding ``subscription``'s partitions that its retry
+        lane was written outside their handling (a redrive, a repair): they read it
+        again."""
+
+        async def tell(conn: Connection) -> None:
+            await leases.announce(conn, subscription, retries=True)
+
+        await self._db.read(tell)
+
+    async def heartbeat(self, subscription: str, lease: Lease | None) -> Share:
+        """Renew what of ``lease`` is still held, say this process is alive on
+        ``subscription`` and learn its fair share (also: the head, read as a safety
+        net for a missed notification, which re-listens if its connection dropped).
+
+        Raises:
+            StorageError: The database cannot be reached; the lease then runs out
+                unless a later heartbeat renews it in time.
+        """
+        if self._listener is not None and not self._listener.alive:
+            logger.warning("log %s: listening again after losing the connection", self.path)
+            try:
+                await self._listener.start()
+            except Exception as exc:  # noqa: BLE001 - retried at the next heartbeat
+                logger.warning("log %s: cannot listen yet (%s)", self.path, exc)
+
+        async def beat(conn: Connection) -> tuple[Share, bool]:
+            async with conn.transaction():
+                found = await leases.heartbeat(
+                    conn, subscription, self.member, self.lease_time, lease, self.partitions
+                )
+                if found[1]:
+                    await leases.announce(conn, subscription)
+                return found
+
+        share, _ = await self._db.read(beat)
+        self._saw_head(share.head)
+        return share
+
+    async def acquire(self, subscription: str, want: int) -> Claim:
+        """Take up to ``want`` more free partitions of ``subscription`` (charging the
+        deaths of a holder whose lease expired: :func:`_pg_leases.charge`); returns
+        everything this process holds of it now."""
+
+        async def take(conn: Connection) -> tuple[Claim, int]:
+            async with conn.transaction():
+                return await leases.acquire(
+                    conn, subscription, self.member, self.lease_time, want, time.time()
+                )
+
+        claim, charged = await self._db.read(take)
+        if charged:
+            logger.warning(
+                "log %s: subscription %s: took over partitions %s from a process that "
+                "stopped; it died while handling %d events, each counted as a failed "
+                "attempt (eventbus.ProcessDied)",
+                self.path,
+                subscription,
+                ", ".join(map(str, claim.taken_over)),
+                charged,
+            )
+        return claim
+
+    async def release(self, subscription: str, partitions: Sequence[int] | None) -> None:
+        """Give up ``partitions`` of ``subscription`` (all, and membership, if None),
+        and announce it, so another process takes them at once."""
+
+        async def give(conn: Connection) -> None:
+            async with conn.transaction():
+                if await leases.release(conn, subscription, self.member, partitions):
+                    await leases.announce(conn, subscription)
+
+        await self._db.read(give)
+
+    async def mark_call(
+        self,
+        lease: Lease,
+        slot: int,
+        seqs: Sequence[int],
+        attempts: Sequence[int],
+        keys: Sequence[str | None],
+        call: int = 0,
+    ) -> None:
+        """Record, before it starts, handler call number ``call`` of ``seqs`` (at
+        ``attempts``, of ``keys``) in ``slot`` under ``lease``: if this process dies
+        during it, whoever takes the partitions over charges the death to those
+        events."""
+        await self._db.read(leases.mark_call, lease, slot, seqs, attempts, keys, call)
+
+    async def end_calls(self, lease: Lease, calls: Sequence[tuple[int, int]]) -> None:
+        """The calls ``(slot, call number)`` returned or raised: a death is no longer
+        theirs (a slot whose next call started is left as it is)."""
+        if calls:
+            await self._db.read(leases.end_calls, lease, calls)
+
+    async def read_claimed(
+        self,
+        claim: Claim,
+        after: int,
+        upto: int,
+        topics: frozenset[str] | None,
+        limit: int,
+    ) -> list[Record]:
+        """:meth:`read`, of the claim's partitions only, each past its start."""
+        if limit <= 0 or not claim.lease.partitions:
+            return []
+        return await self._db.read(
+            leases.read_claimed, claim, self.partitions, after, upto, topics, limit
+        )
+
+    async def claimed_retries(self, lease: Lease) -> list[RetryRecord]:
+        """:meth:`retries`, of the lease's partitions only."""
+        return await self._db.read(leases.claimed_retries, lease)
+
+    async def claimed_finished_ahead(self, lease: Lease, after: int) -> list[tuple[int, int]]:
+        """:meth:`finished_ahead`, for a reader of the lease's partitions."""
+        return await self._db.read(leases.claimed_finished_ahead, lease, after)
+
+    async def progress(
+        self, subscription: str, topics: frozenset[str], upto: int
+    ) -> tuple[int, int]:
+        """How far ``subscription`` has finished the log up to ``upto`` in all its
+        partitions, whoever holds them, and how many of its events wait in its retry
+        lane."""
+        return await self._db.read(leases.progress, subscription, topics, upto)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from ._calls import CallSlots
 from ._types import (
+    Claim,
     DeadRecord,
+    Lease,
     LogStats,
+    Notice,
     Receipt,
     Record,
     RetryRecord,
+    Share,
     StepRecord,
     SubscriptionInfo,
     Unaccounted,
@@ -188,3 +192,85 @@ class Storage(Protocol):
 
     async def stats(self) -> LogStats:
         """A snapshot of the log's size, cursors and lag."""
+
+
+@runtime_checkable
+class SharedLog(Storage, Protocol):
+    """A log that several processes dispatch from at once (PostgreSQL), on top of
+    :class:`Storage`: each subscription's events are divided into partitions, and a
+    process handles only those of the partitions it holds a lease on.
+
+    The writes a process makes for a subscription carry its :class:`Lease`
+    (``WriteBatch.leases``): a batch whose lease was lost is refused whole with
+    :class:`LeaseLost` (fencing).
+    """
+
+    #: This process's name among those sharing the log.
+    member: str
+    #: Seconds a lease lasts unless renewed.
+    lease_time: float
+    #: Whether handler calls are recorded in the log (:meth:`mark_call`); if not,
+    #: :meth:`Storage.calls` records them.
+    records_calls: bool
+    #: Seconds between :meth:`poll` calls the log needs to notice other processes'
+    #: appends (None: it announces them itself).
+    poll_interval: float | None
+    #: Whether this process may do the log's upkeep (queued commands, compaction).
+    dispatching: bool
+
+    @property
+    def partitions(self) -> int: ...
+
+    def watch(self, watcher: Callable[[Notice], None]) -> None:
+        """Call ``watcher`` with each :class:`Notice` of what processes announce on
+        the log: appends, partitions changing hands, retry lanes written."""
+
+    async def announce(self, subscription: str) -> None:
+        """Tell the holders of ``subscription``'s partitions that its retry lane was
+        written outside their handling: they read it again."""
+
+    async def poll(self) -> None:
+        """Look for other processes' appends (and tell the watchers)."""
+
+    async def heartbeat(self, subscription: str, lease: Lease | None) -> Share:
+        """Renew what of ``lease`` is still held, say this process is alive on
+        ``subscription``, and learn its fair share of the partitions."""
+
+    async def acquire(self, subscription: str, want: int) -> Claim:
+        """Take up to ``want`` more free partitions (charging the deaths a holder
+        whose lease expired left in flight); returns everything held now."""
+
+    async def release(self, subscription: str, partitions: Sequence[int] | None) -> None:
+        """Give up ``partitions`` (all of them, and membership, if None)."""
+
+    async def mark_call(
+        self,
+        lease: Lease,
+        slot: int,
+        seqs: Sequence[int],
+        attempts: Sequence[int],
+        keys: Sequence[str | None],
+        call: int = 0,
+    ) -> None:
+        """Record handler call number ``call`` of ``seqs`` (at ``attempts``, of
+        ``keys``) in ``slot`` before it starts."""
+
+    async def end_calls(self, lease: Lease, calls: Sequence[tuple[int, int]]) -> None:
+        """The calls ``(slot, call number)`` returned or raised."""
+
+    async def read_claimed(
+        self, claim: Claim, after: int, upto: int, topics: frozenset[str] | None, limit: int
+    ) -> list[Record]:
+        """:meth:`Storage.read` of the claim's partitions, each past its start."""
+
+    async def claimed_retries(self, lease: Lease) -> list[RetryRecord]:
+        """:meth:`Storage.retries` of the lease's partitions."""
+
+    async def claimed_finished_ahead(self, lease: Lease, after: int) -> list[tuple[int, int]]:
+        """:meth:`Storage.finished_ahead` for a reader of the lease's partitions."""
+
+    async def progress(
+        self, subscription: str, topics: frozenset[str], upto: int
+    ) -> tuple[int, int]:
+        """How far the subscription finished the log up to ``upto`` in every
+        partition, and how many of its events wait in its retry lane."""

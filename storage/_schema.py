@@ -140,6 +140,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE workflow_steps ADD COLUMN died INTEGER NOT NULL DEFAULT 0;
     """,
+    # 6: the PostgreSQL log's partitions and leases, for several processes at once. A
+    # SQLite log is dispatched by one process at a time (its lock file) and keeps its
+    # tables as they were.
+    """
+    SELECT 1;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -38,7 +38,7 @@ from ._errors import (
     StorageFull,
 )
 from ._holders import write_lock_holders
-from ._ownership import LogOwnership
+from ._ownership import LogOwnership, ShareLock
 from ._schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from ._types import (
     PROCESS_DIED,
@@ -116,6 +116,10 @@ def _translate(path: str, exc: BaseException) -> StorageError:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return StorageFull(f"the disk holding {path!r} is full: {exc}")
     return StorageError(f"storage failure on {path!r}: {exc!r}")
+
+
+def _is_taken_seq(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.IntegrityError) and "events.seq" in str(exc)
 
 
 def _is_busy(exc: BaseException) -> bool:
@@ -239,6 +243,7 @@ class SQLiteStorage:
         self._writer: _Connection | None = None
         self._reader: _Connection | None = None
         self._lock = LogOwnership(self.path)
+        self._share = ShareLock(self.path)
         self._journal: CallJournal | None = None
         self._head = 0
         self._bytes_since_checkpoint = 0
@@ -256,7 +261,7 @@ class SQLiteStorage:
         try:
             if not self.read_only:
                 # Owned before the file is read at all: see _ownership.
-                await anyio.to_thread.run_sync(self._lock.acquire)
+                await anyio.to_thread.run_sync(self._take_locks)
             await anyio.to_thread.run_sync(self._precheck)
             while True:
                 try:
@@ -283,8 +288,20 @@ class SQLiteStorage:
         await self._check_schema(self._writer)
         self._reader = await self._connect(writer=False)
         self._head = await self._read_head(self._writer)
-        if not self.read_only:
+        if not self.read_only and self.dispatching:
             await self._open_journal()
+
+    #: Whether this process dispatches (owns the log, and its call journal).
+    dispatching = True
+
+    def _take_locks(self) -> None:
+        """The log alone (blocking: on a worker thread)."""
+        self._lock.acquire()
+        try:
+            self._share.acquire(shared=False)
+        except BaseException:
+            self._lock.release()
+            raise
 
     async def _open_journal(self) -> None:
         """Count the deaths the previous life's call journal records, then start this
@@ -422,6 +439,7 @@ class SQLiteStorage:
             self._journal.close()
             self._journal = None
         self._lock.release()
+        self._share.release()
 
     # -- writing --------------------------------------------------------------------
 
@@ -466,6 +484,11 @@ class SQLiteStorage:
                     break
                 except sqlite3.Error as exc:
                     left = deadline - time.monotonic()
+                    if _is_taken_seq(exc):
+                        # Another process appended since this one last did (a log
+                        # shared by processes): number after the head the file has.
+                        head = await conn.run(stmts.read_head)
+                        continue
                     if not _is_busy(exc):
                         raise _translate(self.path, exc) from exc
                     if left <= 0.001:

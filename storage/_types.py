@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import msgspec
 
 
@@ -156,6 +158,69 @@ class StepRecord(msgspec.Struct, frozen=True, gc=False):
     died: int = 0
 
 
+class Lease(msgspec.Struct, frozen=True, gc=False):
+    """The partitions of one subscription that one process holds on a log shared by
+    several processes, with the fencing epoch of each.
+
+    A write batch that carries a subscription's lease is applied only if the process
+    still holds every one of those partitions at those epochs (see
+    :class:`LeaseLost`); its acknowledgement then moves the cursors of exactly
+    those partitions.
+
+    Attributes:
+        subscription: The subscription.
+        member: The process holding it (the log's :attr:`SharedLog.member`).
+        partitions: The partitions held, ascending.
+        epochs: The epoch of each, in the same order: bumped every time a partition
+            changes hands, so a lease that was lost never matches again.
+    """
+
+    subscription: str
+    member: str
+    partitions: tuple[int, ...]
+    epochs: tuple[int, ...]
+
+
+class Claim(msgspec.Struct, frozen=True, gc=False):
+    """A lease just granted or renewed, and where each of its partitions stands.
+
+    Attributes:
+        lease: The partitions held.
+        starts: Each partition's cursor when granted (same order): every event of the
+            partition at or below it is finished.
+        taken_over: Partitions taken from a holder whose lease expired (it died, or
+            stopped answering); the deaths its calls in flight caused are charged.
+    """
+
+    lease: Lease
+    starts: tuple[int, ...]
+    taken_over: tuple[int, ...] = ()
+
+    @property
+    def start(self) -> int:
+        """The lowest cursor of the claim: where reading begins."""
+        return min(self.starts, default=0)
+
+
+class Share(msgspec.Struct, frozen=True, gc=False):
+    """What one heartbeat of a process on a shared log learned about a subscription.
+
+    Attributes:
+        held: The partitions of the lease sent that are still held (renewed).
+        target: How many partitions this process should hold: a fair share of the
+            subscription's partitions among the live processes subscribed to it.
+        free: Partitions nobody holds (released, or their holder's lease expired).
+        members: Live processes subscribed.
+        head: The log's head.
+    """
+
+    held: tuple[int, ...]
+    target: int
+    free: int
+    members: int
+    head: int
+
+
 class WriteBatch(msgspec.Struct, gc=False):
     """Everything one transaction writes: applied all together or not at all.
 
@@ -167,7 +232,9 @@ class WriteBatch(msgspec.Struct, gc=False):
     of the cursor (which only passes a prefix that is all finished).
     ``workflow_starts`` are written only if no run with that id exists;
     ``workflows`` and ``steps`` replace what is stored under the same id (and
-    position).
+    position). ``leases`` fence the writes of subscriptions on a shared log: the
+    whole batch is refused with :class:`LeaseLost` if one of them was lost (logs that
+    one process owns ignore them).
     """
 
     appends: list[NewRecord] = msgspec.field(default_factory=list)
@@ -182,6 +249,7 @@ class WriteBatch(msgspec.Struct, gc=False):
     workflow_starts: list[WorkflowRecord] = msgspec.field(default_factory=list)
     workflows: list[WorkflowRecord] = msgspec.field(default_factory=list)
     steps: list[StepRecord] = msgspec.field(default_factory=list)
+    leases: dict[str, Lease] = msgspec.field(default_factory=dict)
 
     def is_empty(self) -> bool:
         return not (
@@ -215,6 +283,8 @@ class WriteBatch(msgspec.Struct, gc=False):
         self.workflow_starts.extend(other.workflow_starts)
         self.workflows.extend(other.workflows)
         self.steps.extend(other.steps)
+        if other.leases:
+            self.leases.update(other.leases)
 
 
 class LogStats(msgspec.Struct, frozen=True):
@@ -241,6 +311,22 @@ class Unaccounted(msgspec.Struct, frozen=True):
     subscription: str
     count: int
     seqs: tuple[int, ...]
+
+
+class Notice(NamedTuple):
+    """What another process announced on the log.
+
+    Attributes:
+        kind: ``"head"`` (events appended: ``head`` is the new head), ``"share"`` (the
+            partitions of ``subscription`` changed hands, or it gained a member) or
+            ``"retries"`` (its retry lane was written outside its holders' handling).
+        subscription: The subscription concerned (empty for ``"head"``).
+        head: The new head, for ``"head"``.
+    """
+
+    kind: str
+    subscription: str = ""
+    head: int = 0
 
 
 def batch_rows(batch: WriteBatch) -> int:

@@ -57,6 +57,7 @@ FLOORS: dict[str, int] = {
     "eventbus._effects": 7,
     "eventbus.operators": 7,
     "eventbus.cli": 7,
+    "eventbus._chaos_pg": 7,
     "eventbus.chaos": 8,
     "eventbus.testing": 8,
     # optional exporters, imported only when used

@@ -1,5 +1,5 @@
 """The ``eventbus`` command line: inspect and repair a log file, even while a bus runs
-on it.
+on it; copy one into PostgreSQL (``migrate``).
 
 Every command refuses a file that is not an existing log (a typo never creates an
 empty one). Reads open the file read-only. Changes (``dlq redrive``, ``dlq purge``,
@@ -315,8 +315,34 @@ async def _drop_subscription(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _migrate(args: argparse.Namespace) -> int:
+    """Copy a SQLite log into a new PostgreSQL log."""
+    if not _storage.is_postgres_url(args.target):
+        print(
+            f"eventbus: the target {args.target!r} is not a PostgreSQL URL "
+            "(postgresql://user@host/db?schema=name)",
+            file=sys.stderr,
+        )
+        return 2
+    await (await _open(args.source)).close()  # an existing log, or refused as is
+    try:
+        from eventbus.storage._migrate import migrate_sqlite_to_postgres
+    except ImportError as exc:  # pragma: no cover - without the postgres extra
+        print(f"eventbus: {exc}; install it with pip install 'eventbus[postgres]'", file=sys.stderr)
+        return 2
+    counts = await migrate_sqlite_to_postgres(args.source, args.target)
+    if args.json:
+        out.emit(counts)
+    else:
+        copied = ", ".join(f"{n} {table}" for table, n in counts.items()) or "nothing"
+        print(f"copied {args.source} into {args.target}: {copied}")
+    return 0
+
+
 async def _run(args: argparse.Namespace) -> int:
     try:
+        if args.command == "migrate":
+            return await _migrate(args)
         if args.command == "dlq" and args.dlq_command in ("redrive", "purge"):
             return await _change_dead_letters(args)
         if args.command == "subscriptions" and args.subscriptions_command == "drop":

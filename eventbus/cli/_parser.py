@@ -210,4 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds past due after which a retry counts as overdue (default: %(default)s)",
     )
     _json(reconcile)
+    migrate = sub.add_parser(
+        "migrate",
+        help="copy a SQLite log into a new PostgreSQL log (stop the bus on it first)",
+    )
+    migrate.add_argument("source", help=FILE_HELP)
+    migrate.add_argument(
+        "target",
+        help="the PostgreSQL log to create: postgresql://user@host/db?schema=name "
+        "(a schema that is empty or missing)",
+    )
+    _json(migrate)
     return parser

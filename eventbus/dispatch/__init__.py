@@ -13,7 +13,9 @@ from ._handler import (
     subscription_name,
     warn_of_replay,
 )
+from ._runtime import SubscriptionRuntime
 from ._scheduler import Pending, Scheduler
+from ._shared import SharedSubscription
 from ._state import State, StateCache, StateReader
 from ._subscription import RunningCall, Subscription
 
@@ -26,10 +28,12 @@ __all__ = [
     "Pending",
     "RunningCall",
     "Scheduler",
+    "SharedSubscription",
     "State",
     "StateCache",
     "StateReader",
     "Subscription",
+    "SubscriptionRuntime",
     "check_handler",
     "check_topics",
     "is_batch_handler",

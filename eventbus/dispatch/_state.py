@@ -13,6 +13,7 @@ import eventbus.storage as _storage
 
 from .._errors import PayloadError, translate_storage_error
 from ._buffer import CallBuffer
+from ._ports import DispatchLog
 
 T = TypeVar("T")
 
@@ -33,7 +34,7 @@ class StateCache:
     does; readers from outside the handlers see committed values only.
     """
 
-    def __init__(self, log: _storage.Storage, subscription: str, size: int = 10_000) -> None:
+    def __init__(self, log: DispatchLog, subscription: str, size: int = 10_000) -> None:
         self._log = log
         self.subscription = subscription
         self._size = size

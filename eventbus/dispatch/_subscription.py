@@ -55,9 +55,10 @@ from ..failures import (
     error_type_name,
     estimated_previous_delay,
 )
-from ..publish import LogWriter, RecentEvents
+from ..publish import RecentEvents
 from ._context import Context, Encoder
 from ._handler import Handler, handler_payload_type, is_batch_handler, make_controller
+from ._ports import DispatchLog, DispatchWriter
 from ._scheduler import MAIN, RETRY, RUN, STOP, Call, Entry, Pending, Scheduler
 from ._state import StateCache
 from ._writes import PendingWrites, Undecodable, event_id
@@ -103,8 +104,8 @@ class Subscription:
         concurrency: int,
         capacity: int,
         cursor: int,
-        writer: LogWriter,
-        log: _storage.Storage,
+        writer: DispatchWriter,
+        log: DispatchLog,
         recent: RecentEvents,
         decode: Decode,
         encode: Encoder,

@@ -19,8 +19,8 @@ from .._event import Event
 from .._logging import event_fields, get_logger
 from .._metrics import SubscriptionRecorder
 from ..failures import dead_record, event_record, retry_record
-from ..publish import LogWriter
 from ._buffer import CallBuffer
+from ._ports import DispatchWriter
 from ._scheduler import PARKED, Entry, Scheduler
 from ._state import StateCache
 
@@ -66,7 +66,7 @@ class PendingWrites:
         self,
         name: str,
         clock: Clock,
-        writer: LogWriter,
+        writer: DispatchWriter,
         state: StateCache,
         stats: SubscriptionRecorder,
         cursor: int,
@@ -207,6 +207,9 @@ class PendingWrites:
             errors = self._errors
             self.on_dead(batch.dead, [errors.pop(d.record.seq, None) for d in batch.dead])
         self.on_committed()
+
+    def lease_lost(self, batch: WriteBatch) -> None:
+        raise AssertionError("unreachable: a subscription's own writes carry no lease")
 
     def commit_failed(self, batch: WriteBatch) -> None:
         self._committing -= 1

@@ -58,6 +58,11 @@ class Source(Protocol):
         """``batch`` did not commit: keep it, ahead of anything newer, for the next
         cycle."""
 
+    def lease_lost(self, batch: WriteBatch) -> None:
+        """``batch`` was refused because a lease it carries was lost (a log shared by
+        several processes: another process handles those events now). It is not
+        retried."""
+
 
 # A publish whose event is larger than this is never committed at once on the
 # loop's thread (_commit_at_once): writing it would hold the loop too long.
@@ -371,7 +376,14 @@ class LogWriter:
         sourced = self._take_sources()
         self._busy = True
         try:
-            await self._commit(taken, acks, sourced)
+            while True:
+                try:
+                    await self._commit(taken, acks, sourced)
+                    break
+                except _storage.LeaseLost as exc:
+                    # Fenced off: drop the writes of the sources whose lease was lost
+                    # and commit the rest at once.
+                    sourced = _without_fenced(sourced, exc)
         except COMMIT_ERRORS as exc:
             if len(taken) + len(acks) + len(sourced) > 1 and rejects_a_record(exc):
                 units: list[_Unit] = [(item, None, None) for item in taken]
@@ -591,6 +603,21 @@ class LogWriter:
             self._fail(taken, acks, error)
         else:
             self._notify_cycle()
+
+
+def _without_fenced(sourced: list[_Sourced], exc: _storage.LeaseLost) -> list[_Sourced]:
+    """``sourced`` without the writes ``exc`` refused (told so); re-raises ``exc`` if
+    none of them carries a lease it names."""
+    lost = set(exc.subscriptions)
+    kept: list[_Sourced] = []
+    fenced: list[_Sourced] = []
+    for item in sourced:
+        (fenced if lost.intersection(item[1].leases) else kept).append(item)
+    if not fenced:
+        raise exc
+    for source, writes in fenced:
+        source.lease_lost(writes)
+    return kept
 
 
 def _split(units: list[_Unit]) -> tuple[list[_Taken], list[_Ack], list[_Sourced]]:

@@ -37,7 +37,7 @@ from .._config import BusConfig
 from .._errors import BusClosed, translate_storage_error
 from .._logging import get_logger
 from .._metrics import ReconcileMetrics
-from ..dispatch import Subscription
+from ..dispatch import SubscriptionRuntime as Subscription
 from ..workflows import WorkflowEngine, unfinished_runs
 from ._report import SHOWN, ReconcileReport, ReconcilerResult, Repairs, SubscriptionReport
 

@@ -25,7 +25,9 @@ from eventbus import (
 pytestmark = pytest.mark.anyio
 
 
-async def test_a_second_process_cannot_open_a_log_this_process_owns(log_url: str) -> None:
+async def test_a_second_process_cannot_open_a_log_this_process_owns(log_path: Path) -> None:
+    # A SQLite log; processes share a PostgreSQL log (tests/bus/test_shared_log.py).
+    log_url = str(log_path)
     script = textwrap.dedent(
         f"""
         import anyio, eventbus
@@ -46,7 +48,8 @@ async def test_a_second_process_cannot_open_a_log_this_process_owns(log_url: str
     assert f"pid {os.getpid()}" in out
 
 
-async def test_the_lock_is_released_when_the_bus_closes(log_url: str) -> None:
+async def test_the_lock_is_released_when_the_bus_closes(log_path: Path) -> None:
+    log_url = str(log_path)
     async with Bus.open(log_url):
         with pytest.raises(LogLocked) as info:
             async with Bus.open(log_url):

@@ -78,3 +78,29 @@ def test_on_a_terminal_the_harness_shows_the_orders_settled_and_the_kills(
     last = screen.getvalue().rsplit("\r", 1)[1]
     assert last.startswith(f"chaos  {progress.done:,}/5,940 settled")
     assert last.rstrip().endswith("run 3, 2/2 kills")
+
+
+@pytest.mark.postgres
+def test_consumer_processes_sharing_a_postgres_log_are_exactly_once_across_kills(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Three consumer processes and a publisher on one PostgreSQL log; one consumer
+    at a time killed and started again: the others take its partitions over."""
+    settings = Settings(
+        events=10000,
+        kills=4,
+        seed=5,
+        io_ms=1.0,  # enough work that the consumers are still busy at the last kill
+        poison_every=250,
+        flaky_every=500,
+        min_wait=0.1,
+        max_wait=0.8,
+        backend="postgres",
+        processes=3,
+        url=pg_url + "&lease=2",
+    )
+    report = run_harness(tmp_path, settings)
+    text = format_report(report, seed=settings.seed)
+    assert report.ok, text
+    assert report.kills == 4, text
+    assert report.poison_dead_letters == report.dead_letters == 40, text

@@ -77,6 +77,14 @@ async def _punch_pg_hole(schema: str, subscription: str, lo: int, hi: int) -> No
                 "INSERT INTO acked (subscription, lo, hi) VALUES ($1, $2, $3)",
                 [(subscription, a, b) for a, b in _without([tuple(r) for r in rows], lo, hi)],
             )
+            # Its cursors passed them as done: the record of that is forgotten too.
+            await conn.execute(
+                "INSERT INTO holes (subscription, seq) SELECT $1, seq FROM events"
+                " WHERE seq BETWEEN $2 AND $3 ON CONFLICT DO NOTHING",
+                subscription,
+                lo,
+                hi,
+            )
     finally:
         await conn.close()
 

@@ -1,6 +1,6 @@
 """The call journal: a death is charged to exactly the events whose handler call was
-running, once, whatever happens to the process afterwards. On SQLite and PostgreSQL
-alike (the journal is a file on the machine either way)."""
+running, once, whatever happens to the process afterwards. On SQLite (a PostgreSQL
+log records its calls in flight in the log itself: tests/storage/test_pg_leases.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from eventbus.storage import (
     PROCESS_DIED,
     MemoryStorage,
     NewRecord,
-    PostgresStorage,
     RetryRecord,
     SQLiteStorage,
     Storage,
@@ -34,36 +33,26 @@ def _records(n: int) -> list[NewRecord]:
 class Log:
     """One log, opened again and again, and where its call journal lies."""
 
-    def __init__(
-        self, backend: str, tmp_path: Path, request: pytest.FixtureRequest | None = None
-    ) -> None:
+    def __init__(self, backend: str, tmp_path: Path) -> None:
         self.backend = backend
         self.tmp_path = tmp_path
         self.path = tmp_path / "log.db"
-        self.url = request.getfixturevalue("pg_url") if request and backend == "postgres" else ""
         self.journal = Path(f"{self.path}-calls")
 
     def store(self) -> Storage:
-        if self.backend == "sqlite":
-            return SQLiteStorage(self.path)
-        return PostgresStorage(self.url)
+        return SQLiteStorage(self.path)
 
     async def opened(self) -> Storage:
         store = self.store()
         await store.open()
-        if isinstance(store, PostgresStorage):
-            self.journal = Path(store.journal_path)
         return store
 
     def die(self) -> Log:
-        """What a SIGKILL leaves behind, as a log to open again: for SQLite, a copy of
-        the database, its WAL and the call journal (the open log's own files are
-        closed cleanly afterwards); for PostgreSQL, the database as it is (the
-        process's sessions end with it) and the journal as the process left it."""
-        if self.backend == "postgres":
-            return self
+        """What a SIGKILL leaves behind, as a log to open again: a copy of the
+        database, its WAL and the call journal (the open log's own files are closed
+        cleanly afterwards)."""
         dead = Log.__new__(Log)
-        dead.backend, dead.tmp_path, dead.url = self.backend, self.tmp_path, ""
+        dead.backend, dead.tmp_path = self.backend, self.tmp_path
         dead.path = self.tmp_path / "dead.db"
         dead.journal = Path(f"{dead.path}-calls")
         for suffix in ("", "-wal", "-calls"):
@@ -72,12 +61,9 @@ class Log:
         return dead
 
 
-BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-
-
-@pytest.fixture(params=BACKENDS)
-def log(request: pytest.FixtureRequest, tmp_path: Path) -> Log:
-    return Log(request.param, tmp_path, request)
+@pytest.fixture
+def log(tmp_path: Path) -> Log:
+    return Log("sqlite", tmp_path)
 
 
 async def _dying_log(log: Log) -> Log:

@@ -4,9 +4,9 @@ another session's locks, and a connection lost under it."""
 
 from __future__ import annotations
 
+import os
 import random
 import time
-from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -88,58 +88,50 @@ def test_the_postgres_schema_is_at_the_sqlite_schemas_version() -> None:
     assert pg_schema.SCHEMA_VERSION == SCHEMA_VERSION
 
 
-# -- one owner -------------------------------------------------------------------------
+# -- many processes ---------------------------------------------------------------------
 
 
-async def test_a_second_owner_is_refused_naming_the_first_until_it_closes(pg_url: str) -> None:
+async def test_several_storages_write_to_one_log_at_once(pg_url: str) -> None:
     first = PostgresStorage(pg_url)
+    second = PostgresStorage(pg_url)
     await first.open()
+    await second.open()
     try:
-        with pytest.raises(LogLocked) as info:
-            await PostgresStorage(pg_url).open()
-        assert info.value.pid is not None  # this host: the pid is usable here
-        assert f"pid {info.value.pid} on " in info.value.owner
-        assert "PostgreSQL log" in str(info.value)
-        # Reading needs no ownership.
+        assert first.member != second.member
+        (a,) = await first.commit(WriteBatch(appends=[rec(1)]))
+        (b,) = await second.commit(WriteBatch(appends=[rec(2)]))
+        (c,) = await first.commit(WriteBatch(appends=[rec(3, "ik")]))
+        (d,) = await second.commit(WriteBatch(appends=[rec(4, "ik")]))
+        assert [a.seq, b.seq, c.seq] == [1, 2, 3]
+        assert (d.seq, d.duplicate) == (3, True)  # idempotency keys hold across processes
+        # Reading needs no share of the work.
         reader = PostgresStorage(pg_url, read_only=True)
         await reader.open()
+        assert [r.seq for r in await reader.read(0, 10, None, 10)] == [1, 2, 3]
         await reader.close()
     finally:
         await first.close()
-    second = PostgresStorage(pg_url)
-    await second.open()
-    await second.close()
+        await second.close()
 
 
-async def test_bus_open_raises_the_bus_log_locked(pg_url: str) -> None:
-    async with Bus.open(pg_url):
-        with pytest.raises(eventbus.LogLocked):
-            async with Bus.open(pg_url):
-                pass
-
-
-async def test_an_owner_whose_session_ended_frees_the_log_and_cannot_write_after_another(
+async def test_a_log_to_migrate_is_refused_while_an_older_version_runs_on_it(
     pg_url: str,
 ) -> None:
-    first = PostgresStorage(pg_url)
-    await first.open()
+    older = PostgresStorage(pg_url)
+    await older.open()
     try:
-        await first.commit(WriteBatch(appends=[rec(1)]))
-        # Its database session ends (a killed process, a network cut): the lock goes.
-        await postgres.execute(
-            schema_of(pg_url), "SELECT pg_terminate_backend($1, 5000)", first._db.session
-        )
-        second = PostgresStorage(pg_url)
-        await second.open()
-        await second.commit(WriteBatch(appends=[rec(2)]))
-        await second.close()
-        # The first comes back: another owner came and went, so it is fenced off.
-        with pytest.raises(StorageError, match="another process owned the log"):
-            await first.commit(WriteBatch(appends=[rec(3)]))
-        with pytest.raises(StorageError, match="another process owned the log"):
-            await first.commit(WriteBatch(acks={"s": 1}))
+        # As if ``older`` were a version before the last migration.
+        await postgres.execute(schema_of(pg_url), "UPDATE log_schema SET version = version - 1")
+        with pytest.raises(LogLocked) as info:
+            await PostgresStorage(pg_url).open()
+        assert info.value.pid == os.getpid()  # this host: the pid is usable here
+        assert "older version" in str(info.value)
     finally:
-        await first.close()
+        await older.close()
+        await postgres.execute(schema_of(pg_url), "UPDATE log_schema SET version = version + 1")
+    newer = PostgresStorage(pg_url)
+    await newer.open()
+    await newer.close()
 
 
 async def test_a_commit_that_lost_its_session_connects_again_and_commits_once(
@@ -299,16 +291,3 @@ async def test_readers_never_skip_an_event_while_many_sessions_append(pg_url: st
 
 class _RolledBack(Exception):
     pass
-
-
-async def test_a_journal_directory_that_cannot_be_made_is_a_storage_error(
-    pg_url: str, tmp_path: Path
-) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    with pytest.raises(StorageError, match="journal_dir"):
-        await PostgresStorage(pg_url, journal_dir=blocker / "journal").open()
-    # Nothing stays locked: the next opener owns the log.
-    store = PostgresStorage(pg_url)
-    await store.open()
-    await store.close()

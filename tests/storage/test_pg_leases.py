@@ -1,0 +1,248 @@
+"""Several processes on one PostgreSQL log, at the storage level: fair shares of the
+partitions, leases fenced by epoch and expiry, deaths charged by whoever takes an
+expired partition over, reads of the partitions held, and the announcements that wake
+the others."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import asyncpg
+import pytest
+
+from eventbus.storage import (
+    PROCESS_DIED,
+    LeaseLost,
+    NewRecord,
+    Notice,
+    PostgresStorage,
+    RetryRecord,
+    SubscriptionInfo,
+    WriteBatch,
+)
+from eventbus.storage._pg_url import parse
+from tests import postgres
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+
+def rec(i: int, key: str | None = None) -> NewRecord:
+    return NewRecord(f"id-{i}", "t", key if key is not None else f"k{i}", b"\x01", None, 0.0)
+
+
+async def _opened(url: str, lease: float = 30.0) -> PostgresStorage:
+    store = PostgresStorage(url, partitions=4, lease=lease)
+    await store.open()
+    return store
+
+
+async def _registered(store: PostgresStorage, events: int = 0) -> None:
+    await store.commit(
+        WriteBatch(
+            appends=[rec(i) for i in range(events)],
+            subscriptions=[SubscriptionInfo("s", ("t",), 0, 0.0)],
+        )
+    )
+
+
+async def test_the_partitions_are_shared_fairly_among_the_processes(pg_url: str) -> None:
+    a, b = await _opened(pg_url), await _opened(pg_url)
+    try:
+        await _registered(a)
+        share = await a.heartbeat("s", None)
+        assert (share.target, share.free, share.members) == (4, 4, 1)
+        claim = await a.acquire("s", share.target)
+        assert claim.lease.partitions == (0, 1, 2, 3)
+        assert claim.starts == (0, 0, 0, 0)
+        # b joins: each should hold two; a still holds four until it gives two up.
+        b_share = await b.heartbeat("s", None)
+        assert (b_share.target, b_share.free, b_share.members) == (2, 0, 2)
+        assert (await b.acquire("s", 2)).lease.partitions == ()
+        a_share = await a.heartbeat("s", claim.lease)
+        assert (a_share.held, a_share.target) == ((0, 1, 2, 3), 2)
+        await a.release("s", claim.lease.partitions[2:])
+        b_claim = await b.acquire("s", 2)
+        assert b_claim.lease.partitions == (2, 3)
+        assert b_claim.taken_over == ()  # given up on purpose: nothing to charge
+        assert all(e == 2 for e in b_claim.lease.epochs)  # each grant bumps the epoch
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_write_under_a_lost_lease_is_refused_whole(pg_url: str) -> None:
+    a, b = await _opened(pg_url, lease=0.3), await _opened(pg_url)
+    try:
+        await _registered(a, events=8)
+        claim = await a.acquire("s", 4)
+        await anyio.sleep(0.4)  # a pauses past its lease; b takes everything over
+        taken = await b.acquire("s", 4)
+        assert taken.taken_over == (0, 1, 2, 3)
+        late = WriteBatch(
+            appends=[rec(100)],
+            acks={"s": 8},
+            state=[("s", "k", b"zombie")],
+            leases={"s": claim.lease},
+        )
+        with pytest.raises(LeaseLost) as info:
+            await a.commit(late)
+        assert info.value.subscriptions == ("s",)
+        assert await a.get_state("s", ["k"]) == {}
+        assert (await a.subscriptions())["s"].cursor == 0
+        assert a.head == 8  # the outbox event was not appended either
+        # The new holder's writes go through, and move only its partitions' cursors.
+        await b.commit(
+            WriteBatch(acks={"s": 8}, state=[("s", "k", b"b")], leases={"s": taken.lease})
+        )
+        assert await b.get_state("s", ["k"]) == {"k": b"b"}
+        assert (await b.subscriptions())["s"].cursor == 8
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_an_expired_lease_is_neither_renewed_nor_honoured(pg_url: str) -> None:
+    a = await _opened(pg_url, lease=0.3)
+    try:
+        await _registered(a, events=2)
+        claim = await a.acquire("s", 4)
+        await anyio.sleep(0.4)
+        # Nobody took it, but it ran out: the holder must claim it again.
+        assert (await a.heartbeat("s", claim.lease)).held == ()
+        with pytest.raises(LeaseLost):
+            await a.commit(WriteBatch(acks={"s": 2}, leases={"s": claim.lease}))
+        again = await a.acquire("s", 4)
+        assert again.lease.partitions == (0, 1, 2, 3)
+        assert all(e == 2 for e in again.lease.epochs)
+    finally:
+        await a.close()
+
+
+async def test_taking_over_charges_a_death_to_exactly_the_calls_in_flight(pg_url: str) -> None:
+    a, b = await _opened(pg_url, lease=0.3), await _opened(pg_url)
+    try:
+        await _registered(a, events=6)
+        claim = await a.acquire("s", 4)
+        records = await a.read(0, 6, None, 10)
+        # 3 waits in the retry lane at attempt 2; 1 is done (the cursor passed it).
+        await a.commit(
+            WriteBatch(
+                acks={"s": 1},
+                retries=[RetryRecord("s", records[2], 2, time.time(), time.time(), "x.Boom", "b")],
+                leases={"s": claim.lease},
+            )
+        )
+        await a.mark_call(claim.lease, 0, [2], [1], ["k1"])  # fresh, running
+        await a.mark_call(claim.lease, 1, [3], [2], ["k2"])  # its second attempt, running
+        await a.mark_call(claim.lease, 2, [5], [1], ["k4"])
+        await a.mark_call(claim.lease, 2, [6], [1], ["k5"])  # replaced 5 in its slot: 5 ended
+        await a.mark_call(claim.lease, 3, [1], [1], ["k0"])  # ended, and its ack committed
+        await a.mark_call(claim.lease, 4, [4], [1], ["k3"])
+        await a.mark_call(claim.lease, 5, [5], [1], ["k4"], call=7)
+        await a.end_calls(claim.lease, [(4, 0), (5, 6)])  # 4 returned; 5 is call 7 now
+        await anyio.sleep(0.4)  # a dies: its lease runs out
+        taken = await b.acquire("s", 4)
+        assert taken.taken_over == (0, 1, 2, 3)
+        lane = {r.record.seq: r for r in await b.retries("s")}
+        assert sorted(lane) == [2, 3, 5, 6]
+        assert (lane[2].attempt, lane[3].attempt, lane[6].attempt) == (2, 3, 2)
+        assert {r.error_type for r in lane.values()} == {PROCESS_DIED}
+        assert lane[3].error_message == "process died while handling (attempt 2)"
+        # Charged once: a second takeover finds nothing more to charge.
+        await b.release("s", None)
+        await b.acquire("s", 4)
+        assert {r.record.seq: r.attempt for r in await b.retries("s")} == {2: 2, 3: 3, 5: 2, 6: 2}
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_process_reads_only_its_partitions_past_their_cursors(pg_url: str) -> None:
+    a, b = await _opened(pg_url), await _opened(pg_url)
+    try:
+        await _registered(a, events=40)
+        await a.acquire("s", 4)
+        await a.release("s", (2, 3))
+        mine = (await a.acquire("s", 0)).lease
+        theirs = (await b.acquire("s", 4)).lease
+        assert (mine.partitions, theirs.partitions) == ((0, 1), (2, 3))
+        # a finished its partitions up to 20; b finished nothing.
+        await a.commit(WriteBatch(acks={"s": 20}, leases={"s": mine}))
+        part = await _partitions(pg_url)
+        a_claim = await a.acquire("s", 0)
+        assert a_claim.starts == (20, 20)
+        read = [r.seq for r in await a.read_claimed(a_claim, 0, 40, None, 100)]
+        b_claim = await b.acquire("s", 0)
+        b_read = [r.seq for r in await b.read_claimed(b_claim, 0, 40, frozenset({"t"}), 100)]
+        assert read == [s for s in range(21, 41) if part[s] in (0, 1)]
+        assert b_read == [s for s in range(1, 41) if part[s] in (2, 3)]
+        # Paging: a limit, and a range.
+        assert [r.seq for r in await a.read_claimed(a_claim, 0, 40, None, 3)] == read[:3]
+        assert [r.seq for r in await a.read_claimed(a_claim, read[0], read[2], None, 9)] == (
+            read[1:3]
+        )
+        # Progress is of every partition: b's hold the subscription back.
+        assert await a.progress("s", frozenset({"t"}), 40) == (b_read[0] - 1, 0)
+        assert await a.progress("s", frozenset({"other"}), 40) == (40, 0)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _partitions(url: str) -> dict[int, int]:
+    conn = await asyncpg.connect(
+        postgres.SERVER, server_settings={"search_path": parse(url).schema}
+    )
+    try:
+        return {int(s): int(p) for s, p in await conn.fetch("SELECT seq, part FROM events")}
+    finally:
+        await conn.close()
+
+
+async def test_appends_and_changes_of_hands_wake_the_other_processes(pg_url: str) -> None:
+    a, b = await _opened(pg_url), await _opened(pg_url)
+    heard: list[Notice] = []
+    woke = anyio.Event()
+
+    def watcher(notice: Notice) -> None:
+        heard.append(notice)
+        woke.set()
+
+    b.watch(watcher)
+    try:
+        await _registered(a, events=3)
+        with anyio.fail_after(5):
+            while Notice("head", "", 3) not in heard:
+                await woke.wait()
+                woke = anyio.Event()
+        assert b.head == 3
+        await a.heartbeat("s", None)  # a new member is announced
+        with anyio.fail_after(5):
+            while Notice("share", "s") not in heard:
+                await woke.wait()
+                woke = anyio.Event()
+        await a.announce("s")  # a retry lane written behind the holders' backs
+        with anyio.fail_after(5):
+            while Notice("retries", "s") not in heard:
+                await woke.wait()
+                woke = anyio.Event()
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_the_number_of_partitions_is_the_logs_own(pg_url: str) -> None:
+    store = PostgresStorage(pg_url, partitions=4)
+    await store.open()
+    await store.close()
+    again = PostgresStorage(pg_url, partitions=32)
+    await again.open()
+    try:
+        assert again.partitions == 4
+    finally:
+        await again.close()
+    with pytest.raises(ValueError, match="partitions"):
+        PostgresStorage(postgres.url_for("x") + "&partitions=0")
+    with pytest.raises(ValueError, match="lease"):
+        PostgresStorage(postgres.url_for("x") + "&lease=soon")
