@@ -64,9 +64,6 @@ class Source(Protocol):
         retried."""
 
 
-# A publish whose event is larger than this is never committed at once on the
-# loop's thread (_commit_at_once): writing it would hold the loop too long.
-_AT_ONCE_BYTES = 64 * 1024
 # How many publishes a task publishing alone commits at once in one turn of the
 # event loop before it yields to the loop.
 _BURST = 32
@@ -212,11 +209,7 @@ class LogWriter:
             await self.wait_for_space()
         fut = self.submit_nowait(record, want_receipt=True)
         assert fut is not None
-        self._waiting += 1
-        try:
-            result = await fut
-        finally:
-            self._waiting -= 1
+        result = await self._committed_by_writer(fut)
         assert isinstance(result, Receipt)
         return result
 
@@ -231,13 +224,17 @@ class LogWriter:
         if self._pending >= self._max_pending:
             self._space.clear()
         self._wake.set()
-        self._waiting += 1
-        try:
-            result = await fut
-        finally:
-            self._waiting -= 1
+        result = await self._committed_by_writer(fut)
         assert isinstance(result, list)
         return result
+
+    async def _committed_by_writer(self, fut: asyncio.Future[object]) -> object:
+        """Wait for a queued publish's commit, counted as waiting (see submit)."""
+        self._waiting += 1
+        try:
+            return await fut
+        finally:
+            self._waiting -= 1
 
     async def commit(self, batch: WriteBatch) -> list[Receipt]:
         """Commit acknowledgements (and whatever rides with them) in the next cycle.
@@ -274,7 +271,6 @@ class LogWriter:
             or self._closed
             or self._stopping
             or self.lock.locked()
-            or len(record.payload) > _AT_ONCE_BYTES
         ):
             return None
         taken: list[_Taken] = [(record, None)]
@@ -287,11 +283,11 @@ class LogWriter:
         started = time.monotonic()
         try:
             receipts = self._log.commit_now(batch)
-        except BaseException as exc:
-            receipts = None
-            if not isinstance(exc, COMMIT_ERRORS):
-                self._give_back(sourced)
-                raise
+        except COMMIT_ERRORS:
+            receipts = None  # the writer commits it, with its handling of failures
+        except BaseException:
+            self._give_back(sourced)
+            raise
         if receipts is None:
             # Nothing was written: the sources keep their writes for the writer.
             self._give_back(sourced)
