@@ -39,6 +39,7 @@ from ._errors import (
 )
 from ._event import Event, Message
 from ._hooks import Hooks, PublishKind
+from ._log_access import LogReader
 from ._metrics import BusMetrics
 from ._reconciliation import ReconciliationBase
 from ._stopping import stop_requested
@@ -58,7 +59,7 @@ from .failures import CONTROL_DECODER as _CONTROL
 from .failures import DeadLettered, DeadLetters
 from .publish import EventEncoder, LogWriter, RecentEvents
 from .reconcile import R, Reconciler, ReconcileReport
-from .workflows import WorkflowEngine, WorkflowFunction, WorkflowHandle
+from .workflows import WorkflowEngine, WorkflowError, WorkflowFunction, WorkflowHandle
 
 logger = logging.getLogger("eventbus.bus")
 
@@ -361,6 +362,14 @@ class Bus:
                 await apply_drop(
                     self._log, self._writer.lock, self._known, self._subs, command.subscription
                 )
+                continue
+            if command.action == "cancel":
+                for workflow_id in command.ids or ():
+                    try:
+                        await self._workflows.cancel(workflow_id)
+                    except WorkflowError as exc:
+                        logger.error("ignoring a queued cancel: %s", exc)
+                logger.warning("applied a queued cancel command: %s", command.ids)
                 continue
             if command.action == "redrive":
                 n = await self.dead_letters.redrive(
@@ -1124,6 +1133,12 @@ class Bus:
             subscriptions={name: s.metrics(head) for name, s in self._subs.items()},
             published=dict(self._topic_counts) if self._topic_counts is not None else {},
         )
+
+    def log_reader(self) -> LogReader:
+        """Read access to this bus's log, for an operator's tools (the dashboard
+        mounted next to the bus): stats, dead letters, workflow runs and their steps,
+        paged. It writes nothing."""
+        return LogReader(self._log)
 
     @property
     def subscription_names(self) -> frozenset[str]:

@@ -52,6 +52,7 @@ FLOORS: dict[str, int] = {
     # the facade
     "eventbus._reconciliation": 5,
     "eventbus._unclaimed": 5,
+    "eventbus._log_access": 5,
     "eventbus._bus": 6,
     # built on the facade
     "eventbus._effects": 7,
@@ -63,6 +64,7 @@ FLOORS: dict[str, int] = {
     # optional exporters, imported only when used
     "eventbus.prometheus": 8,
     "eventbus.otel": 8,
+    "eventbus.dashboard": 8,
     "eventbus": 9,
     "eventbus.__main__": 9,
 }

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
 
 import anyio
@@ -20,47 +19,27 @@ import anyio
 import eventbus.storage as _storage
 from eventbus.storage import DeadRecord, SQLiteStorage
 
-from ..failures import CONTROL_ENCODER, ControlCommand
+from .._log_access import change_dead_letters, open_for_change, open_read_only, queue
+from ..failures import ControlCommand
 from ..progress import Progress
 from ..reconcile import check_log
 from . import _output as out
 from ._parser import build_parser
-
-# Dead letters re-injected per transaction by `dlq redrive` on a log no bus owns: the
-# progress line moves between chunks, and each chunk is a short write.
-REDRIVE_CHUNK = 1000
 
 # The exit status of a command whose reader went away (`eventbus dlq list F | head`),
 # as for one killed by SIGPIPE.
 _PIPE_CLOSED = 128 + 13
 
 
-async def _open(path: str) -> SQLiteStorage:
-    """The log at ``path``, read-only; a missing file or one that is not a log is
-    refused (``StorageError``) and left as it was."""
-    store = SQLiteStorage(path, read_only=True)
-    await store.open()
-    return store
+_open = open_read_only
 
 
-async def _open_for_change(path: str) -> SQLiteStorage:
-    """The log at ``path`` for writing, once a read-only open has shown that it is an
-    existing log. Raises ``LogLocked`` while a bus owns it."""
-    await (await _open(path)).close()
-    store = SQLiteStorage(path)
-    await store.open()
-    return store
-
-
-async def _queue(args: argparse.Namespace, command: ControlCommand, owner: str) -> int:
-    await anyio.to_thread.run_sync(
-        _storage.submit_control, args.file, CONTROL_ENCODER.encode(command)
-    )
+def _queued(args: argparse.Namespace, command: str, owner: str) -> int:
     if args.json:
         out.emit({"queued": True})
     else:
         print(
-            f"queued {command.action} for the bus that owns {args.file} ({owner}); it applies "
+            f"queued {command} for the bus that owns {args.file} ({owner}); it applies "
             "it within a second (BusConfig.control_interval) and logs what it did"
         )
     return 0
@@ -222,57 +201,45 @@ async def _change_dead_letters(args: argparse.Namespace) -> int:
         return 2
     verb = "re-inject" if args.dlq_command == "redrive" else "purge"
     if args.dry_run:
-        store = await _open(args.file)
-        try:
-            n = await store.count_dead_letters(
-                args.subscription, error_type=args.error_type, ids=ids
-            )
-        finally:
-            await store.close()
+        n = await _count(args.file, args.subscription, args.error_type, ids)
         if args.json:
             out.emit({"dry_run": True, "matching": n})
         else:
             print(f"would {verb} {n} dead letters (dry run: nothing changed)")
         return 0
-    try:
-        store = await _open_for_change(args.file)
-    except _storage.LogLocked as exc:
-        command = ControlCommand(args.dlq_command, args.subscription, ids, args.error_type)
-        return await _queue(args, command, exc.owner)
-    try:
-        if args.dlq_command == "redrive":
-            count = await _redrive(store, args, ids)
-        else:
-            count = await store.purge(args.subscription, ids=ids, error_type=args.error_type)
-    finally:
-        await store.close()
-    done = "re-injected" if args.dlq_command == "redrive" else "purged"
-    if args.json:
-        out.emit({done: count})
-    else:
-        print(f"{done} {count} dead letters")
-    return 0
-
-
-async def _redrive(store: SQLiteStorage, args: argparse.Namespace, ids: list[str] | None) -> int:
-    """Re-inject the matching dead letters, ``REDRIVE_CHUNK`` per transaction, with a
-    progress line on a terminal. Interrupted, the letters not yet reached stay dead
-    letters: running it again re-injects them."""
-    total = await store.count_dead_letters(args.subscription, error_type=args.error_type, ids=ids)
-    count = 0
-    with Progress("redrive", total, unit="dead letters", quiet=args.quiet) as progress:
-        while True:
-            moved = await store.redrive(
+    if args.dlq_command == "redrive":
+        total = await _count(args.file, args.subscription, args.error_type, ids)
+        with Progress("redrive", total, unit="dead letters", quiet=args.quiet) as progress:
+            outcome = await change_dead_letters(
+                args.file,
+                "redrive",
                 args.subscription,
                 ids=ids,
                 error_type=args.error_type,
-                due_at=time.time(),
-                limit=REDRIVE_CHUNK,
+                on_progress=progress.update,
             )
-            count += len(moved)
-            progress.update(count)
-            if len(moved) < REDRIVE_CHUNK:
-                return count
+    else:
+        outcome = await change_dead_letters(
+            args.file, "purge", args.subscription, ids=ids, error_type=args.error_type
+        )
+    if outcome.owner is not None:
+        return _queued(args, args.dlq_command, outcome.owner)
+    done = "re-injected" if args.dlq_command == "redrive" else "purged"
+    if args.json:
+        out.emit({done: outcome.count})
+    else:
+        print(f"{done} {outcome.count} dead letters")
+    return 0
+
+
+async def _count(
+    path: str, subscription: str | None, error_type: str | None, ids: list[str] | None
+) -> int:
+    store = await _open(path)
+    try:
+        return await store.count_dead_letters(subscription, error_type=error_type, ids=ids)
+    finally:
+        await store.close()
 
 
 async def _drop_subscription(args: argparse.Namespace) -> int:
@@ -301,9 +268,10 @@ async def _drop_subscription(args: argparse.Namespace) -> int:
             print(f"would drop {what} (dry run: nothing changed)")
         return 0
     try:
-        writer = await _open_for_change(args.file)
+        writer = await open_for_change(args.file)
     except _storage.LogLocked as exc:
-        return await _queue(args, ControlCommand("drop", args.name), exc.owner)
+        await queue(args.file, ControlCommand("drop", args.name))
+        return _queued(args, "drop", exc.owner)
     try:
         await writer.drop_subscription(args.name)
     finally:

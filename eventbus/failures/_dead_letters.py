@@ -86,9 +86,9 @@ class DeadLettered(BusError):
 
 class ControlCommand(msgspec.Struct, frozen=True, tag=True):
     """A command queued in the log file for the bus that owns it (dead letters:
-    redrive, purge; subscriptions: drop)."""
+    redrive, purge; subscriptions: drop; workflow runs: cancel, the runs in ``ids``)."""
 
-    action: Literal["redrive", "purge", "drop"]
+    action: Literal["redrive", "purge", "drop", "cancel"]
     subscription: str | None = None
     ids: list[str] | None = None
     error_type: str | None = None

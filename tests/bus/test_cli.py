@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from eventbus import Bus, BusConfig, Context, Event, Message, RetryPolicy, progress
-from eventbus.cli import _main as cli_main
+from eventbus import _log_access as log_access
 from eventbus.cli import main
 from tests.conftest import wait_until
 
@@ -121,7 +121,7 @@ def test_redrive_reinjects_every_letter_in_chunks_with_a_progress_line_on_a_term
     log_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     anyio.run(make_dead_letters, log_path, 7)
-    monkeypatch.setattr(cli_main, "REDRIVE_CHUNK", 3)  # chunks of 3, 3 and 1
+    monkeypatch.setattr(log_access, "REDRIVE_CHUNK", 3)  # chunks of 3, 3 and 1
     monkeypatch.setattr(progress, "should_draw", lambda *_a, **_k: True)
     assert main(["dlq", "redrive", str(log_path)]) == 0
     captured = capsys.readouterr()
@@ -140,7 +140,7 @@ def test_redrive_with_quiet_draws_nothing_even_on_a_terminal(
     log_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     anyio.run(make_dead_letters, log_path, 4)
-    monkeypatch.setattr(cli_main, "REDRIVE_CHUNK", 3)
+    monkeypatch.setattr(log_access, "REDRIVE_CHUNK", 3)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     monkeypatch.delenv("CI", raising=False)
