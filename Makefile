@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test lint typecheck unit postgres docs docs-serve demo bench chaos clean
+.PHONY: test lint typecheck unit postgres chromium docs docs-serve demo bench chaos clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "eventbus needs Python 3.11+"'
@@ -38,7 +38,22 @@ postgres:
 		fi; \
 	fi
 
-unit: $(STAMP) postgres
+# The dashboard's browser tests (tests/dashboard/) drive Debian's chromium through its
+# chromedriver: install both where they are missing and apt-get is at hand (as root).
+# Where neither can be had, those tests skip and say why.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			echo "installing chromium and chromium-driver for the dashboard's browser tests"; \
+			apt-get install -y -q chromium chromium-driver >/dev/null \
+				|| { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } \
+				|| echo "could not install chromium: the browser tests will skip"; \
+		else \
+			echo "no chromium and no apt-get as root: the dashboard's browser tests will skip"; \
+		fi; \
+	fi
+
+unit: $(STAMP) postgres chromium
 	$(VENV)/bin/pytest --cov --cov-report=term
 
 # The documentation site (mkdocs.yml, docs/): --strict turns every warning (a broken

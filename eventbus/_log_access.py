@@ -21,6 +21,19 @@ from .failures import CONTROL_ENCODER, ControlCommand
 #: between chunks, and each chunk is a short write.
 REDRIVE_CHUNK = 1000
 
+_MSGPACK: msgspec.msgpack.Decoder[object] = msgspec.msgpack.Decoder()
+
+
+def decoded(raw: bytes | None) -> object:
+    """A stored payload, headers, input or output as plain data (the log keeps them
+    as msgpack); one that does not decode as its hex digits."""
+    if raw is None:
+        return None
+    try:
+        return _MSGPACK.decode(raw)
+    except msgspec.DecodeError:
+        return raw.hex()
+
 
 class Outcome(msgspec.Struct, frozen=True):
     """What a change did.

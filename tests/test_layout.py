@@ -57,14 +57,14 @@ FLOORS: dict[str, int] = {
     # built on the facade
     "eventbus._effects": 7,
     "eventbus.operators": 7,
-    "eventbus.cli": 7,
+    "eventbus.dashboard": 7,
+    "eventbus.cli": 8,
     "eventbus._chaos_pg": 7,
     "eventbus.chaos": 8,
     "eventbus.testing": 8,
     # optional exporters, imported only when used
     "eventbus.prometheus": 8,
     "eventbus.otel": 8,
-    "eventbus.dashboard": 8,
     "eventbus": 9,
     "eventbus.__main__": 9,
 }

@@ -307,6 +307,43 @@ async def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """``eventbus serve``: the dashboard, until interrupted."""
+    try:
+        anyio.run(_check_log, args.file)
+    except _storage.StorageError as exc:
+        print(f"eventbus: {exc}", file=sys.stderr)
+        return 2
+    try:
+        from eventbus import dashboard
+    except ImportError as exc:
+        print(
+            f"eventbus: {exc}; the dashboard needs its extra: pip install 'eventbus[dashboard]'",
+            file=sys.stderr,
+        )
+        return 2
+    mode = "actions allowed" if args.allow_actions else "read-only"
+    print(f"eventbus: dashboard of {args.file} at http://{args.host}:{args.port}/ ({mode})")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
+        print(
+            f"eventbus: warning: listening on {args.host} without --token: anyone who can reach "
+            "it can read the log",
+            file=sys.stderr,
+        )
+    dashboard.serve(
+        args.file,
+        host=args.host,
+        port=args.port,
+        allow_actions=args.allow_actions,
+        token=args.token,
+    )
+    return 0
+
+
+async def _check_log(path: str) -> None:
+    await (await _open(path)).close()  # an existing log, or refused as is
+
+
 async def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "migrate":
@@ -324,6 +361,8 @@ async def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``eventbus`` and ``python -m eventbus``."""
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     try:
         return anyio.run(_run, args)
     except BrokenPipeError:

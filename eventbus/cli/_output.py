@@ -7,10 +7,10 @@ import sys
 
 import msgspec
 
+from eventbus._log_access import decoded
 from eventbus.storage import DeadRecord, LogStats, StepRecord, SubscriptionInfo, WorkflowRecord
 
 JSON = msgspec.json.Encoder()
-_MSGPACK: msgspec.msgpack.Decoder[object] = msgspec.msgpack.Decoder()
 
 
 def when(ts: float) -> str:
@@ -24,15 +24,6 @@ def size(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
-
-
-def decoded(raw: bytes | None) -> object:
-    if raw is None:
-        return None
-    try:
-        return _MSGPACK.decode(raw)
-    except msgspec.DecodeError:
-        return raw.hex()
 
 
 def emit(value: object) -> None:

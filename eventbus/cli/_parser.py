@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 from importlib import metadata
 
 from .._config import BusConfig
@@ -210,6 +211,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds past due after which a retry counts as overdue (default: %(default)s)",
     )
     _json(reconcile)
+    serve = sub.add_parser(
+        "serve",
+        help="a web dashboard of the log: lag, dead letters, workflow runs, reconciliation "
+        "(needs the dashboard extra: pip install 'eventbus[dashboard]')",
+    )
+    serve.add_argument("file", help=FILE_HELP)
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on (default: %(default)s, this machine only)",
+    )
+    serve.add_argument(
+        "--port", type=int, default=8765, help="the port to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--allow-actions",
+        action="store_true",
+        help="offer redrive, purge, cancel and reconcile (read-only without it)",
+    )
+    serve.add_argument(
+        "--token",
+        default=os.environ.get("EVENTBUS_DASHBOARD_TOKEN"),
+        help="a token every request must carry (default: $EVENTBUS_DASHBOARD_TOKEN, which "
+        "keeps it out of the process list); open the dashboard once as ...?token=TOKEN",
+    )
     migrate = sub.add_parser(
         "migrate",
         help="copy a SQLite log into a new PostgreSQL log (stop the bus on it first)",
