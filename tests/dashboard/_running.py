@@ -190,6 +190,14 @@ def wait_until(driver: Any, condition: Callable[[Any], object], timeout: float =
     return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
 
 
+def element(driver: Any, element_id: str, timeout: float = 15) -> Any:
+    """The element with this id, once the page that has it has loaded (a click that
+    submits a form returns before the next page is there)."""
+    from selenium.webdriver.common.by import By
+
+    return wait_until(driver, lambda d: (d.find_elements(By.ID, element_id) or [None])[0], timeout)
+
+
 def screenshot(driver: Any, name: str) -> None:
     """Write the page as docs/img/dashboard-NAME.png (the documentation shows them)."""
     DOCS_IMG.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import pytest
 import eventbus.dashboard as dashboard
 from eventbus import Bus
 
-from ._running import Running, Shop, browser, orders, screenshot, wait_until
+from ._running import Running, Shop, browser, element, orders, screenshot, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,7 +46,7 @@ def test_the_overview_updates_when_events_flow(driver: Any, live: Running) -> No
     from selenium.webdriver.common.by import By
 
     driver.get(live.url + "/")
-    head = int(driver.find_element(By.ID, "head").text)
+    head = int(element(driver, "head").text)
     billing = driver.find_element(By.CSS_SELECTOR, 'tr[data-subscription="billing"]')
     assert billing.find_element(By.CSS_SELECTOR, ".dead").text == "6"
 
@@ -67,9 +67,9 @@ def test_a_dead_letter_is_found_by_filter_inspected_redriven_and_disappears(
 
     live.call(lambda bus: orders(bus, range(300, 302), bad=True))
     driver.get(live.url + "/dead-letters")
-    Select(driver.find_element(By.ID, "f-subscription")).select_by_visible_text("billing")
-    driver.find_element(By.ID, "f-error-type").send_keys("ValueError")
-    driver.find_element(By.ID, "apply-filter").click()
+    Select(element(driver, "f-subscription")).select_by_visible_text("billing")
+    element(driver, "f-error-type").send_keys("ValueError")
+    element(driver, "apply-filter").click()
     wait_until(driver, lambda d: "error_type=ValueError" in d.current_url)
     found = rows(driver)
     assert len(found) == 8
@@ -79,16 +79,16 @@ def test_a_dead_letter_is_found_by_filter_inspected_redriven_and_disappears(
     seq = max(found, key=int)
     found[seq].find_element(By.TAG_NAME, "a").click()
     wait_until(driver, lambda d: d.find_elements(By.ID, "payload"))
-    assert '"id": 301' in driver.find_element(By.ID, "payload").text
-    assert "card declined for order 301" in driver.find_element(By.ID, "error").text
-    assert "ValueError" in driver.find_element(By.ID, "traceback").text
+    assert '"id": 301' in element(driver, "payload").text
+    assert "card declined for order 301" in element(driver, "error").text
+    assert "ValueError" in element(driver, "traceback").text
     screenshot(driver, "dead-letter")
 
     live.shop.fixed.add(301)  # the cause is fixed; redrive it
-    driver.find_element(By.ID, "redrive-one").click()
-    assert driver.find_element(By.ID, "confirm-count").text == "1"
-    driver.find_element(By.ID, "confirm").click()
-    assert "Re-injected 1 dead letters" in driver.find_element(By.ID, "outcome").text
+    element(driver, "redrive-one").click()
+    assert element(driver, "confirm-count").text == "1"
+    element(driver, "confirm").click()
+    assert "Re-injected 1 dead letters" in element(driver, "outcome").text
 
     def gone(d: Any) -> bool:
         d.get(live.url + "/dead-letters?subscription=billing")
@@ -106,19 +106,19 @@ def test_a_purge_asks_for_confirmation_first(driver: Any, live: Running) -> None
     picked = sorted(before, key=int)[:2]
     for seq in picked:
         before[seq].find_element(By.CSS_SELECTOR, "input[type=checkbox]").click()
-    driver.find_element(By.ID, "purge-selected").click()
-    text = driver.find_element(By.ID, "confirm-text").text
+    element(driver, "purge-selected").click()
+    text = element(driver, "confirm-text").text
     assert "deletes 2 dead letters for good" in text
     screenshot(driver, "confirm")
 
-    driver.find_element(By.ID, "cancel").click()  # nothing purged
+    element(driver, "cancel").click()  # nothing purged
     assert set(rows(driver)) == set(before)
 
-    driver.find_element(By.ID, "purge-filter").click()
-    assert driver.find_element(By.ID, "confirm-count").text == str(len(before))
-    driver.find_element(By.ID, "confirm").click()
-    assert f"Purged {len(before)} dead letters" in driver.find_element(By.ID, "outcome").text
-    driver.find_element(By.ID, "back").click()
+    element(driver, "purge-filter").click()
+    assert element(driver, "confirm-count").text == str(len(before))
+    element(driver, "confirm").click()
+    assert f"Purged {len(before)} dead letters" in element(driver, "outcome").text
+    element(driver, "back").click()
     assert rows(driver) == {}
 
 
@@ -147,15 +147,15 @@ def test_a_workflow_runs_steps_are_shown_and_a_run_can_be_cancelled(
     assert "done" in steps["reserve"]
     assert '"reserved":7' in steps["reserve"]
     assert "charged order 7" in steps["charge"]
-    assert driver.find_element(By.ID, "run-status").text == "completed"
+    assert element(driver, "run-status").text == "completed"
     screenshot(driver, "workflow-run")
 
     driver.get(live.url + "/workflows/order-8")
     wait_until(driver, lambda d: "running" in d.find_element(By.ID, "steps").text)
-    driver.find_element(By.ID, "cancel-run").click()
-    assert "Cancelled run order-8" in driver.find_element(By.ID, "outcome").text
-    driver.find_element(By.ID, "back").click()
-    assert driver.find_element(By.ID, "run-status").text == "cancelled"
+    element(driver, "cancel-run").click()
+    assert "Cancelled run order-8" in element(driver, "outcome").text
+    element(driver, "back").click()
+    assert element(driver, "run-status").text == "cancelled"
 
 
 def test_a_reconciliation_pass_runs_from_the_page(driver: Any, live: Running) -> None:
@@ -163,8 +163,8 @@ def test_a_reconciliation_pass_runs_from_the_page(driver: Any, live: Running) ->
 
     driver.get(live.url + "/reconcile")
     assert driver.find_elements(By.ID, "no-report")
-    driver.find_element(By.ID, "run-pass").click()
-    assert driver.find_element(By.ID, "verdict").text == "OK: nothing lost"
+    element(driver, "run-pass").click()
+    assert element(driver, "verdict").text == "OK: nothing lost"
     names = [r.text.split()[0] for r in driver.find_elements(By.CSS_SELECTOR, "#report tr")[1:]]
     assert {"audit", "billing"} <= set(names)
     screenshot(driver, "reconcile")
