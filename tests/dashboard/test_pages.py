@@ -4,10 +4,11 @@ dashboard mounted under a prefix with a token callable."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlencode
 
 import httpx
@@ -26,10 +27,15 @@ pytestmark = pytest.mark.anyio
 FORM = "application/x-www-form-urlencoded"
 
 
-def client(app: Any, prefix: str = "") -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url=f"http://dash{prefix}"
-    )
+@contextlib.asynccontextmanager
+async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of ``app``, with its lifespan run around it as a server runs it
+    (the dashboard of a file closes the file when it ends)."""
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://dash") as c,
+    ):
+        yield c
 
 
 def csrf(page: str) -> str:
