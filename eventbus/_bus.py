@@ -1056,13 +1056,19 @@ class Bus:
         sub = self._subs.get(subscription)
         return StateReader(self._log, sub.state_cache if sub else None, subscription)
 
-    async def stats(self) -> LogStats:
+    async def stats(self, *, exact: bool = True) -> LogStats:
         """Read the log's size, cursors, lag, retry and dead-letter counts.
+
+        Args:
+            exact: Count events and lag row by row (the default). False for a page
+                that polls a big log: ``events`` is then the span of seqs kept and
+                ``lag`` the head minus each cursor, a few index reads whatever the
+                log's size.
 
         Cancellation: a read; nothing changes.
         """
         try:
-            return await self._log.stats()
+            return await self._log.stats(exact=exact)
         except _storage.StorageError as exc:
             raise translate_storage_error(exc) from exc
 

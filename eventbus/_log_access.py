@@ -161,9 +161,14 @@ class LogReader:
         """The last committed seq, as this process knows it."""
         return self._log.head
 
-    async def stats(self) -> _storage.LogStats:
-        """The log's size, cursors, lag, retry and dead-letter counts."""
-        return await self._log.stats()
+    async def stats(self, *, exact: bool = True) -> _storage.LogStats:
+        """The log's size, cursors, lag, retry and dead-letter counts (see
+        ``Storage.stats`` for ``exact``)."""
+        return await self._log.stats(exact=exact)
+
+    async def subscriptions(self) -> dict[str, _storage.SubscriptionInfo]:
+        """Every subscription in the log, with its cursor."""
+        return await self._log.subscriptions()
 
     async def read(
         self, after: int, upto: int, topics: frozenset[str] | None, limit: int

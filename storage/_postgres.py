@@ -539,18 +539,29 @@ class PostgresStorage:
         rows = await self._db.fetch("SELECT id, command FROM control ORDER BY id LIMIT 100")
         return [(int(i), bytes(c)) for i, c in rows]
 
-    async def stats(self) -> LogStats:
-        return await self._db.read(self._stats, snapshot=True)
+    async def stats(self, *, exact: bool = True) -> LogStats:
+        if exact:
+            return await self._db.read(self._stats, snapshot=True)
+        return await self._db.read(self._quick_stats, snapshot=True)
 
-    async def _stats(self, conn: Connection) -> LogStats:
+    async def _quick_stats(self, conn: Connection) -> LogStats:
+        return await self._stats(conn, exact=False)
+
+    async def _stats(self, conn: Connection, *, exact: bool = True) -> LogStats:
         head = await stmts.read_head(conn)
-        count, oldest = await conn.fetchrow("SELECT count(*), min(seq) FROM events") or (0, None)
+        oldest = await conn.fetchval("SELECT min(seq) FROM events")
+        count = 0 if oldest is None else max(0, head - oldest + 1)
+        if exact:
+            count = await conn.fetchval("SELECT count(*) FROM events")
         subs = {
             name: SubscriptionInfo(name, tuple(topics.split("\n")), cursor, updated)
             for name, topics, cursor, updated in await conn.fetch(_SUBSCRIPTIONS)
         }
         lag: dict[str, int] = {}
         for info in subs.values():
+            if not exact:
+                lag[info.name] = max(0, head - info.cursor)
+                continue
             # Per partition: each has a cursor of its own.
             topic_sql = "" if "*" in info.topics else " AND e.topic = ANY($2::text[])"
             args: list[object] = [info.name]

@@ -190,8 +190,15 @@ class Storage(Protocol):
         updated before that too. Returns the number of events deleted; call again
         while it returns ``limit`` (each call is one short transaction)."""
 
-    async def stats(self) -> LogStats:
-        """A snapshot of the log's size, cursors and lag."""
+    async def stats(self, *, exact: bool = True) -> LogStats:
+        """A snapshot of the log's size, cursors and lag.
+
+        With ``exact=False`` (for a page that polls a big log) nothing is counted row
+        by row: ``events`` is the span of seqs kept (``head - oldest_seq + 1``) and a
+        subscription's ``lag`` the head minus its cursor (which counts events on other
+        topics too, as ``SubscriptionMetrics.lag`` does): a few index reads, whatever
+        the log's size.
+        """
 
 
 @runtime_checkable

@@ -134,8 +134,7 @@ class Dashboard:
         )
 
     async def _subscription_names(self) -> list[str]:
-        snap_subs = (await (await self.source.reader()).stats()).subscriptions
-        return sorted(s.name for s in snap_subs)
+        return sorted(await (await self.source.reader()).subscriptions())
 
     async def dead_letter(self, request: Request) -> Response:
         seq = int(request.path_params["seq"])

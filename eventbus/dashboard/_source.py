@@ -133,7 +133,7 @@ class BusSource:
         return self._reader
 
     async def snapshot(self) -> Snapshot:
-        stats = await self._bus.stats()
+        stats = await self._bus.stats(exact=False)
         metrics = self._bus.metrics()
         views = []
         for info in stats.subscriptions:
@@ -201,7 +201,7 @@ class FileSource:
 
     async def snapshot(self) -> Snapshot:
         reader = await self.reader()
-        stats = await reader.stats()
+        stats = await reader.stats(exact=False)
         now = time.time()
         views = []
         for info in stats.subscriptions:

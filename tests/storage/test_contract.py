@@ -145,6 +145,26 @@ async def test_stats_count_lag_per_subscription(log: Storage) -> None:
     assert stats.events == 9
 
 
+async def test_quick_stats_take_events_and_lag_from_seqs(log: Storage) -> None:
+    info = SubscriptionInfo("s", ("a",), 0, time.time())
+    old = time.time() - 100
+    await log.commit(
+        WriteBatch(
+            subscriptions=[info],
+            appends=[rec(i, topic="a" if i < 6 else "b", created_at=old) for i in range(9)],
+        )
+    )
+    await log.commit(WriteBatch(acks={"s": 3}))
+    await log.compact(upto=2, older_than=time.time(), idempotency_older_than=0)
+    quick = await log.stats(exact=False)
+    exact = await log.stats()
+    assert quick.head == exact.head == 9
+    assert quick.oldest_seq == exact.oldest_seq == 3
+    assert quick.events == exact.events == 7  # no gaps: the span is the count
+    assert quick.lag == {"s": 6}  # the head minus the cursor, topic b included
+    assert exact.lag == {"s": 3}  # a's events after the cursor, counted
+
+
 @pytest.mark.parametrize("backend", BACKENDS[1:])
 async def test_the_head_survives_compacting_everything(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
