@@ -19,7 +19,8 @@ from __future__ import annotations
 from starlette.applications import Starlette
 
 from .._bus import Bus
-from ._app import Dashboard, build
+from ._app import build
+from ._base import Dashboard
 from ._security import Token
 from ._source import BusSource, FileSource
 
