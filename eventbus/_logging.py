@@ -24,6 +24,7 @@ LOGGERS: dict[str, str] = {
     "eventbus.workflows": "workflow runs: failed steps, runs that fail or resume",
     "eventbus.reconcile": "reconciliation passes and user reconcilers",
     "eventbus.hooks": "hooks: an after_publish hook that raised (the event was published)",
+    "eventbus.dashboard": "the web dashboard: a change started from it that failed",
 }
 
 #: The attributes :func:`event_fields` sets on a log record.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -19,6 +20,7 @@ from ..workflows import WorkflowError
 from ._base import Dashboard, root
 from ._dead_pages import DeadLetterPages
 from ._history import sparkline
+from ._jobs import Jobs
 from ._render import render
 from ._run_pages import RunPages
 from ._security import Guard, Token
@@ -72,15 +74,25 @@ async def _bad_run(request: Request, exc: Exception) -> Response:
 
 
 def build(dashboard: Dashboard, token: Token, *, owns_source: bool) -> Starlette:
-    """The Starlette application of ``dashboard``; ``owns_source``: its lifespan closes
-    the source (a file it opened), which only runs when it is the server's app."""
+    """The Starlette application of ``dashboard``.
+
+    Its lifespan (run when it is the server's app; a mounted app's is not) owns a task
+    group where long changes run with a progress page, and closes the source when
+    ``owns_source`` (a file it opened). Without it, changes run within their request.
+    """
     d = dashboard
     overview, dead, runs = OverviewPage(d), DeadLetterPages(d), RunPages(d)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         try:
-            yield
+            async with anyio.create_task_group() as group:
+                d.jobs = Jobs(group)
+                try:
+                    yield
+                finally:
+                    d.jobs = None
+                    group.cancel_scope.cancel()  # a change cut short stays as far as it got
         finally:
             if owns_source:
                 await d.source.close()
@@ -92,6 +104,8 @@ def build(dashboard: Dashboard, token: Token, *, owns_source: bool) -> Starlette
         Route("/dead-letters/confirm", dead.confirm, methods=["POST"]),
         Route("/dead-letters/apply", dead.apply, methods=["POST"]),
         Route("/dead-letters/{seq:int}", dead.dead_letter),
+        Route("/jobs/{id}", dead.job),
+        Route("/fragments/jobs/{id}", dead.job_fragment),
         Route("/workflows", runs.workflows),
         Route("/fragments/workflows", runs.workflows_fragment),
         Route("/fragments/workflows/{id:path}", runs.workflow_fragment),

@@ -12,6 +12,7 @@ from starlette.responses import PlainTextResponse, Response
 from .._log_access import Outcome
 from ..reconcile import ReconcileReport
 from ._history import History
+from ._jobs import Jobs
 from ._render import render
 from ._security import csrf_ok
 from ._source import Source
@@ -33,6 +34,8 @@ class Dashboard:
         self.csrf = secrets.token_urlsafe(32)
         self.history = History()
         self.report: ReconcileReport | None = None
+        #: Where long changes run, while a server's lifespan provides one.
+        self.jobs: Jobs | None = None
 
     def page(
         self, request: Request, template: str, page: str, title: str, /, **context: object

@@ -3,16 +3,17 @@ confirmation that says how many letters it touches."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlencode
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 
 from .._log_access import Outcome
 from ._base import Dashboard, queued, root
 from ._filters import Filter, dead_cursor
-from ._render import pretty
+from ._render import pretty, render
 from ._source import Action
 
 #: Dead letters per page.
@@ -178,32 +179,63 @@ class DeadLetterPages:
             picks = await self._named(f)
         else:
             picks = []
-        outcomes: list[Outcome] = []
-        if scope == "filter" and not f.by_time:
-            outcomes.append(
-                await self.d.source.change_dead_letters(action, f.subscription, None, f.error_type)
-            )
-        else:
-            by_sub: dict[str, list[str]] = {}
-            for event_id, subscription in picks:
-                by_sub.setdefault(subscription, []).append(event_id)
-            for subscription, ids in by_sub.items():
-                outcomes.append(
-                    await self.d.source.change_dead_letters(action, subscription, ids, None)
-                )
         back = f"{root(request)}/dead-letters?{urlencode(list(f.fields()))}"
         verb = "Re-injected" if action == "redrive" else "Purged"
+        source = self.d.source
+
+        async def work(progress: Callable[[int], None]) -> str:
+            outcomes: list[Outcome] = []
+            before = 0
+
+            def moved(n: int) -> None:
+                progress(before + n)
+
+            if scope == "filter" and not f.by_time:
+                outcomes.append(
+                    await source.change_dead_letters(
+                        action, f.subscription, None, f.error_type, moved
+                    )
+                )
+            else:
+                by_sub: dict[str, list[str]] = {}
+                for event_id, subscription in picks:
+                    by_sub.setdefault(subscription, []).append(event_id)
+                for subscription, ids in by_sub.items():
+                    outcome = await source.change_dead_letters(
+                        action, subscription, ids, None, moved
+                    )
+                    outcomes.append(outcome)
+                    before += outcome.count or 0
+            return _said(outcomes, f"{verb.lower()} {{}} dead letters", action)
+
+        if self.d.jobs is not None:
+            total = len(picks) if picks else int(form.get("count", "0") or 0)
+            job = self.d.jobs.start(f"{verb} dead letters", total, back, work)
+            return RedirectResponse(f"{root(request)}/jobs/{job.id}", status_code=303)
         return HTMLResponse(
             self.d.page(
                 request,
                 "done.html",
                 "dead",
                 verb,
-                heading=f"{verb} dead letters" if action == "redrive" else "Purged dead letters",
-                message=_said(outcomes, f"{verb.lower()} {{}} dead letters", action),
+                heading=f"{verb} dead letters",
+                message=await work(lambda n: None),
                 back=back,
             )
         )
+
+    async def job(self, request: Request) -> Response:
+        """The page of a change running (or done) in the background."""
+        job = None if self.d.jobs is None else self.d.jobs.get(request.path_params["id"])
+        if job is None:
+            return _no_job(request)
+        return HTMLResponse(self.d.page(request, "job.html", "dead", job.what, job=job))
+
+    async def job_fragment(self, request: Request) -> Response:
+        job = None if self.d.jobs is None else self.d.jobs.get(request.path_params["id"])
+        if job is None:
+            return _no_job(request)
+        return HTMLResponse(render("job_body.html", job=job))
 
     async def _named(self, f: Filter) -> list[tuple[str, str]]:
         reader = await self.d.source.reader()
@@ -211,6 +243,14 @@ class DeadLetterPages:
             f.subscription, MAX_BY_TIME, 0, error_type=f.error_type, since=f.since, until=f.until
         )
         return [(r.record.id, r.subscription) for r in rows]
+
+
+def _no_job(request: Request) -> Response:
+    return PlainTextResponse(
+        f"404: no change {request.path_params['id']!r} here: the dashboard restarted, or it "
+        "finished long ago; the dead letters page shows where things stand.",
+        status_code=404,
+    )
 
 
 def _said(outcomes: list[Outcome], done: str, action: str) -> str:

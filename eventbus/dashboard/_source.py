@@ -4,7 +4,7 @@ bus in another process may own (read-only, changes queued for the owner)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
 import anyio
@@ -77,8 +77,10 @@ class Source(Protocol):
         subscription: str | None,
         ids: Sequence[str] | None,
         error_type: str | None,
+        on_progress: Callable[[int], None] | None = None,
     ) -> Outcome:
-        """Redrive or purge the matching dead letters."""
+        """Redrive or purge the matching dead letters; ``on_progress`` is told how many
+        are done after each transaction of a long redrive."""
 
     async def cancel(self, workflow_id: str) -> Outcome:
         """Cancel a workflow run."""
@@ -156,6 +158,7 @@ class BusSource:
         subscription: str | None,
         ids: Sequence[str] | None,
         error_type: str | None,
+        on_progress: Callable[[int], None] | None = None,
     ) -> Outcome:
         dead = self._bus.dead_letters
         if action == "redrive":
@@ -231,9 +234,15 @@ class FileSource:
         subscription: str | None,
         ids: Sequence[str] | None,
         error_type: str | None,
+        on_progress: Callable[[int], None] | None = None,
     ) -> Outcome:
         return await change_dead_letters(
-            self.path, action, subscription, ids=ids, error_type=error_type
+            self.path,
+            action,
+            subscription,
+            ids=ids,
+            error_type=error_type,
+            on_progress=on_progress,
         )
 
     async def cancel(self, workflow_id: str) -> Outcome:

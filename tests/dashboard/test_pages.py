@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from urllib.parse import urlencode
 
+import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -18,8 +20,11 @@ from starlette.routing import Mount
 
 import eventbus.dashboard as dashboard
 from eventbus import Bus
+from eventbus import _log_access as log_access
 from eventbus.dashboard._history import History, sparkline
+from eventbus.dashboard._jobs import Jobs
 from eventbus.dashboard._source import Snapshot, SubscriptionView
+from eventbus.storage import StorageError
 
 from ._running import Shop, orders
 
@@ -42,6 +47,19 @@ def csrf(page: str) -> str:
     found = re.search(r'name="csrf" value="([^"]+)"', page)
     assert found, "no form token on the page"
     return found.group(1)
+
+
+async def finished(c: httpx.AsyncClient, response: httpx.Response) -> str:
+    """The page of a change started in the background, once it has finished."""
+    assert response.status_code == 303
+    url = response.headers["location"]
+    assert re.fullmatch(r"/jobs/\d+", url)
+    with anyio.fail_after(10):
+        while True:  # the page, until the job is done
+            page = (await c.get(url)).text
+            if 'id="outcome"' in page:
+                return page
+            await anyio.sleep(0.01)
 
 
 async def make_log(path: Path, *, bad: int = 60, held: bool = True) -> None:
@@ -138,8 +156,8 @@ async def test_actions_on_a_log_no_bus_owns_apply_directly(log: Path) -> None:
         form = {"content": urlencode(data), "headers": {"content-type": FORM}}
         confirm = await c.post("/dead-letters/confirm", **form)
         assert 'confirm-count">3<' in confirm.text
-        done = await c.post("/dead-letters/apply", **form)
-        assert "Re-injected 3 dead letters." in done.text
+        done = await finished(c, await c.post("/dead-letters/apply", **form))
+        assert "Re-injected 3 dead letters." in done
 
         # A filter with a time range names its letters one by one.
         ranged = {"csrf": token, "do": "purge:filter", "subscription": "billing"}
@@ -147,8 +165,8 @@ async def test_actions_on_a_log_no_bus_owns_apply_directly(log: Path) -> None:
         confirm = await c.post("/dead-letters/confirm", data=ranged)
         assert 'confirm-count">57<' in confirm.text
         assert "last failed before 2100-01-01T00:00:00 UTC" in confirm.text
-        done = await c.post("/dead-letters/apply", data=ranged)
-        assert "Purged 57 dead letters." in done.text
+        done = await finished(c, await c.post("/dead-letters/apply", data=ranged))
+        assert "Purged 57 dead letters." in done
 
         cancel = await c.post("/workflows/run-2/cancel", data={"csrf": token})
         assert "Cancelled run run-2." in cancel.text
@@ -159,6 +177,54 @@ async def test_actions_on_a_log_no_bus_owns_apply_directly(log: Path) -> None:
 
         report = await c.post("/reconcile", data={"csrf": token})
         assert "OK: nothing lost" in report.text
+
+
+async def test_a_long_redrive_shows_its_progress(
+    log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(log_access, "REDRIVE_CHUNK", 7)  # 60 letters: 9 transactions
+    seen: list[int] = []
+    app = dashboard.file_app(str(log), allow_actions=True)
+    async with client(app) as c:
+        token = csrf((await c.get("/dead-letters")).text)
+        data = {"csrf": token, "do": "redrive:filter", "subscription": "billing", "count": "60"}
+        response = await c.post("/dead-letters/apply", data=data)
+        url = response.headers["location"]
+        with anyio.fail_after(10):
+            while 'id="outcome"' not in (page := (await c.get(url)).text):
+                found = re.search(r"(\d+) of 60 so far", page)
+                assert found, page
+                seen.append(int(found.group(1)))
+                fragment = (await c.get(url.replace("/jobs/", "/fragments/jobs/"))).text
+                assert "of 60 so far" in fragment or 'id="outcome"' in fragment
+                await anyio.lowlevel.checkpoint()
+        assert "Re-injected 60 dead letters." in page
+        assert seen == sorted(seen)
+        assert (await c.get("/jobs/999")).status_code == 404
+        assert (await c.get("/fragments/jobs/999")).status_code == 404
+
+
+async def test_a_change_that_fails_says_how_far_it_got() -> None:
+    release = anyio.Event()
+
+    async def work(progress: Callable[[int], None]) -> str:
+        progress(5)
+        await release.wait()
+        raise StorageError("the disk is full")
+
+    async with anyio.create_task_group() as group:
+        jobs = Jobs(group)
+        job = jobs.start("Re-injected dead letters", 10, "/dead-letters", work)
+        await anyio.lowlevel.checkpoint()
+        assert job.done == 5
+        assert job.message is None
+        assert jobs.get(job.id) is job
+        release.set()
+    assert job.failed
+    assert job.message == (
+        "Re-injected dead letters stopped after 5 of 10: the disk is full. What was done "
+        "stays done; running it again takes up the rest."
+    )
 
 
 async def test_mounted_under_a_prefix_with_a_token_callable(tmp_path: Path) -> None:

@@ -145,11 +145,12 @@ def test_changes_beside_a_running_bus_are_queued_for_it(servers: Servers) -> Non
         data={"csrf": token, "do": "redrive:filter", "subscription": "billing"},
     )
     assert re.search(r'confirm-count">4<', confirm.text)
-    done = httpx.post(
+    started = httpx.post(
         url + "/dead-letters/apply",
         data={"csrf": token, "do": "redrive:filter", "subscription": "billing"},
     )
-    assert f"Queued redrive for the bus that owns the log (pid {os.getpid()})" in done.text
+    done = finished(url, started)
+    assert f"Queued redrive for the bus that owns the log (pid {os.getpid()})" in done
 
     cancelled = httpx.post(url + "/workflows/order-9/cancel", data={"csrf": token})
     assert "Queued cancel" in cancelled.text
@@ -183,6 +184,16 @@ def test_a_forged_action_without_the_form_token_is_refused(servers: Servers) -> 
     response = httpx.post(servers.actions + "/dead-letters/apply", data={"do": "purge:filter"})
     assert response.status_code == 403
     assert "form token" in response.text
+
+
+def finished(url: str, response: httpx.Response) -> str:
+    """The page of a change started in the background, once it has finished."""
+    assert response.status_code == 303
+    deadline = time.monotonic() + 15
+    while 'id="outcome"' not in (page := httpx.get(url + response.headers["location"]).text):
+        assert time.monotonic() < deadline, page
+        time.sleep(0.02)  # between two looks at the job's page
+    return page
 
 
 def free_port() -> int:
