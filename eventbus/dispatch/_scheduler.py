@@ -93,30 +93,41 @@ class Entry:
     # cost nothing more to make: read it with ``getattr(entry, "view", None)``.
     view: object
 
-    def __init__(
-        self,
+    def __init__(self, seq: int, key: str | None, item: object) -> None:
+        # A fresh event, read from the log (made for every event: kept to constants).
+        self.seq = seq
+        self.key = key
+        self.item = item
+        self.attempt = 1
+        self.fresh = True
+        self.suspect = False
+        self.delay = 0.0
+        self.first_failed: float | None = None
+        self.state = FRESH
+        self.due = 0.0
+        # Holds the cursor back: a fresh event not yet finished.
+        self.pending = True
+
+    @classmethod
+    def retry(
+        cls,
         seq: int,
         key: str | None,
         item: object,
         *,
-        attempt: int = 1,
-        fresh: bool = True,
+        attempt: int,
         suspect: bool = False,
         delay: float = 0.0,
         first_failed: float | None = None,
-    ) -> None:
-        self.seq = seq
-        self.key = key
-        self.item = item
-        self.attempt = attempt
-        self.fresh = fresh
-        self.suspect = suspect
-        self.delay = delay
-        self.first_failed = first_failed
-        self.state = FRESH
-        self.due = 0.0
-        # Holds the cursor back: a fresh event not yet finished.
-        self.pending = fresh
+    ) -> Entry:
+        """An event of the retry lane as the log holds it (``attempt`` runs next)."""
+        entry = cls(seq, key, item)
+        entry.attempt = attempt
+        entry.fresh = entry.pending = False
+        entry.suspect = suspect
+        entry.delay = delay
+        entry.first_failed = first_failed
+        return entry
 
     def __repr__(self) -> str:
         return f"Entry(seq={self.seq}, key={self.key!r}, attempt={self.attempt})"
@@ -634,7 +645,7 @@ class Scheduler:
             if lane is None:
                 self._lanes[key] = [entry]
                 self._set_due(entry, due, error, write)
-                self._park_held(key)
+                self._park_buffered(key)
                 return
             i = bisect.bisect_left(lane, entry.seq, key=lambda e: e.seq)
             lane.insert(i, entry)
@@ -701,12 +712,31 @@ class Scheduler:
         entry.due = 0.0
         self._sink.retry(entry, None)
 
-    def _park_held(self, key: str) -> None:
+    def _park_buffered(self, key: str) -> None:
+        """``key`` just entered the retry lane: its events still in the buffer (held
+        behind a call, given back, or fresh) join it, so that the lane holds every
+        read event of the key in log order. An event of the key read from now on is
+        parked as it is read: left behind in the buffer, an older one would run
+        after it, once the lane released it."""
         held = self._held.pop(key, None)
         if held:
+            self.buffered -= len(held)
             for entry in held:
-                self.buffered -= 1
                 self._park(entry)
+        self._released = self._park_from(self._released, key)
+        self._fresh = self._park_from(self._fresh, key)
+
+    def _park_from(self, source: deque[Entry], key: str) -> deque[Entry]:
+        """``source`` without the events of ``key``, which are parked."""
+        if not source:
+            return source
+        mine = [entry for entry in source if entry.key == key]
+        if not mine:
+            return source
+        self.buffered -= len(mine)
+        for entry in mine:
+            self._park(entry)
+        return deque(entry for entry in source if entry.key != key)
 
     def _leave_lane(self, entry: Entry) -> None:
         """``entry`` left the retry lane (done or dead): the next of its key is due."""
