@@ -69,6 +69,10 @@ async def _failed(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _bad_request(request: Request, exc: Exception) -> Response:
+    return PlainTextResponse(f"400: {exc}", status_code=400)
+
+
 async def _bad_run(request: Request, exc: Exception) -> Response:
     return PlainTextResponse(f"404: {exc}", status_code=404)
 
@@ -118,6 +122,7 @@ def build(dashboard: Dashboard, token: Token, *, owns_source: bool) -> Starlette
         routes=routes,
         middleware=[Middleware(Guard, token=token)],
         exception_handlers={
+            ValueError: _bad_request,
             _storage.StorageError: _failed,
             WorkflowError: _bad_run,
             BusError: _failed,

@@ -147,6 +147,11 @@ async def test_actions_on_a_log_no_bus_owns_apply_directly(log: Path) -> None:
 
         nothing = await c.post("/dead-letters/confirm", data={"csrf": token, "do": "redrive:x"})
         assert nothing.status_code == 400
+        bad_time = {"csrf": token, "do": "purge:filter", "since": "soon"}
+        refused = await c.post("/dead-letters/confirm", data=bad_time)
+        assert refused.status_code == 400
+        assert "'soon' is neither" in refused.text
+        assert (await c.get("/workflows?after=x")).status_code == 400
         empty = await c.post("/dead-letters/confirm", data={"csrf": token, "do": "purge:selected"})
         assert "none selected" in empty.text
         assert 'id="confirm"' not in empty.text
