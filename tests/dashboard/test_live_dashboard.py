@@ -82,7 +82,9 @@ def test_a_dead_letter_is_found_by_filter_inspected_redriven_and_disappears(
     assert '"id": 301' in element(driver, "payload").text
     assert "card declined for order 301" in element(driver, "error").text
     assert "ValueError" in element(driver, "traceback").text
+    driver.set_window_size(1280, 730)  # the letter and its payload; the traceback below
     screenshot(driver, "dead-letter")
+    driver.set_window_size(1280, 860)
 
     live.shop.fixed.add(301)  # the cause is fixed; redrive it
     element(driver, "redrive-one").click()
@@ -148,6 +150,7 @@ def test_a_workflow_runs_steps_are_shown_and_a_run_can_be_cancelled(
     assert '"reserved":7' in steps["reserve"]
     assert "charged order 7" in steps["charge"]
     assert element(driver, "run-status").text == "completed"
+    assert not driver.find_elements(By.ID, "cancel-run")  # nothing left to cancel
     screenshot(driver, "workflow-run")
 
     driver.get(live.url + "/workflows/order-8")
