@@ -731,15 +731,10 @@ class Subscription:
         """A batch handler's call: one handler call for the events it may run now;
         on an exception, split in halves to isolate the failing events."""
         sched = self._sched
-        runnable: list[Entry] = []
+        # The scheduler checked these events when it handed them out, just now:
+        # nothing has changed since (no await in between), so all of them may run.
+        runnable = call.entries
         released: list[Entry] = []
-        for i, entry in enumerate(call.entries):
-            verdict = sched.check(call, entry)
-            if verdict == STOP:
-                released = call.entries[i:]
-                break
-            if verdict == RUN:
-                runnable.append(entry)
         started = self._clock.now()
         unhandled = runnable
         try:
@@ -753,23 +748,37 @@ class Subscription:
         """Call the batch handler on ``entries``; returns those left unhandled
         (abandoned at close, or released by a stop while a failing batch was split)."""
         sched = self._sched
+        typed = self._payload is not None  # its events come with their views
         events: list[Event[object]] = []
-        runnable: list[Entry] = []
-        for entry in entries:
-            try:
-                events.append(self._event_of(entry))
+        seqs: list[int] = []
+        attempt = 1
+        runnable = entries  # until an event does not decode
+        for i, entry in enumerate(entries):
+            event = getattr(entry, "view", None) if typed else entry.item
+            if type(event) is not Event or event.attempt != entry.attempt:
+                try:
+                    event = self._event_of(entry)
+                except PayloadValidationError as exc:
+                    if runnable is entries:
+                        runnable = entries[:i]
+                    self._failed(call, entry, exc)
+                    continue
+            if runnable is not entries:
                 runnable.append(entry)
-            except PayloadValidationError as exc:
-                self._failed(call, entry, exc)
+            events.append(event)
+            seqs.append(entry.seq)
+            if entry.attempt > attempt:
+                attempt = entry.attempt
         if not runnable:
             return []
-        error = await self._invoke(
-            slot, MAIN, events, tuple(e.seq for e in runnable), max(e.attempt for e in runnable)
-        )
+        error = await self._invoke(slot, MAIN, events, tuple(seqs), attempt)
         buf = self._contexts[slot].buffer
         if error is None:
             failed = buf.failed
             self._writes.absorb(buf)
+            if not failed:
+                sched.succeeded_many(call, runnable)  # fresh events, handled together
+                return []
             for entry in runnable:
                 problem = failed.get(entry.seq)
                 if problem is None:
