@@ -568,9 +568,7 @@ async def raise_unless_claimed(conn: Connection, runs: dict[str, tuple[str, int]
         raise RunClaimLost("", lost)
 
 
-async def claim_runs(
-    conn: Connection, ids: list[str], owner: str, lease: float
-) -> dict[str, int]:
+async def claim_runs(conn: Connection, ids: list[str], owner: str, lease: float) -> dict[str, int]:
     """See :meth:`SharedLog.claim_runs`."""
     return {str(w): int(e) for w, e in await conn.fetch(_CLAIM_RUNS, ids, owner, lease)}
 
