@@ -544,6 +544,9 @@ _CLAIM_RUNS = (
     "INSERT INTO workflow_claims AS c (workflow_id, owner, epoch, expires_at)"
     " SELECT w, $2, 1, clock_timestamp() + make_interval(secs => $3)"
     " FROM unnest($1::text[]) AS u(w)"
+    # Not the runs a live process holds: an upsert would lock their rows for nothing.
+    " WHERE NOT EXISTS (SELECT 1 FROM workflow_claims h WHERE h.workflow_id = u.w"
+    " AND h.owner <> $2 AND h.expires_at > clock_timestamp())"
     " ON CONFLICT (workflow_id) DO UPDATE SET"
     " epoch = CASE WHEN c.owner = excluded.owner THEN c.epoch ELSE c.epoch + 1 END,"
     " owner = excluded.owner, expires_at = excluded.expires_at"
