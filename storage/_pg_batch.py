@@ -547,6 +547,8 @@ _CLAIM_RUNS = (
     # Not the runs a live process holds: an upsert would lock their rows for nothing.
     " WHERE NOT EXISTS (SELECT 1 FROM workflow_claims h WHERE h.workflow_id = u.w"
     " AND h.owner <> $2 AND h.expires_at > clock_timestamp())"
+    # Only a run still running: a cancelled or finished one is not renewed.
+    " AND EXISTS (SELECT 1 FROM workflows r WHERE r.id = u.w AND r.status = 'running')"
     " ON CONFLICT (workflow_id) DO UPDATE SET"
     " epoch = CASE WHEN c.owner = excluded.owner THEN c.epoch ELSE c.epoch + 1 END,"
     " owner = excluded.owner, expires_at = excluded.expires_at"

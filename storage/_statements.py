@@ -749,17 +749,20 @@ def claim_runs(
     try:
         held: dict[str, int] = {}
         for workflow_id in ids:
+            # Only a run still running: a cancelled or finished one is not renewed.
             conn.execute(
                 "INSERT INTO workflow_claims (workflow_id, owner, epoch, expires_at)"
-                " VALUES (?1, ?2, 1, ?3) ON CONFLICT (workflow_id) DO UPDATE SET"
+                " SELECT ?1, ?2, 1, ?3 WHERE EXISTS (SELECT 1 FROM workflows"
+                " WHERE id = ?1 AND status = 'running') ON CONFLICT (workflow_id) DO UPDATE SET"
                 " epoch = CASE WHEN owner = excluded.owner THEN epoch ELSE epoch + 1 END,"
                 " owner = excluded.owner, expires_at = excluded.expires_at"
                 " WHERE owner = excluded.owner OR expires_at <= ?4",
                 (workflow_id, owner, now + lease, now),
             )
             row = conn.execute(
-                "SELECT epoch FROM workflow_claims WHERE workflow_id = ? AND owner = ?",
-                (workflow_id, owner),
+                "SELECT epoch FROM workflow_claims WHERE workflow_id = ?1 AND owner = ?2"
+                " AND expires_at = ?3",  # claimed or renewed just now
+                (workflow_id, owner, now + lease),
             ).fetchone()
             if row is not None:
                 held[workflow_id] = int(row[0])

@@ -184,9 +184,10 @@ class WorkflowEngine:
             del self._claims[workflow_id]
             scope = self._live.get(workflow_id)
             logger.warning(
-                "workflow run %s: this process no longer holds its claim (its lease ran "
-                "out before it could renew it); another process runs it now, this one "
-                "stops it and can write nothing more of it",
+                "workflow run %s: this process could not renew its claim (the run was "
+                "cancelled or finished in another process, or the claim ran out before "
+                "it was renewed and another process runs it now); it stops the run here, "
+                "and can write nothing more of it once another process claims it",
                 workflow_id,
             )
             if scope is not None:

@@ -77,3 +77,23 @@ async def test_one_process_holds_a_run_and_loses_its_writes_once_another_took_it
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_run_no_longer_running_is_neither_claimed_nor_renewed(
+    shared_target: str,
+) -> None:
+    a, b = _open(shared_target), _open(shared_target)
+    await a.open()
+    await b.open()
+    try:
+        await a.commit(WriteBatch(workflow_starts=[_run("w1")]))
+        assert await a.claim_runs(["w0"], LEASE) == {}  # never started
+        assert set(await a.claim_runs(["w1"], 30)) == {"w1"}
+        # Cancelled by another process: the holder's next renewal fails, so it stops.
+        now = time.time()
+        cancelled = WorkflowRecord("w1", "fulfil", "cancelled", b"\x01", now, now)
+        await b.commit(WriteBatch(workflows=[cancelled]))
+        assert await a.claim_runs(["w1"], 30) == {}
+    finally:
+        await a.close()
+        await b.close()
