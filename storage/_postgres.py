@@ -726,7 +726,9 @@ class PostgresStorage:
         ``attempts``, of ``keys``) in ``slot`` under ``lease``: if this process dies
         during it, whoever takes the partitions over charges the death to those
         events."""
-        await self._db.read(leases.mark_call, lease, slot, seqs, attempts, keys, call)
+        await self._db.read(
+            leases.mark_call, lease, self.partitions, slot, seqs, attempts, keys, call
+        )
 
     async def end_calls(self, lease: Lease, calls: Sequence[tuple[int, int]]) -> None:
         """The calls ``(slot, call number)`` returned or raised: a death is no longer
