@@ -634,7 +634,7 @@ class Scheduler:
             if lane is None:
                 self._lanes[key] = [entry]
                 self._set_due(entry, due, error, write)
-                self._park_held(key)
+                self._park_buffered(key)
                 return
             i = bisect.bisect_left(lane, entry.seq, key=lambda e: e.seq)
             lane.insert(i, entry)
@@ -701,12 +701,31 @@ class Scheduler:
         entry.due = 0.0
         self._sink.retry(entry, None)
 
-    def _park_held(self, key: str) -> None:
+    def _park_buffered(self, key: str) -> None:
+        """``key`` just entered the retry lane: its events still in the buffer (held
+        behind a call, given back, or fresh) join it, so that the lane holds every
+        read event of the key in log order. An event of the key read from now on is
+        parked as it is read: left behind in the buffer, an older one would run
+        after it, once the lane released it."""
         held = self._held.pop(key, None)
         if held:
+            self.buffered -= len(held)
             for entry in held:
-                self.buffered -= 1
                 self._park(entry)
+        self._released = self._park_from(self._released, key)
+        self._fresh = self._park_from(self._fresh, key)
+
+    def _park_from(self, source: deque[Entry], key: str) -> deque[Entry]:
+        """``source`` without the events of ``key``, which are parked."""
+        if not source:
+            return source
+        mine = [entry for entry in source if entry.key == key]
+        if not mine:
+            return source
+        self.buffered -= len(mine)
+        for entry in mine:
+            self._park(entry)
+        return deque(entry for entry in source if entry.key != key)
 
     def _leave_lane(self, entry: Entry) -> None:
         """``entry`` left the retry lane (done or dead): the next of its key is due."""
