@@ -39,6 +39,7 @@ from ._errors import (
     StorageFull,
     SubscriptionError,
     UnsupportedPlatform,
+    WrongEventLoop,
 )
 from ._event import Event, Message, Receipt
 from ._hooks import HandlerCall, Hook, Hooks, Publishing
@@ -130,6 +131,7 @@ __all__ = [
     "WorkflowCancelled",
     "WorkflowError",
     "WorkflowFailed",
+    "WrongEventLoop",
     "WorkflowHandle",
     "WorkflowIncompatible",
     "WorkflowMetrics",

@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+from asyncio import _get_running_loop as _running_loop  # this thread's loop, or None
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Literal, TypeVar
@@ -35,6 +36,7 @@ from ._errors import (
     ConfigError,
     DrainTimeout,
     SubscriptionError,
+    WrongEventLoop,
     translate_storage_error,
 )
 from ._event import Event, Message
@@ -436,6 +438,14 @@ class Bus:
         if self._closing:
             raise BusClosed("the bus is closed")
 
+    def _check_publish(self, method: str) -> None:
+        """Open, and called on the bus's own event loop (the writer's queues and a
+        commit on the loop's thread are not safe from anywhere else)."""
+        if self._closing:
+            raise BusClosed("the bus is closed")
+        if _running_loop() is not self._loop:
+            raise WrongEventLoop(method)
+
     async def publish(
         self,
         topic: str,
@@ -474,8 +484,7 @@ class Bus:
         cancelled while waiting for the commit, the event may still be committed
         (use an idempotency key to publish again safely).
         """
-        if self._closing:
-            raise BusClosed("the bus is closed")
+        self._check_publish("publish")
         if self._publish_hooks:
             return await self._publish_hooked(topic, payload, key, headers, idempotency_key)
         record = self._events.encode(
@@ -529,7 +538,7 @@ class Bus:
             InvalidEvent, PayloadError, EventTooLarge, BusClosed, HookFailed: as
                 for :meth:`publish`; nothing is queued.
         """
-        self._check_open()
+        self._check_publish("publish_nowait")
         if self._publish_hooks:
             self._queue_hooked("publish_nowait", topic, payload, key, headers, idempotency_key)
             return
@@ -580,7 +589,7 @@ class Bus:
 
         Cancellation: as for :meth:`publish`.
         """
-        self._check_open()
+        self._check_publish("publish_many")
         if not self._publish_hooks:
             return await self._writer.submit_many(self._events.encode_many(messages))
         hooks = self.hooks

@@ -60,6 +60,19 @@ class BusFull(BusError):
         )
 
 
+class WrongEventLoop(BusError, RuntimeError):
+    """A publish came from another thread or event loop than the bus's own; nothing
+    was published. A bus belongs to the event loop that opened it."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__(
+            f"Bus.{method} was called outside the event loop that opened the bus "
+            "(another thread, or another loop); nothing was published. Publish from "
+            "the bus's own loop; from another thread, hand the call to that loop: "
+            "asyncio.run_coroutine_threadsafe(bus.publish(...), bus_loop).result()"
+        )
+
+
 class EventTooLarge(BusError):
     """The encoded event is larger than ``BusConfig.max_event_bytes``."""
 

@@ -82,6 +82,10 @@ class MemoryStorage:
     def head(self) -> int:
         return self._head
 
+    @property
+    def commits_now(self) -> bool:
+        return self._plain
+
     async def open(self) -> None:
         self._closed = False
         self._plain = plain_commit(self, MemoryStorage)

@@ -266,6 +266,10 @@ class PostgresStorage:
 
     # -- writing --------------------------------------------------------------------
 
+    @property
+    def commits_now(self) -> bool:
+        return False
+
     def commit_now(self, batch: WriteBatch) -> list[Receipt] | None:
         """Never: every PostgreSQL transaction is a round trip to the server."""
         return None

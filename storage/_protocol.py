@@ -36,6 +36,13 @@ class Storage(Protocol):
     @property
     def head(self) -> int: ...
 
+    @property
+    def commits_now(self) -> bool:
+        """Whether :meth:`commit_now` can ever commit (read once the log is open):
+        False where every commit is a network round trip or an fsync, so that a
+        caller need not gather a batch only to be told to await :meth:`commit`."""
+        ...
+
     async def open(self) -> None:
         """Open (creating if needed) the log. Raises a ``StorageError`` subclass."""
 

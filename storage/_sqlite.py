@@ -253,6 +253,14 @@ class SQLiteStorage:
     def head(self) -> int:
         return self._head
 
+    @property
+    def commits_now(self) -> bool:
+        return (
+            not self.read_only
+            and self.durability != "full"  # an fsync per commit: never on the loop
+            and plain_commit(self, SQLiteStorage)
+        )
+
     # -- opening --------------------------------------------------------------------
 
     async def open(self) -> None:

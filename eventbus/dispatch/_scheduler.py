@@ -93,30 +93,41 @@ class Entry:
     # cost nothing more to make: read it with ``getattr(entry, "view", None)``.
     view: object
 
-    def __init__(
-        self,
+    def __init__(self, seq: int, key: str | None, item: object) -> None:
+        # A fresh event, read from the log (made for every event: kept to constants).
+        self.seq = seq
+        self.key = key
+        self.item = item
+        self.attempt = 1
+        self.fresh = True
+        self.suspect = False
+        self.delay = 0.0
+        self.first_failed: float | None = None
+        self.state = FRESH
+        self.due = 0.0
+        # Holds the cursor back: a fresh event not yet finished.
+        self.pending = True
+
+    @classmethod
+    def retry(
+        cls,
         seq: int,
         key: str | None,
         item: object,
         *,
-        attempt: int = 1,
-        fresh: bool = True,
+        attempt: int,
         suspect: bool = False,
         delay: float = 0.0,
         first_failed: float | None = None,
-    ) -> None:
-        self.seq = seq
-        self.key = key
-        self.item = item
-        self.attempt = attempt
-        self.fresh = fresh
-        self.suspect = suspect
-        self.delay = delay
-        self.first_failed = first_failed
-        self.state = FRESH
-        self.due = 0.0
-        # Holds the cursor back: a fresh event not yet finished.
-        self.pending = fresh
+    ) -> Entry:
+        """An event of the retry lane as the log holds it (``attempt`` runs next)."""
+        entry = cls(seq, key, item)
+        entry.attempt = attempt
+        entry.fresh = entry.pending = False
+        entry.suspect = suspect
+        entry.delay = delay
+        entry.first_failed = first_failed
+        return entry
 
     def __repr__(self) -> str:
         return f"Entry(seq={self.seq}, key={self.key!r}, attempt={self.attempt})"

@@ -360,12 +360,11 @@ class Subscription:
 
     def _retry_entry(self, record: RetryRecord, now: float) -> Entry:
         """An event of the retry lane as the log holds it."""
-        entry = Entry(
+        entry = Entry.retry(
             record.record.seq,
             record.record.key,
             record,
             attempt=record.attempt,
-            fresh=False,
             suspect=record.error_type == PROCESS_DIED,
             delay=estimated_previous_delay(self.retry, record.attempt),
             first_failed=record.first_failed_at,

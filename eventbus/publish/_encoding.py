@@ -168,6 +168,7 @@ class EventEncoder:
         encode = self.encode
         records: list[NewRecord] = []
         append = records.append
+        now = _time()  # published together: one creation time
         for message in messages:
             if type(message) is not Message and not isinstance(message, Message):
                 raise InvalidEvent("each item of publish_many", message, "a Message")
@@ -178,6 +179,7 @@ class EventEncoder:
                     message.key,
                     message.headers,
                     message.idempotency_key,
+                    now,
                 )
             )
         return records
@@ -241,6 +243,17 @@ class EventEncoder:
         """Encode into buffers that a live memoryview keeps from growing: msgspec's
         resize fails with ``BufferError`` as soon as the encoding outgrows one. A
         small buffer first (most events fit), then larger ones up to the budget."""
+        if budget > _FIRST_BUFFER:
+            # The common case, with nothing but the encoding: it fits the first buffer.
+            buffer = bytearray(_FIRST_BUFFER)
+            view = memoryview(buffer)
+            try:
+                self._encoder.encode_into(payload, buffer)
+            except Exception:  # noqa: BLE001 - too large or not encodable: the loop says which
+                view.release()
+            else:
+                view.release()
+                return bytes(buffer)
         size = _FIRST_BUFFER if budget > _FIRST_BUFFER else budget
         while True:
             last = size >= budget

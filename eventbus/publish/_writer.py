@@ -133,6 +133,8 @@ class LogWriter:
         self.lock = asyncio.Lock()
         self._stopping = False
         self.committed_head = log.head
+        # Whether the storage can ever commit on this thread (Storage.commit_now).
+        self._at_once = log.commits_now
         self.stats = CommitRecorder()  # for metrics()
 
     @property
@@ -200,7 +202,7 @@ class LogWriter:
             asyncio.get_running_loop().call_soon(self._end_turn)
         elif task is not self._turn_task:
             self._crowded = True
-        if self._solo and not self._crowded and not self._waiting:
+        if self._solo and not self._crowded and not self._waiting and self._at_once:
             receipt = self._commit_at_once(record)
             if receipt is not None:
                 self._burst += 1
@@ -432,7 +434,7 @@ class LogWriter:
         # A small transaction commits on this thread when the storage can (no hop to
         # its thread). Nothing else can run meanwhile, so it needs no lock unless
         # maintenance holds it across an await.
-        inline = None if self.lock.locked() else log.commit_now(batch)
+        inline = None if self.lock.locked() or not self._at_once else log.commit_now(batch)
         if inline is None:
             async with self.lock:
                 started = time.monotonic()

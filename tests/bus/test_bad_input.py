@@ -3,6 +3,8 @@ else's publish affected."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from eventbus import (
     Message,
     PayloadError,
     Receipt,
+    WrongEventLoop,
 )
 from eventbus.storage import SQLiteStorage
 
@@ -149,3 +152,45 @@ async def test_an_oversized_payload_is_refused_without_being_encoded_in_full() -
             assert info.value.size > info.value.limit == 1_000_000
         # Just under the limit still goes through.
         await bus.publish("blobs", [blob] * 9)
+
+
+async def test_a_publish_from_another_thread_or_loop_is_refused_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    # A commit at once runs on the caller's thread: from another thread it would use
+    # the log's connection beside the loop's, and the writer's queues are not
+    # thread-safe. Refused up front, with what to do instead.
+    async with Bus.open(tmp_path / "app.db") as bus:
+        errors: list[BaseException] = []
+
+        def elsewhere() -> None:
+            async def on_another_loop() -> None:
+                for attempt in (
+                    bus.publish("t", 1),
+                    bus.publish_many([Message("t", 2)]),
+                ):
+                    try:
+                        await attempt
+                    except WrongEventLoop as exc:
+                        errors.append(exc)
+
+            asyncio.run(on_another_loop())
+            try:  # no loop at all in this thread
+                bus.publish_nowait("t", 3)
+            except WrongEventLoop as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        await anyio.to_thread.run_sync(thread.join)
+        assert len(errors) == 3
+        assert all(isinstance(e, RuntimeError) for e in errors)
+        assert "run_coroutine_threadsafe" in str(errors[0])
+        assert (await bus.stats()).head == 0
+        # On its own loop, and handed over from another thread, it publishes.
+        await bus.publish("t", 4)
+        loop = asyncio.get_running_loop()
+        handed = await anyio.to_thread.run_sync(
+            lambda: asyncio.run_coroutine_threadsafe(bus.publish("t", 5), loop).result(10)
+        )
+        assert handed.seq == 2

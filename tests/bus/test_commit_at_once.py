@@ -160,6 +160,35 @@ async def test_full_durability_never_fsyncs_on_the_loop(tmp_path: Path) -> None:
         await log.close()
 
 
+async def test_a_storage_that_never_commits_at_once_is_never_asked(tmp_path: Path) -> None:
+    """Full durability (and PostgreSQL) say so up front (``commits_now``): a lone
+    publish then goes straight to the writer, without taking the subscriptions'
+    pending writes along only to give them back."""
+    asked = 0
+
+    class Counting(SQLiteStorage):
+        def commit_now(self, batch: WriteBatch) -> list[Receipt] | None:
+            nonlocal asked
+            asked += 1
+            return super().commit_now(batch)
+
+    for durability, expected in (("full", False), ("normal", True)):
+        asked = 0
+        log = Counting(tmp_path / f"{durability}.db", durability=durability)
+        async with Bus.open(":memory:", storage=log) as bus:
+            assert log.commits_now is expected
+
+            @bus.subscribe("t", name="s")
+            async def handle(event: Event[dict[str, int]], ctx: Context) -> None:
+                ctx.state.set(str(event.payload["n"]), 1)
+
+            for n in range(20):
+                await bus.publish("t", {"n": n})
+            await bus.drain(timeout=10)
+            assert await bus.state("s").get("19") == 1
+        assert (asked > 0) is expected, (durability, asked)
+
+
 async def test_a_failed_commit_at_once_falls_back_and_loses_no_acknowledgement() -> None:
     """A commit made at once that fails (here: the disk full, once) writes nothing;
     the publish goes to the writer, and the acknowledgements it had taken along

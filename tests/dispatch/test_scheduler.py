@@ -167,8 +167,8 @@ def test_a_suspect_runs_alone_and_the_main_lane_pauses_for_it() -> None:
     sched.append(fresh("x", "y"), 2)
     main = sched.next_call(MAIN, 0.0, 1)
     assert main is not None
-    suspect = Entry(10, "s", None, attempt=2, fresh=False, suspect=True)
-    other = Entry(11, "o", None, attempt=2, fresh=False)
+    suspect = Entry.retry(10, "s", None, attempt=2, suspect=True)
+    other = Entry.retry(11, "o", None, attempt=2)
     sched.recovered([suspect, other], 0.0)
     sched.append([], 11)
     assert sched.next_call(RETRY, 0.0) is None  # the main call is in flight
@@ -190,7 +190,7 @@ def test_a_run_stops_when_a_suspect_becomes_due() -> None:
     sched.append(fresh("a", "b", "c"), 3)
     call = sched.next_call(MAIN, 0.0, 3)
     assert call is not None
-    sched.recovered([Entry(9, "z", None, attempt=2, fresh=False, suspect=True)], 0.0)
+    sched.recovered([Entry.retry(9, "z", None, attempt=2, suspect=True)], 0.0)
     assert sched.check(call, call.entries[0]) == STOP
     sched.finish(call, 0.0, call.entries)
     assert sched.pending(0.0).buffered == 3  # released, not attempted
@@ -198,14 +198,14 @@ def test_a_run_stops_when_a_suspect_becomes_due() -> None:
 
 def test_an_event_past_its_last_attempt_is_dead_lettered_on_recovery() -> None:
     sched, sink = scheduler(retry=RetryPolicy(max_attempts=1))
-    sched.recovered([Entry(5, "a", None, attempt=2, fresh=False, suspect=True)], 0.0)
+    sched.recovered([Entry.retry(5, "a", None, attempt=2, suspect=True)], 0.0)
     assert sink.buried == [5]
     assert sched.idle()
 
 
 def test_a_retry_that_ends_ahead_of_the_read_position_is_not_read_again() -> None:
     sched, sink = scheduler()
-    sched.recovered([Entry(3, None, None, attempt=2, fresh=False)], 0.0)
+    sched.recovered([Entry.retry(3, None, None, attempt=2)], 0.0)
     call = sched.next_call(RETRY, 0.0)
     assert call is not None
     run(sched, call)
@@ -224,7 +224,7 @@ def test_events_finished_ahead_of_the_cursor_are_not_handled_again() -> None:
 
 def test_a_keyed_retry_past_the_read_position_waits_for_the_earlier_events_of_its_key() -> None:
     sched, _ = scheduler()
-    sched.recovered([Entry(3, "a", None, attempt=2, fresh=False)], 0.0)
+    sched.recovered([Entry.retry(3, "a", None, attempt=2)], 0.0)
     assert sched.next_call(RETRY, 0.0) is None  # events 1..2 are not read yet
     sched.append(fresh("a", "b", "a"), 3)  # 3 itself is skipped: the retry lane holds it
     # Event 1 (key a) joined the retry lane ahead of 3; b is fresh.
@@ -241,7 +241,7 @@ def test_an_older_event_handed_back_goes_ahead_of_its_key() -> None:
     run(sched, sched.next_call(MAIN, 0.0, 1), fail={1})  # type: ignore[arg-type]
     call = sched.next_call(RETRY, 1.0)
     assert call is not None  # the attempt of 1 runs...
-    sched.recovered([Entry(0, "a", None, attempt=1, fresh=False)], 1.0)  # ...and 0 is redriven
+    sched.recovered([Entry.retry(0, "a", None, attempt=1)], 1.0)  # ...and 0 is redriven
     assert sched.next_call(RETRY, 1.0) is None  # key a is taken by the running attempt
     assert run(sched, call, fail={1}, now=1.0) == [1]
     order = []
@@ -363,7 +363,7 @@ def test_handing_back_an_event_the_retry_lane_holds_changes_nothing() -> None:
     sched, sink = scheduler()
     sched.append(fresh("a"), 1)
     run(sched, sched.next_call(MAIN, 0.0, 1), fail={1})  # type: ignore[arg-type]
-    sched.recovered([Entry(1, "a", None, attempt=1, fresh=False)], 0.0)  # a redrive races
+    sched.recovered([Entry.retry(1, "a", None, attempt=1)], 0.0)  # a redrive races
     calls = 0
     now = 5.0
     while (call := sched.next_call(RETRY, now)) is not None:
@@ -380,7 +380,7 @@ def test_an_event_queued_behind_an_older_one_waits_while_the_older_one_retries()
     run(sched, sched.next_call(MAIN, 0.0, 1), fail={1})  # type: ignore[arg-type]
     running = sched.next_call(RETRY, 1.0)
     assert running is not None
-    sched.recovered([Entry(0, "a", None, attempt=1, fresh=False)], 1.0)  # older, handed back
+    sched.recovered([Entry.retry(0, "a", None, attempt=1)], 1.0)  # older, handed back
     run(sched, running, fail={1}, now=1.0)  # 1 fails again while 0 waits ahead of it
     order = []
     now = 1.0
@@ -407,7 +407,7 @@ def test_retries_that_succeed_drain_at_handler_speed_not_at_the_budget_floor() -
         sink=sink,
         cursor=0,
     )
-    sched.recovered([Entry(i, f"k{i}", None, attempt=2, fresh=False) for i in range(1, 101)], 0.0)
+    sched.recovered([Entry.retry(i, f"k{i}", None, attempt=2) for i in range(1, 101)], 0.0)
     sched.append([], 100)
     while (call := sched.next_call(RETRY, 0.0)) is not None:
         run(sched, call)
@@ -416,7 +416,7 @@ def test_retries_that_succeed_drain_at_handler_speed_not_at_the_budget_floor() -
 
 def test_an_abandoned_retry_attempt_is_due_again_with_its_attempt_unchanged() -> None:
     sched, _ = scheduler()
-    sched.recovered([Entry(1, "a", None, attempt=2, fresh=False)], 0.0)
+    sched.recovered([Entry.retry(1, "a", None, attempt=2)], 0.0)
     sched.append([], 1)
     call = sched.next_call(RETRY, 0.0)
     assert call is not None
@@ -432,7 +432,7 @@ def test_a_redriven_event_of_a_key_in_a_main_call_waits_for_that_call() -> None:
     main = sched.next_call(MAIN, 0.0, 1)
     assert main is not None
     assert main.entries[0].key == "a"
-    sched.recovered([Entry(1, "a", None, attempt=1, fresh=False)], 0.0)  # redriven
+    sched.recovered([Entry.retry(1, "a", None, attempt=1)], 0.0)  # redriven
     assert sched.next_call(RETRY, 0.0) is None  # key a is in the main call
     assert sched.next_wakeup(0.0) is None  # nothing to wait for but that call
     run(sched, main)
@@ -454,7 +454,7 @@ def test_the_timer_waits_for_the_budget_when_due_retries_have_no_token() -> None
         sink=sink,
         cursor=0,
     )
-    sched.recovered([Entry(i, None, None, attempt=2, fresh=False) for i in (1, 2)], 0.0)
+    sched.recovered([Entry.retry(i, None, None, attempt=2) for i in (1, 2)], 0.0)
     first = sched.next_call(RETRY, 0.0)
     assert first is not None  # the one token
     run(sched, first, fail={1})
@@ -487,8 +487,8 @@ def test_pending_says_what_waits_and_what_is_parked() -> None:
 
 def test_an_older_event_recovered_ahead_of_a_waiting_head_runs_first() -> None:
     sched, _ = scheduler()
-    sched.recovered([Entry(3, "a", None, attempt=2, fresh=False)], 0.0)
-    sched.recovered([Entry(2, "a", None, attempt=2, fresh=False)], 0.0)  # older, later
+    sched.recovered([Entry.retry(3, "a", None, attempt=2)], 0.0)
+    sched.recovered([Entry.retry(2, "a", None, attempt=2)], 0.0)  # older, later
     sched.append([], 3)
     order = []
     while (call := sched.next_call(RETRY, 0.0)) is not None:
@@ -502,7 +502,7 @@ def test_a_fresh_event_taken_before_an_older_one_is_redriven_waits_behind_it() -
     sched.append(fresh("a", first=5), 5)
     main = sched.next_call(MAIN, 0.0, 1)
     assert main is not None
-    sched.recovered([Entry(1, "a", None, attempt=1, fresh=False)], 0.0)  # redriven
+    sched.recovered([Entry.retry(1, "a", None, attempt=1)], 0.0)  # redriven
     assert run(sched, main) == []  # 5 is parked behind 1 instead of running
     assert sink.retried[-1] == (5, 1)
     order = []

@@ -125,7 +125,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         )
         recovered = []
         for i, (seq, (attempt, died)) in enumerate(sorted(self.stored.retries.items())):
-            entry = Entry(seq, self.log[seq - 1][1], None, attempt=attempt, fresh=False)
+            entry = Entry.retry(seq, self.log[seq - 1][1], None, attempt=attempt)
             entry.suspect = died
             entry.due = self.now + (delays[i % len(delays)] if delays else 0.0)
             recovered.append(entry)

@@ -19,7 +19,7 @@ from .test_scheduler import run, scheduler
 
 def _recovered(seq: int, key: str, now: float, *, suspect: bool = False) -> Entry:
     """An event of the retry lane as the shell recovers it: due now."""
-    entry = Entry(seq, key, None, attempt=2, fresh=False, suspect=suspect)
+    entry = Entry.retry(seq, key, None, attempt=2, suspect=suspect)
     entry.due = now
     return entry
 
