@@ -296,7 +296,10 @@ class Bus:
                 self._closed = True
 
     async def _warn_unclaimed(self) -> None:
-        """At the body's first await: subscriptions in the log that no handler took."""
+        """At the body's first await: subscriptions in the log that no handler took
+        (not on a shared log: other processes handle them, a publisher none)."""
+        if isinstance(self._log, _storage.SharedLog):
+            return
         warn_unclaimed(self._known, self._subs, self._writer.committed_head)
 
     async def _run_writer(self) -> None:
@@ -1025,10 +1028,13 @@ class Bus:
         """
         try:
             with anyio.fail_after(timeout):
+                # On a shared log, what other processes committed before this call too
+                # (their later appends are not waited for: they may never stop).
+                floor = await self._others_head()
                 while True:
                     await self._writer.flush()
-                    target = self._writer.committed_head
-                    if not self._lagging(target) and self._writer.committed_head == target:
+                    target = max(self._writer.committed_head, floor)
+                    if not self._lagging(target) and self._writer.committed_head <= target:
                         # Nothing behind, and no outbox event appeared meanwhile.
                         if not self._writer.pending:
                             if workflows and not self._workflows.idle():
@@ -1047,6 +1053,18 @@ class Bus:
                 {s.name: s.finished_upto() for s in behind},
                 {s.name: _describe(s, head) for s in behind},
             ) from None
+
+    async def _others_head(self) -> int:
+        """The head of a shared log as of now, other processes' appends included (0
+        on a log this process alone writes)."""
+        log = self._log
+        if not isinstance(log, _storage.SharedLog):
+            return 0
+        try:
+            await log.poll()
+        except _storage.StorageError as exc:
+            raise translate_storage_error(exc) from exc
+        return log.head
 
     def _raise_failures(self) -> None:
         count, failures = self._failure_count, self._failures

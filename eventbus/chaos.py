@@ -3,7 +3,7 @@ that nothing was lost, applied twice, reordered, or blamed on the wrong event.
 
     python -m eventbus.chaos [--events 100000] [--kills 50] [--seed 1] [--concurrency 1]
                              [--publish-first] [--io-ms 0] [--dir DIR] [--json] [--quiet]
-                             [--backend sqlite|postgres] [--processes 3]
+                             [--backend sqlite|postgres] [--processes N]
                              [--postgres-url URL] [--lease 2]
 
 A worker process publishes ``--events`` orders (idempotency keys make re-publishing
@@ -63,6 +63,12 @@ of the log, which the process taking over charges and deletes at once): every ca
 running at a kill must be charged, and so may the calls that ended in the tenth of
 a second before it (a row is deleted a few milliseconds after its call ends), but no
 other.
+
+``--backend sqlite --processes N`` runs the same on one SQLite file opened with
+``BusConfig(shared=True)`` by one publisher and ``N`` consumer processes: one of the
+consumers dispatches at a time, and a kill of that one makes another take over once
+the kernel has released its lock. Blame is read as on PostgreSQL (the call journal is
+the dispatcher's, and the process taking over charges it at once).
 """
 
 from __future__ import annotations
@@ -126,6 +132,7 @@ class Settings(msgspec.Struct, frozen=True):
     ordered: bool = True
     backend: str = "sqlite"
     processes: int = 3
+    shared: bool = False  # a SQLite log shared by ``processes`` consumer processes
     url: str = ""  # the PostgreSQL log (set by the harness)
     lease: float = 2.0
 
@@ -230,7 +237,8 @@ async def worker(directory: Path, settings: Settings, life: int, role: str) -> N
     log = settings.url or str(directory / "log.db")
     sink = await anyio.to_thread.run_sync(Sink, str(directory / "sink.db"))
     with open(directory / f"calls-{life}.txt", "a", buffering=1, encoding="utf-8") as out:  # noqa: ASYNC230 - line-buffered appends of a few bytes
-        async with Bus.open(log, config=BusConfig(batch=BatchPolicy(max_size=256))) as bus:
+        config = BusConfig(batch=BatchPolicy(max_size=256), shared=settings.shared)
+        async with Bus.open(log, config=config) as bus:
             if role != "publish":
                 _subscribe(bus, sink, CallLog(out), settings)
             if role in ("both", "publish"):
@@ -451,6 +459,17 @@ def _wait_for_line(proc: subprocess.Popen[bytes], timeout: float) -> None:
         proc.stdout.readline()
 
 
+def _wait_for_any(procs: dict[int, subprocess.Popen[bytes]], timeout: float) -> set[int]:
+    """Wait (up to ``timeout``) until one of ``procs`` (by life) prints its line or
+    ends; the lives that did."""
+    pipes = {proc.stdout: life for life, proc in procs.items() if proc.stdout is not None}
+    ready, _, _ = select.select(list(pipes), [], [], timeout)
+    for pipe in ready:
+        assert pipe is not None
+        pipe.readline()
+    return {pipes[pipe] for pipe in ready}
+
+
 def _close(proc: subprocess.Popen[bytes]) -> None:
     if proc.stdout is not None:
         proc.stdout.close()
@@ -518,7 +537,7 @@ def run_harness(directory: Path, settings: Settings, progress: Progress | None =
         progress: Where to show the orders settled so far while it runs; read from
             the sink about once a second, only while ``progress.enabled``.
     """
-    if settings.backend == "postgres":
+    if settings.backend == "postgres" or settings.shared:
         return run_processes(directory, settings)
     rng = random.Random(settings.seed)
     started = time.monotonic()
@@ -576,9 +595,10 @@ def run_harness(directory: Path, settings: Settings, progress: Progress | None =
 
 
 def run_processes(directory: Path, settings: Settings) -> Report:
-    """One publisher and ``settings.processes`` consumers on a shared PostgreSQL log
-    (``settings.url``): kill a consumer chosen at random, ``settings.kills`` times,
-    starting it again each time; then let everything finish and check the books."""
+    """One publisher and ``settings.processes`` consumers on a shared log (PostgreSQL
+    at ``settings.url``, or a SQLite file opened with ``shared=True``): kill a
+    consumer chosen at random, ``settings.kills`` times, starting it again each time;
+    then let everything finish and check the books."""
     rng = random.Random(settings.seed)
     started = time.monotonic()
     publisher = _spawn(directory, settings, 0, "publish")
@@ -595,9 +615,16 @@ def run_processes(directory: Path, settings: Settings) -> Report:
             victim, proc = members[slot]
             # Most kills a random delay after the victim's first handler call (it may
             # wait for partitions to be given up to it); one in four from whenever.
-            if rng.random() >= 0.25 and victim not in handling:
-                _wait_for_line(proc, RUN_TIMEOUT)
-                handling.add(victim)
+            # On a shared SQLite log one process dispatches at a time: the wait is for
+            # whichever does, and the victim may be one waiting its turn.
+            if rng.random() >= 0.25:
+                if settings.shared:
+                    live = dict(members)
+                    if not handling & live.keys():
+                        handling |= _wait_for_any(live, RUN_TIMEOUT)
+                elif victim not in handling:
+                    _wait_for_line(proc, RUN_TIMEOUT)
+                    handling.add(victim)
             time.sleep(rng.uniform(settings.min_wait, settings.max_wait))
             if proc.poll() is not None:
                 break  # finished: everything was handled before the last kill
@@ -819,7 +846,7 @@ def account(
         for key, attempt in _read_calls(directory / f"calls-{life}.txt")[2].items():
             attempts[key] = max(attempts.get(key, 0), attempt)
     blame = _blame(kills, attempts, book, poison_keys | flaky_keys)
-    if settings.url:
+    if settings.url or settings.shared:
         _charged_in_an_instant(blame, directory, last_life, len(kills))
     in_flight = set(blame.deaths) - poison_keys - flaky_keys
 
@@ -887,7 +914,7 @@ def account(
         kills_in_an_instant=blame.in_an_instant,
         journaled_beyond_one_call=blame.beyond_one_call,
         backend=settings.backend,
-        processes=settings.processes if settings.url else 1,
+        processes=settings.processes if settings.url or settings.shared else 1,
     )
 
 
@@ -920,6 +947,11 @@ def format_report(report: Report, seed: int) -> str:
         mode = (
             f"PostgreSQL, one publisher and {report.processes} consumer processes, "
             "one consumer killed at a time"
+        )
+    elif report.processes > 1:
+        mode = (
+            f"one SQLite file shared by a publisher and {report.processes} consumer "
+            "processes, one consumer killed at a time"
         )
     rows = [
         ("events published", report.published, f"of {report.events}"),
@@ -1012,8 +1044,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--processes",
         type=int,
-        default=defaults.processes,
-        help="consumer processes sharing a PostgreSQL log (one of them killed at a time)",
+        help="consumer processes sharing the log, one of them killed at a time (PostgreSQL: "
+        f"{defaults.processes} by default; SQLite: given, the file is opened with shared=True "
+        "by a publisher and these consumers, otherwise one process publishes and consumes)",
     )
     parser.add_argument(
         "--postgres-url",
@@ -1059,7 +1092,8 @@ def main(argv: list[str] | None = None) -> int:
         max_wait=args.max_wait,
         ordered=not args.unordered,
         backend=args.backend,
-        processes=args.processes,
+        processes=args.processes or defaults.processes,
+        shared=args.backend == "sqlite" and args.processes is not None,
         lease=args.lease,
     )
     if settings.backend == "postgres":

@@ -1,7 +1,7 @@
 """Order fulfilment that survives kill -9: a workflow per order, a revenue operator,
 the retry lane, and a reconciliation report at the end.
 
-    python examples/fulfilment.py [--orders N] [--dir DIR]
+    python examples/fulfilment.py [--orders N] [--dir DIR] [--move-to POSTGRES_URL]
 
 The program runs the service twice, in child processes, on one log file:
 
@@ -11,6 +11,11 @@ The program runs the service twice, in child processes, on one log file:
 2. The second run opens the same log. Unfinished workflows resume by themselves,
    replaying only their unfinished steps; the interrupted charge runs again with
    the same idempotency key, so the gateway does not charge twice.
+
+With ``--move-to postgresql://user@host/db?schema=orders`` the log moves between the
+two runs: ``eventbus migrate`` copies the killed run's SQLite log into that (new or
+empty) PostgreSQL schema, and the second run goes on there. The service's code is
+the same; only the URL it opens changes (``--log``, which a child run takes too).
 
 Then it checks the outside world (charges, emails) and the revenue per customer
 against the orders, prints the bus's reconciliation report, and exits non-zero if
@@ -133,14 +138,14 @@ class Outside:
         self.db.execute("INSERT OR IGNORE INTO emails VALUES (?, ?)", (key, order_id))
 
 
-async def serve(folder: Path, orders: list[Order], kill_at: int | None) -> int:
+async def serve(folder: Path, orders: list[Order], kill_at: int | None, log: str) -> int:
     outside = Outside(folder / "outside.db")
     shipped = 0
     config = BusConfig(
         retry=RetryPolicy(max_attempts=8, initial_delay=0.01, max_delay=0.2),
         workflow_concurrency=64,
     )
-    async with Bus.open(folder / "orders.db", config=config) as bus:
+    async with Bus.open(log, config=config) as bus:
         revenue = reduce(
             bus,
             "order.charged",
@@ -262,6 +267,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=1000)
     parser.add_argument("--dir", type=Path, help="where the log and outside files go")
+    parser.add_argument(
+        "--log", help="the log a run opens (default: orders.db in --dir; or a PostgreSQL URL)"
+    )
+    parser.add_argument(
+        "--move-to",
+        metavar="POSTGRES_URL",
+        help="after the kill, move the log there with `eventbus migrate`; run 2 goes on there",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kill-at", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -271,10 +284,12 @@ def main() -> int:
 
         # Retries are logged one by one at WARNING; the summary below counts them.
         logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-        return int(run(serve(args.dir, orders, args.kill_at)))
+        log = args.log or str(args.dir / "orders.db")
+        return int(run(serve(args.dir, orders, args.kill_at, log)))
 
     folder = args.dir or Path(tempfile.mkdtemp(prefix="fulfilment-"))
     folder.mkdir(parents=True, exist_ok=True)
+    log = args.log or str(folder / "orders.db")
     child = [
         sys.executable,
         __file__,
@@ -284,15 +299,26 @@ def main() -> int:
         "--orders",
         str(args.orders),
     ]
-    print(f"log: {folder / 'orders.db'}")
+    print(f"log: {log}")
     print(f"run 1: fulfilling {args.orders} orders; it will kill itself half-way")
-    first = subprocess.run([*child, "--kill-at", str(args.orders // 2)], check=False)
+    first = subprocess.run([*child, "--log", log, "--kill-at", str(args.orders // 2)], check=False)
     if first.returncode != -signal.SIGKILL:
         print(f"FAILED: the first run should have died by SIGKILL, exit code {first.returncode}")
         return 1
     print("run 1: killed (SIGKILL)")
-    print("run 2: reopening the log; unfinished workflows resume by themselves")
-    return subprocess.run(child, check=False).returncode
+    if args.move_to:
+        print("moving the log: eventbus migrate (the deaths of run 1 are charged on the way)")
+        moved = subprocess.run(
+            [sys.executable, "-m", "eventbus", "migrate", log, args.move_to], check=False
+        )
+        if moved.returncode != 0:
+            print(f"FAILED: eventbus migrate exited with {moved.returncode}")
+            return 1
+        log = args.move_to
+        print("run 2: opening the moved log; unfinished workflows resume there by themselves")
+    else:
+        print("run 2: reopening the log; unfinished workflows resume by themselves")
+    return subprocess.run([*child, "--log", log], check=False).returncode
 
 
 if __name__ == "__main__":

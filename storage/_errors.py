@@ -164,6 +164,29 @@ class RecordRejected(StorageError):
         )
 
 
+class RunClaimLost(RecordRejected):
+    """A write of workflow runs that this process no longer holds the claim of (on a
+    log shared by processes: its claim expired while it was paused or cut off, and
+    another process took the runs over): nothing of the write was committed. The
+    other records of a group commit can be committed without it.
+
+    Attributes:
+        path: The log.
+        runs: The ids of the runs whose claim was lost.
+    """
+
+    def __init__(self, path: str, runs: tuple[str, ...]) -> None:
+        self.runs = runs
+        StorageError.__init__(
+            self,
+            f"this process no longer holds workflow run(s) {', '.join(map(repr, runs))} on "
+            f"{path!r}: another process took them over after its claim expired; nothing "
+            "was written. That process runs them now",
+        )
+        self.path = path
+        self.detail = "claim lost"
+
+
 class StorageClosed(StorageError):
     """The storage was closed; open a new one."""
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import msgspec
 
+from ._errors import RunClaimLost
 from ._types import (
     DeadRecord,
     NewRecord,
@@ -251,7 +252,7 @@ def is_hot(batch: WriteBatch) -> bool:
     without idempotency keys, handler state, acknowledgements and ranges done ahead.
     Then one statement, with no transaction around it, commits it (:func:`commit_hot`).
     """
-    if any(r.idempotency_key is not None for r in batch.appends):
+    if batch.runs or any(r.idempotency_key is not None for r in batch.appends):
         return False
     rest = msgspec.structs.replace(batch, appends=[], state=[], acks={}, done=[])
     return rest.is_empty()
@@ -400,6 +401,8 @@ async def write_batch(
     subs, members, parts, epochs = lease_rows(batch)
     if subs:
         await conn.execute(_FENCE, subs, members, parts, epochs)
+    if batch.runs:
+        await raise_unless_claimed(conn, batch.runs)
     if batch.appends:
         if any(r.idempotency_key is not None for r in batch.appends):
             receipts, head = await _append(conn, batch, now)
@@ -525,3 +528,56 @@ async def _write_state(conn: Connection, writes: list[tuple[str, str, bytes | No
             [k for (_, k), _ in kept],
             [v for _, v in kept],
         )
+
+
+# -- workflow run claims ---------------------------------------------------------------
+
+# The claims a batch's runs hold, still valid; locked to the end of the transaction,
+# so that no process takes them over before it commits.
+_HELD_RUNS = (
+    "SELECT c.workflow_id FROM workflow_claims c"
+    " JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS u(w, o, e)"
+    " ON c.workflow_id = u.w AND c.owner = u.o AND c.epoch = u.e"
+    " WHERE c.expires_at > clock_timestamp() FOR NO KEY UPDATE OF c"
+)
+_CLAIM_RUNS = (
+    "INSERT INTO workflow_claims AS c (workflow_id, owner, epoch, expires_at)"
+    " SELECT w, $2, 1, clock_timestamp() + make_interval(secs => $3)"
+    " FROM unnest($1::text[]) AS u(w)"
+    # Not the runs a live process holds: an upsert would lock their rows for nothing.
+    " WHERE NOT EXISTS (SELECT 1 FROM workflow_claims h WHERE h.workflow_id = u.w"
+    " AND h.owner <> $2 AND h.expires_at > clock_timestamp())"
+    # Only a run still running: a cancelled or finished one is not renewed.
+    " AND EXISTS (SELECT 1 FROM workflows r WHERE r.id = u.w AND r.status = 'running')"
+    " ON CONFLICT (workflow_id) DO UPDATE SET"
+    " epoch = CASE WHEN c.owner = excluded.owner THEN c.epoch ELSE c.epoch + 1 END,"
+    " owner = excluded.owner, expires_at = excluded.expires_at"
+    " WHERE c.owner = excluded.owner OR c.expires_at <= clock_timestamp()"
+    " RETURNING workflow_id, epoch"
+)
+_RELEASE_RUNS = "DELETE FROM workflow_claims WHERE owner = $2 AND workflow_id = ANY($1::text[])"
+
+
+async def raise_unless_claimed(conn: Connection, runs: dict[str, tuple[str, int]]) -> None:
+    """Refuse the transaction (:class:`RunClaimLost`, without the log's path: the
+    storage adds it) unless each run is still held by its owner at its epoch."""
+    ids = list(runs)
+    held = {
+        str(w)
+        for (w,) in await conn.fetch(
+            _HELD_RUNS, ids, [o for o, _ in runs.values()], [e for _, e in runs.values()]
+        )
+    }
+    lost = tuple(w for w in ids if w not in held)
+    if lost:
+        raise RunClaimLost("", lost)
+
+
+async def claim_runs(conn: Connection, ids: list[str], owner: str, lease: float) -> dict[str, int]:
+    """See :meth:`SharedLog.claim_runs`."""
+    return {str(w): int(e) for w, e in await conn.fetch(_CLAIM_RUNS, ids, owner, lease)}
+
+
+async def release_runs(conn: Connection, ids: list[str], owner: str) -> None:
+    """See :meth:`SharedLog.release_runs`."""
+    await conn.execute(_RELEASE_RUNS, ids, owner)

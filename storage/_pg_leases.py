@@ -34,6 +34,7 @@ and only those:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from collections.abc import Sequence
@@ -328,24 +329,30 @@ async def announce(conn: Connection, subscription: str, *, retries: bool = False
     )
 
 
-# One statement: the slot's row replaced, each event with its partition and that
-# partition's epoch in the lease.
+# One statement: the slot's row replaced. Each event's partition and that partition's
+# epoch in the lease are worked out here rather than by the server (its md5 and a
+# join with the partitions cost the server about 40 us of a call's 90 us here).
 _MARK = (
     "INSERT INTO calls (subscription, member, slot, call, seqs, attempts, parts, epochs)"
-    " SELECT $1, $2, $3, $7, $4::bigint[], $5::integer[], array_agg(p.part ORDER BY p.o),"
-    " array_agg(coalesce(l.epoch, -1) ORDER BY p.o)"
-    " FROM (SELECT partition_of(u.k, u.s) AS part, u.o"
-    " FROM unnest($4::bigint[], $6::text[]) WITH ORDINALITY AS u(s, k, o)) AS p"
-    " LEFT JOIN partitions l ON l.subscription = $1 AND l.part = p.part AND l.owner = $2"
+    " VALUES ($1, $2, $3, $4, $5::bigint[], $6::integer[], $7::integer[], $8::bigint[])"
     " ON CONFLICT (subscription, member, slot) DO UPDATE SET call = excluded.call,"
     " seqs = excluded.seqs, attempts = excluded.attempts, parts = excluded.parts,"
     " epochs = excluded.epochs"
 )
 
 
+def partition_of(key: str | None, seq: int, partitions: int) -> int:
+    """The partition of an event, as the schema's ``partition_of`` computes it: the
+    first 32 bits of the md5 of its key, or its seq without a key."""
+    if key is None:
+        return seq % partitions
+    return int(hashlib.md5(key.encode()).hexdigest()[:8], 16) % partitions
+
+
 async def mark_call(
     conn: Connection,
     lease: Lease,
+    partitions: int,
     slot: int,
     seqs: Sequence[int],
     attempts: Sequence[int],
@@ -354,17 +361,21 @@ async def mark_call(
 ) -> None:
     """Record that handler call number ``call``, of ``seqs`` (at ``attempts``, of
     ``keys``), starts in ``slot`` under ``lease``, replacing the slot's previous call.
-    Each event is recorded with its partition's epoch as the log holds it now (the
-    lease's, unless it was lost: then no takeover charges it)."""
+    Each event is recorded with its partition's epoch in the lease: a takeover
+    charges it only if that is the epoch it takes the partition over at (a lease lost
+    meanwhile has an older one, or none: -1)."""
+    epochs = dict(zip(lease.partitions, lease.epochs, strict=True))
+    parts = [partition_of(k, s, partitions) for s, k in zip(seqs, keys, strict=True)]
     await conn.execute(
         _MARK,
         lease.subscription,
         lease.member,
         slot,
+        call,
         list(seqs),
         list(attempts),
-        list(keys),
-        call,
+        parts,
+        [epochs.get(p, -1) for p in parts],
     )
 
 

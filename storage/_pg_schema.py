@@ -479,7 +479,18 @@ END $fn$;
 # Each entry migrates from version BASE_VERSION + i to BASE_VERSION + i + 1, the same
 # version as the SQLite migration to it. Append, never edit a shipped one. ``{P}``
 # stands for the log's number of partitions.
-MIGRATIONS: tuple[str, ...] = (_V6,)
+# Which process runs each workflow run (until expires_at, the database's clock),
+# with a fencing epoch bumped whenever it changes hands (``_pg_statements``).
+_V7 = """
+CREATE TABLE workflow_claims (
+    workflow_id text COLLATE "C" PRIMARY KEY,
+    owner       text COLLATE "C" NOT NULL,
+    epoch       bigint NOT NULL,
+    expires_at  timestamptz NOT NULL
+);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V6, _V7)
 
 SCHEMA_VERSION = BASE_VERSION + len(MIGRATIONS)
 

@@ -64,7 +64,7 @@ from . import _pg_batch as batch_sql
 from . import _pg_leases as leases
 from . import _pg_statements as stmts
 from ._calls import CallSlots, NoCallSlots
-from ._errors import StorageError
+from ._errors import RunClaimLost, StorageError
 from ._pg_listen import Listener, Watcher
 from ._pg_schema import DEFAULT_PARTITIONS, MAX_PARTITIONS
 from ._pg_session import Durability, LostConnection, Sessions
@@ -284,6 +284,12 @@ class PostgresStorage:
                 raise StorageError(f"{self.path!r} was opened read-only")
             return []
         before = self._head
+        try:
+            return await self._commit(batch, before)
+        except RunClaimLost as exc:
+            raise RunClaimLost(self.path, exc.runs) from None
+
+    async def _commit(self, batch: WriteBatch, before: int) -> list[Receipt]:
         try:
             if batch_sql.is_hot(batch):
                 receipts, new_head = await self._db.write(
@@ -620,6 +626,17 @@ class PostgresStorage:
 
     # -- sharing the work among processes (see _pg_leases) --------------------------
 
+    async def claim_runs(self, ids: Sequence[str], lease: float) -> dict[str, int]:
+        """See :meth:`SharedLog.claim_runs` (expiry by the database's clock)."""
+        if not ids:
+            return {}
+        return await self._db.write(batch_sql.claim_runs, list(ids), self.member, lease)
+
+    async def release_runs(self, ids: Sequence[str]) -> None:
+        """See :meth:`SharedLog.release_runs`."""
+        if ids:
+            await self._db.write(batch_sql.release_runs, list(ids), self.member)
+
     def watch(self, watcher: Watcher) -> None:
         """Call ``watcher`` on the event loop with each :class:`Notice` of what
         processes announce on the log (this one's appends included)."""
@@ -724,7 +741,9 @@ class PostgresStorage:
         ``attempts``, of ``keys``) in ``slot`` under ``lease``: if this process dies
         during it, whoever takes the partitions over charges the death to those
         events."""
-        await self._db.read(leases.mark_call, lease, slot, seqs, attempts, keys, call)
+        await self._db.read(
+            leases.mark_call, lease, self.partitions, slot, seqs, attempts, keys, call
+        )
 
     async def end_calls(self, lease: Lease, calls: Sequence[tuple[int, int]]) -> None:
         """The calls ``(slot, call number)`` returned or raised: a death is no longer

@@ -288,3 +288,14 @@ class SharedLog(Storage, Protocol):
     ) -> tuple[int, int]:
         """How far the subscription finished the log up to ``upto`` in every
         partition, and how many of its events wait in its retry lane."""
+
+    async def claim_runs(self, ids: Sequence[str], lease: float) -> dict[str, int]:
+        """Claim the workflow runs ``ids`` for this process for ``lease`` seconds, in
+        one transaction: those nobody holds, those whose claim expired (their epoch
+        bumped: the old holder's writes are refused from then on) and those this
+        process holds already (renewed), if they are still running. Returns the ids
+        held now, with their epochs; the others are held by live processes, or no
+        longer running (cancelled, finished)."""
+
+    async def release_runs(self, ids: Sequence[str]) -> None:
+        """Give up this process's claims of the workflow runs ``ids``."""

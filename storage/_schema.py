@@ -146,6 +146,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     SELECT 1;
     """,
+    # 7: which process of a shared log runs each workflow run (until expires_at,
+    # renewed while it runs), with a fencing epoch bumped whenever it changes hands.
+    """
+    CREATE TABLE workflow_claims (
+        workflow_id TEXT PRIMARY KEY,
+        owner       TEXT NOT NULL,
+        epoch       INTEGER NOT NULL,
+        expires_at  REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -27,13 +27,14 @@ import logging
 import os
 import socket
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 
 import anyio
 
 from . import _statements as stmts
 from ._calls import CallSlots, NoCallSlots
-from ._errors import LeaseLost, LogLocked
+from ._errors import LeaseLost, LogLocked, RunClaimLost
 from ._sqlite import SQLiteStorage
 from ._types import Claim, Lease, Notice, Receipt, Record, RetryRecord, Share, WriteBatch
 
@@ -189,14 +190,29 @@ class SharedSQLiteStorage(SQLiteStorage):
             for watcher in list(self._watchers):
                 watcher(Notice("head", "", head))
 
+    # -- workflow runs ----------------------------------------------------------------
+
+    async def claim_runs(self, ids: Sequence[str], lease: float) -> dict[str, int]:
+        if not ids:
+            return {}
+        return await self._run("w", stmts.claim_runs, list(ids), self.member, lease, time.time())
+
+    async def release_runs(self, ids: Sequence[str]) -> None:
+        if ids:
+            await self._run("w", stmts.release_runs, list(ids), self.member)
+
     # -- writing ------------------------------------------------------------------------
 
     async def commit(self, batch: WriteBatch) -> list[Receipt]:
         """As :meth:`SQLiteStorage.commit`; a batch carrying a lease is refused with
-        :class:`LeaseLost` unless this process dispatches."""
+        :class:`LeaseLost` unless this process dispatches, one carrying workflow runs
+        with :class:`RunClaimLost` unless this process holds their claims."""
         if batch.leases and not self.dispatching:
             raise LeaseLost(self.path, tuple(batch.leases))
-        return await super().commit(batch)
+        try:
+            return await super().commit(batch)
+        except RunClaimLost as exc:
+            raise RunClaimLost(self.path, exc.runs) from None
 
     async def close(self) -> None:
         self.dispatching = False

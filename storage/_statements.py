@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from ._errors import RunClaimLost
 from ._types import (
     PROCESS_DIED,
     WORKFLOW_PREFIX,
@@ -304,6 +305,8 @@ def write_batch(
     conn: sqlite3.Connection, batch: WriteBatch, head: int
 ) -> tuple[list[Receipt], int, int]:
     now = time.time()
+    if batch.runs:
+        raise_unless_claimed(conn, batch.runs, now)
     known: dict[str, Receipt] = {}
     appends = batch.appends
     ikeys = [r.idempotency_key for r in appends if r.idempotency_key is not None]
@@ -715,3 +718,67 @@ def submit_control(path: str | os.PathLike[str], command: bytes, busy_timeout: f
         )
     finally:
         conn.close()
+
+
+# -- workflow run claims (a log shared by processes) -----------------------------------
+
+
+def raise_unless_claimed(
+    conn: sqlite3.Connection, runs: dict[str, tuple[str, int]], now: float
+) -> None:
+    """Refuse the transaction (:class:`RunClaimLost`) unless each run is still held
+    by its owner at its epoch: write transactions take turns, so none can take it
+    over before this one commits."""
+    lost = []
+    for workflow_id, (owner, epoch) in runs.items():
+        row = conn.execute(
+            "SELECT owner, epoch, expires_at FROM workflow_claims WHERE workflow_id = ?",
+            (workflow_id,),
+        ).fetchone()
+        if row is None or row[0] != owner or row[1] != epoch or row[2] <= now:
+            lost.append(workflow_id)
+    if lost:
+        raise RunClaimLost("", tuple(lost))
+
+
+def claim_runs(
+    conn: sqlite3.Connection, ids: Sequence[str], owner: str, lease: float, now: float
+) -> dict[str, int]:
+    """See :meth:`SharedLog.claim_runs`."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        held: dict[str, int] = {}
+        for workflow_id in ids:
+            # Only a run still running: a cancelled or finished one is not renewed.
+            conn.execute(
+                "INSERT INTO workflow_claims (workflow_id, owner, epoch, expires_at)"
+                " SELECT ?1, ?2, 1, ?3 WHERE EXISTS (SELECT 1 FROM workflows"
+                " WHERE id = ?1 AND status = 'running') ON CONFLICT (workflow_id) DO UPDATE SET"
+                " epoch = CASE WHEN owner = excluded.owner THEN epoch ELSE epoch + 1 END,"
+                " owner = excluded.owner, expires_at = excluded.expires_at"
+                " WHERE owner = excluded.owner OR expires_at <= ?4",
+                (workflow_id, owner, now + lease, now),
+            )
+            row = conn.execute(
+                "SELECT epoch FROM workflow_claims WHERE workflow_id = ?1 AND owner = ?2"
+                " AND expires_at = ?3",  # claimed or renewed just now
+                (workflow_id, owner, now + lease),
+            ).fetchone()
+            if row is not None:
+                held[workflow_id] = int(row[0])
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return held
+
+
+def release_runs(conn: sqlite3.Connection, ids: Sequence[str], owner: str) -> None:
+    """See :meth:`SharedLog.release_runs`."""
+    for chunk in chunks(list(ids), IN_CHUNK):
+        conn.execute(
+            f"DELETE FROM workflow_claims WHERE owner = ? AND workflow_id IN"
+            f" ({','.join('?' * len(chunk))})",
+            [owner, *chunk],
+        )

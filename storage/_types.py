@@ -234,7 +234,10 @@ class WriteBatch(msgspec.Struct, gc=False):
     ``workflows`` and ``steps`` replace what is stored under the same id (and
     position). ``leases`` fence the writes of subscriptions on a shared log: the
     whole batch is refused with :class:`LeaseLost` if one of them was lost (logs that
-    one process owns ignore them).
+    one process owns ignore them). ``runs`` fence the writes of workflow runs the
+    same way: workflow id to the process (:attr:`SharedLog.member`) and the epoch it
+    claimed the run at (:meth:`SharedLog.claim_runs`); the batch is refused with
+    :class:`RunClaimLost` unless that process still holds each at that epoch.
     """
 
     appends: list[NewRecord] = msgspec.field(default_factory=list)
@@ -250,6 +253,7 @@ class WriteBatch(msgspec.Struct, gc=False):
     workflows: list[WorkflowRecord] = msgspec.field(default_factory=list)
     steps: list[StepRecord] = msgspec.field(default_factory=list)
     leases: dict[str, Lease] = msgspec.field(default_factory=dict)
+    runs: dict[str, tuple[str, int]] = msgspec.field(default_factory=dict)
 
     def is_empty(self) -> bool:
         return not (
@@ -285,6 +289,8 @@ class WriteBatch(msgspec.Struct, gc=False):
         self.steps.extend(other.steps)
         if other.leases:
             self.leases.update(other.leases)
+        if other.runs:
+            self.runs.update(other.runs)
 
 
 class LogStats(msgspec.Struct, frozen=True):

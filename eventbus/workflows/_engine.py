@@ -1,5 +1,14 @@
 """The workflow engine of one bus: starts, resumes, cancels and finishes runs, and
-the handles users hold. What a run does step by step is in :mod:`._workflow`."""
+the handles users hold. What a run does step by step is in :mod:`._workflow`.
+
+On a log shared by processes every process may start or resume any run, but one at a
+time executes it: a process claims a run in the log before it executes it
+(:meth:`SharedLog.claim_runs`), renews its claims every third of the log's lease
+time while they run, and every write of the run carries the claim's epoch, so that
+a process that lost a claim (paused past it, cut off) can write nothing more of that
+run. A run whose process died is claimed by another once its claim expired: each
+process looks for such runs every lease time.
+"""
 
 from __future__ import annotations
 
@@ -81,6 +90,11 @@ class _Definition(msgspec.Struct, frozen=True):
     timeout: float | None
 
 
+# How often a process waiting for a run that another process of a shared log
+# executes reads the run's status (nothing announces a run's end across processes).
+_SHARED_WAIT_POLL = 0.1
+
+
 class WorkflowEngine:
     """Runs the workflows of one bus: starts, resumes, cancels and finishes runs.
 
@@ -110,6 +124,10 @@ class WorkflowEngine:
         self._idle = anyio.Event()
         self._idle.set()
         self.counts: Counter[str] = Counter()
+        # On a log shared by processes: the runs this process claimed, with their epochs.
+        self._shared = log if isinstance(log, _storage.SharedLog) else None
+        self._claims: dict[str, int] = {}
+        self._claims_scope = anyio.CancelScope()
         # Set by the bus while hooks of these kinds are registered (else None).
         self.around_run: (
             Callable[[Workflow], contextlib.AbstractAsyncContextManager[object]] | None
@@ -119,10 +137,102 @@ class WorkflowEngine:
         ) = None
 
     async def commit(self, batch: WriteBatch) -> None:
+        shared = self._shared
+        if shared is not None and self._claims:
+            # Fenced: refused if another process took the run over meanwhile.
+            ids = {w.id for w in batch.workflows} | {s.workflow_id for s in batch.steps}
+            for workflow_id in ids:
+                epoch = self._claims.get(workflow_id)
+                if epoch is not None:
+                    batch.runs[workflow_id] = (shared.member, epoch)
         await self._commit(batch)
 
     def attach(self, tg: anyio.abc.TaskGroup) -> None:
         self._tg = tg
+        if self._shared is not None:
+            tg.start_soon(self._keep_claims, self._shared, name="eventbus workflow claims")
+
+    async def _keep_claims(self, log: _storage.SharedLog) -> None:
+        """Renew this process's claims every third of the lease time (a run whose
+        claim was lost is cancelled here: another process runs it), and every lease
+        time claim the unfinished runs of registered workflows that no live process
+        holds (their process died) and run them."""
+        interval = log.lease_time / 3
+        beats = 0
+        with self._claims_scope:
+            while True:
+                await anyio.sleep(interval)
+                beats += 1
+                try:
+                    await self._renew(log)
+                    if beats % 3 == 0:
+                        await self._adopt(log)
+                except (BusClosed, _storage.StorageError) as exc:
+                    logger.warning("could not renew or take workflow run claims: %s", exc)
+
+    async def _renew(self, log: _storage.SharedLog) -> None:
+        ids = list(self._claims)
+        if not ids:
+            return
+        held = await log.claim_runs(ids, log.lease_time)
+        for workflow_id in ids:
+            if workflow_id not in self._claims:
+                continue  # finished meanwhile (and released)
+            if workflow_id in held:
+                self._claims[workflow_id] = held[workflow_id]
+                continue
+            del self._claims[workflow_id]
+            scope = self._live.get(workflow_id)
+            logger.warning(
+                "workflow run %s: this process could not renew its claim (the run was "
+                "cancelled or finished in another process, or the claim ran out before "
+                "it was renewed and another process runs it now); it stops the run here, "
+                "and can write nothing more of it once another process claims it",
+                workflow_id,
+            )
+            if scope is not None:
+                scope.cancel()
+        stale = [w for w in held if w not in self._claims]
+        if stale:
+            await log.release_runs(stale)  # runs that finished while being renewed
+
+    async def _adopt(self, log: _storage.SharedLog) -> None:
+        if not self._defs or self._stopping:
+            return
+        orphans = [
+            run.id
+            async for run in unfinished_runs(self._log)
+            if run.name in self._defs and run.id not in self._live
+        ]
+        if not orphans:
+            return
+        for workflow_id, epoch in (await log.claim_runs(orphans, log.lease_time)).items():
+            self._claims[workflow_id] = epoch
+            if not self.launch(workflow_id):
+                await self._release(workflow_id)
+
+    async def _claim(self, workflow_id: str) -> bool:
+        """On a shared log, whether this process holds the run now (claiming it if
+        it does not yet); always true on a log this process alone runs."""
+        log = self._shared
+        if log is None or workflow_id in self._claims:
+            return True
+        held = await log.claim_runs([workflow_id], log.lease_time)
+        if workflow_id not in held:
+            return False  # a live process runs it
+        self._claims[workflow_id] = held[workflow_id]
+        return True
+
+    async def _release(self, workflow_id: str) -> None:
+        log = self._shared
+        if log is None or self._claims.pop(workflow_id, None) is None:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            try:
+                await log.release_runs([workflow_id])
+            except _storage.StorageError as exc:
+                # It expires by itself after the lease time.
+                logger.info("workflow run %s: releasing its claim failed: %s", workflow_id, exc)
 
     def register(self, name: str, fn: WorkflowFunction, timeout: float | None) -> None:
         if not isinstance(name, str) or not name:
@@ -224,7 +334,10 @@ class WorkflowEngine:
             with scope:
                 async with self._limiter:
                     record = self._fresh.pop(workflow_id, None)
-                    if record is None:
+                    if not await self._claim(workflow_id):
+                        return
+                    if record is None or self._shared is not None:
+                        # Shared: as the last holder left it, not as read before the claim.
                         record = await self._log.workflow(workflow_id)
                     if record is None or record.status != "running":
                         return
@@ -237,6 +350,7 @@ class WorkflowEngine:
             # log and resumes on the next open (or reconciliation pass).
             logger.warning("workflow run %s paused: %s", workflow_id, exc)
         finally:
+            await self._release(workflow_id)
             del self._live[workflow_id]
             self._fresh.pop(workflow_id, None)
             self._cancelling.discard(workflow_id)
@@ -434,7 +548,12 @@ class WorkflowEngine:
                             f"the bus closed before workflow run {workflow_id!r} finished "
                             "(it resumes when a bus opens the log again)"
                         )
-                    await changed.event.wait()
+                    if self._shared is None:
+                        await changed.event.wait()
+                    else:
+                        # Another process may run it: look at the log now and then.
+                        with anyio.move_on_after(_SHARED_WAIT_POLL):
+                            await changed.event.wait()
                     if changed.record is not None:
                         return changed.record
 
@@ -473,6 +592,7 @@ class WorkflowEngine:
         """Cancel every run (they resume on the next open), wake every waiter, and
         wait for the runs to stop."""
         self._stopping = True
+        self._claims_scope.cancel()
         for scope in list(self._live.values()):
             scope.cancel()
         for waiters in self._finished.values():

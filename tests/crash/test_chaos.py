@@ -104,3 +104,29 @@ def test_consumer_processes_sharing_a_postgres_log_are_exactly_once_across_kills
     assert report.ok, text
     assert report.kills == 4, text
     assert report.poison_dead_letters == report.dead_letters == 40, text
+
+
+def test_consumer_processes_sharing_a_sqlite_log_are_exactly_once_across_kills(
+    tmp_path: Path,
+) -> None:
+    """A publisher and two consumer processes on one SQLite file opened with
+    ``shared=True`` (one dispatches at a time); one consumer at a time killed and
+    started again: the other takes the dispatching over."""
+    settings = Settings(
+        events=6000,
+        kills=6,
+        seed=3,
+        concurrency=4,
+        io_ms=0.5,
+        poison_every=100,
+        flaky_every=250,
+        min_wait=0.1,
+        max_wait=0.8,
+        processes=2,
+        shared=True,
+    )
+    report = run_harness(tmp_path, settings)
+    text = format_report(report, seed=settings.seed)
+    assert report.ok, text
+    assert report.kills == 6, text
+    assert report.poison_dead_letters == report.dead_letters == 60, text

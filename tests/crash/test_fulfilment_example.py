@@ -3,11 +3,16 @@ charges, emails and revenue exactly once, and a clean reconciliation."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
+import anyio
 import pytest
+
+from tests.postgres import log_at
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fulfilment.py"
 
@@ -27,3 +32,55 @@ def test_the_fulfilment_example_survives_its_kill_and_reconciles_clean(tmp_path:
     assert "charged                 200 orders, once each" in out
     assert "OK: nothing lost" in out
     assert "OK: every order fulfilled exactly once" in out
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_the_fulfilment_example_moves_to_postgres_mid_way_and_fulfils_each_order_once(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Run 1 on SQLite, killed half-way; ``eventbus migrate`` copies its log into a
+    fresh PostgreSQL schema; run 2 finishes there. Every order charged, emailed and
+    counted in revenue once (the example checks the outside world itself)."""
+    move = ["--move-to", pg_url]
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--orders", "200", "--dir", str(tmp_path), *move],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "run 1: killed (SIGKILL)" in out
+    assert "-- SIGKILL inside the charge step" in out
+    assert "moving the log: eventbus migrate" in out
+    assert "run 2: opening the moved log" in out
+    assert "charged                 200 orders, once each" in out
+    assert "receipts emailed        200" in out
+    assert "revenue per customer    matches" in out
+    assert "OK: every order fulfilled exactly once" in out
+    # Exactly once, counted by row (the example's own check counts orders).
+    outside = sqlite3.connect(tmp_path / "outside.db")
+    try:
+        charges = outside.execute("SELECT orderid FROM charges").fetchall()
+        emails = outside.execute("SELECT orderid FROM emails").fetchall()
+    finally:
+        outside.close()
+    assert len(charges) == len(set(charges)) == 200
+    assert len(emails) == len(set(emails)) == 200
+    # The log moved: PostgreSQL holds each order, charge and shipment once, and every
+    # run completed there.
+    topics, runs = anyio.run(_moved_log, pg_url)
+    assert topics == {"orders": 200, "order.charged": 200, "order.shipped": 200}
+    assert runs == {"completed": 200}
+
+
+async def _moved_log(url: str) -> tuple[Counter[str], Counter[str]]:
+    store = log_at(url, read_only=True)
+    await store.open()
+    try:
+        topics = Counter(r.topic for r in await store.read(0, store.head, None, 100_000))
+        runs = Counter(r.status for r in await store.workflows(name="fulfil", limit=1000))
+    finally:
+        await store.close()
+    return topics, runs

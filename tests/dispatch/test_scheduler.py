@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from eventbus import BreakerPolicy, RetryPolicy
 from eventbus.dispatch._scheduler import (
@@ -538,3 +540,69 @@ def test_a_key_entering_the_retry_lane_takes_its_buffered_events_with_it(
         now += 1.0
     assert order == [1, 2, 6]
     assert sched.take_acks()[0] == 6
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    keys=st.lists(st.sampled_from("AX"), min_size=2, max_size=10),
+    fail_once=st.sets(st.integers(1, 6), max_size=3),
+    reads=st.lists(st.integers(0, 4), min_size=1, max_size=10),
+    take=st.integers(1, 2),
+    concurrency=st.sampled_from([1, 3]),
+)
+# A1 fails with A4 buffered behind X2, X3; A5 is read while A1 waits: A5 must not
+# run before A4 once A1 is done.
+@example(keys=list("AXXAA"), fail_once={1}, reads=[4, 1], take=1, concurrency=1)
+def test_key_order_holds_when_the_retry_lane_always_goes_first(
+    keys: list[str], fail_once: set[int], reads: list[int], take: int, concurrency: int
+) -> None:
+    """The adversarial schedule: the retry lane runs whatever it may before the main
+    lane takes anything, retries come due while the main lane works through its
+    buffer, and the log is read a few events at a time. Events of a key
+    succeed in log order, each once, whichever events fail their first attempt."""
+    policy = RetryPolicy(max_attempts=3, initial_delay=1.0, jitter="none")
+    sched, _ = scheduler(concurrency=concurrency, retry=policy)
+    log = fresh(*keys)
+    pos = 0  # events read so far
+    chunks = iter(reads)
+    done: list[int] = []
+    now = 0.0
+
+    def read(n: int) -> None:
+        nonlocal pos
+        n = min(n, len(log) - pos, sched.room(8))
+        if n > 0:
+            sched.append(log[pos : pos + n], pos + n)
+            pos += n
+
+    for _ in range(1_000):
+        if sched.idle() and pos == len(log):
+            break
+        read(next(chunks, 0))  # the shell reads between calls, while work is buffered
+        call = sched.next_call(RETRY, now) or sched.next_call(MAIN, now, take)
+        if call is None:
+            if pos < len(log):
+                read(len(log))
+            else:
+                now += 1.0
+            continue
+        todo = list(call.entries)
+        while todo:
+            entry = todo.pop(0)
+            verdict = sched.check(call, entry)
+            if verdict == STOP:
+                todo.insert(0, entry)
+                break
+            if verdict == PARK:
+                continue
+            if entry.seq in fail_once and entry.attempt == 1:
+                sched.failed(call, entry, Boom(f"event {entry.seq}"), now)
+            else:
+                sched.succeeded(call, entry)
+                done.append(entry.seq)
+        sched.finish(call, now, todo)
+        now += 0.5  # each call takes a while: retries come due between main calls
+    assert sorted(done) == [e.seq for e in log], "an event was lost or handled twice"
+    for key in set(keys):
+        mine = [seq for seq in done if keys[seq - 1] == key]
+        assert mine == sorted(mine), f"key {key} ran out of order: {mine}"

@@ -174,7 +174,7 @@ def _downgrade_to_v3(path: Path) -> None:
     try:
         conn.executescript(
             "DROP TABLE acked; DROP TABLE workflow_steps; DROP TABLE workflows;"
-            " PRAGMA user_version = 3;"
+            " DROP TABLE workflow_claims; PRAGMA user_version = 3;"
         )
     finally:
         conn.close()

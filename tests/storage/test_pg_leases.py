@@ -246,3 +246,33 @@ async def test_the_number_of_partitions_is_the_logs_own(pg_url: str) -> None:
         PostgresStorage(postgres.url_for("x") + "&partitions=0")
     with pytest.raises(ValueError, match="lease"):
         PostgresStorage(postgres.url_for("x") + "&lease=soon")
+
+
+async def test_the_partition_a_call_is_recorded_in_is_the_one_the_log_reads_it_from(
+    pg_url: str,
+) -> None:
+    """mark_call works an event's partition out in Python: the same as the schema's
+    partition_of, for keys of every kind and events without a key."""
+    from eventbus.storage._pg_leases import partition_of
+
+    store = await _opened(pg_url)
+    keys: list[str | None] = [f"k{i}" for i in range(200)]
+    keys += ["", "é", "ключ", "🙂 key", "a" * 300, None, None]
+    try:
+        conn = await asyncpg.connect(
+            postgres.SERVER, server_settings={"search_path": parse(pg_url).schema}
+        )
+        try:
+            rows = await conn.fetch(
+                "SELECT partition_of(k, s) FROM unnest($1::text[], $2::bigint[]) AS u(k, s)",
+                keys,
+                list(range(1000, 1000 + len(keys))),
+            )
+        finally:
+            await conn.close()
+        server = [int(r[0]) for r in rows]
+        here = [partition_of(k, 1000 + i, store.partitions) for i, k in enumerate(keys)]
+        assert here == server
+        assert len(set(here)) == store.partitions
+    finally:
+        await store.close()

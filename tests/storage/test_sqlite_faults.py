@@ -93,6 +93,7 @@ async def test_a_log_from_before_step_deaths_were_counted_keeps_its_checkpoints(
     await store.close()
     with sqlite3.connect(path) as conn:  # as schema version 4 wrote it
         conn.execute("ALTER TABLE workflow_steps DROP COLUMN died")
+        conn.execute("DROP TABLE workflow_claims")  # version 7's
         conn.execute("PRAGMA user_version = 4")
     conn.close()
     store = SQLiteStorage(path)
