@@ -189,9 +189,13 @@ def browser() -> Any:
 
 
 def wait_until(driver: Any, condition: Callable[[Any], object], timeout: float = 15) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    # A live region replaced between finding an element and reading it: look again.
+    return WebDriverWait(
+        driver, timeout, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException]
+    ).until(condition)
 
 
 def element(driver: Any, element_id: str, timeout: float = 15) -> Any:

@@ -46,9 +46,9 @@ def test_the_overview_updates_when_events_flow(driver: Any, live: Running) -> No
     from selenium.webdriver.common.by import By
 
     driver.get(live.url + "/")
-    head = int(element(driver, "head").text)
-    billing = driver.find_element(By.CSS_SELECTOR, 'tr[data-subscription="billing"]')
-    assert billing.find_element(By.CSS_SELECTOR, ".dead").text == "6"
+    head = wait_until(driver, lambda d: int(d.find_element(By.ID, "head").text))
+    dead = 'tr[data-subscription="billing"] .dead'
+    assert wait_until(driver, lambda d: d.find_element(By.CSS_SELECTOR, dead).text) == "6"
 
     live.call(lambda bus: orders(bus, range(200, 260)))
 
