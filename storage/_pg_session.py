@@ -207,16 +207,28 @@ class Sessions:
             delay = min(delay * 2, 1.0)
 
     async def connect_plain(self) -> Connection:
-        """A connection of its own to the log's schema (for LISTEN)."""
+        """A connection of its own to the log's schema (for LISTEN).
+
+        Cancellation: the connection attempt finishes first (within ``open_timeout``)
+        and the new connection is closed. Abandoned halfway, asyncpg leaves an error
+        in a future nobody reads (its TLS probe's), which asyncio reports later."""
         try:
-            return await asyncpg.connect(
-                self.target.dsn,
-                server_settings=self._settings(writer=False),
-                command_timeout=self.command_timeout,
-                timeout=self.open_timeout,
-            )
+            with anyio.CancelScope(shield=True):
+                conn = await asyncpg.connect(
+                    self.target.dsn,
+                    server_settings=self._settings(writer=False),
+                    command_timeout=self.command_timeout,
+                    timeout=self.open_timeout,
+                )
         except Exception as exc:
             raise self.translate(exc) from exc
+        try:
+            await anyio.lowlevel.checkpoint()  # a cancellation that came meanwhile
+        except BaseException:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await conn.close(timeout=1)
+            raise
+        return conn
 
     async def open(self) -> int:
         """Connect, create or migrate the log, own it (unless read-only); returns

@@ -116,6 +116,10 @@ class WorkflowEngine:
         self._live: dict[str, anyio.CancelScope] = {}
         self._cancelling: set[str] = set()
         self._again: set[str] = set()
+        # Runs that ended here while a listing of unfinished runs was being read: the
+        # listing may have read them as running just before (see _unfinished_elsewhere).
+        self._listings = 0
+        self._ended: set[str] = set()
         self._fresh: dict[str, WorkflowRecord] = {}
         self._finished: dict[str, _Waiters] = {}
         self._limiter = anyio.CapacityLimiter(concurrency)
@@ -201,7 +205,7 @@ class WorkflowEngine:
             return
         orphans = [
             run.id
-            async for run in unfinished_runs(self._log)
+            async for run in self._unfinished_elsewhere()
             if run.name in self._defs and run.id not in self._live
         ]
         if not orphans:
@@ -260,12 +264,26 @@ class WorkflowEngine:
     async def _resume_all(self, name: str | None) -> None:
         """Resume every unfinished run (of ``name``) this process does not run."""
         try:
-            async for run in unfinished_runs(self._log, name):
+            async for run in self._unfinished_elsewhere(name):
                 if run.name in self._defs:
                     self.launch(run.id)
         except (BusClosed, _storage.StorageError) as exc:
             # Reconciliation looks for unfinished runs again on its next pass.
             logger.warning("could not look for unfinished %s workflow runs: %s", name, exc)
+
+    async def _unfinished_elsewhere(self, name: str | None = None) -> AsyncIterator[WorkflowRecord]:
+        """The unfinished runs (of ``name``) in the log, but those that ended in this
+        process while they were read: launched again, such a run would only read its
+        record and stop, but would show as queued meanwhile."""
+        self._listings += 1
+        try:
+            async for run in unfinished_runs(self._log, name):
+                if run.id not in self._ended:
+                    yield run
+        finally:
+            self._listings -= 1
+            if not self._listings:
+                self._ended.clear()
 
     def launch(
         self, workflow_id: str, *, again: bool = False, record: WorkflowRecord | None = None
@@ -352,6 +370,8 @@ class WorkflowEngine:
         finally:
             await self._release(workflow_id)
             del self._live[workflow_id]
+            if self._listings:
+                self._ended.add(workflow_id)
             self._fresh.pop(workflow_id, None)
             self._cancelling.discard(workflow_id)
             waiters = self._finished.pop(workflow_id, None)
@@ -542,6 +562,10 @@ class WorkflowEngine:
                 with self._waiting(workflow_id) as changed:
                     record = await self.read(workflow_id)
                     if record.status != "running":
+                        if workflow_id in self._live:
+                            # Finished here, and its task is still letting go of it
+                            # (its claim on a shared log): done once that is.
+                            await changed.event.wait()
                         return record
                     if self._stopping:
                         raise BusClosed(
@@ -573,7 +597,7 @@ class WorkflowEngine:
         resumed: list[str] = []
         overdue: list[str] = []
         now = time.time()
-        async for run in unfinished_runs(self._log):
+        async for run in self._unfinished_elsewhere():
             if run.deadline is not None and run.deadline < now:
                 overdue.append(run.id)
             if run.name in self._defs and self.launch(run.id):
