@@ -195,14 +195,14 @@ async def test_a_long_redrive_shows_its_progress(
         data = {"csrf": token, "do": "redrive:filter", "subscription": "billing", "count": "60"}
         response = await c.post("/dead-letters/apply", data=data)
         url = response.headers["location"]
-        with anyio.fail_after(10):
+        with anyio.fail_after(30):
             while 'id="outcome"' not in (page := (await c.get(url)).text):
                 found = re.search(r"(\d+) of 60 so far", page)
                 assert found, page
                 seen.append(int(found.group(1)))
                 fragment = (await c.get(url.replace("/jobs/", "/fragments/jobs/"))).text
                 assert "of 60 so far" in fragment or 'id="outcome"' in fragment
-                await anyio.lowlevel.checkpoint()
+                await anyio.sleep(0.01)  # the redrive's own turns, on a busy machine too
         assert "Re-injected 60 dead letters." in page
         assert seen == sorted(seen)
         assert (await c.get("/jobs/999")).status_code == 404
