@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test lint typecheck unit postgres chromium docs docs-serve demo bench chaos clean
+.PHONY: test lint typecheck unit postgres chromium docs docs-serve demo bench chaos screenshots clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "eventbus needs Python 3.11+"'
@@ -70,6 +70,10 @@ test: lint typecheck docs unit
 demo: $(STAMP)
 	$(PY) examples/demo.py
 	$(PY) examples/fulfilment.py
+
+# The dashboard's screenshots in docs/img, taken again by its browser tests.
+screenshots: $(STAMP)
+	UPDATE_SCREENSHOTS=1 $(VENV)/bin/pytest -q --no-cov tests/dashboard
 
 chaos: $(STAMP)
 	$(PY) -m eventbus.chaos

@@ -4,6 +4,7 @@ for tests that drive the dashboard from outside (a browser, an HTTP client)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import threading
@@ -207,6 +208,12 @@ def element(driver: Any, element_id: str, timeout: float = 15) -> Any:
 
 
 def screenshot(driver: Any, name: str) -> None:
-    """Write the page as docs/img/dashboard-NAME.png (the documentation shows them)."""
-    DOCS_IMG.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(DOCS_IMG / f"dashboard-{name}.png"))
+    """Take the page as a PNG; write it as docs/img/dashboard-NAME.png (the
+    documentation shows them) when that file is missing or ``UPDATE_SCREENSHOTS`` is
+    set (``make screenshots``), so that a test run leaves the checkout as it was."""
+    png = driver.get_screenshot_as_png()
+    assert png.startswith(b"\x89PNG"), f"the {name} page did not render"
+    path = DOCS_IMG / f"dashboard-{name}.png"
+    if os.environ.get("UPDATE_SCREENSHOTS") or not path.exists():
+        DOCS_IMG.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png)
