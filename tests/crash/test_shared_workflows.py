@@ -35,6 +35,18 @@ def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def _workflow_worker(
     url: str, sink: Path, runs: int, log: Path, *, io: float = 0.01, start: bool = True
 ) -> subprocess.Popen[bytes]:
+    if not sink.exists():
+        # Made here, once: two workers switching a new file to WAL at the same moment
+        # make one of them fail with "database is locked" (the switch does not wait).
+        conn = sqlite3.connect(sink, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS steps"
+                " (run TEXT NOT NULL, step TEXT NOT NULL, pid INTEGER)"
+            )
+        finally:
+            conn.close()
     with open(log, "wb") as err:
         return subprocess.Popen(
             [sys.executable, str(WORKFLOW_WORKER), url, str(sink), "--runs", str(runs)]
