@@ -825,33 +825,28 @@ class Bus:
                 on_dead=self._dead_lettered,
                 register=register,
             )
-            assert self._tg is not None
-            self._subs[name] = sub
-            if self.hooks.calls:
-                self._wrap(sub)
-            self._tg.start_soon(sub.run, name=f"eventbus subscription {name}")
-            return
-        sub = Subscription(
-            name=name,
-            topics=topics,
-            handler=handler,
-            batch_policy=batch,
-            retry=retry,
-            breaker=breaker,
-            ordered=ordered,
-            concurrency=concurrency,
-            capacity=self.config.channel_capacity,
-            cursor=cursor,
-            writer=self._writer,
-            log=self._log,
-            recent=self._recent,
-            decode=self._to_event,
-            encode=self._encode,
-            clock=self._clock,
-            on_progress=self._notify_progress,
-            on_dead=self._dead_lettered,
-            register=register,
-        )
+        else:
+            sub = Subscription(
+                name=name,
+                topics=topics,
+                handler=handler,
+                batch_policy=batch,
+                retry=retry,
+                breaker=breaker,
+                ordered=ordered,
+                concurrency=concurrency,
+                capacity=self.config.channel_capacity,
+                cursor=cursor,
+                writer=self._writer,
+                log=self._log,
+                recent=self._recent,
+                decode=self._to_event,
+                encode=self._encode,
+                clock=self._clock,
+                on_progress=self._notify_progress,
+                on_dead=self._dead_lettered,
+                register=register,
+            )
         assert self._tg is not None
         self._subs[name] = sub
         if self.hooks.calls:

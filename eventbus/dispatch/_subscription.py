@@ -730,17 +730,15 @@ class Subscription:
     async def _run_batch(self, call: Call, slot: int) -> None:
         """A batch handler's call: one handler call for the events it may run now;
         on an exception, split in halves to isolate the failing events."""
-        sched = self._sched
         # The scheduler checked these events when it handed them out, just now:
         # nothing has changed since (no await in between), so all of them may run.
         runnable = call.entries
-        released: list[Entry] = []
         started = self._clock.now()
         unhandled = runnable
         try:
             unhandled = await self._call_batch(call, runnable, slot)
         finally:
-            sched.finish(call, self._clock.now(), [*unhandled, *released])
+            self._sched.finish(call, self._clock.now(), unhandled)
             self._writes.touch()
         self._observe(call, len(runnable) - len(unhandled), started)
 
