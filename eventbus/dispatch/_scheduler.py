@@ -34,7 +34,7 @@ import bisect
 import heapq
 import random
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal, Protocol
 
 from .._config import RetryPolicy
@@ -134,18 +134,37 @@ class Entry:
 
 
 class Call:
-    """A handler call the scheduler handed out: ``entries`` in ``lane``."""
+    """A handler call the scheduler handed out: ``entries`` in ``lane``.
 
-    __slots__ = ("earned", "entries", "keys", "lane", "ok", "probe", "suspect")
+    A call of plain events (see :meth:`Scheduler.append_plain`) holds them in
+    ``plain`` instead, with no entries: the shell counts the ones handled in ``done``
+    (each a success), and asks :meth:`Scheduler.convert` for entries of the rest
+    when anything else happens (a failure, a change, the call abandoned).
+    """
+
+    __slots__ = ("done", "earned", "entries", "keys", "lane", "ok", "plain", "probe", "suspect")
 
     def __init__(self, lane: Lane) -> None:
         self.lane = lane
         self.entries: list[Entry] = []
+        self.plain: list[Plain] | None = None  # a call of plain events
+        self.done = 0  # of ``plain``: handled, in order
         self.keys: list[str] = []  # keys this call owns until it finishes
         self.ok = 0  # successes not yet reported to the breaker
         self.earned = 0  # fresh events handled: retry budget earned at the end
         self.probe = False
         self.suspect = False
+
+
+class Plain(Protocol):
+    """A fresh event as the shell reads it (an :class:`~eventbus.Event`): all the
+    scheduler needs of it while nothing goes wrong."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def key(self) -> str | None: ...
 
 
 class Sink(Protocol):
@@ -234,6 +253,10 @@ class Scheduler:
         self._fresh: deque[Entry] = deque()
         self._released: deque[Entry] = deque()  # given back: taken before _fresh
         self._held: dict[str, deque[Entry]] = {}  # waiting for their key's call
+        # Plain events (:meth:`append_plain`): the tail of the buffer, after every
+        # entry in it, kept without entries until one needs them.
+        self._plain: list[Plain] = []
+        self._plain_call: Call | None = None  # a call of plain events, not converted
         self.buffered = 0
         # The cursor: fresh events in log order, finished ones dropped from the front.
         self._order: deque[Entry] = deque()
@@ -276,6 +299,8 @@ class Scheduler:
         Events in the retry lane or already acknowledged ahead of the cursor are
         skipped; an event of a key with an event in the retry lane joins it there.
         """
+        if self._plain:
+            self._materialise()  # ahead of these in the buffer and the cursor
         known = self._known
         ahead = self._ahead
         gone = self._gone_ahead
@@ -317,6 +342,58 @@ class Scheduler:
                 self._gone_ahead = {seq for seq in gone if seq > read_upto}
         if added:
             self.main_changed = True
+
+    def append_plain(self, events: Sequence[Plain], read_upto: int) -> None:
+        """Fresh events read from the log, as :meth:`append` takes them, without an
+        entry each: the common case of one main call at a time and nothing to skip
+        (no event in the retry lane, none finished ahead of the cursor) needs none
+        until something goes wrong. They get entries, and the same treatment as
+        :meth:`append` gives, as soon as any other case arises."""
+        if self.concurrency != 1 or self._known or self._ahead or self._gone_ahead:
+            self.append([Entry(event.seq, event.key, event) for event in events], read_upto)
+            return
+        if events:
+            self._plain += events
+            self.buffered += len(events)
+            self.main_changed = True
+        if read_upto > self.read_pos:
+            self.read_pos = read_upto
+            if self._unreachable:
+                self._reach()
+
+    def _materialise(self) -> None:
+        """The plain events of the buffer get entries, at its tail and the cursor's."""
+        entries = [Entry(event.seq, event.key, event) for event in self._plain]
+        self._plain = []
+        self._order.extend(entries)
+        self._fresh.extend(entries)
+
+    def convert(self, call: Call) -> list[Entry]:
+        """The plain ``call``'s events not handled yet (from ``call.done`` on) get
+        entries, running, and become ``call.entries``: from here on its shell checks
+        each one (:meth:`check`) and tells its outcome, as for any call. The
+        ``call.done`` events before them succeeded."""
+        assert call is self._plain_call
+        assert call.plain is not None
+        self._plain_call = None
+        done = call.done
+        call.ok += done
+        call.earned += done
+        entries = [Entry(event.seq, event.key, event) for event in call.plain[done:]]
+        for entry in entries:
+            entry.state = RUNNING
+        call.entries = entries
+        if entries:
+            # Entries in the cursor's queue are later events (none was pending when
+            # the call was handed out), unless read after it: they go ahead of them.
+            order = self._order
+            if not order or order[-1].seq < entries[0].seq:
+                order.extend(entries)
+            elif entries[-1].seq < order[0].seq:
+                order.extendleft(reversed(entries))
+            else:
+                self._order = deque(heapq.merge(order, entries, key=lambda e: e.seq))
+        return entries
 
     def finished_ahead(self, ranges: Iterable[tuple[int, int]]) -> None:
         """Ranges of events past the read position already finished (from the log):
@@ -375,16 +452,33 @@ class Scheduler:
             return None
         if self._suspect_due():
             return None  # a suspect waits for the calls in flight to end
-        if self.concurrency == 1 and not self._released and not self._lanes and self._fresh:
+        if self.concurrency == 1 and not self._released and not self._lanes:
             # One call at a time, nothing in the retry lane, nothing given back: the
             # next events of the buffer, keys not tracked (no other call can take one).
             fresh = self._fresh
-            n = min(limit, len(fresh))
-            call = Call(MAIN)
-            call.entries = [fresh.popleft() for _ in range(n)]
-            self.buffered -= n
-            self._serial = call  # its keys are its entries' (see _holds_key)
-            return call
+            if fresh:
+                n = min(limit, len(fresh))
+                call = Call(MAIN)
+                call.entries = [fresh.popleft() for _ in range(n)]
+                self.buffered -= n
+                self._serial = call  # its keys are its entries' (see _serial_holds)
+                return call
+            if self._plain and not self._held and self.cursor() == self._plain[0].seq - 1:
+                # Plain events, and nothing before them is pending: a plain call,
+                # whose events finish in order ahead of anything read later.
+                plain = self._plain
+                n = min(limit, len(plain))
+                call = Call(MAIN)
+                if n == len(plain):
+                    call.plain, self._plain = plain, []
+                else:
+                    call.plain = plain[:n]
+                    del plain[:n]
+                self.buffered -= n
+                self._serial = self._plain_call = call
+                return call
+        if self._plain:
+            self._materialise()
         call = Call(MAIN)
         ordered = self.ordered
         owner = self._owner
@@ -463,7 +557,11 @@ class Scheduler:
 
     def _serial_holds(self, key: str) -> bool:
         serial = self._serial
-        return serial is not None and any(entry.key == key for entry in serial.entries)
+        if serial is None:
+            return False
+        if serial.plain is not None and any(event.key == key for event in serial.plain):
+            return True
+        return any(entry.key == key for entry in serial.entries)
 
     def _suspect_due(self) -> bool:
         """A suspect is due and waits for the main lane to pause."""
@@ -556,6 +654,10 @@ class Scheduler:
         close, or released by a stop): they go back where they came from, their
         attempt not counted."""
         self._now = now
+        if call is self._plain_call:
+            rest = self.convert(call)
+            if rest:
+                unhandled = [*rest, *unhandled]
         back: list[Entry] = []
         for entry in unhandled:
             if entry.state != RUNNING and not (entry.state == FRESH and entry.pending):
@@ -718,6 +820,8 @@ class Scheduler:
         read event of the key in log order. An event of the key read from now on is
         parked as it is read: left behind in the buffer, an older one would run
         after it, once the lane released it."""
+        if self._plain:
+            self._materialise()
         held = self._held.pop(key, None)
         if held:
             self.buffered -= len(held)
@@ -808,13 +912,31 @@ class Scheduler:
         order = self._order
         while order and not order[0].pending:
             order.popleft()
-        return order[0].seq - 1 if order else self.read_pos
+        call = self._plain_call
+        if call is not None:
+            plain = call.plain
+            assert plain is not None
+            if call.done < len(plain):
+                # Ahead of any entry in the cursor's queue (see :meth:`convert`).
+                return plain[call.done].seq - 1
+        if order:
+            return order[0].seq - 1
+        # The plain events of the buffer come after every entry and call.
+        return self._plain[0].seq - 1 if self._plain else self.read_pos
 
     def oldest_pending(self) -> Entry | None:
         """The first event in log order that is read and not finished (the one that
         holds the cursor back), or None."""
-        self.cursor()  # drops the finished ones from the front
-        return self._order[0] if self._order else None
+        first = self.cursor() + 1
+        if self._order and self._order[0].seq == first:
+            return self._order[0]
+        call = self._plain_call
+        for event in (call.plain[call.done :] if call is not None and call.plain else []) + (
+            self._plain[:1]
+        ):
+            if event.seq == first:
+                return Entry(event.seq, event.key, event)
+        return None
 
     def take_acks(self) -> tuple[int, list[tuple[int, int]]]:
         """The cursor, and the ranges of fresh events done ahead of it since the last

@@ -472,10 +472,12 @@ class Subscription:
         taken = self._recent.take(pos, head, self._filter, room)
         if taken is not None:
             events, upto = taken
-            entries = [Entry(e.seq, e.key, e) for e in events]
-            if self._payload is not None:
+            if self._payload is None:
+                sched.append_plain(events, upto)  # entries only when needed
+            else:
+                entries = [Entry(e.seq, e.key, e) for e in events]
                 self._decode_views(entries)
-            sched.append(entries, upto)
+                sched.append(entries, upto)
         else:
             self._reading = True
             try:
@@ -639,6 +641,67 @@ class Subscription:
         checking = False
         typed = self._payload is not None  # its events come with their views
         try:
+            if call.plain is not None:
+                # Plain events (see Scheduler.append_plain): no entry each, no check,
+                # each success counted in ``call.done``, until something happens
+                # that the loop of entries below is for.
+                events = typing.cast("list[Event[object]]", call.plain)
+                n = len(events)
+                buf.attempt = 1
+                j = 0
+                while j < n and sched.changes == changes:
+                    current = events[j]
+                    buf.event = current
+                    seqs = (current.seq,)
+                    if track:
+                        journal.started(slot, seqs)
+                    inside = True
+                    info.seqs = seqs
+                    info.started = now()
+                    try:
+                        if timeout is None:
+                            await handler(current, ctx)
+                        else:
+                            with anyio.fail_after(timeout):
+                                await handler(current, ctx)
+                    except Exception as exc:  # noqa: BLE001 - goes to the retry lane or dead letters
+                        if track:
+                            journal.ended(slot)
+                        inside = False
+                        entries = sched.convert(call)  # event j first
+                        count = len(entries)
+                        i = done_from = 1
+                        checking = True
+                        buf.clear()
+                        self._failed(call, entries[0], exc)
+                        break
+                    except BaseException:
+                        if info.stuck is not None:
+                            # As below: the event in flight failed this attempt.
+                            journal.ended(slot)
+                            inside = False
+                            entries = sched.convert(call)  # event j first
+                            i = 1
+                            buf.clear()
+                            self._failed(
+                                call, entries[0], HandlerStuck(self.name, info.stuck, info.seqs)
+                            )
+                        raise  # (not stuck: finish() gives back the events from j on)
+                    if track:
+                        journal.ended(slot)
+                    inside = False
+                    j += 1
+                    call.done = j
+                    handled += 1
+                    if buf.outbox or buf.writes:
+                        # Its writes join the acknowledgement that ``done`` now allows.
+                        writes.absorb(buf)
+                else:
+                    if j < n:
+                        # Something changed: the rest are checked, one entry each.
+                        entries = sched.convert(call)
+                        count = len(entries)
+                        checking = True
             while i < count:
                 entry = entries[i]
                 if checking or sched.changes != changes:
@@ -732,20 +795,41 @@ class Subscription:
         on an exception, split in halves to isolate the failing events."""
         # The scheduler checked these events when it handed them out, just now:
         # nothing has changed since (no await in between), so all of them may run.
-        runnable = call.entries
+        size = len(call.plain) if call.plain is not None else len(call.entries)
         started = self._clock.now()
-        unhandled = runnable
+        unhandled: list[Entry] | None = None
         try:
-            unhandled = await self._call_batch(call, runnable, slot)
+            if call.plain is not None:
+                unhandled = await self._call_plain_batch(call, slot)
+            else:
+                unhandled = await self._call_batch(call, call.entries, slot)
         finally:
-            self._sched.finish(call, self._clock.now(), unhandled)
+            # Cancelled: every entry still running goes back (a plain call's events
+            # not handled get their entries there).
+            self._sched.finish(
+                call, self._clock.now(), call.entries if unhandled is None else unhandled
+            )
             self._writes.touch()
-        self._observe(call, len(runnable) - len(unhandled), started)
+        self._observe(call, size - len(unhandled), started)
+
+    async def _call_plain_batch(self, call: Call, slot: int) -> list[Entry]:
+        """:meth:`_call_batch` for a call of plain events: they get entries only if
+        the call does not simply succeed."""
+        events = call.plain
+        assert events is not None
+        seqs = tuple([event.seq for event in events])
+        # A list of its own: the handler may keep or change it.
+        error = await self._invoke(slot, MAIN, list(events), seqs, 1)
+        buf = self._contexts[slot].buffer
+        if error is None and not buf.failed:
+            call.done = len(events)
+            self._writes.absorb(buf)
+            return []
+        return await self._batch_outcome(call, self._sched.convert(call), error, slot)
 
     async def _call_batch(self, call: Call, entries: list[Entry], slot: int) -> list[Entry]:
         """Call the batch handler on ``entries``; returns those left unhandled
         (abandoned at close, or released by a stop while a failing batch was split)."""
-        sched = self._sched
         typed = self._payload is not None  # its events come with their views
         events: list[Event[object]] = []
         seqs: list[int] = []
@@ -770,6 +854,14 @@ class Subscription:
         if not runnable:
             return []
         error = await self._invoke(slot, MAIN, events, tuple(seqs), attempt)
+        return await self._batch_outcome(call, runnable, error, slot)
+
+    async def _batch_outcome(
+        self, call: Call, runnable: list[Entry], error: BaseException | None, slot: int
+    ) -> list[Entry]:
+        """Tell the scheduler how a batch call of ``runnable`` went (``error`` as
+        :meth:`_invoke` returns it); returns the events left unhandled."""
+        sched = self._sched
         buf = self._contexts[slot].buffer
         if error is None:
             failed = buf.failed
@@ -877,8 +969,13 @@ class Subscription:
         clock = self._clock
         now = clock.now()
         wall = clock.wall()
-        first = call.entries[0].item
-        last = call.entries[-1].item
+        first: object
+        last: object
+        if call.plain is not None:
+            first, last = call.plain[0], call.plain[-1]
+        else:
+            first = call.entries[0].item
+            last = call.entries[-1].item
         oldest = first.created_at if isinstance(first, Event) else wall
         newest = last.created_at if isinstance(last, Event) else wall
         self.stats.batch(handled, now - started, oldest, newest, wall, now)
