@@ -9,12 +9,22 @@ is bounded in count and in bytes, so memory does not grow with the backlog.
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import attrgetter
 
 from eventbus.storage import NewRecord, Receipt
 
 from .._event import Event
 
 ToEvent = Callable[[NewRecord, int], Event[object]]
+
+_TOPIC = attrgetter("topic")
+
+# Decoded events are kept for other readers only while they are among the newest this
+# many: readers that keep up read a commit's events right after it, and an event kept
+# longer than that outlives the garbage collector's young generation, so that every
+# collection of the older ones walks the whole window (measured: with 12,000 decoded
+# events kept, a third of the dispatch side's instructions went to the collector).
+_HOT = 256
 
 
 class RecentEvents:
@@ -25,6 +35,7 @@ class RecentEvents:
         self._events: list[Event[object] | None] = []
         self._sizes: list[int] = []  # bytes accounted per record, for cheap trimming
         self._first = head + 1  # seq of _records[0]
+        self._cold = head + 1  # events with a lower seq are not kept decoded
         self._max_events = max_events
         self._max_bytes = max_bytes
         self._bytes = 0
@@ -98,17 +109,50 @@ class RecentEvents:
         if after + 1 < first:
             return None
         start = after + 1 - first
-        stop = min(upto + 1 - first, len(self._records))
         records = self._records
+        stop = min(upto + 1 - first, len(records))
+        examined = max(after, min(upto, first + len(records) - 1))
         events = self._events
+        hot = len(records) - _HOT  # events before it are not kept decoded
+        end = min(stop, start + limit)
+        if start < end and (topics is None or topics.issuperset(map(_TOPIC, records[start:end]))):
+            # Every event up to the limit is wanted: one slice, decoded together.
+            kept = events[start:end]
+            missing = kept.count(None)
+            if not missing:
+                return kept, examined if end == stop else first + end - 1  # type: ignore[return-value]
+            to_event = self._to_event
+            if missing == len(kept):
+                taken = list(map(to_event, records[start:end], range(first + start, first + end)))
+            else:
+                taken = [
+                    to_event(records[i], first + i) if event is None else event
+                    for i, event in enumerate(kept, start)
+                ]
+            if end > hot:
+                events[start:end] = taken
+            self._forget_cold(hot)
+            return taken, examined if end == stop else first + end - 1
         out: list[Event[object]] = []
         for i in range(start, stop):
             rec = records[i]
             if topics is None or rec.topic in topics:
                 event = events[i]
                 if event is None:
-                    event = events[i] = self._to_event(rec, first + i)
+                    event = self._to_event(rec, first + i)
+                    if i >= hot:
+                        events[i] = event
                 out.append(event)
                 if len(out) >= limit:
-                    return out, first + i
-        return out, max(after, min(upto, first + len(records) - 1))
+                    examined = first + i
+                    break
+        self._forget_cold(hot)
+        return out, examined
+
+    def _forget_cold(self, hot: int) -> None:
+        """Drop the decoded events before ``_records[hot]`` (see ``_HOT``)."""
+        cold = self._cold - self._first
+        if cold < hot:
+            cold = max(cold, 0)
+            self._events[cold:hot] = [None] * (hot - cold)
+            self._cold = self._first + hot

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import typing
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from eventbus._event import Event
 from eventbus.publish import RecentEvents
 from eventbus.storage import NewRecord, Receipt
@@ -67,3 +72,77 @@ def test_the_window_is_bounded_in_bytes() -> None:
     for first in range(1, 201, 10):
         window.append(*records(first, 10))
     assert 200 - window.first_seq < 30
+
+
+def test_events_far_behind_the_head_are_not_kept_decoded() -> None:
+    # Kept decoded, every event of the window would outlive the garbage collector's
+    # young generation: only the newest are kept for other readers.
+    made: list[int] = []
+
+    def counting(rec: NewRecord, seq: int) -> Event[object]:
+        made.append(seq)
+        return to_event(rec, seq)
+
+    window = RecentEvents(0, max_events=10_000, max_bytes=10**8, to_event=counting)
+    window.append(*records(1, 2000))
+    assert window.take(0, 2000, None, 10) is not None  # far behind: not kept
+    assert window.take(1990, 2000, None, 10) is not None  # near the head: kept
+    assert window.take(0, 2000, None, 10) is not None
+    assert window.take(1990, 2000, None, 10) is not None
+    assert made == [*range(1, 11), *range(1991, 2001), *range(1, 11)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("append"), st.lists(st.sampled_from("ab"), max_size=40)),
+            st.tuples(
+                st.just("take"),
+                st.integers(0, 400),
+                st.integers(0, 400),
+                st.sampled_from([None, frozenset("a"), frozenset("b"), frozenset("ab")]),
+                st.integers(1, 50),
+            ),
+        ),
+        max_size=30,
+    ),
+    max_events=st.integers(5, 300),
+)
+def test_take_gives_the_events_of_a_plain_filter_over_the_log(
+    steps: list[tuple[object, ...]], max_events: int
+) -> None:
+    window = RecentEvents(0, max_events=max_events, max_bytes=10**8, to_event=to_event)
+    log: list[str] = []  # topic by seq - 1
+    for step in steps:
+        if step[0] == "append":
+            topics = typing.cast("list[str]", step[1])
+            recs = [
+                NewRecord(f"id-{len(log) + i + 1}", t, None, b"x", None, 0.0)
+                for i, t in enumerate(topics)
+            ]
+            window.append(recs, [Receipt(len(log) + i + 1, r.id) for i, r in enumerate(recs)])
+            log += topics
+            continue
+        _, after, upto, chosen, limit = step
+        assert isinstance(after, int)
+        assert isinstance(upto, int)
+        assert isinstance(limit, int)
+        wanted = typing.cast("frozenset[str] | None", chosen)
+        taken = window.take(after, upto, wanted, limit)
+        if after + 1 < window.first_seq:
+            assert taken is None
+            continue
+        assert taken is not None
+        events, pos = taken
+        expected = [
+            seq
+            for seq in range(after + 1, min(upto, len(log)) + 1)
+            if wanted is None or log[seq - 1] in wanted
+        ][:limit]
+        assert [e.seq for e in events] == expected
+        assert [e.id for e in events] == [f"id-{seq}" for seq in expected]
+        if len(expected) == limit:
+            assert pos == expected[-1]
+        else:
+            assert pos == max(after, min(upto, len(log)))

@@ -13,6 +13,7 @@ from eventbus.dispatch._scheduler import (
     MAIN,
     PARK,
     RETRY,
+    RUN,
     STOP,
     Call,
     Entry,
@@ -606,3 +607,137 @@ def test_key_order_holds_when_the_retry_lane_always_goes_first(
     for key in set(keys):
         mine = [seq for seq in done if keys[seq - 1] == key]
         assert mine == sorted(mine), f"key {key} ran out of order: {mine}"
+
+
+class _Plain:
+    """A plain event (Scheduler.append_plain) as the shell reads it."""
+
+    __slots__ = ("key", "seq")
+
+    def __init__(self, seq: int, key: str | None) -> None:
+        self.seq = seq
+        self.key = key
+
+
+def _drive(
+    plain: bool,
+    keys: list[str | None],
+    fail_once: set[int],
+    ops: list[tuple[str, int]],
+    ordered: bool,
+) -> list[object]:
+    """Run a script of reads, calls, handled events, retries and commits, with events
+    read plain or as entries, as the shell would; returns what could be observed:
+    the calls handed out, the events handled, the records and acknowledgements."""
+    sched, sink = scheduler(ordered=ordered)
+    trace: list[object] = []
+    now = 0.0
+    calls: list[tuple[Call, list[object], list[int]]] = []  # call, todo, changes seen
+    redriven: set[int] = set()
+    for op, arg in ops:
+        if op == "call" and not sched.buffered:
+            op, arg = "read", arg + 2  # as the shell reads when nothing is buffered
+        if op == "redrive":
+            # An event not read yet enters the retry lane (handed back by
+            # reconciliation): its key's buffered events join it.
+            seq = sched.read_pos + 1 + arg
+            if seq <= len(keys) and seq not in redriven:
+                redriven.add(seq)
+                sched.recovered([Entry.retry(seq, keys[seq - 1], None, attempt=2)], now)
+        elif op in ("read", "logread"):
+            pos = sched.read_pos
+            n = min(arg, len(keys) - pos, sched.room(6))
+            if n > 0:
+                seqs = range(pos + 1, pos + n + 1)
+                if plain and op == "read":
+                    sched.append_plain([_Plain(s, keys[s - 1]) for s in seqs], pos + n)
+                else:
+                    sched.append([Entry(s, keys[s - 1], None) for s in seqs], pos + n)
+        elif op == "call":
+            lane = MAIN if arg % 2 else RETRY
+            call = sched.next_call(lane, now, 1 + arg % 4)
+            if call is not None:
+                events: list[object] = list(call.plain if call.plain is not None else call.entries)
+                trace.append(("call", lane, [e.seq for e in events]))  # type: ignore[attr-defined]
+                calls.append((call, events, [sched.changes, 0]))
+        elif op == "handle" and calls:
+            call, todo, seen = calls[arg % len(calls)]
+            if not todo:
+                sched.finish(call, now, [e for e in todo if isinstance(e, Entry)])
+                calls.remove((call, todo, seen))
+                continue
+            event = todo[0]
+            if isinstance(event, _Plain) and sched.changes != seen[0]:
+                # Something changed: the rest get entries, checked from here on.
+                todo[:] = sched.convert(call)
+                seen[1] = 1
+                event = todo[0]
+            if isinstance(event, _Plain):
+                todo.pop(0)
+                if event.seq in fail_once:
+                    fail_once.discard(event.seq)
+                    todo.insert(0, event)
+                    todo[:] = sched.convert(call)
+                    seen[1] = 1
+                    entry = todo.pop(0)
+                    assert isinstance(entry, Entry)
+                    trace.append(("failed", entry.seq))
+                    sched.failed(call, entry, Boom(), now)
+                else:
+                    trace.append(("handled", event.seq))
+                    call.done += 1
+                continue
+            assert isinstance(event, Entry)
+            if call.lane == MAIN and not seen[1] and sched.changes == seen[0]:
+                verdict = RUN
+            else:
+                seen[1] = 1
+                verdict = sched.check(call, event)
+            if verdict == STOP:
+                sched.finish(call, now, [e for e in todo if isinstance(e, Entry)])
+                calls.remove((call, todo, seen))
+                continue
+            todo.pop(0)
+            if verdict == PARK:
+                continue
+            if event.seq in fail_once and event.attempt == 1:
+                fail_once.discard(event.seq)
+                trace.append(("failed", event.seq))
+                sched.failed(call, event, Boom(), now)
+            else:
+                trace.append(("handled", event.seq))
+                sched.succeeded(call, event)
+        elif op == "abandon" and calls:
+            call, todo, seen = calls.pop(arg % len(calls))
+            sched.finish(call, now, [e for e in todo if isinstance(e, Entry)])
+        elif op == "time":
+            now += arg
+        elif op == "commit":
+            trace.append(("acks", sched.take_acks(), sink.retried[:], sink.done[:]))
+    trace.append(("end", sched.take_acks(), sched.buffered, sched.pending(now).parked))
+    return trace
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    keys=st.lists(st.sampled_from(["A", "B", None]), min_size=1, max_size=12),
+    fail_once=st.sets(st.integers(1, 12), max_size=3),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["read", "call", "call", "handle", "handle", "handle", "abandon"])
+            | st.sampled_from(["time", "commit", "redrive", "logread"]),
+            st.integers(0, 5),
+        ),
+        min_size=10,
+        max_size=80,
+    ),
+    ordered=st.booleans(),
+)
+def test_plain_events_give_the_calls_records_and_acks_that_entries_give(
+    keys: list[str | None], fail_once: set[int], ops: list[tuple[str, int]], ordered: bool
+) -> None:
+    """Events read plain (no entry each until one is needed) are handed out, retried,
+    parked, given back and acknowledged exactly as the same events read as entries."""
+    assert _drive(True, keys, set(fail_once), ops, ordered) == _drive(
+        False, keys, set(fail_once), ops, ordered
+    )

@@ -6,12 +6,17 @@ Checked after every step: events of one key are handled in log order, no event i
 two calls at once, no event gets more attempts than ``max_attempts`` plus the deaths
 its own calls caused, the committed cursor only passes finished events; and once the
 run settles with no more faults, every event is done or dead-lettered, none lost.
+
+Events are read either as entries or as plain events (``Scheduler.append_plain``),
+whose calls the machine runs as the shell does: no entry each until something
+changes, an attempt fails or the call is abandoned.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import typing
 from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, settings
@@ -23,6 +28,14 @@ from eventbus.dispatch._scheduler import MAIN, PARK, RETRY, RUN, STOP, Call, Ent
 from eventbus.failures import RetryBudget
 
 KEYS = ["a", "b", "c", None]
+
+
+@dataclass(frozen=True)
+class Plain:
+    """A plain event as the shell reads it."""
+
+    seq: int
+    key: str | None
 
 
 class Boom(Exception):
@@ -65,17 +78,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.log: list[tuple[int, str | None, str]] = []  # seq, key, behaviour
         self.stored = Stored()
         self.now = 0.0
-        self.calls: list[tuple[Call, list[Entry]]] = []  # call, entries not yet run
+        self.calls: list[tuple[Call, list[Entry | Plain]]] = []  # call, events not yet run
         # Failed attempts whose record committed, and those of this life not yet
         # committed (a crash forgets them: the attempt is made again).
         self.failed_attempts: dict[int, int] = {}
         self.failed_now: dict[int, int] = {}
         self.deaths: dict[int, int] = {}  # deaths its own calls caused
-        self.inside: dict[Call, Entry] = {}  # calls inside the handler, on which event
+        self.inside: dict[Call, Entry | Plain] = {}  # calls inside the handler, on which event
         self.skip_checks: dict[Call, list[object]] = {}  # changes when handed out, checking
         self.running: set[int] = set()
         self.done_now: set[int] = set()  # done in this life (committed or not)
         self.failures_left: dict[int, int] = {}
+        self.plain_calls: set[Call] = set()  # calls of plain events not converted yet
 
     @initialize(
         ordered=st.booleans(),
@@ -84,6 +98,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_attempts=st.integers(1, 4),
         capacity=st.integers(1, 12),
         seed=st.integers(0, 2**16),
+        plain=st.booleans(),
     )
     def setup(
         self,
@@ -93,7 +108,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_attempts: int,
         capacity: int,
         seed: int,
+        plain: bool,
     ) -> None:
+        self.plain = plain
         self.ordered = ordered
         self.concurrency = concurrency
         self.capacity = capacity
@@ -131,6 +148,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             recovered.append(entry)
         self.sched.recovered(recovered, self.now)
         self.calls = []
+        self.plain_calls = set()
         self.running = set()
         self.done_now = set(self.stored.done)
         self.read_from = self.stored.cursor
@@ -160,7 +178,34 @@ class SchedulerMachine(RuleBasedStateMachine):
             pos += 1
             seq, key, _ = self.log[pos - 1]
             entries.append(Entry(seq, key, None))
-        self.sched.append(entries, pos)
+        if self.plain:
+            self.sched.append_plain([Plain(e.seq, e.key) for e in entries], pos)
+        else:
+            self.sched.append(entries, pos)
+
+    @staticmethod
+    def _events(call: Call) -> list[Entry | Plain]:
+        """Every event a call was handed (a plain call's, and its entries once
+        converted)."""
+        return [*typing.cast("list[Plain]", call.plain or []), *call.entries]
+
+    def _add_call(self, call: Call) -> list[Entry | Plain]:
+        events = list(typing.cast("list[Plain]", call.plain)) if call.plain else call.entries
+        for event in events:
+            self.running.add(event.seq)
+        todo: list[Entry | Plain] = list(events)
+        self.calls.append((call, todo))
+        if call.plain is not None:
+            self.plain_calls.add(call)
+        return todo
+
+    def _convert(self, call: Call, todo: list[Entry | Plain]) -> None:
+        """As the shell does when a plain call meets anything but success: entries for
+        the events not handled yet."""
+        self.plain_calls.discard(call)
+        entries = self.sched.convert(call)
+        assert [e.seq for e in entries] == [e.seq for e in todo]
+        todo[:] = entries
 
     @rule(dt=st.sampled_from([0.1, 0.5, 1.0, 3.0]))
     def advance(self, dt: float) -> None:
@@ -172,21 +217,21 @@ class SchedulerMachine(RuleBasedStateMachine):
         if call is None:
             return
         assert call.lane == lane
-        assert call.entries
-        assert len(call.entries) <= (limit if lane == MAIN else 1)
+        events = self._events(call)
+        assert events
+        assert len(events) <= (limit if lane == MAIN else 1)
         suspects = [c for c, _ in self.calls if c.suspect]
         assert not suspects, "a call started while a suspect runs alone"
         if call.suspect:
             assert not self.calls, "a suspect started beside other calls"
-        for entry in call.entries:
-            assert entry.seq not in self.running, f"event {entry.seq} is in two calls at once"
-            self.running.add(entry.seq)
+        for event in events:
+            assert event.seq not in self.running, f"event {event.seq} is in two calls at once"
         if self.ordered:
-            keys = [e.key for c, _ in self.calls for e in c.entries if e.key is not None]
-            for entry in call.entries:
-                if entry.key is not None:
-                    assert entry.key not in keys, f"key {entry.key} is in two calls at once"
-        self.calls.append((call, list(call.entries)))
+            keys = [e.key for c, _ in self.calls for e in self._events(c) if e.key is not None]
+            for event in events:
+                if event.key is not None:
+                    assert event.key not in keys, f"key {event.key} is in two calls at once"
+        self._add_call(call)
         self.skip_checks[call] = [self.sched.changes, False]
 
     @precondition(lambda self: self.calls)
@@ -198,10 +243,20 @@ class SchedulerMachine(RuleBasedStateMachine):
             return None
         if not todo:
             return self._finish(call, todo)
+        state = self.skip_checks.get(call)
+        if call in self.plain_calls:
+            # A plain call's next event runs unchecked until something changed.
+            if state is not None and self.sched.changes == state[0]:
+                return self._enter(call, todo.pop(0))
+            self._convert(call, todo)
+            if state is not None:
+                state[1] = True
+            if not todo:
+                return self._finish(call, todo)
         entry = todo[0]
+        assert isinstance(entry, Entry)
         # As the shell does: a main call's events were checked when handed out, and
         # need checking again only once something changed.
-        state = self.skip_checks.get(call)
         if call.lane == MAIN and state is not None and not state[1]:
             if self.sched.changes == state[0]:
                 verdict = RUN
@@ -217,9 +272,13 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.running.discard(entry.seq)
             return None
         assert verdict == RUN
+        return self._enter(call, entry)
+
+    def _enter(self, call: Call, entry: Entry | Plain) -> None:
         seq, key, behaviour = self.log[entry.seq - 1]
         assert seq not in self.done_now, f"event {seq} was handled again after it was done"
-        assert entry.attempt <= self.policy.max_attempts, f"event {seq} ran at {entry}"
+        attempt = entry.attempt if isinstance(entry, Entry) else 1
+        assert attempt <= self.policy.max_attempts, f"event {seq} ran at {entry}"
         self._check_order(seq, key)
         self.inside[call] = entry
         if behaviour == "kill":
@@ -245,20 +304,34 @@ class SchedulerMachine(RuleBasedStateMachine):
             limit = self.policy.max_attempts + self.deaths.get(seq, 0)
             assert failed <= limit, f"event {seq} failed {failed} times"
             error = Fatal() if behaviour == "fatal" else Boom()
+            if call in self.plain_calls:
+                todo = next(t for c, t in self.calls if c is call)
+                todo.insert(0, entry)
+                self._convert(call, todo)
+                entry = todo.pop(0)
+            assert isinstance(entry, Entry)
             self.sched.failed(call, entry, error, self.now)
             if call in self.skip_checks:
                 self.skip_checks[call][1] = True
+        elif call in self.plain_calls:
+            call.done += 1
+            self.done_now.add(seq)
         else:
+            assert isinstance(entry, Entry)
             self.sched.succeeded(call, entry)
             self.done_now.add(seq)
 
-    def _finish(self, call: Call, todo: list[Entry]) -> None:
+    def _finish(self, call: Call, todo: list[Entry | Plain]) -> None:
         current = self.inside.pop(call, None)
         if current is not None:
             todo = [current, *todo]  # abandoned inside the handler: released
         for entry in todo:
             self.running.discard(entry.seq)
-        self.sched.finish(call, self.now, todo)
+        if call in self.plain_calls:
+            # The scheduler gives back the events from ``call.done`` on itself.
+            self.plain_calls.discard(call)
+            todo = []
+        self.sched.finish(call, self.now, typing.cast("list[Entry]", todo))
         self.calls = [(c, t) for c, t in self.calls if c is not call]
 
     @precondition(lambda self: self.calls)
@@ -372,9 +445,9 @@ class SchedulerMachine(RuleBasedStateMachine):
                 call = self.sched.next_call(lane, self.now, 5)  # type: ignore[arg-type]
                 if call is not None:
                     progressed = True
-                    for entry in call.entries:
-                        self.running.add(entry.seq)
-                    self.calls.append((call, list(call.entries)))
+                    self._add_call(call)
+                    if call.plain is not None:
+                        self.skip_checks[call] = [self.sched.changes, False]
             self.commit()
             if not progressed and not self.calls:
                 if self.sched.read_pos >= len(self.log) and self.sched.idle():
