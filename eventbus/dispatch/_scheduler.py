@@ -457,6 +457,8 @@ class Scheduler:
             # next events of the buffer, keys not tracked (no other call can take one).
             fresh = self._fresh
             if fresh:
+                if self._plain and len(fresh) < limit:
+                    self._materialise()  # the call takes plain events after them
                 n = min(limit, len(fresh))
                 call = Call(MAIN)
                 call.entries = [fresh.popleft() for _ in range(n)]
