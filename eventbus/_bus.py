@@ -71,6 +71,15 @@ W = TypeVar("W", bound=WorkflowFunction)
 _HEADERS = msgspec.msgpack.Decoder(dict[str, str])
 
 
+def _array_header(n: int) -> bytes:
+    """The msgpack header of an array of ``n`` values."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
 class Reconciliation(ReconciliationBase["Bus"]):
     """What a user reconciler gets on each run: ``rc.bus`` is this bus,
     ``await rc.publish(...)`` emits a corrective event (counted unless its
@@ -151,6 +160,7 @@ class Bus:
             max_events=8 * max(config.max_commit_batch, config.channel_capacity),
             max_bytes=64 * 1024 * 1024,
             to_event=self._new_to_event,
+            to_events=self._new_to_events,
         )
 
     # -- lifecycle ------------------------------------------------------------------
@@ -628,6 +638,28 @@ class Bus:
             _HEADERS.decode(record.headers) if record.headers else {},
             record.created_at,
         )
+
+    def _new_to_events(self, records: list[NewRecord], first: int) -> list[Event[object]]:
+        """:meth:`_new_to_event` for records with consecutive seqs from ``first``, their
+        payloads decoded in one call, as one msgpack array (each is one value)."""
+        n = len(records)
+        packed = b"".join([_array_header(n), *[record.payload for record in records]])
+        try:
+            payloads = self._decoder.decode(packed)
+        except msgspec.DecodeError:
+            return [self._new_to_event(record, first + i) for i, record in enumerate(records)]
+        return [
+            Event(
+                record.id,
+                seq,
+                record.topic,
+                record.key,
+                payload,
+                _HEADERS.decode(record.headers) if record.headers else {},
+                record.created_at,
+            )
+            for seq, record, payload in zip(range(first, first + n), records, payloads, strict=True)
+        ]
 
     def _route(self, appended: list[NewRecord], receipts: list[Receipt]) -> None:
         """After each group commit: new events are in the window; wake subscribers."""

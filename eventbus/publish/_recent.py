@@ -16,6 +16,7 @@ from eventbus.storage import NewRecord, Receipt
 from .._event import Event
 
 ToEvent = Callable[[NewRecord, int], Event[object]]
+ToEvents = Callable[[list[NewRecord], int], list[Event[object]]]
 
 _TOPIC = attrgetter("topic")
 
@@ -30,7 +31,14 @@ _HOT = 256
 class RecentEvents:
     """A sliding window over the tail of the log, indexed by sequence number."""
 
-    def __init__(self, head: int, max_events: int, max_bytes: int, to_event: ToEvent) -> None:
+    def __init__(
+        self,
+        head: int,
+        max_events: int,
+        max_bytes: int,
+        to_event: ToEvent,
+        to_events: ToEvents | None = None,
+    ) -> None:
         self._records: list[NewRecord] = []
         self._events: list[Event[object] | None] = []
         self._sizes: list[int] = []  # bytes accounted per record, for cheap trimming
@@ -40,6 +48,8 @@ class RecentEvents:
         self._max_bytes = max_bytes
         self._bytes = 0
         self._to_event = to_event
+        # Events of consecutive records, made together (``to_event`` for each if None).
+        self._to_events = to_events
 
     @property
     def first_seq(self) -> int:
@@ -123,7 +133,11 @@ class RecentEvents:
                 return kept, examined if end == stop else first + end - 1  # type: ignore[return-value]
             to_event = self._to_event
             if missing == len(kept):
-                taken = list(map(to_event, records[start:end], range(first + start, first + end)))
+                if self._to_events is not None:
+                    taken = self._to_events(records[start:end], first + start)
+                else:
+                    seqs = range(first + start, first + end)
+                    taken = list(map(to_event, records[start:end], seqs))
             else:
                 taken = [
                     to_event(records[i], first + i) if event is None else event

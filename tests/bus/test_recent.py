@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import typing
 
+import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eventbus import Bus
 from eventbus._event import Event
 from eventbus.publish import RecentEvents
 from eventbus.storage import NewRecord, Receipt
@@ -146,3 +150,46 @@ def test_take_gives_the_events_of_a_plain_filter_over_the_log(
             assert pos == expected[-1]
         else:
             assert pos == max(after, min(upto, len(log)))
+
+
+_PAYLOADS = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    payloads=st.lists(_PAYLOADS, max_size=40),
+    headers=st.lists(st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2)),
+)
+def test_a_bus_makes_a_slice_of_events_as_it_makes_each(
+    payloads: list[object], headers: list[dict[str, str]]
+) -> None:
+    # The window's events of a slice are made together (their payloads decoded as one
+    # msgpack array): they must equal the events made one at a time.
+    encoder = msgspec.msgpack.Encoder()
+    recs = [
+        NewRecord(
+            f"id-{i}",
+            "t",
+            None if i % 2 else f"k{i}",
+            encoder.encode(payload),
+            encoder.encode(headers[i]) if i < len(headers) and headers[i] else None,
+            float(i),
+        )
+        for i, payload in enumerate(payloads)
+    ]
+
+    async def check() -> None:
+        async with Bus.open(":memory:") as bus:
+            one_by_one = [bus._new_to_event(rec, 10 + i) for i, rec in enumerate(recs)]
+            assert bus._new_to_events(recs, 10) == one_by_one
+            if recs:
+                # A payload that is not one msgpack value: made one at a time, as before.
+                broken = [*recs[:-1], msgspec.structs.replace(recs[-1], payload=b"\xc1")]
+                with pytest.raises(msgspec.DecodeError):
+                    bus._new_to_events(broken, 10)
+
+    asyncio.run(check())
