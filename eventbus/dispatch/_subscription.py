@@ -78,14 +78,26 @@ class RunningCall:
         stuck: The lease it outlived, once reconciliation cancelled it.
     """
 
-    __slots__ = ("lane", "scope", "seqs", "started", "stuck")
+    __slots__ = ("event", "held", "lane", "scope", "started", "stuck")
 
     def __init__(self, lane: str) -> None:
         self.lane = lane
-        self.seqs: tuple[int, ...] = ()
+        self.held: tuple[int, ...] = ()
+        # Or the one event a call of plain events holds (no tuple made for each).
+        self.event: Event[object] | None = None
         self.started = 0.0
         self.scope: anyio.CancelScope | None = None
         self.stuck: float | None = None
+
+    @property
+    def seqs(self) -> tuple[int, ...]:
+        event = self.event
+        return (event.seq,) if event is not None else self.held
+
+    @seqs.setter
+    def seqs(self, seqs: tuple[int, ...]) -> None:
+        self.held = seqs
+        self.event = None
 
 
 class Subscription:
@@ -411,7 +423,7 @@ class Subscription:
             linger = self.controller.linger()
             if linger > 0 and not self._stopping:
                 await self._linger(linger)
-            call = sched.next_call(MAIN, now(), self._run_size())
+            call = sched.next_call(MAIN, now(), self._run_size() if sched.buffered else 1)
             if call is None:
                 if self._stopping:
                     return
@@ -652,11 +664,10 @@ class Subscription:
                 while j < n and sched.changes == changes:
                     current = events[j]
                     buf.event = current
-                    seqs = (current.seq,)
                     if track:
-                        journal.started(slot, seqs)
+                        journal.started(slot, (current.seq,))
                     inside = True
-                    info.seqs = seqs
+                    info.event = current
                     info.started = now()
                     try:
                         if timeout is None:
