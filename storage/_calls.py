@@ -21,6 +21,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
 from array import array
 from collections.abc import Sequence
 from typing import Protocol
@@ -66,6 +67,12 @@ class _MappedSlots:
         self._stride = 8 + 8 * width
         self._slots = slots
         self._width = width
+        # The mapping as 8-byte words, on a little-endian machine (the file's order):
+        # slots are 8-byte aligned, a count and its zero padding one word, and storing
+        # a word costs a tenth of a struct.pack_into (measured: 6,100 instructions
+        # per started and ended call before, a handler call's main cost on a file).
+        self._words = memoryview(mapped).cast("q") if sys.byteorder == "little" else None
+        self._word_at = [(base + slot * self._stride) >> 3 for slot in range(slots)]
 
     def started(self, slot: int, seqs: Sequence[int]) -> None:
         if not 0 <= slot < self._slots or len(seqs) > self._width:
@@ -73,6 +80,16 @@ class _MappedSlots:
                 f"call journal slot {slot} of {self._slots} cannot hold {len(seqs)} events "
                 f"(width {self._width})"
             )
+        words = self._words
+        if words is not None:
+            at = self._word_at[slot]
+            n = len(seqs)
+            if n == 1:
+                words[at + 1] = seqs[0]
+            else:
+                words[at + 1 : at + 1 + n] = array("q", seqs)
+            words[at] = n  # last: the call now counts
+            return
         at = self._base + slot * self._stride
         if len(seqs) == 1:
             struct.pack_into("<q", self._map, at + 8, seqs[0])
@@ -82,7 +99,16 @@ class _MappedSlots:
         _COUNT.pack_into(self._map, at, len(seqs))  # last: the call now counts
 
     def ended(self, slot: int) -> None:
+        words = self._words
+        if words is not None:
+            words[self._word_at[slot]] = 0
+            return
         _COUNT.pack_into(self._map, self._base + slot * self._stride, 0)
+
+    def release(self) -> None:
+        """Let go of the mapping (before it is closed)."""
+        if self._words is not None:
+            self._words.release()
 
 
 def _round_up(n: int) -> int:
@@ -112,6 +138,7 @@ class CallJournal:
         self._fd = fd
         self._size = _PAGE
         self._maps: list[mmap.mmap] = []
+        self._regions: list[_MappedSlots] = []
 
     def region(self, name: str, slots: int, width: int) -> CallSlots:
         """Allocate ``slots`` slots of ``width`` events for subscription ``name``."""
@@ -126,11 +153,16 @@ class CallJournal:
         _REGION.pack_into(mapped, 0, _REGION_MAGIC, slots, width, len(encoded), size)
         self._size = offset + size
         self._maps.append(mapped)
-        return _MappedSlots(mapped, head, slots, width)
+        region = _MappedSlots(mapped, head, slots, width)
+        self._regions.append(region)
+        return region
 
     def close(self) -> None:
         """Unmap and close the file (it stays on disk, with every slot empty if every
         call ended)."""
+        for region in self._regions:
+            region.release()
+        self._regions.clear()
         for mapped in self._maps:
             mapped.close()
         self._maps.clear()

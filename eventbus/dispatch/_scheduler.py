@@ -946,6 +946,8 @@ class Scheduler:
         """The cursor, and the ranges of fresh events done ahead of it since the last
         call (to record in the acknowledgement ledger with the cursor)."""
         cursor = self.cursor()
+        if not self._done_ahead:
+            return cursor, []
         done, self._done_ahead = self._done_ahead, []
         ranges: list[tuple[int, int]] = []
         ahead = sorted(seq for seq in done if seq > cursor)

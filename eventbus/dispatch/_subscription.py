@@ -703,7 +703,6 @@ class Subscription:
                     inside = False
                     j += 1
                     call.done = j
-                    handled += 1
                     if buf.outbox or buf.writes:
                         # Its writes join the acknowledgement that ``done`` now allows.
                         writes.absorb(buf)
@@ -713,6 +712,7 @@ class Subscription:
                         entries = sched.convert(call)
                         count = len(entries)
                         checking = True
+                handled = call.done
             while i < count:
                 entry = entries[i]
                 if checking or sched.changes != changes:

@@ -177,6 +177,20 @@ class PendingWrites:
         assert self.scheduler is not None
         cursor, ranges = self.scheduler.take_acks()
         name = self.name
+        if not (
+            ranges
+            or self._appends
+            or self._state
+            or self._dead
+            or self._retries
+            or self._settled
+            or self._done
+        ):
+            # Only the cursor (the common acknowledgement of healthy traffic).
+            if cursor <= self.acked:
+                return None
+            self._committing += 1
+            return WriteBatch(acks={name: cursor})
         if ranges:
             self._done.extend((name, lo, hi) for lo, hi in ranges)
         batch = WriteBatch(
