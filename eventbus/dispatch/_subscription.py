@@ -496,17 +496,26 @@ class Subscription:
                 records = await self._read_log(pos, head, room)
             finally:
                 self._reading = False
+            upto = records[-1].seq if len(records) == room else head
             entries = []
+            events = []
             for rec in records:
-                item: Event[object] | Undecodable
                 try:
-                    item = self._decode(rec)
+                    events.append(self._decode(rec))
                 except msgspec.DecodeError as exc:
-                    item = Undecodable(rec, self._undecodable(rec, "", exc))
-                entries.append(Entry(rec.seq, rec.key, item))
-            if self._payload is not None:
-                self._decode_views(entries)
-            sched.append(entries, records[-1].seq if len(records) == room else head)
+                    entries.append(
+                        Entry(rec.seq, rec.key, Undecodable(rec, self._undecodable(rec, "", exc)))
+                    )
+                    continue
+                if entries:
+                    entries.append(Entry(rec.seq, rec.key, events.pop()))
+            if self._payload is None and not entries:
+                sched.append_plain(events, upto)  # entries only when needed
+            else:
+                entries[:0] = [Entry(e.seq, e.key, e) for e in events]
+                if self._payload is not None:
+                    self._decode_views(entries)
+                sched.append(entries, upto)
         self._signal()
         if not sched.buffered:
             self._on_progress()  # moved past events of other topics: drain may care
