@@ -80,6 +80,31 @@ async def test_an_event_that_will_not_decode_is_dead_lettered_not_skipped(
     assert len(dead_after_drain) == 1
 
 
+async def test_events_read_from_the_log_around_one_that_will_not_decode_run_in_order(
+    log_path: Path,
+) -> None:
+    # Events read from the log go to the scheduler without an entry each, unless one
+    # of them does not decode: then all of that read get entries, in log order.
+    async with Bus.open(log_path) as bus:
+        for payload in ("a", "b", "c", "d"):
+            await bus.publish("t", payload, key="k")
+    with sqlite3.connect(log_path) as conn:
+        conn.execute("UPDATE events SET payload = x'c1' WHERE seq = 2")
+
+    seen: list[object] = []
+    async with Bus.open(log_path) as bus:
+
+        @bus.subscribe("t", name="s")
+        async def h(event: Event[object], ctx: Context) -> None:
+            seen.append(event.payload)
+
+        await bus.drain(timeout=5)
+        dead = await bus.dead_letters.list(subscription="s")
+
+    assert seen == ["a", "c", "d"]
+    assert [d.event.seq for d in dead] == [2]
+
+
 async def test_drain_does_not_return_while_a_fresh_event_waits_for_a_suspect_running_alone(
     tmp_path: Path,
 ) -> None:
