@@ -316,7 +316,8 @@ class LogWriter:
             # Nothing was written: the sources keep their writes for the writer.
             self._give_back(sourced)
             return None
-        self._done(batch, taken, [], [], sourced, receipts, started, time.monotonic(), inline=True)
+        ended = time.monotonic()
+        self._done(batch, taken, [], [], sourced, receipts, started, ended, inline=True, events=1)
         return receipts[0]
 
     def _give_back(self, sourced: list[_Sourced]) -> None:
@@ -394,14 +395,14 @@ class LogWriter:
         self._poke()
 
     async def _cycle(self) -> None:
-        taken = self._take_appends()
+        taken, records = self._take_appends()
         acks, self._acks = self._acks, []
         sourced = self._take_sources()
         self._busy = True
         try:
             while True:
                 try:
-                    await self._commit(taken, acks, sourced)
+                    await self._commit(taken, acks, sourced, records)
                     break
                 except _storage.LeaseLost as exc:
                     # Fenced off: drop the writes of the sources whose lease was lost
@@ -423,20 +424,24 @@ class LogWriter:
             self._busy = False
         self._notify_cycle()
 
-    def _take_appends(self) -> list[_Taken]:
-        """The waiting publishes the next commit takes: as many as the controller allows."""
+    def _take_appends(self) -> tuple[list[_Taken], list[NewRecord]]:
+        """The waiting publishes the next commit takes, as many as the controller
+        allows, and their records in order."""
         taken: list[_Taken] = []
+        records: list[NewRecord] = []
         appends = self._appends
-        n = 0
         limit = self.controller.target()
-        while appends and n < limit:
+        while appends and len(records) < limit:
             item = appends.popleft()
             taken.append(item)
-            n += 1 if isinstance(item[0], NewRecord) else len(item[0])
-        self._pending -= n
+            if isinstance(item[0], NewRecord):
+                records.append(item[0])
+            else:
+                records.extend(item[0])
+        self._pending -= len(records)
         if self._pending < self._max_pending:
             self._space.set()
-        return taken
+        return taken, records
 
     def _take_sources(self) -> list[_Sourced]:
         """Every source's pending writes, unless sources wait out a retry delay."""
@@ -449,11 +454,18 @@ class LogWriter:
                     sourced.append((source, writes))
         return sourced
 
-    async def _commit(self, taken: list[_Taken], acks: list[_Ack], sourced: list[_Sourced]) -> None:
-        """Commit these appends, one-off writes and sources' writes in one transaction
-        and resolve their futures; raise (nothing resolved) if the storage fails."""
+    async def _commit(
+        self,
+        taken: list[_Taken],
+        acks: list[_Ack],
+        sourced: list[_Sourced],
+        records: list[NewRecord] | None = None,
+    ) -> None:
+        """Commit these appends (``records``: theirs, in order, if known), one-off
+        writes and sources' writes in one transaction and resolve their futures;
+        raise (nothing resolved) if the storage fails."""
         ack_slices: list[tuple[int, int]] = []
-        batch = self._batch(taken, acks, sourced, ack_slices)
+        batch = self._batch(taken, acks, sourced, ack_slices, records)
         log = self._log
         started = time.monotonic()
         # A small transaction commits on this thread when the storage can (no hop to
@@ -476,6 +488,7 @@ class LogWriter:
             started,
             time.monotonic(),
             inline=inline is not None,
+            events=None if records is None else len(records),
         )
 
     def _batch(
@@ -484,15 +497,19 @@ class LogWriter:
         acks: list[_Ack],
         sourced: list[_Sourced],
         ack_slices: list[tuple[int, int]] | None = None,
+        records: list[NewRecord] | None = None,
     ) -> WriteBatch:
         """One transaction's writes; ``ack_slices`` receives where each one-off
         write's appends are in it."""
         batch = WriteBatch()
-        for payload, _ in taken:
-            if isinstance(payload, NewRecord):
-                batch.appends.append(payload)
-            else:
-                batch.appends.extend(payload)
+        if records is not None:
+            batch.appends.extend(records)
+        else:
+            for payload, _ in taken:
+                if isinstance(payload, NewRecord):
+                    batch.appends.append(payload)
+                else:
+                    batch.appends.extend(payload)
         for ack_batch, _ in acks:
             start = len(batch.appends)
             batch.merge(ack_batch)
@@ -514,14 +531,11 @@ class LogWriter:
         finished: float,
         *,
         inline: bool,
+        events: int | None = None,
     ) -> None:
         """After a commit: account for it, tell the sources and the subscriptions,
-        resolve the futures."""
-        n = (
-            len(taken)
-            if len(taken) == 1 and isinstance(taken[0][0], NewRecord)
-            else sum(1 if isinstance(p, NewRecord) else len(p) for p, _ in taken)
-        )
+        resolve the futures. ``events``: how many records ``taken`` holds, if known."""
+        n = events if events is not None else _count(taken)
         if receipts:
             # Fresh receipts have the highest seqs, in order; a duplicate's is older.
             last = receipts[-1]
@@ -545,6 +559,12 @@ class LogWriter:
             for source, writes in sourced:
                 source.committed(writes)
         self._on_committed(batch.appends, receipts)
+        if n == len(taken):
+            # Single publishes only (the common case): one receipt each, in order.
+            for (_, fut), receipt in zip(taken, receipts, strict=False):
+                if fut is not None and not fut.done():
+                    fut.set_result(receipt)
+            taken = []
         i = 0
         for payload, fut in taken:
             if isinstance(payload, NewRecord):
@@ -569,7 +589,7 @@ class LogWriter:
         self, taken: list[_Taken], acks: list[_Ack], sourced: list[_Sourced], exc: BaseException
     ) -> None:
         error = commit_error(exc)
-        events = sum(1 if isinstance(p, NewRecord) else len(p) for p, _ in taken)
+        events = _count(taken)
         logger.error("group commit of %d events failed: %s", events, error)
         self._fail(taken, acks, error)
         self._sources_failed(sourced)
@@ -641,6 +661,11 @@ def _without_fenced(sourced: list[_Sourced], exc: _storage.LeaseLost) -> list[_S
     for source, writes in fenced:
         source.lease_lost(writes)
     return kept
+
+
+def _count(taken: list[_Taken]) -> int:
+    """How many records these publishes append."""
+    return sum(1 if isinstance(p, NewRecord) else len(p) for p, _ in taken)
 
 
 def _split(units: list[_Unit]) -> tuple[list[_Taken], list[_Ack], list[_Sourced]]:
