@@ -149,6 +149,9 @@ class LogWriter:
         # Whether the storage can ever commit on this thread (Storage.commit_now).
         self._at_once = log.commits_now
         self.stats = CommitRecorder()  # for metrics()
+        # The batch of a publish committed at once with nothing else: reused, since
+        # only its appends ever change (a storage reads a batch, never keeps it).
+        self._alone = WriteBatch()
 
     @property
     def pending(self) -> int:
@@ -297,13 +300,26 @@ class LogWriter:
             or self.lock.locked()
         ):
             return None
+        if not self._dirty:
+            # The publish alone (no acknowledgement to carry), recorded at little cost.
+            batch = self._alone
+            batch.appends = appends = [record]
+            started = time.monotonic()
+            try:
+                receipts = self._log.commit_now(batch)
+            except COMMIT_ERRORS:
+                return None  # the writer commits it, with its handling of failures
+            if receipts is None:
+                return None
+            self.stats.commit(1, 0, time.monotonic() - started)
+            receipt = receipts[0]
+            if receipt.seq > self.committed_head:
+                self.committed_head = receipt.seq
+            self._on_committed(appends, receipts)
+            return receipt
         taken: list[_Taken] = [(record, None)]
-        if self._dirty:
-            sourced = self._take_sources()
-            batch = self._batch(taken, [], sourced)
-        else:
-            sourced = []
-            batch = WriteBatch(appends=[record])
+        sourced = self._take_sources()
+        batch = self._batch(taken, [], sourced)
         started = time.monotonic()
         try:
             receipts = self._log.commit_now(batch)
