@@ -119,6 +119,7 @@ class LogWriter:
         self._on_committed = on_committed
         self._appends: deque[tuple[_Appends, asyncio.Future[object] | None]] = deque()
         self._pending = 0  # events waiting in _appends
+        self._many = 0  # publish_many entries among them (the rest are single records)
         self._acks: list[tuple[WriteBatch, asyncio.Future[list[Receipt]]]] = []
         self._dirty: dict[Source, None] = {}  # sources with writes pending, in order
         self._source_retry_at = 0.0
@@ -256,6 +257,7 @@ class LogWriter:
             return []
         await self.wait_for_space()
         fut: asyncio.Future[list[Receipt]] = asyncio.get_running_loop().create_future()
+        self._many += 1
         self._queue(records, fut, len(records))  # type: ignore[arg-type]
         self._waiting += 1
         try:
@@ -443,10 +445,18 @@ class LogWriter:
     def _take_appends(self) -> tuple[list[_Taken], list[NewRecord]]:
         """The waiting publishes the next commit takes, as many as the controller
         allows, and their records in order."""
-        taken: list[_Taken] = []
-        records: list[NewRecord] = []
         appends = self._appends
         limit = self.controller.target()
+        if not self._many and self._pending <= limit:
+            # Single publishes only, all of them fit (the common case): in bulk.
+            taken: list[_Taken] = list(appends)
+            appends.clear()
+            records: list[NewRecord] = [item[0] for item in taken]  # type: ignore[misc]
+            self._pending = 0
+            self._space.set()
+            return taken, records
+        taken = []
+        records = []
         while appends and len(records) < limit:
             item = appends.popleft()
             taken.append(item)
@@ -454,6 +464,7 @@ class LogWriter:
                 records.append(item[0])
             else:
                 records.extend(item[0])
+                self._many -= 1
         self._pending -= len(records)
         if self._pending < self._max_pending:
             self._space.set()
@@ -575,12 +586,6 @@ class LogWriter:
             for source, writes in sourced:
                 source.committed(writes)
         self._on_committed(batch.appends, receipts)
-        if n == len(taken):
-            # Single publishes only (the common case): one receipt each, in order.
-            for (_, fut), receipt in zip(taken, receipts, strict=False):
-                if fut is not None and not fut.done():
-                    fut.set_result(receipt)
-            taken = []
         i = 0
         for payload, fut in taken:
             if isinstance(payload, NewRecord):
@@ -655,7 +660,7 @@ class LogWriter:
     def _fail_all(self, error: BaseException) -> None:
         taken = list(self._appends)
         self._appends.clear()
-        self._pending = 0
+        self._pending = self._many = 0
         acks, self._acks = self._acks, []
         self._space.set()
         if taken or acks:
