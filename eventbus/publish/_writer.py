@@ -225,26 +225,33 @@ class LogWriter:
         # once; many tasks share a group commit. Alone means: no other publish is
         # waiting for a commit, no other task published in this turn of the loop,
         # and none but one did in the last turn that had publishes.
-        if self._burst >= _BURST:
-            # Let the loop run (subscriptions take what was committed): a producer
-            # that never waits must not hold it for long. Before this publish's
-            # commit, so that a cancellation here leaves nothing written.
-            await asyncio.sleep(0)
-        task = _current_task(loop)
-        if self._turn_task is None:
-            self._turn_task = task
-            loop.call_soon(self._end_turn)
-        elif task is not self._turn_task:
-            self._crowded = True
-        if self._solo and not self._crowded and not self._waiting and self._at_once:
-            receipt = self._commit_at_once(record)
-            if receipt is not None:
-                self._burst += 1
-                return receipt
+        # While a publish waits for its commit, this one joins it (nothing to decide).
+        if not self._waiting and self._at_once:
+            if self._burst >= _BURST:
+                # Let the loop run (subscriptions take what was committed): a
+                # producer that never waits must not hold it for long. Before this
+                # publish's commit, so that a cancellation here leaves nothing written.
+                await asyncio.sleep(0)
+            task = _current_task(loop)
+            if self._turn_task is None:
+                self._turn_task = task
+                loop.call_soon(self._end_turn)
+            elif task is not self._turn_task:
+                self._crowded = True
+            if self._solo and not self._crowded and not self._waiting:
+                receipt = self._commit_at_once(record)
+                if receipt is not None:
+                    self._burst += 1
+                    return receipt
         if self._pending >= self._max_pending or self._closed or self._stopping:
             await self.wait_for_space()
         fut: asyncio.Future[Receipt] = loop.create_future()
-        self._queue(record, fut)  # type: ignore[arg-type]
+        self._appends.append((record, fut))
+        self._pending += 1
+        if self._pending >= self._max_pending:
+            self._space.clear()
+        if self._wakeup is not None:
+            self._poke()
         self._waiting += 1
         try:
             return await fut
