@@ -501,7 +501,14 @@ class Bus:
         record = self._events.encode(
             topic, payload, key, headers, idempotency_key, self._clock.wall()
         )
-        return await self._writer.submit(record, loop)
+        writer = self._writer
+        fut = writer.queue_behind(record, loop)  # type: ignore[arg-type] # checked above
+        if fut is None:
+            return await writer.submit(record, loop)
+        try:
+            return await fut
+        finally:
+            writer.resumed()
 
     async def _publish_hooked(
         self,

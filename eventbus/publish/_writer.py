@@ -213,6 +213,35 @@ class LogWriter:
             await self._space.wait()
         self._check_open()
 
+    def queue_behind(
+        self, record: NewRecord, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[Receipt] | None:
+        """The common case of :meth:`submit`, without a coroutine of its own: when a
+        publish already waits for its commit and there is room, queue ``record``
+        to commit with it and return the future of its receipt; the caller awaits
+        it and then, however the wait ends, calls :meth:`resumed`. None when the
+        caller must use :meth:`submit`."""
+        if (
+            not self._waiting
+            or self._pending >= self._max_pending
+            or self._closed
+            or self._stopping
+        ):
+            return None
+        fut: asyncio.Future[Receipt] = loop.create_future()
+        self._appends.append((record, fut))  # type: ignore[arg-type]
+        self._pending += 1
+        if self._pending >= self._max_pending:
+            self._space.clear()
+        if self._wakeup is not None:
+            self._poke()
+        self._waiting += 1
+        return fut
+
+    def resumed(self) -> None:
+        """A publisher queued by :meth:`queue_behind` stopped waiting."""
+        self._waiting -= 1
+
     async def submit(
         self, record: NewRecord, loop: asyncio.AbstractEventLoop | None = None
     ) -> Receipt:
@@ -246,7 +275,7 @@ class LogWriter:
         if self._pending >= self._max_pending or self._closed or self._stopping:
             await self.wait_for_space()
         fut: asyncio.Future[Receipt] = loop.create_future()
-        self._appends.append((record, fut))
+        self._appends.append((record, fut))  # type: ignore[arg-type]
         self._pending += 1
         if self._pending >= self._max_pending:
             self._space.clear()
