@@ -449,14 +449,14 @@ class LogWriter:
         self._poke()
 
     async def _cycle(self) -> None:
-        taken, records = self._take_appends()
+        taken, records, singles = self._take_appends()
         acks, self._acks = self._acks, []
         sourced = self._take_sources()
         self._busy = True
         try:
             while True:
                 try:
-                    await self._commit(taken, acks, sourced, records)
+                    await self._commit(taken, acks, sourced, records, singles=singles)
                     break
                 except _storage.LeaseLost as exc:
                     # Fenced off: drop the writes of the sources whose lease was lost
@@ -478,9 +478,9 @@ class LogWriter:
             self._busy = False
         self._notify_cycle()
 
-    def _take_appends(self) -> tuple[list[_Taken], list[NewRecord]]:
+    def _take_appends(self) -> tuple[list[_Taken], list[NewRecord], bool]:
         """The waiting publishes the next commit takes, as many as the controller
-        allows, and their records in order."""
+        allows, their records in order, and whether all are single publishes."""
         appends = self._appends
         limit = self.controller.target()
         if not self._many and self._pending <= limit:
@@ -490,7 +490,7 @@ class LogWriter:
             records: list[NewRecord] = [item[0] for item in taken]  # type: ignore[misc]
             self._pending = 0
             self._space.set()
-            return taken, records
+            return taken, records, True
         taken = []
         records = []
         while appends and len(records) < limit:
@@ -504,7 +504,7 @@ class LogWriter:
         self._pending -= len(records)
         if self._pending < self._max_pending:
             self._space.set()
-        return taken, records
+        return taken, records, False
 
     def _take_sources(self) -> list[_Sourced]:
         """Every source's pending writes, unless sources wait out a retry delay."""
@@ -523,10 +523,12 @@ class LogWriter:
         acks: list[_Ack],
         sourced: list[_Sourced],
         records: list[NewRecord] | None = None,
+        *,
+        singles: bool = False,
     ) -> None:
-        """Commit these appends (``records``: theirs, in order, if known), one-off
-        writes and sources' writes in one transaction and resolve their futures;
-        raise (nothing resolved) if the storage fails."""
+        """Commit these appends (``records``: theirs, in order, if known; ``singles``:
+        all single publishes), one-off writes and sources' writes in one transaction
+        and resolve their futures; raise (nothing resolved) if the storage fails."""
         ack_slices: list[tuple[int, int]] = []
         batch = self._batch(taken, acks, sourced, ack_slices, records)
         log = self._log
@@ -552,6 +554,7 @@ class LogWriter:
             time.monotonic(),
             inline=inline is not None,
             events=None if records is None else len(records),
+            singles=singles,
         )
 
     def _batch(
@@ -595,9 +598,11 @@ class LogWriter:
         *,
         inline: bool,
         events: int | None = None,
+        singles: bool = False,
     ) -> None:
         """After a commit: account for it, tell the sources and the subscriptions,
-        resolve the futures. ``events``: how many records ``taken`` holds, if known."""
+        resolve the futures. ``events``: how many records ``taken`` holds, if known;
+        ``singles``: whether all are single publishes (a receipt each)."""
         n = events if events is not None else _count(taken)
         if receipts:
             # Fresh receipts have the highest seqs, in order; a duplicate's is older.
@@ -622,6 +627,11 @@ class LogWriter:
             for source, writes in sourced:
                 source.committed(writes)
         self._on_committed(batch.appends, receipts)
+        if singles:
+            for (_, fut), receipt in zip(taken, receipts, strict=False):
+                if fut is not None and not fut.done():
+                    fut.set_result(receipt)
+            taken = []
         i = 0
         for payload, fut in taken:
             if isinstance(payload, NewRecord):
