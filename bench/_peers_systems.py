@@ -329,6 +329,54 @@ def sqlite_ceiling(events: int, *, small: bool = False, per_txn: int = 1000) -> 
     return Outcome(seconds, cpu, tally.count, tally.total, how, sqlite3.sqlite_version)
 
 
+def sqlite_inline_ceiling(events: int) -> Outcome:
+    """What a durable bus with one sequential producer can reach at best: one
+    transaction per event at ``synchronous=NORMAL`` in the main thread, each
+    appending the event and acknowledging the previous one (its cursor rides on the
+    next commit), and the event handled as soon as it is committed."""
+    encode = msgspec.msgpack.Encoder().encode
+    decode = msgspec.msgpack.Decoder(dict[str, object]).decode
+    prefix = os.urandom(8).hex()
+    items = payloads(events)
+    insert = (
+        "INSERT INTO events (seq, id, topic, key, payload, headers, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    )
+    ack = "UPDATE subscriptions SET cursor = ?, updated_at = ? WHERE name = 'count'"
+    tally = Tally(events)
+    with temp_dir() as directory:
+        conn = sqlite3.connect(os.path.join(directory, "ceiling.db"), isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.executescript(MIGRATIONS[0])
+            conn.execute(
+                "INSERT INTO subscriptions (name, topics, cursor, updated_at)"
+                " VALUES ('count', '*', 0, 0)"
+            )
+            with timed() as meter:
+                meter.start()
+                for i, item in enumerate(items):
+                    payload = encode(item)
+                    now = time.time()
+                    conn.execute("BEGIN IMMEDIATE")
+                    row = (i + 1, f"{prefix}{i:016x}", TOPIC, None, payload, None, now)
+                    conn.execute(insert, row)
+                    conn.execute(ack, (i, now))
+                    conn.execute("COMMIT")
+                    tally.add(cast(int, decode(payload)["amount"]))
+                conn.execute(ack, (events, time.time()))
+                seconds, cpu = meter.stop()
+        finally:
+            conn.close()
+    how = (
+        "sqlite3, one transaction per event (insert it, acknowledge the previous one),"
+        " WAL, synchronous=NORMAL, main thread, handled once committed: the durable"
+        " limit for a sequential producer"
+    )
+    return Outcome(seconds, cpu, tally.count, tally.total, how, sqlite3.sqlite_version)
+
+
 async def queue_ceiling(events: int, *, small: bool = False) -> Outcome:
     """A bounded ``asyncio.Queue`` hand-off: one producer task awaiting each ``put``,
     one consumer task counting (the in-memory ceiling)."""
@@ -757,6 +805,7 @@ DRIVERS: dict[str, Driver] = {
     ),
     "eventbus-latency": _on_loop(eventbus_latency),
     "ceiling-sqlite": lambda n: sqlite_ceiling(n),
+    "ceiling-sqlite-inline": sqlite_inline_ceiling,
     "ceiling-queue": _on_loop(lambda n: queue_ceiling(n)),
     "ceiling-sqlite-small": lambda n: sqlite_ceiling(n, small=True),
     "ceiling-queue-small": _on_loop(lambda n: queue_ceiling(n, small=True)),

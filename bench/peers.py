@@ -12,8 +12,10 @@ Workloads (events ``{"i": i, "amount": <int>, "pad": <100-byte str>}``):
   publish to return, one subscriber counting them and summing ``amount``; eventbus on a
   SQLite file (default durability) and on ``:memory:``, persist-queue, litequeue,
   localqueue, huey, DBOS Transact (capped at 2,000 events: it does a few hundred a
-  second), abxbus and pyee, and the two ceilings: ``sqlite3`` ``executemany`` (1,000 rows
-  per transaction, WAL, ``synchronous=NORMAL``) and an ``asyncio.Queue`` hand-off;
+  second), abxbus and pyee, and three ceilings: ``sqlite3`` ``executemany`` (1,000 rows
+  per transaction, WAL, ``synchronous=NORMAL``), ``sqlite3`` with one transaction per
+  event that appends it and acknowledges the one before (what a sequential producer's
+  durable publish costs at least), and an ``asyncio.Queue`` hand-off;
 * **64 publishers**: the same number of small events (``{"i", "amount"}``) from 64
   tasks each awaiting ``publish``, eventbus on a file and on ``:memory:``, each with a
   per-event and with a batch subscription, and both ceilings on the same small rows;
@@ -107,6 +109,12 @@ SYSTEMS: tuple[System, ...] = (
         cap=DBOS_CAP,
     ),
     System("ceiling-sqlite", "ceiling: sqlite3 executemany", ONE, SQLITE_CEILING),
+    System(
+        "ceiling-sqlite-inline",
+        "ceiling: sqlite3, a commit per event",
+        ONE,
+        "SQLite, WAL, synchronous=NORMAL; one commit per event, the ack on the next",
+    ),
     System("eventbus-memory", "eventbus, :memory:", ONE, NONE),
     System("abxbus", "abxbus", ONE, NONE),
     System("pyee", "pyee AsyncIOEventEmitter", ONE, NONE),
@@ -134,6 +142,12 @@ class Target:
 
 TARGETS: tuple[Target, ...] = (
     Target("eventbus-file", "litequeue", 6.0, "durable, one producer: eventbus >= 6x litequeue"),
+    Target(
+        "eventbus-file",
+        "ceiling-sqlite-inline",
+        0.5,
+        "durable, one producer: eventbus >= 0.5x a bare commit per event",
+    ),
     Target("eventbus-memory", "pyee", 1.0, ":memory:, one producer: eventbus >= 1x pyee"),
     Target(
         "eventbus-file-64",

@@ -503,13 +503,22 @@ class Bus:
         cancelled while waiting for the commit, the event may still be committed
         (use an idempotency key to publish again safely).
         """
-        self._check_publish("publish")
+        loop = _running_loop()
+        if loop is not self._loop or self._closing:
+            self._check_publish("publish")
         if self._publish_hooks:
             return await self._publish_hooked(topic, payload, key, headers, idempotency_key)
         record = self._events.encode(
             topic, payload, key, headers, idempotency_key, self._clock.wall()
         )
-        return await self._writer.submit(record)
+        writer = self._writer
+        fut = writer.queue_behind(record, loop)  # type: ignore[arg-type] # checked above
+        if fut is None:
+            return await writer.submit(record, loop)
+        try:
+            return await fut
+        finally:
+            writer.resumed()
 
     async def _publish_hooked(
         self,

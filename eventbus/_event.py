@@ -53,11 +53,26 @@ class Message(msgspec.Struct, frozen=True):
 
 
 # Ids are a per-process random prefix and a counter: unique across processes and
-# restarts, and an order of magnitude cheaper than uuid4() on the publish path.
+# restarts, and an order of magnitude cheaper than uuid4() on the publish path. They
+# are made 256 at a time (one formatting of the counter's high part per block), and
+# handed out from the end of FRESH_IDS (``FRESH_IDS.pop()``, and on IndexError
+# ``more_event_ids()``: the cheapest way to take one, safe from any thread).
 _PREFIX = os.urandom(8).hex()
-_COUNTER = count(int(time.time() * 1000) << 16)
+_BLOCKS = count(int(time.time() * 1000) << 8)
+_LOW = [f"{i:02x}" for i in reversed(range(256))]
+FRESH_IDS: list[str] = []
+
+
+def more_event_ids() -> str:
+    """Refill ``FRESH_IDS`` with the next block of ids and take the first."""
+    high = f"{_PREFIX}{next(_BLOCKS):014x}"
+    FRESH_IDS.extend([high + low for low in _LOW])
+    return FRESH_IDS.pop()
 
 
 def new_event_id() -> str:
     """A fresh, unique event id (32 hex characters)."""
-    return "%s%016x" % (_PREFIX, next(_COUNTER))  # noqa: UP031 - the fastest way here
+    try:
+        return FRESH_IDS.pop()
+    except IndexError:
+        return more_event_ids()

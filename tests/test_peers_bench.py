@@ -94,6 +94,7 @@ def test_quick_run_draws_the_chart_when_matplotlib_is_there(
         ("abxbus", 200),
         ("dbos", 30),
         ("ceiling-sqlite", 200),
+        ("ceiling-sqlite-inline", 200),
         ("eventbus-file-64-batch", 200),
         ("eventbus-latency", 50),
     ],

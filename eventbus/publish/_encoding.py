@@ -22,7 +22,7 @@ import msgspec
 from eventbus.storage import NewRecord
 
 from .._errors import EventTooLarge, InvalidEvent, PayloadError
-from .._event import Message, new_event_id
+from .._event import FRESH_IDS, Message, more_event_ids, new_event_id
 
 __all__ = ["EventEncoder"]
 
@@ -112,11 +112,28 @@ class EventEncoder:
         ):
             # The common case in one go: ASCII topic and key, a dict payload.
             budget = limit - len(topic) - (0 if key is None else len(key))
-            data = self._encode_bounded(topic, payload, budget) if budget > 0 else None
+            if budget > _FIRST_BUFFER:
+                # Most events fit the first bounded buffer (see _encode_bounded).
+                buffer = bytearray(_FIRST_BUFFER)
+                view = memoryview(buffer)
+                try:
+                    self._encoder.encode_into(payload, buffer)
+                except Exception:  # noqa: BLE001 - too large or not encodable: see below
+                    view.release()
+                    data = self._encode_bounded(topic, payload, budget, _FIRST_BUFFER * _GROWTH)
+                else:
+                    view.release()
+                    data = bytes(buffer)
+            else:
+                data = self._encode_bounded(topic, payload, budget) if budget > 0 else None
             if data is None:
                 raise self._too_large(topic)
+            try:
+                event_id = FRESH_IDS.pop()
+            except IndexError:
+                event_id = more_event_ids()
             return NewRecord(
-                new_event_id(), topic, key, data, None, _time() if now is None else now, None
+                event_id, topic, key, data, None, _time() if now is None else now, None
             )
         # The common case first: ASCII str topic and keys, measured without encoding.
         if type(topic) is str and topic.isascii() and topic and topic != "*":
@@ -239,11 +256,14 @@ class EventEncoder:
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
             raise PayloadError(topic, str(exc)) from exc
 
-    def _encode_bounded(self, topic: str, payload: object, budget: int) -> bytes | None:
+    def _encode_bounded(
+        self, topic: str, payload: object, budget: int, first: int = _FIRST_BUFFER
+    ) -> bytes | None:
         """Encode into buffers that a live memoryview keeps from growing: msgspec's
         resize fails with ``BufferError`` as soon as the encoding outgrows one. A
-        small buffer first (most events fit), then larger ones up to the budget."""
-        if budget > _FIRST_BUFFER:
+        small buffer first (most events fit), then larger ones up to the budget;
+        ``first`` is the size to start from."""
+        if first == _FIRST_BUFFER and budget > _FIRST_BUFFER:
             # The common case, with nothing but the encoding: it fits the first buffer.
             buffer = bytearray(_FIRST_BUFFER)
             view = memoryview(buffer)
@@ -254,7 +274,7 @@ class EventEncoder:
             else:
                 view.release()
                 return bytes(buffer)
-        size = _FIRST_BUFFER if budget > _FIRST_BUFFER else budget
+        size = first if budget > first else budget
         while True:
             last = size >= budget
             buffer = bytearray(budget + _SLACK if last else size)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +31,15 @@ from .._metrics import CommitRecorder, LogMetrics
 from ._isolation import COMMIT_ERRORS, commit_apart, commit_error, rejects_a_record
 
 logger = logging.getLogger("eventbus.publish")
+
+# The loop's running task, read once per publish: asyncio.current_task is written in
+# C from Python 3.12; before, its table is read directly (a fifth of the cost).
+if sys.version_info >= (3, 12):
+    _current_task: Callable[[asyncio.AbstractEventLoop], object] = asyncio.current_task
+else:
+    from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]
+
+    _current_task = _current_tasks.get
 
 _Appends = NewRecord | list[NewRecord]
 _Taken = tuple[_Appends, "asyncio.Future[object] | None"]
@@ -109,12 +119,14 @@ class LogWriter:
         self._on_committed = on_committed
         self._appends: deque[tuple[_Appends, asyncio.Future[object] | None]] = deque()
         self._pending = 0  # events waiting in _appends
+        self._many = 0  # publish_many entries among them (the rest are single records)
         self._acks: list[tuple[WriteBatch, asyncio.Future[list[Receipt]]]] = []
         self._dirty: dict[Source, None] = {}  # sources with writes pending, in order
         self._source_retry_at = 0.0
         self._source_delay = _SOURCE_RETRY_DELAY
         self._timer: asyncio.TimerHandle | None = None
-        self._wake = asyncio.Event()
+        # Set while the writer task waits for work: resolving it wakes the task.
+        self._wakeup: asyncio.Future[None] | None = None
         self._space = asyncio.Event()
         self._space.set()
         self._cycle_waiters: list[asyncio.Future[None]] = []
@@ -123,11 +135,13 @@ class LogWriter:
         # The publishing tasks of this turn of the loop (see submit): the first, and
         # whether any other published too; whether the last turn had one alone; how
         # many publishes this turn committed at once.
-        self._turn_task: asyncio.Task[object] | None = None
+        self._turn_task: object = None
         self._crowded = False
         self._solo = True
         self._burst = 0
-        self._waiting = 0  # publishes awaiting a commit of the writer task
+        # Publishes awaiting their commit, until they resume: while any does, others
+        # are about to publish again, so nobody commits alone.
+        self._waiting = 0
         # Held around every storage transaction, so maintenance (compaction) never
         # interleaves its statements with a group commit on the same connection.
         self.lock = asyncio.Lock()
@@ -136,6 +150,9 @@ class LogWriter:
         # Whether the storage can ever commit on this thread (Storage.commit_now).
         self._at_once = log.commits_now
         self.stats = CommitRecorder()  # for metrics()
+        # The batch of a publish committed at once with nothing else: reused, since
+        # only its appends ever change (a storage reads a batch, never keeps it).
+        self._alone = WriteBatch()
 
     @property
     def pending(self) -> int:
@@ -170,12 +187,24 @@ class LogWriter:
         if self._pending >= self._max_pending:
             raise BusFull(self._pending)
         fut = asyncio.get_running_loop().create_future() if want_receipt else None
-        self._appends.append((record, fut))
-        self._pending += 1
+        self._queue(record, fut)
+        return fut
+
+    def _queue(self, appends: _Appends, fut: asyncio.Future[object] | None, n: int = 1) -> None:
+        self._appends.append((appends, fut))
+        self._pending += n
         if self._pending >= self._max_pending:
             self._space.clear()
-        self._wake.set()
-        return fut
+        if self._wakeup is not None:
+            self._poke()
+
+    def _poke(self) -> None:
+        """Wake the writer task if it waits for work."""
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            if not wakeup.done():
+                wakeup.set_result(None)
 
     async def wait_for_space(self) -> None:
         """Wait until the queue is below capacity (or the writer closes)."""
@@ -184,54 +213,88 @@ class LogWriter:
             await self._space.wait()
         self._check_open()
 
-    async def submit(self, record: NewRecord) -> Receipt:
+    def queue_behind(
+        self, record: NewRecord, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[Receipt] | None:
+        """The common case of :meth:`submit`, without a coroutine of its own: when a
+        publish already waits for its commit and there is room, queue ``record``
+        to commit with it and return the future of its receipt; the caller awaits
+        it and then, however the wait ends, calls :meth:`resumed`. None when the
+        caller must use :meth:`submit`."""
+        if (
+            not self._waiting
+            or self._pending >= self._max_pending
+            or self._closed
+            or self._stopping
+        ):
+            return None
+        fut: asyncio.Future[Receipt] = loop.create_future()
+        self._appends.append((record, fut))  # type: ignore[arg-type]
+        self._pending += 1
+        if self._pending >= self._max_pending:
+            self._space.clear()
+        if self._wakeup is not None:
+            self._poke()
+        self._waiting += 1
+        return fut
+
+    def resumed(self) -> None:
+        """A publisher queued by :meth:`queue_behind` stopped waiting."""
+        self._waiting -= 1
+
+    async def submit(
+        self, record: NewRecord, loop: asyncio.AbstractEventLoop | None = None
+    ) -> Receipt:
         """Append one event: at once when it can (:meth:`_commit_at_once`), else
-        queue it, waiting for room, and wait for its commit."""
+        queue it, waiting for room, and wait for its commit. ``loop`` is the running
+        loop, when the caller has it at hand."""
+        if loop is None:
+            loop = asyncio.get_running_loop()
         # Who publishes decides how to commit: a task publishing alone commits at
         # once; many tasks share a group commit. Alone means: no other publish is
         # waiting for a commit, no other task published in this turn of the loop,
         # and none but one did in the last turn that had publishes.
-        if self._burst >= _BURST:
-            # Let the loop run (subscriptions take what was committed): a producer
-            # that never waits must not hold it for long. Before this publish's
-            # commit, so that a cancellation here leaves nothing written.
-            await asyncio.sleep(0)
-        task = asyncio.current_task()
-        if self._turn_task is None:
-            self._turn_task = task
-            asyncio.get_running_loop().call_soon(self._end_turn)
-        elif task is not self._turn_task:
-            self._crowded = True
-        if self._solo and not self._crowded and not self._waiting and self._at_once:
-            receipt = self._commit_at_once(record)
-            if receipt is not None:
-                self._burst += 1
-                return receipt
-        if self._pending >= self._max_pending:
+        # While a publish waits for its commit, this one joins it (nothing to decide).
+        if not self._waiting and self._at_once:
+            if self._burst >= _BURST:
+                # Let the loop run (subscriptions take what was committed): a
+                # producer that never waits must not hold it for long. Before this
+                # publish's commit, so that a cancellation here leaves nothing written.
+                await asyncio.sleep(0)
+            task = _current_task(loop)
+            if self._turn_task is None:
+                self._turn_task = task
+                loop.call_soon(self._end_turn)
+            elif task is not self._turn_task:
+                self._crowded = True
+            if self._solo and not self._crowded and not self._waiting:
+                receipt = self._commit_at_once(record)
+                if receipt is not None:
+                    self._burst += 1
+                    return receipt
+        if self._pending >= self._max_pending or self._closed or self._stopping:
             await self.wait_for_space()
-        fut = self.submit_nowait(record, want_receipt=True)
-        assert fut is not None
-        result = await self._committed_by_writer(fut)
-        assert isinstance(result, Receipt)
-        return result
+        fut: asyncio.Future[Receipt] = loop.create_future()
+        self._appends.append((record, fut))  # type: ignore[arg-type]
+        self._pending += 1
+        if self._pending >= self._max_pending:
+            self._space.clear()
+        if self._wakeup is not None:
+            self._poke()
+        self._waiting += 1
+        try:
+            return await fut
+        finally:
+            self._waiting -= 1
 
     async def submit_many(self, records: list[NewRecord]) -> list[Receipt]:
         """Queue appends that commit in one transaction, all or nothing."""
         if not records:
             return []
         await self.wait_for_space()
-        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._appends.append((records, fut))
-        self._pending += len(records)
-        if self._pending >= self._max_pending:
-            self._space.clear()
-        self._wake.set()
-        result = await self._committed_by_writer(fut)
-        assert isinstance(result, list)
-        return result
-
-    async def _committed_by_writer(self, fut: asyncio.Future[object]) -> object:
-        """Wait for a queued publish's commit, counted as waiting (see submit)."""
+        fut: asyncio.Future[list[Receipt]] = asyncio.get_running_loop().create_future()
+        self._many += 1
+        self._queue(records, fut, len(records))  # type: ignore[arg-type]
         self._waiting += 1
         try:
             return await fut
@@ -248,7 +311,7 @@ class LogWriter:
             raise BusClosed("the log writer has stopped")
         fut: asyncio.Future[list[Receipt]] = asyncio.get_running_loop().create_future()
         self._acks.append((batch, fut))
-        self._wake.set()
+        self._poke()
         return await fut
 
     def _commit_at_once(self, record: NewRecord) -> Receipt | None:
@@ -275,13 +338,26 @@ class LogWriter:
             or self.lock.locked()
         ):
             return None
+        if not self._dirty:
+            # The publish alone (no acknowledgement to carry), recorded at little cost.
+            batch = self._alone
+            batch.appends = appends = [record]
+            started = time.monotonic()
+            try:
+                receipts = self._log.commit_now(batch)
+            except COMMIT_ERRORS:
+                return None  # the writer commits it, with its handling of failures
+            if receipts is None:
+                return None
+            self.stats.commit(1, 0, time.monotonic() - started)
+            receipt = receipts[0]
+            if receipt.seq > self.committed_head:
+                self.committed_head = receipt.seq
+            self._on_committed(appends, receipts)
+            return receipt
         taken: list[_Taken] = [(record, None)]
-        if self._dirty:
-            sourced = self._take_sources()
-            batch = self._batch(taken, [], sourced)
-        else:
-            sourced = []
-            batch = WriteBatch(appends=[record])
+        sourced = self._take_sources()
+        batch = self._batch(taken, [], sourced)
         started = time.monotonic()
         try:
             receipts = self._log.commit_now(batch)
@@ -294,7 +370,8 @@ class LogWriter:
             # Nothing was written: the sources keep their writes for the writer.
             self._give_back(sourced)
             return None
-        self._done(batch, taken, [], [], sourced, receipts, started, time.monotonic(), inline=True)
+        ended = time.monotonic()
+        self._done(batch, taken, [], [], sourced, receipts, started, ended, inline=True, events=1)
         return receipts[0]
 
     def _give_back(self, sourced: list[_Sourced]) -> None:
@@ -314,7 +391,7 @@ class LogWriter:
         """``source`` has writes pending: take them in the next cycle."""
         if source not in self._dirty:
             self._dirty[source] = None
-            self._wake.set()
+            self._poke()
 
     def _sources_ready(self) -> bool:
         # Loop time, like the timer that ends a retry delay.
@@ -336,7 +413,7 @@ class LogWriter:
         """Refuse new publishes; :meth:`run` returns once the queues are empty."""
         self._stopping = True
         self._space.set()
-        self._wake.set()
+        self._poke()
 
     async def run(self) -> None:
         """Commit until stopped. Cancellation fails whatever is still queued with
@@ -349,12 +426,15 @@ class LogWriter:
                     self._notify_cycle()
                     if self._stopping:
                         return
-                    self._wake.clear()
+                    loop = asyncio.get_running_loop()
                     if self._dirty and self._timer is None:
                         # Sources wait out their retry delay; wake when it is over.
-                        loop = asyncio.get_running_loop()
                         self._timer = loop.call_at(self._source_retry_at, self._retry_sources)
-                    await self._wake.wait()
+                    self._wakeup = wakeup = loop.create_future()
+                    try:
+                        await wakeup
+                    finally:
+                        self._wakeup = None
                     continue
                 await self._cycle()
         finally:
@@ -366,17 +446,17 @@ class LogWriter:
 
     def _retry_sources(self) -> None:
         self._timer = None
-        self._wake.set()
+        self._poke()
 
     async def _cycle(self) -> None:
-        taken = self._take_appends()
+        taken, records, singles = self._take_appends()
         acks, self._acks = self._acks, []
         sourced = self._take_sources()
         self._busy = True
         try:
             while True:
                 try:
-                    await self._commit(taken, acks, sourced)
+                    await self._commit(taken, acks, sourced, records, singles=singles)
                     break
                 except _storage.LeaseLost as exc:
                     # Fenced off: drop the writes of the sources whose lease was lost
@@ -398,20 +478,33 @@ class LogWriter:
             self._busy = False
         self._notify_cycle()
 
-    def _take_appends(self) -> list[_Taken]:
-        """The waiting publishes the next commit takes: as many as the controller allows."""
-        taken: list[_Taken] = []
+    def _take_appends(self) -> tuple[list[_Taken], list[NewRecord], bool]:
+        """The waiting publishes the next commit takes, as many as the controller
+        allows, their records in order, and whether all are single publishes."""
         appends = self._appends
-        n = 0
         limit = self.controller.target()
-        while appends and n < limit:
+        if not self._many and self._pending <= limit:
+            # Single publishes only, all of them fit (the common case): in bulk.
+            taken: list[_Taken] = list(appends)
+            appends.clear()
+            records: list[NewRecord] = [item[0] for item in taken]  # type: ignore[misc]
+            self._pending = 0
+            self._space.set()
+            return taken, records, True
+        taken = []
+        records = []
+        while appends and len(records) < limit:
             item = appends.popleft()
             taken.append(item)
-            n += 1 if isinstance(item[0], NewRecord) else len(item[0])
-        self._pending -= n
+            if isinstance(item[0], NewRecord):
+                records.append(item[0])
+            else:
+                records.extend(item[0])
+                self._many -= 1
+        self._pending -= len(records)
         if self._pending < self._max_pending:
             self._space.set()
-        return taken
+        return taken, records, False
 
     def _take_sources(self) -> list[_Sourced]:
         """Every source's pending writes, unless sources wait out a retry delay."""
@@ -424,11 +517,20 @@ class LogWriter:
                     sourced.append((source, writes))
         return sourced
 
-    async def _commit(self, taken: list[_Taken], acks: list[_Ack], sourced: list[_Sourced]) -> None:
-        """Commit these appends, one-off writes and sources' writes in one transaction
+    async def _commit(
+        self,
+        taken: list[_Taken],
+        acks: list[_Ack],
+        sourced: list[_Sourced],
+        records: list[NewRecord] | None = None,
+        *,
+        singles: bool = False,
+    ) -> None:
+        """Commit these appends (``records``: theirs, in order, if known; ``singles``:
+        all single publishes), one-off writes and sources' writes in one transaction
         and resolve their futures; raise (nothing resolved) if the storage fails."""
         ack_slices: list[tuple[int, int]] = []
-        batch = self._batch(taken, acks, sourced, ack_slices)
+        batch = self._batch(taken, acks, sourced, ack_slices, records)
         log = self._log
         started = time.monotonic()
         # A small transaction commits on this thread when the storage can (no hop to
@@ -451,6 +553,8 @@ class LogWriter:
             started,
             time.monotonic(),
             inline=inline is not None,
+            events=None if records is None else len(records),
+            singles=singles,
         )
 
     def _batch(
@@ -459,15 +563,19 @@ class LogWriter:
         acks: list[_Ack],
         sourced: list[_Sourced],
         ack_slices: list[tuple[int, int]] | None = None,
+        records: list[NewRecord] | None = None,
     ) -> WriteBatch:
         """One transaction's writes; ``ack_slices`` receives where each one-off
         write's appends are in it."""
         batch = WriteBatch()
-        for payload, _ in taken:
-            if isinstance(payload, NewRecord):
-                batch.appends.append(payload)
-            else:
-                batch.appends.extend(payload)
+        if records is not None:
+            batch.appends.extend(records)
+        else:
+            for payload, _ in taken:
+                if isinstance(payload, NewRecord):
+                    batch.appends.append(payload)
+                else:
+                    batch.appends.extend(payload)
         for ack_batch, _ in acks:
             start = len(batch.appends)
             batch.merge(ack_batch)
@@ -489,14 +597,13 @@ class LogWriter:
         finished: float,
         *,
         inline: bool,
+        events: int | None = None,
+        singles: bool = False,
     ) -> None:
         """After a commit: account for it, tell the sources and the subscriptions,
-        resolve the futures."""
-        n = (
-            len(taken)
-            if len(taken) == 1 and isinstance(taken[0][0], NewRecord)
-            else sum(1 if isinstance(p, NewRecord) else len(p) for p, _ in taken)
-        )
+        resolve the futures. ``events``: how many records ``taken`` holds, if known;
+        ``singles``: whether all are single publishes (a receipt each)."""
+        n = events if events is not None else _count(taken)
         if receipts:
             # Fresh receipts have the highest seqs, in order; a duplicate's is older.
             last = receipts[-1]
@@ -520,6 +627,11 @@ class LogWriter:
             for source, writes in sourced:
                 source.committed(writes)
         self._on_committed(batch.appends, receipts)
+        if singles:
+            for (_, fut), receipt in zip(taken, receipts, strict=False):
+                if fut is not None and not fut.done():
+                    fut.set_result(receipt)
+            taken = []
         i = 0
         for payload, fut in taken:
             if isinstance(payload, NewRecord):
@@ -544,7 +656,7 @@ class LogWriter:
         self, taken: list[_Taken], acks: list[_Ack], sourced: list[_Sourced], exc: BaseException
     ) -> None:
         error = commit_error(exc)
-        events = sum(1 if isinstance(p, NewRecord) else len(p) for p, _ in taken)
+        events = _count(taken)
         logger.error("group commit of %d events failed: %s", events, error)
         self._fail(taken, acks, error)
         self._sources_failed(sourced)
@@ -594,7 +706,7 @@ class LogWriter:
     def _fail_all(self, error: BaseException) -> None:
         taken = list(self._appends)
         self._appends.clear()
-        self._pending = 0
+        self._pending = self._many = 0
         acks, self._acks = self._acks, []
         self._space.set()
         if taken or acks:
@@ -616,6 +728,11 @@ def _without_fenced(sourced: list[_Sourced], exc: _storage.LeaseLost) -> list[_S
     for source, writes in fenced:
         source.lease_lost(writes)
     return kept
+
+
+def _count(taken: list[_Taken]) -> int:
+    """How many records these publishes append."""
+    return sum(1 if isinstance(p, NewRecord) else len(p) for p, _ in taken)
 
 
 def _split(units: list[_Unit]) -> tuple[list[_Taken], list[_Ack], list[_Sourced]]:

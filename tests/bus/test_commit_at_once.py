@@ -89,11 +89,11 @@ async def test_a_plain_sqlite_log_commits_small_batches_at_once(tmp_path: Path) 
         assert receipts is not None
         assert [r.seq for r in receipts] == [1, 2]
         assert log.head == 2
-        big = WriteBatch(appends=[record(i) for i in range(3, 103)])
+        big = WriteBatch(appends=[record(i) for i in range(3, 303)])
         assert log.commit_now(big) is None  # too large for the loop's thread
         assert log.head == 2
-        assert [r.seq for r in await log.commit(big)] == list(range(3, 103))
-        assert [r.seq for r in await log.read(0, 200, None, 500)] == list(range(1, 103))
+        assert [r.seq for r in await log.commit(big)] == list(range(3, 303))
+        assert [r.seq for r in await log.read(0, 400, None, 500)] == list(range(1, 303))
     finally:
         await log.close()
 

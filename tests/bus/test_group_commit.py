@@ -9,6 +9,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eventbus import Bus, BusConfig, BusError, Context, Event, Message, StorageError, StorageFull
 from eventbus._metrics import CommitRecorder
@@ -296,3 +298,58 @@ async def test_a_subscriptions_pending_writes_commit_beside_a_refused_record(
         assert await storage.get_state("s", ["k"]) == {"k": b"v"}
     finally:
         await storage.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    plan=st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=8), min_size=1, max_size=6),
+    limit=st.integers(1, 9),
+)
+def test_every_publish_gets_its_own_receipts_whatever_mixes_in_a_commit(
+    plan: list[list[int]], limit: int
+) -> None:
+    """Several tasks each publish a sequence of single events (0) and publish_many
+    calls (their size), interleaved, with commits capped at ``limit`` events: every
+    call gets the receipts of its own records, in order, and the log holds each
+    record once, at the seq its receipt names."""
+
+    async def main() -> None:
+        storage = SlowStorage(0.0)
+        await storage.open()
+        writer = LogWriter(
+            storage,
+            max_pending=1000,
+            max_commit_batch=1000,
+            on_committed=lambda appended, receipts: None,
+            controller=FixedController(limit, 0),
+        )
+        made = iter(range(10**6))
+        checked: list[tuple[list[NewRecord], list[Receipt]]] = []
+
+        async def publisher(calls: list[int]) -> None:
+            for size in calls:
+                if size == 0:
+                    one = record(next(made))
+                    checked.append(([one], [await writer.submit(one)]))
+                else:
+                    many = [record(next(made)) for _ in range(size)]
+                    checked.append((many, await writer.submit_many(many)))
+                await asyncio.sleep(0)
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(writer.run())
+            async with asyncio.TaskGroup() as publishers:
+                for calls in plan:
+                    publishers.create_task(publisher(calls))
+            await writer.flush()
+            writer.stop()
+        stored = {r.seq: r.id for r in await storage.read(0, 10**6, None, 10**6)}
+        total = sum(max(size, 1) for calls in plan for size in calls)
+        assert sorted(stored) == list(range(1, total + 1))
+        for records, receipts in checked:
+            assert [r.id for r in receipts] == [r.id for r in records]
+            assert [stored[r.seq] for r in receipts] == [r.id for r in records]
+            seqs = [r.seq for r in receipts]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # one transaction
+
+    asyncio.run(main())
