@@ -667,15 +667,15 @@ class Subscription:
                 # each success counted in ``call.done``, until something happens
                 # that the loop of entries below is for.
                 events = typing.cast("list[Event[object]]", call.plain)
-                n = len(events)
                 buf.attempt = 1
-                j = 0
-                while j < n and sched.changes == changes:
-                    current = events[j]
+                failed = False
+                for current in events:
+                    if sched.changes != changes:
+                        break
                     buf.event = current
                     if track:
                         journal.started(slot, (current.seq,))
-                    inside = True
+                        inside = True
                     info.event = current
                     info.started = now()
                     try:
@@ -687,11 +687,11 @@ class Subscription:
                     except Exception as exc:  # noqa: BLE001 - goes to the retry lane or dead letters
                         if track:
                             journal.ended(slot)
-                        inside = False
-                        entries = sched.convert(call)  # event j first
+                            inside = False
+                        entries = sched.convert(call)  # the current event first
                         count = len(entries)
                         i = done_from = 1
-                        checking = True
+                        checking = failed = True
                         buf.clear()
                         self._failed(call, entries[0], exc)
                         break
@@ -700,27 +700,25 @@ class Subscription:
                             # As below: the event in flight failed this attempt.
                             journal.ended(slot)
                             inside = False
-                            entries = sched.convert(call)  # event j first
+                            entries = sched.convert(call)  # the current event first
                             i = 1
                             buf.clear()
                             self._failed(
                                 call, entries[0], HandlerStuck(self.name, info.stuck, info.seqs)
                             )
-                        raise  # (not stuck: finish() gives back the events from j on)
+                        raise  # (not stuck: finish() gives back the events not handled)
                     if track:
                         journal.ended(slot)
-                    inside = False
-                    j += 1
-                    call.done = j
+                        inside = False
+                    call.done += 1
                     if buf.outbox or buf.writes:
                         # Its writes join the acknowledgement that ``done`` now allows.
                         writes.absorb(buf)
-                else:
-                    if j < n:
-                        # Something changed: the rest are checked, one entry each.
-                        entries = sched.convert(call)
-                        count = len(entries)
-                        checking = True
+                if not failed and call.done < len(events):
+                    # Something changed: the rest are checked, one entry each.
+                    entries = sched.convert(call)
+                    count = len(entries)
+                    checking = True
                 handled = call.done
             while i < count:
                 entry = entries[i]
