@@ -1,4 +1,4 @@
-"""eventbus against the libraries a user would pick instead, and two ceilings, one run.
+"""eventbus against the libraries a user would pick instead, and three ceilings, one run.
 
     pip install -e '.[peers,bench]'                        # the peers and matplotlib
     .venv/bin/python bench/peers.py --repeat 3             # the full run (a few minutes)

@@ -14,6 +14,7 @@ from ._types import (
     WORKFLOW_PREFIX,
     DeadRecord,
     LogStats,
+    NewRecord,
     Receipt,
     Record,
     RetryRecord,
@@ -60,7 +61,9 @@ class MemoryStorage:
     def __init__(self) -> None:
         # A list indexed by seq - first_seq (seqs are dense between compactions):
         # O(1) positioning for reads, where a deque would walk from an end.
-        self._events: list[Record] = []
+        # The events in the log, in order: their seqs are dense, the last one the head
+        # (see _first_seq). Kept as appended; read() makes the Records it returns.
+        self._events: list[NewRecord] = []
         self._head = 0
         self._idempotency: dict[str, tuple[Receipt, float]] = {}
         self._subs: dict[str, SubscriptionInfo] = {}
@@ -112,7 +115,7 @@ class MemoryStorage:
         receipts: list[Receipt] = []
         now = time.time()
         seq = self._head
-        new: list[Record] = []
+        new: list[NewRecord] = []
         fresh_keys: dict[str, Receipt] = {}
         for rec in batch.appends:
             ikey = rec.idempotency_key
@@ -124,9 +127,7 @@ class MemoryStorage:
                     receipts.append(Receipt(known.seq, known.id, True))
                     continue
             seq += 1
-            new.append(
-                Record(seq, rec.id, rec.topic, rec.key, rec.payload, rec.headers, rec.created_at)
-            )
+            new.append(rec)
             receipt = Receipt(seq, rec.id)
             if ikey is not None:
                 fresh_keys[ikey] = receipt
@@ -263,19 +264,24 @@ class MemoryStorage:
         events = self._events
         if not events or limit <= 0:
             return []
-        first = events[0].seq
+        first = self._first_seq()
         start = max(after + 1 - first, 0)
         stop = max(start, min(upto + 1 - first, len(events)))
         if topics is None or "*" in topics:
-            return events[start : min(stop, start + limit)]
+            stop = min(stop, start + limit)
+            return [_record(first + i, events[i]) for i in range(start, stop)]
         out: list[Record] = []
         for i in range(start, stop):
             rec = events[i]
             if rec.topic in topics:
-                out.append(rec)
+                out.append(_record(first + i, rec))
                 if len(out) >= limit:
                     break
         return out
+
+    def _first_seq(self) -> int:
+        """The seq of ``_events[0]``: they are dense and end at the head."""
+        return self._head - len(self._events) + 1
 
     async def subscriptions(self) -> dict[str, SubscriptionInfo]:
         self._check_open()
@@ -475,7 +481,7 @@ class MemoryStorage:
         first: list[int] = []
         if not events:
             return Unaccounted(subscription, 0, ())
-        base = events[0].seq  # seqs are dense from here: index arithmetic
+        base = self._first_seq()  # seqs are dense from here: index arithmetic
         # Only the gaps between acknowledged ranges can hold anything.
         gaps: list[tuple[int, int]] = []
         covered = base - 1
@@ -488,15 +494,16 @@ class MemoryStorage:
         if covered < upto:
             gaps.append((covered + 1, upto))
         for a, b in gaps:
-            for rec in events[max(a - base, 0) : max(b - base + 1, 0)]:
+            start = max(a - base, 0)
+            for i, rec in enumerate(events[start : max(b - base + 1, 0)], base + start):
                 if not everything and rec.topic not in info.topics:
                     continue
-                key = (subscription, rec.seq)
+                key = (subscription, i)
                 if key in self._retries or key in self._dead:
                     continue
                 count += 1
                 if len(first) < limit:
-                    first.append(rec.seq)
+                    first.append(i)
         return Unaccounted(subscription, count, tuple(first))
 
     async def take_control(self) -> list[tuple[int, bytes]]:
@@ -511,9 +518,10 @@ class MemoryStorage:
         self._check_open()
         removed = 0
         events = self._events
+        base = self._first_seq()
         while (
             removed < min(len(events), limit)
-            and events[removed].seq <= upto
+            and base + removed <= upto
             and events[removed].created_at < older_than
         ):
             removed += 1
@@ -532,14 +540,14 @@ class MemoryStorage:
     async def stats(self, *, exact: bool = True) -> LogStats:
         self._check_open()
         lag: dict[str, int] = {}
-        seqs = [r.seq for r in self._events]
+        base = self._first_seq()
         for name, info in self._subs.items():
             if not exact:
                 lag[name] = max(0, self._head - info.cursor)
                 continue
             topics = set(info.topics)
             everything = "*" in topics
-            i = bisect.bisect_right(seqs, info.cursor)
+            i = min(max(info.cursor + 1 - base, 0), len(self._events))
             lag[name] = sum(1 for r in self._events[i:] if everything or r.topic in topics)
         dead: dict[str, int] = {}
         for d in self._dead.values():
@@ -550,7 +558,7 @@ class MemoryStorage:
         return LogStats(
             head=self._head,
             events=len(self._events),
-            oldest_seq=self._events[0].seq if self._events else None,
+            oldest_seq=base if self._events else None,
             subscriptions=tuple(sorted(self._subs.values(), key=lambda s: s.name)),
             lag=lag,
             dead_letters=dead,
@@ -558,3 +566,7 @@ class MemoryStorage:
             wal_bytes=0,
             retries=retries,
         )
+
+
+def _record(seq: int, rec: NewRecord) -> Record:
+    return Record(seq, rec.id, rec.topic, rec.key, rec.payload, rec.headers, rec.created_at)

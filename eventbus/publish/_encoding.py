@@ -40,6 +40,8 @@ _GROWTH = 8
 # Room past the limit, so that an encoder reserving a few bytes ahead of what it
 # writes is never mistaken for an event over the limit.
 _SLACK = 64
+# Topics the encoder remembers as valid (beyond, each is checked again).
+_TOPICS_REMEMBERED = 1024
 
 
 def _bounded_encoding_works() -> bool:
@@ -78,6 +80,9 @@ class EventEncoder:
     def __init__(self, max_event_bytes: int) -> None:
         self.max_event_bytes = max_event_bytes
         self._encoder = msgspec.msgpack.Encoder()
+        # Topics found valid for the fast path (ASCII, not empty, not "*"), so that
+        # the common case checks one membership; bounded, since topics may be made up.
+        self._topics: set[str] = set()
 
     def encode(
         self,
@@ -103,11 +108,8 @@ class EventEncoder:
             headers is None
             and idempotency_key is None
             and type(payload) is dict
-            and _BOUNDED
             and type(topic) is str
-            and topic.isascii()
-            and topic
-            and topic != "*"
+            and (topic in self._topics or self._fast_topic(topic))
             and (key is None or (type(key) is str and key.isascii()))
         ):
             # The common case in one go: ASCII topic and key, a dict payload.
@@ -247,6 +249,14 @@ class EventEncoder:
         if not _BOUNDED:
             return self._encode(topic, payload)
         return self._encode_bounded(topic, payload, budget)
+
+    def _fast_topic(self, topic: str) -> bool:
+        """Whether the common case's encoding may take ``topic`` (remembered if so)."""
+        if not (_BOUNDED and topic.isascii() and topic and topic != "*"):
+            return False
+        if len(self._topics) < _TOPICS_REMEMBERED:
+            self._topics.add(topic)
+        return True
 
     def _encode(self, topic: str, payload: object) -> bytes:
         try:
