@@ -229,6 +229,7 @@ class LogWriter:
         ):
             return None
         fut: asyncio.Future[Receipt] = loop.create_future()
+        # _queue, written out: this is the path of nearly every publish under load.
         self._appends.append((record, fut))  # type: ignore[arg-type]
         self._pending += 1
         if self._pending >= self._max_pending:
@@ -275,12 +276,7 @@ class LogWriter:
         if self._pending >= self._max_pending or self._closed or self._stopping:
             await self.wait_for_space()
         fut: asyncio.Future[Receipt] = loop.create_future()
-        self._appends.append((record, fut))  # type: ignore[arg-type]
-        self._pending += 1
-        if self._pending >= self._max_pending:
-            self._space.clear()
-        if self._wakeup is not None:
-            self._poke()
+        self._queue(record, fut)  # type: ignore[arg-type]
         self._waiting += 1
         try:
             return await fut
