@@ -272,18 +272,8 @@ class EventEncoder:
         """Encode into buffers that a live memoryview keeps from growing: msgspec's
         resize fails with ``BufferError`` as soon as the encoding outgrows one. A
         small buffer first (most events fit), then larger ones up to the budget;
-        ``first`` is the size to start from."""
-        if first == _FIRST_BUFFER and budget > _FIRST_BUFFER:
-            # The common case, with nothing but the encoding: it fits the first buffer.
-            buffer = bytearray(_FIRST_BUFFER)
-            view = memoryview(buffer)
-            try:
-                self._encoder.encode_into(payload, buffer)
-            except Exception:  # noqa: BLE001 - too large or not encodable: the loop says which
-                view.release()
-            else:
-                view.release()
-                return bytes(buffer)
+        ``first`` is the size to start from. (:meth:`encode` tries the first buffer of
+        its common case inline.)"""
         size = first if budget > first else budget
         while True:
             last = size >= budget
