@@ -173,7 +173,11 @@ class Sink:
         self._conn = sqlite3.connect(
             path, timeout=30, isolation_level=None, check_same_thread=False
         )
-        self._conn.execute("PRAGMA journal_mode = WAL")
+        # WAL stays set in the file, and the harness sets it before any worker starts:
+        # processes starting at once would each try to switch, and a switch that
+        # finds the file in use fails at once ("database is locked"), without waiting.
+        if self._conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = NORMAL")
         self._conn.execute("CREATE TABLE IF NOT EXISTS calls (ikey TEXT NOT NULL)")
         self._conn.execute(
@@ -537,6 +541,7 @@ def run_harness(directory: Path, settings: Settings, progress: Progress | None =
         progress: Where to show the orders settled so far while it runs; read from
             the sink about once a second, only while ``progress.enabled``.
     """
+    Sink(str(directory / "sink.db")).close()  # in WAL mode before any worker opens it
     if settings.backend == "postgres" or settings.shared:
         return run_processes(directory, settings)
     rng = random.Random(settings.seed)
@@ -626,6 +631,7 @@ def run_processes(directory: Path, settings: Settings) -> Report:
                     _wait_for_line(proc, RUN_TIMEOUT)
                     handling.add(victim)
             time.sleep(rng.uniform(settings.min_wait, settings.max_wait))
+            _check_running(directory, [(0, publisher), *members])
             if proc.poll() is not None:
                 break  # finished: everything was handled before the last kill
             killed_at = time.monotonic()
@@ -648,6 +654,15 @@ def run_processes(directory: Path, settings: Settings) -> Report:
             _close(proc)
     (directory / "kills.json").write_bytes(msgspec.json.encode(kills))
     return account(directory, settings, kills, life, life + 1, time.monotonic() - started)
+
+
+def _check_running(directory: Path, procs: list[tuple[int, subprocess.Popen[bytes]]]) -> None:
+    """Raise if a worker the harness did not kill has failed (instead of waiting for
+    the others, which would wait for it)."""
+    for life, proc in procs:
+        if proc.poll() not in (None, 0):
+            tail = _log_tail(directory, life)
+            raise RuntimeError(f"worker run {life} failed (exit {proc.returncode}):\n{tail}")
 
 
 # A call's row in a shared log is deleted a few milliseconds after it ends (unless
