@@ -3,10 +3,11 @@ they are partial."""
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from eventbus import Bus, BusConfig, Context, DeadLetterPage, Event, RetryPolicy
-from eventbus.storage import DeadRecord, Record, WriteBatch
+from eventbus.storage import DeadRecord, NewRecord, Record, WriteBatch
 from tests import postgres
 
 pytestmark = pytest.mark.anyio
@@ -46,6 +47,55 @@ async def test_a_dead_letter_traceback_keeps_the_chained_cause(log_url: str) -> 
     last = trace.index("builtins.RuntimeError: billing gave up")
     assert key_error < cause < lookup < during < last
     assert 'event.payload["customer"]' in trace
+
+
+async def test_a_timed_out_attempt_is_recorded_with_what_happened(log_url: str) -> None:
+    # Regression: a handler timeout was dead-lettered with an empty error_message
+    # (str() of the TimeoutError the timeout raised).
+    retry = RetryPolicy(max_attempts=2, initial_delay=0.0, max_delay=0.0, timeout=0.3)
+    attempts: list[int] = []
+    async with Bus.open(log_url, config=BusConfig(breaker=None)) as bus:
+
+        @bus.subscribe("orders", name="billing", retry=retry)
+        async def bill(event: Event[int], ctx: Context) -> None:
+            attempts.append(ctx.attempt)
+            await anyio.sleep_forever()
+
+        await bus.publish("orders", 1)
+        await bus.drain(timeout=10)
+        (letter,) = await bus.dead_letters.list()
+    assert attempts == [1, 2]
+    assert letter.error_type == "builtins.TimeoutError"
+    assert letter.error_message == "attempt timed out after 0.3s (RetryPolicy.timeout)"
+    assert letter.attempts == 2
+    assert "TimeoutError: attempt timed out after 0.3s" in letter.traceback
+
+
+async def test_an_event_that_does_not_decode_is_recorded_as_one_attempt(log_url: str) -> None:
+    # Regression: a payload that did not decode was dead-lettered with attempts=0,
+    # as if no delivery had been tried.
+    store = postgres.log_at(log_url)
+    await store.open()
+    try:
+        await store.commit(
+            WriteBatch(appends=[NewRecord("bad-1", "orders", "k", b"\xc1", None, 0.0)])
+        )
+    finally:
+        await store.close()
+    seen: list[int] = []
+    async with Bus.open(log_url, config=BusConfig(breaker=None)) as bus:
+
+        @bus.subscribe("orders", name="billing", retry=RetryPolicy(max_attempts=5))
+        async def bill(event: Event[int], ctx: Context) -> None:
+            seen.append(event.payload)
+
+        await bus.publish("orders", 2, key="k")
+        await bus.drain(timeout=10)
+        (letter,) = await bus.dead_letters.list()
+    assert seen == [2]
+    assert (letter.event.id, letter.event.seq, letter.attempts) == ("bad-1", 1, 1)
+    assert letter.error_type.endswith("PayloadValidationError")
+    assert "is not valid msgpack" in letter.error_message
 
 
 async def write_dead_letters(target: str, events: int, subscriptions: tuple[str, ...]) -> None:
