@@ -16,8 +16,9 @@ LOGGERS: dict[str, str] = {
     "eventbus.bus": "opening and closing, commands queued by the command line, "
     "compaction, subscriptions in the log that no handler claims, new subscriptions "
     "about to replay a long log",
-    "eventbus.dispatch": "subscriptions: retries (INFO), dead letters and circuit-breaker "
-    "changes (WARNING), events found in flight after a crash",
+    "eventbus.dispatch": "subscriptions: retries and failed batches split in halves (INFO), "
+    "dead letters and circuit-breaker changes (WARNING), events found in flight after a "
+    "crash",
     "eventbus.publish": "the log writer: group commits that failed, or were committed "
     "again in parts over one refused record",
     "eventbus.storage": "the SQLite log: a busy file, WAL checkpoints",

@@ -903,13 +903,16 @@ class Subscription:
             for entry in runnable:
                 self._failed(call, entry, error)
             return []
-        logger.warning(
+        # A retry of the batch in halves (INFO, as retries are): only the events that
+        # fail alone are retried or dead-lettered, each with its own record.
+        logger.info(
             "subscription %s: batch of %d failed (%s: %s); splitting it to isolate the "
             "failing events",
             self.name,
             len(runnable),
             type(error).__name__,
             error,
+            extra={"subscription": self.name},
         )
         middle = len(runnable) // 2
         left: list[Entry] = []

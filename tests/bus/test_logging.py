@@ -12,7 +12,7 @@ import pytest
 import eventbus
 import eventbus.backpressure as backpressure
 import eventbus.storage as storage
-from eventbus import BreakerPolicy, Bus, BusConfig, Context, Event, RetryPolicy
+from eventbus import BreakerPolicy, Bus, BusConfig, Context, Event, Message, RetryPolicy
 from eventbus._logging import EVENT_FIELDS, LOGGERS, event_fields, get_logger
 
 
@@ -92,3 +92,55 @@ async def test_retries_dead_letters_and_the_breaker_log_where_the_readme_says(
     assert all(isinstance(getattr(r, "seq", None), int) for r in retries + dead)
     assert any("opened" in r.getMessage() for r in breaker_records)
     assert all(r.levelno == logging.WARNING for r in breaker_records)
+
+
+@pytest.mark.anyio
+async def test_failures_that_a_retry_heals_log_nothing_at_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A busy day of transient failures (every seventh event fails once, in a handler
+    of one event and in a batch handler) logs its retries at INFO, with the event's
+    fields, and nothing at WARNING: the operator's log holds only what needs a look.
+    Regression: every retry was a WARNING (417 lines for 3,000 events)."""
+    caplog.set_level(logging.DEBUG, logger="eventbus")
+    retry = RetryPolicy(max_attempts=3, initial_delay=0.0, max_delay=0.0)
+    failed: set[tuple[str, int]] = set()
+
+    def fails_once(where: str, n: int) -> bool:
+        if n % 7 or (where, n) in failed:
+            return False
+        failed.add((where, n))
+        return True
+
+    async with Bus.open(":memory:", config=BusConfig(breaker=None)) as bus:
+
+        @bus.subscribe("t", name="one", retry=retry)
+        async def one(event: Event[int], ctx: Context) -> None:
+            if fails_once("one", event.payload):
+                raise ValueError(f"event {event.payload} failed once")
+
+        @bus.subscribe("t", name="many", retry=retry, batch={"max_size": 32})
+        async def many(events: list[Event[int]], ctx: Context) -> None:
+            for event in events:
+                if fails_once("many", event.payload):
+                    raise ValueError(f"event {event.payload} failed once")
+
+        await bus.publish_many([Message("t", i) for i in range(300)])
+        await bus.drain(timeout=30)
+        assert await bus.dead_letters.count() == 0
+    assert len(failed) == 2 * len(range(0, 300, 7))
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [f"{r.name} {r.levelname}: {r.getMessage()}" for r in loud] == []
+    retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert {r.name for r in retries} == {"eventbus.dispatch"}
+    assert {r.levelno for r in retries} == {logging.INFO}
+    by_sub = {"one": 0, "many": 0}
+    for r in retries:
+        by_sub[r.subscription] += 1  # type: ignore[attr-defined]
+        assert {f: type(getattr(r, f)) for f in EVENT_FIELDS} == {
+            "subscription": str,
+            "event_id": str,
+            "seq": int,
+            "attempt": int,
+        }
+    assert by_sub["one"] == len(range(0, 300, 7))
