@@ -10,16 +10,39 @@ import zipfile
 from pathlib import Path
 
 import msgspec
+import pytest
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
-def test_the_licence_is_an_spdx_string_that_setuptools_reads_without_a_warning() -> None:
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The project built into a wheel as pip builds it for an install (setuptools in
+    an isolated environment), and everything the build printed."""
+    out = tmp_path_factory.mktemp("wheel")
+    root = PYPROJECT.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = out.glob("eventbus-*.whl")
+    return wheel, proc.stdout + proc.stderr
+
+
+def test_the_licence_is_an_spdx_string_that_setuptools_reads_without_a_warning(
+    built: tuple[Path, str],
+) -> None:
     # Regression: `license = { text = "MIT" }` made every install print about 70 lines
     # of setuptools deprecation warnings. The SPDX string needs setuptools >= 77.
     data = tomllib.loads(PYPROJECT.read_text())
     assert data["project"]["license"] == "MIT"
     assert "setuptools>=77" in data["build-system"]["requires"]
+    _, output = built
+    assert "Warning" not in output, output  # pip -q still shows the backend's warnings
+    assert "deprecated" not in output, output
 
 
 def test_importing_eventbus_imports_no_optional_dependency() -> None:
@@ -67,20 +90,12 @@ def test_the_changelog_keeps_an_unreleased_section_first() -> None:
 
 
 def test_the_wheel_installs_only_eventbus_beside_an_apps_own_storage_package(
-    tmp_path: Path,
+    tmp_path: Path, built: tuple[Path, str]
 ) -> None:
     """The repository keeps ``storage/`` and ``backpressure/`` at the top, but the wheel
     ships them inside ``eventbus``: an application with its own ``storage`` package
     (a common name) imports both."""
-    root = PYPROJECT.parent
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(root)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert built.returncode == 0, built.stderr
-    (wheel,) = tmp_path.glob("eventbus-*.whl")
+    wheel, _ = built
     with zipfile.ZipFile(wheel) as archive:
         tops = {name.split("/")[0] for name in archive.namelist()}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"eventbus"}
