@@ -46,9 +46,12 @@ class LogLocked(StorageError):
             f"the log {path!r} is owned by another process ({owner}); "
             + (
                 advice
-                or "only one process may run a bus on a SQLite log at a time. Stop that "
-                "process, or use a different file; the eventbus command line reads the "
-                "log (and queues redrive, purge and drop for its owner) while it runs"
+                or "it opened the SQLite log without shared=True, so it runs alone on "
+                "it. Stop that process, or use a different file. For several processes "
+                "on one log, open it with BusConfig(shared=True) in every process of "
+                "this machine, or move it to PostgreSQL (eventbus migrate FILE "
+                "postgresql://...). The eventbus command line reads the log (and queues "
+                "redrive, purge and drop for its owner) while it runs"
             )
         )
 

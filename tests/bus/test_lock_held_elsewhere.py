@@ -75,13 +75,30 @@ def _start_holder(log_path: Path) -> subprocess.Popen[str]:
     return proc
 
 
-async def test_the_log_locked_message_offers_only_what_exists(log_path: Path) -> None:
-    # Regression: it suggested "the PostgreSQL backend", which does not exist.
+async def test_the_log_locked_message_offers_only_what_exists(
+    log_path: Path, tmp_path: Path
+) -> None:
+    # Regression: it suggested "the PostgreSQL backend" before there was one. Now that
+    # a log can be shared (BusConfig(shared=True), PostgreSQL), it offers those, and
+    # each works as it says.
     async with Bus.open(log_path):
         with pytest.raises(LogLocked) as info:
             async with Bus.open(log_path):
                 pass
     message = str(info.value)
-    assert "PostgreSQL" not in message
     assert f"pid {os.getpid()}" in message
     assert "Stop that process, or use a different file" in message
+    assert "BusConfig(shared=True) in every process" in message
+    assert "eventbus migrate FILE postgresql://" in message
+    shared = tmp_path / "shared.db"
+    async with (
+        Bus.open(shared, config=BusConfig(shared=True)) as first,
+        Bus.open(shared, config=BusConfig(shared=True)) as second,
+    ):
+        await first.publish("orders", 1)
+        assert (await second.publish("orders", 2)).seq == 2
+    helped = await anyio.run_process(
+        [str(Path(sys.executable).parent / "eventbus"), "migrate", "--help"], check=False
+    )
+    assert helped.returncode == 0, helped.stderr
+    assert "PostgreSQL" in helped.stdout.decode()
