@@ -14,11 +14,11 @@
 - ``GET /healthz`` is 200 while every subscription's lag and the dead letters stay
   under their thresholds, 503 otherwise, with the numbers either way.
 
-One process per log: a SQLite log has one owner, so ``uvicorn --workers 4`` makes
-every worker after the first fail at startup with ``LogLocked``. Run one worker per
-log. Several processes on one log is the PostgreSQL backend's part
-(``APP_DB=postgresql://...``), which keeps one owner per schema for now: sharing one
-schema among processes is its next step.
+One process per log as written: a SQLite log opened without ``shared=True`` has one
+owner, so ``uvicorn --workers 4`` makes every worker after the first fail at startup
+with ``LogLocked``. For several workers, open it with ``BusConfig(shared=True)`` in
+each, or give them a PostgreSQL log (``APP_DB=postgresql://...``), which divides the
+work among them.
 """
 
 from __future__ import annotations
