@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -34,6 +35,7 @@ async def read_back(path: Path) -> tuple[list[tuple[str, object]], int, bytes | 
     )
 
 
+@pytest.mark.parametrize("kind", ["single", "batch"])
 @pytest.mark.parametrize(
     ("sig", "statuses"),
     [
@@ -44,10 +46,10 @@ async def read_back(path: Path) -> tuple[list[tuple[str, object]], int, bytes | 
     ],
 )
 def test_a_stop_signal_flushes_publishes_and_finishes_in_flight_work(
-    log_path: Path, sig: signal.Signals, statuses: set[int]
+    log_path: Path, sig: signal.Signals, statuses: set[int], kind: str
 ) -> None:
     proc = subprocess.Popen(
-        [sys.executable, str(WORKER), str(log_path)],
+        [sys.executable, str(WORKER), str(log_path), kind],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -74,3 +76,34 @@ def test_a_stop_signal_flushes_publishes_and_finishes_in_flight_work(
     assert cursor >= 1  # the order's acknowledgement committed
     assert billed is not None
     assert msgspec.msgpack.decode(billed) == 7
+
+
+def test_sigterm_gives_up_on_a_call_that_outlasts_close_timeout(log_path: Path) -> None:
+    """The graceful stop is bounded: a handler that never returns is abandoned after
+    close_timeout, unacknowledged (it runs again at the next start), and the process
+    still exits 143 with its queued publishes flushed."""
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), str(log_path), "single", "0.5", "hang"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "handling 7\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout.readline() == "stopping\n"
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 143, err
+    assert took < 10, f"the stop took {took:.1f}s with close_timeout=0.5"
+    events, cursor, billed = anyio.run(read_back, log_path)
+    assert sorted(events, key=str) == sorted([("orders", 7), ("audit", "stopping")], key=str)
+    assert cursor == 0  # not acknowledged: handled again at the next start
+    assert billed is None
