@@ -148,16 +148,42 @@ def test_a_listing_piped_into_head_ends_quietly(log_path: Path) -> None:
 # -- refusing what would hurt --------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        ["dlq", "redrive"],
-        ["dlq", "purge", "--all"],
-        ["subscriptions", "drop", "{file}", "billing"],
-        ["dlq", "list"],
-        ["stats"],
-    ],
-)
+ON_A_FILE = [
+    ["dlq", "redrive"],
+    ["dlq", "purge", "--all"],
+    ["subscriptions", "drop", "{file}", "billing"],
+    ["dlq", "list"],
+    ["dlq", "show", "{file}", "1"],
+    ["subscriptions", "list"],
+    ["workflows", "list"],
+    ["workflows", "show", "{file}", "run-1"],
+    ["reconcile"],
+    ["stats"],
+    ["serve"],
+    ["migrate", "{file}", "postgresql://app@127.0.0.1/app?schema=moved"],
+]
+
+
+def leaf_commands(parser: object, path: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Every command of ``parser`` that takes no further command: ("dlq", "list")."""
+    found: set[tuple[str, ...]] = set()
+    for action in parser._actions:  # type: ignore[attr-defined]
+        if action.__class__.__name__ == "_SubParsersAction":
+            for name, child in action.choices.items():
+                found |= leaf_commands(child, (*path, name)) or {(*path, name)}
+    return found
+
+
+def test_every_command_is_among_those_checked_on_a_file_that_is_not_a_log() -> None:
+    leaves = leaf_commands(build_parser())
+    assert ("dlq", "purge") in leaves
+    unchecked = [
+        leaf for leaf in leaves if not any(list(leaf) == c[: len(leaf)] for c in ON_A_FILE)
+    ]
+    assert unchecked == []
+
+
+@pytest.mark.parametrize("command", ON_A_FILE)
 def test_a_command_on_a_file_that_is_not_a_log_refuses_and_creates_nothing(
     tmp_path: Path, command: list[str]
 ) -> None:
@@ -176,6 +202,7 @@ def test_a_command_on_a_file_that_is_not_a_log_refuses_and_creates_nothing(
     assert empty.returncode == 2
     assert "is not an event log" in empty.stderr
     assert typo.read_bytes() == b""
+    assert [p.name for p in tmp_path.iterdir()] == ["typo.db"]  # no -wal, -shm, .lock
 
 
 def test_purge_needs_a_filter_or_all_and_dry_run_changes_nothing(log_path: Path) -> None:
