@@ -184,6 +184,34 @@ def test_the_readme_links_only_to_files_that_exist() -> None:
     assert missing == []
 
 
+def slug(heading: str) -> str:
+    """The anchor MkDocs gives a heading (Python-Markdown's default slugify)."""
+    text = re.sub(r"[^\w\s-]", "", heading).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def test_the_readmes_links_into_pages_name_headings_those_pages_have() -> None:
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\((docs/[^)#]+\.md)#([^)]+)\)", readme)
+    assert links
+    for target, anchor in links:
+        text = page(target.removeprefix("docs/"))
+        headings = {slug(h) for h in re.findall(r"^#+ (.+)$", text, re.MULTILINE)}
+        assert anchor in headings, f"README links {target}#{anchor}: no such heading"
+
+
+def test_the_readme_links_every_page_of_the_site_but_the_api_reference() -> None:
+    """The site's navigation (mkdocs.yml) and the README's list of pages agree: a
+    newcomer reading the README on its own finds every guide."""
+    readme = (ROOT / "README.md").read_text()
+    nav = re.findall(r"^\s+- [^:]+: (\S+\.md)$", (ROOT / "mkdocs.yml").read_text(), re.M)
+    assert "getting-started.md" in nav
+    pages = [p for p in nav if not p.startswith("api/") and p not in ("index.md", "changelog.md")]
+    documentation = readme.split("## Documentation", 1)[1].split("\n## ", 1)[0]
+    unlisted = [p for p in pages if f"](docs/{p})" not in documentation]
+    assert unlisted == [], "pages of the site missing from the README's Documentation list"
+
+
 def test_the_readme_testing_example_is_the_one_the_suite_runs() -> None:
     readme = (ROOT / "README.md").read_text()
     example = (ROOT / "examples/test_handlers.py").read_text()
