@@ -1,7 +1,7 @@
 """A FastAPI service on the bus: publish from an endpoint, handle in the background.
 
     pip install 'eventbus[prometheus]' fastapi uvicorn
-    APP_DB=app.db uvicorn examples.fastapi_app:app        # one process: see below
+    APP_DB=app.db uvicorn examples.fastapi_app:app        # several workers: see below
 
 - The bus is opened in the app's lifespan and closed (draining handlers) at shutdown.
 - ``POST /orders`` publishes an order with the request's ``Idempotency-Key`` header
@@ -14,11 +14,22 @@
 - ``GET /healthz`` is 200 while every subscription's lag and the dead letters stay
   under their thresholds, 503 otherwise, with the numbers either way.
 
+<<<<<<< HEAD
 One process per log as written: a SQLite log opened without ``shared=True`` has one
 owner, so ``uvicorn --workers 4`` makes every worker after the first fail at startup
 with ``LogLocked``. For several workers, open it with ``BusConfig(shared=True)`` in
 each, or give them a PostgreSQL log (``APP_DB=postgresql://...``), which divides the
 work among them.
+=======
+Settings come from ``EVENTBUS_*`` variables (``BusConfig.from_env()``). Several
+workers: a SQLite log has one owner unless every process opens it shared, so
+``uvicorn --workers 4`` alone makes every worker after the first fail at startup
+with ``LogLocked``, and ``EVENTBUS_SHARED=true uvicorn examples.fastapi_app:app
+--workers 4`` runs them all on one file: each publishes and answers, one at a time
+dispatches the handlers, another takes over when it dies. ``/metrics`` then shows
+the numbers of whichever worker answered the scrape. To divide the handlers' work
+among processes or machines, use the PostgreSQL log (``APP_DB=postgresql://...``).
+>>>>>>> eco14
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel
 
 import eventbus.prometheus
-from eventbus import Bus, Context, Event, InvalidEvent, RetryPolicy
+from eventbus import Bus, BusConfig, Context, Event, InvalidEvent, RetryPolicy
 
 
 class Order(BaseModel):
@@ -86,7 +97,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with Bus.open(path) as bus:
+        async with Bus.open(path, config=BusConfig.from_env()) as bus:
             subscribe_handlers(bus)
             app.state.bus = bus
             app.state.registry = CollectorRegistry()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import re
+import tomllib
 from pathlib import Path
 from types import ModuleType
 
@@ -182,6 +183,52 @@ def test_the_readme_links_only_to_files_that_exist() -> None:
     assert len(local) > 10
     missing = [t for t in local if not (ROOT / t).exists()]
     assert missing == []
+
+
+def slug(heading: str) -> str:
+    """The anchor MkDocs gives a heading (Python-Markdown's default slugify)."""
+    text = re.sub(r"[^\w\s-]", "", heading).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def test_the_readmes_links_into_pages_name_headings_those_pages_have() -> None:
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\((docs/[^)#]+\.md)#([^)]+)\)", readme)
+    assert links
+    for target, anchor in links:
+        text = page(target.removeprefix("docs/"))
+        headings = {slug(h) for h in re.findall(r"^#+ (.+)$", text, re.MULTILINE)}
+        assert anchor in headings, f"README links {target}#{anchor}: no such heading"
+
+
+def test_the_readme_links_every_page_of_the_site_but_the_api_reference() -> None:
+    """The site's navigation (mkdocs.yml) and the README's list of pages agree: a
+    newcomer reading the README on its own finds every guide."""
+    readme = (ROOT / "README.md").read_text()
+    nav = re.findall(r"^\s+- [^:]+: (\S+\.md)$", (ROOT / "mkdocs.yml").read_text(), re.M)
+    assert "getting-started.md" in nav
+    pages = [p for p in nav if not p.startswith("api/") and p not in ("index.md", "changelog.md")]
+    documentation = readme.split("## Documentation", 1)[1].split("\n## ", 1)[0]
+    unlisted = [p for p in pages if f"](docs/{p})" not in documentation]
+    assert unlisted == [], "pages of the site missing from the README's Documentation list"
+
+
+def test_the_readmes_contents_list_every_section_in_order() -> None:
+    readme = (ROOT / "README.md").read_text()
+    sections = re.findall(r"^## (.+)$", readme, re.MULTILINE)
+    assert sections[0] == "Contents"
+    contents = readme.split("## Contents", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^- \[([^\]]+)\]\(#([^)]+)\)$", contents, re.MULTILINE)
+    assert [title for title, _ in listed] == sections[1:]
+    assert [anchor for _, anchor in listed] == [slug(s) for s in sections[1:]]
+
+
+def test_the_readme_lists_every_extra() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Installing as a dependency", 1)[1].split("\n## ", 1)[0]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    assert [e for e in extras if f"| `{e}` |" not in section] == []
 
 
 def test_the_readme_testing_example_is_the_one_the_suite_runs() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -20,9 +21,30 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The project built into a wheel as pip builds it for an install (setuptools in
     an isolated environment), and everything the build printed."""
     out = tmp_path_factory.mktemp("wheel")
-    root = PYPROJECT.parent
+    # Built from a copy of the checkout (its links kept as links) without what
+    # earlier builds and runs left there: what a fresh clone builds, and the
+    # checkout stays as it was.
+    source = out / "source"
+    shutil.copytree(
+        PYPROJECT.parent,
+        source,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "build",
+            "site",
+            "*.egg-info",
+            "__pycache__",
+            ".*_cache",
+            ".hypothesis",
+            ".benchmarks",
+            ".coverage*",
+            "*.db*",
+        ),
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(root)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -93,14 +115,27 @@ def test_the_wheel_installs_only_eventbus_beside_an_apps_own_storage_package(
     tmp_path: Path, built: tuple[Path, str]
 ) -> None:
     """The repository keeps ``storage/`` and ``backpressure/`` at the top, but the wheel
-    ships them inside ``eventbus``: an application with its own ``storage`` package
-    (a common name) imports both."""
+    ships them inside ``eventbus``: an application with its own ``storage`` and
+    ``backpressure`` packages (common names) imports all three, and pip installs the
+    ``eventbus`` command, which tells its version."""
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
     wheel, _ = built
     with zipfile.ZipFile(wheel) as archive:
-        tops = {name.split("/")[0] for name in archive.namelist()}
+        names = archive.namelist()
+        (metadata_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        metadata = archive.read(metadata_name).decode()
+    tops = {name.split("/")[0] for name in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"eventbus"}
+    # The linked foundations are in it as files, with their type marker.
+    assert "eventbus/storage/_sqlite.py" in names
+    assert "eventbus/backpressure/py.typed" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
+    assert "License-Expression: MIT" in metadata
+    for classifier in project["classifiers"]:
+        assert f"Classifier: {classifier}" in metadata
 
-    # A fresh environment: the wheel, the dependencies of this one, the app's package.
+    # A fresh environment: the wheel (pip installing into it from outside, as
+    # `pip --python` does), the dependencies of this one, the app's own packages.
     env = tmp_path / "env"
     venv.create(env, with_pip=False)
     (site,) = env.glob("lib/python*/site-packages")
@@ -109,11 +144,12 @@ def test_the_wheel_installs_only_eventbus_beside_an_apps_own_storage_package(
             sys.executable,
             "-m",
             "pip",
+            "--python",
+            str(env / "bin" / "python"),
             "install",
             "-q",
             "--no-deps",
-            "--target",
-            str(site),
+            "--no-index",
             str(wheel),
         ],
         capture_output=True,
@@ -124,15 +160,17 @@ def test_the_wheel_installs_only_eventbus_beside_an_apps_own_storage_package(
     deps = Path(msgspec.__file__).parent.parent  # this environment's site-packages
     (site / "deps.pth").write_text(f"{deps}\n")
     app = tmp_path / "app"
-    (app / "storage").mkdir(parents=True)
-    (app / "storage" / "__init__.py").write_text("WHOSE = 'the app'\n")
+    for package in ("storage", "backpressure"):
+        (app / package).mkdir(parents=True)
+        (app / package / "__init__.py").write_text("WHOSE = 'the app'\n")
     script = (
-        "import asyncio, storage, eventbus\n"
+        "import asyncio, storage, backpressure, eventbus\n"
         "from eventbus import Bus\n"
         "assert storage.WHOSE == 'the app', storage\n"
+        "assert backpressure.WHOSE == 'the app', backpressure\n"
         f"assert eventbus.__file__.startswith({str(site)!r}), eventbus.__file__\n"
         "async def main():\n"
-        "    async with Bus.open(':memory:') as bus:\n"
+        "    async with Bus.open('events.db') as bus:\n"  # the SQLite log, on a file
         "        print((await bus.publish('t', {'n': 1})).seq)\n"
         "asyncio.run(main())\n"
     )
@@ -145,3 +183,13 @@ def test_the_wheel_installs_only_eventbus_beside_an_apps_own_storage_package(
     )
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.strip() == "1"
+    # The command pip installed, run from the app's directory too.
+    version = subprocess.run(
+        [str(env / "bin" / "eventbus"), "--version"],
+        cwd=app,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == f"eventbus {project['version']}"

@@ -31,10 +31,10 @@ class Payments:
         self.charged.setdefault(idempotency_key, order.amount)
 
 
-def register(bus: Bus, payments: Payments) -> None:
-    """Subscribe the billing handler."""
+def register(bus: Bus, payments: Payments, retry: RetryPolicy | None = None) -> None:
+    """Subscribe the billing handler (five attempts, unless ``retry`` says otherwise)."""
 
-    @bus.subscribe("orders", name="billing", retry=RetryPolicy(max_attempts=5))
+    @bus.subscribe("orders", name="billing", retry=retry or RetryPolicy(max_attempts=5))
     async def billing(event: Event[Order], ctx: Context) -> None:
         order = event.payload  # an Order: decoded by the bus
         if order.amount <= 0:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
+import anyio
 import pytest
 from billing import Order, Payments, register
 
-from eventbus import Bus, PayloadValidationError
+from eventbus import Bus, PayloadValidationError, RetryPolicy
 from eventbus.testing import Faults, Recorder
 
 
@@ -26,6 +29,18 @@ async def test_a_payment_outage_is_retried_until_it_passes(bus: Bus, faults: Fau
     await bus.drain()  # four attempts, with backoff, in no time
     assert faults.fired("payments.charge") == 3
     assert list(payments.charged.values()) == [5]
+
+
+async def test_a_retry_an_hour_later_completes_at_once(bus: Bus, faults: Faults) -> None:
+    payments = Payments()
+    register(bus, payments, retry=RetryPolicy(initial_delay=3600, max_delay=3600, jitter="none"))
+    faults.fail("payments.charge", times=1, exc=TimeoutError("payments timed out"))
+    started, wall = anyio.current_time(), time.monotonic()
+    await bus.publish("orders", Order("o-1", 5), key="o-1")
+    await bus.drain()
+    assert list(payments.charged.values()) == [5]
+    assert anyio.current_time() - started >= 3600  # an hour on the bus's clock...
+    assert time.monotonic() - wall < 30  # ...and seconds at most on the wall's
 
 
 async def test_an_order_without_an_amount_fails_the_test_with_the_handlers_error(

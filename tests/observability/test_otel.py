@@ -3,6 +3,8 @@ across a restart; metrics through observable instruments."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import anyio
@@ -274,3 +276,63 @@ async def test_metrics_are_observed_at_collection_time() -> None:
             assert later == {sub: 5}
     finally:
         provider.shutdown()
+
+
+FIRST_PROCESS = """
+import asyncio, json, sys
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+import eventbus.otel
+from eventbus import Bus, Context, Event
+
+async def main(path):
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    async with Bus.open(path) as bus:
+        eventbus.otel.instrument(bus, tracer_provider=provider, metrics=False)
+
+        @bus.subscribe("orders")
+        async def first(event: Event[int], ctx: Context) -> None:
+            await ctx.publish("invoices", event.payload)
+
+        await bus.publish("orders", 1)
+        await bus.drain(timeout=30, raise_failures=True)
+    print(json.dumps([
+        [s.name, s.context.trace_id, s.context.span_id, s.parent and s.parent.span_id]
+        for s in spans.get_finished_spans()
+    ]))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_the_trace_goes_on_in_another_process_after_a_restart(
+    tmp_path: Path, spans: InMemorySpanExporter, tracer_provider: TracerProvider
+) -> None:
+    """The first process publishes, handles and publishes through the outbox, then
+    exits; this one, with a tracer of its own, handles the outbox event: its span is
+    a child of the outbox publish span the other process made, in the same trace.
+    Only the log carries the context between them."""
+    path = tmp_path / "events.db"
+    first = await anyio.run_process([sys.executable, "-c", FIRST_PROCESS, str(path)], check=False)
+    assert first.returncode == 0, first.stderr.decode()
+    before = {name: (trace, span, parent) for name, trace, span, parent in json.loads(first.stdout)}
+    assert set(before) == {"publish orders", "handle first", "publish invoices"}
+    assert before["handle first"][2] == before["publish orders"][1]
+    assert before["publish invoices"][2] == before["handle first"][1]
+
+    async with Bus.open(path, config=CONFIG) as bus:
+        eventbus.otel.instrument(bus, tracer_provider=tracer_provider, metrics=False)
+
+        @bus.subscribe("invoices")
+        async def second(event: Event[int], ctx: Context) -> None:
+            pass
+
+        await bus.drain(timeout=10, raise_failures=True)
+
+    (handle2,) = by_name(spans)["handle second"]
+    trace, outbox_span, _ = before["publish invoices"]
+    assert parent_of(handle2) == outbox_span
+    assert trace_id(handle2) == trace == before["publish orders"][0]
