@@ -813,11 +813,15 @@ def _blame(kills: list[Kill], attempts: dict[str, int], book: _Log, own: set[str
     return out
 
 
-def _charged_in_an_instant(blame: _Blame, directory: Path, last_life: int, kills: int) -> None:
+def _charged_in_an_instant(
+    blame: _Blame, directory: Path, last_life: int, kills: list[Kill]
+) -> None:
     """On a shared log, the handlers' records stand for the journal: a call whose row
     was written but whose handler had not yet written its first line when the kill
-    landed is charged too, seen first at a later attempt. Count those as calls in an
-    instant: each kill may leave one per subscription."""
+    landed is charged too, seen first at a later attempt; so is the call whose end is
+    the victim's last line (killed after its handler's last line, before the bus
+    ended its row). Count those as calls in an instant: each kill may leave one per
+    subscription."""
     lowest: dict[str, int] = {}
     for life in range(last_life + 1):
         path = directory / f"calls-{life}.txt"
@@ -834,8 +838,15 @@ def _charged_in_an_instant(blame: _Blame, directory: Path, last_life: int, kills
         if lowest.get(key, 2) > 1:
             blame.possible[key] += lowest.get(key, 2) - 1
             instants += lowest.get(key, 2) - 1
+    for kill in kills:
+        for sub, seqs in kill.window.items():
+            for seq in seqs:
+                key = f"{sub} {seq}"
+                if key in blame.blamed and key not in blame.deaths:
+                    blame.possible[key] += 1
+                    instants += 1
     blame.in_an_instant += instants
-    blame.beyond_one_call += max(0, instants - 2 * kills)
+    blame.beyond_one_call += max(0, instants - 2 * len(kills))
 
 
 def account(
@@ -862,7 +873,7 @@ def account(
             attempts[key] = max(attempts.get(key, 0), attempt)
     blame = _blame(kills, attempts, book, poison_keys | flaky_keys)
     if settings.url or settings.shared:
-        _charged_in_an_instant(blame, directory, last_life, len(kills))
+        _charged_in_an_instant(blame, directory, last_life, kills)
     in_flight = set(blame.deaths) - poison_keys - flaky_keys
 
     # Dead letters: the poison, and events that killed the process max_attempts times

@@ -6,11 +6,22 @@ checks: a subscription that does not keep key order fails them."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from eventbus.chaos import Settings, expected_settled, format_report, run_harness, settled
+from eventbus.chaos import (
+    Kill,
+    Settings,
+    _Blame,
+    _charged_in_an_instant,
+    _read_calls,
+    expected_settled,
+    format_report,
+    run_harness,
+    settled,
+)
 from eventbus.progress import Progress
 from tests.test_progress import Terminal
 
@@ -130,3 +141,26 @@ def test_consumer_processes_sharing_a_sqlite_log_are_exactly_once_across_kills(
     assert report.ok, text
     assert report.kills == 6, text
     assert report.poison_dead_letters == report.dead_letters == 60, text
+
+
+def test_on_a_shared_log_a_kill_after_a_calls_last_line_may_charge_that_call(
+    tmp_path: Path,
+) -> None:
+    """Regression: killed after the handler's last line of a call (its third attempt)
+    but before the bus ended the call's row, the next dispatcher rightly charged a
+    death and dead-lettered the event as ProcessDied; the books called it blamed
+    outside a running call."""
+    (tmp_path / "calls-1.txt").write_text(
+        "start enrich 7 1 1.0\nend enrich 7 1.1\n"
+        "start enrich 7 2 2.0\nend enrich 7 2.1\n"
+        "start enrich 7 3 3.0\nend enrich 7 3.1\n",
+        encoding="utf-8",
+    )
+    running, window, _ = _read_calls(tmp_path / "calls-1.txt")
+    assert (running, window) == ({}, {"enrich": [7]})
+    kill = Kill(1, running, running, window)
+    blame = _Blame(Counter(), {"enrich 7"})
+    _charged_in_an_instant(blame, tmp_path, 1, [kill])
+    assert blame.blamed - set(blame.deaths) - set(blame.possible) == set()
+    assert blame.in_an_instant == 1
+    assert blame.beyond_one_call == 0
