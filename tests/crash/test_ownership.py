@@ -225,8 +225,8 @@ def test_an_owner_that_has_not_written_its_pid_yet_is_named_once_it_has(
         clock = _TellOnFirstSleep(write_the_pid_now)
         monkeypatch.setattr(eventbus.storage._ownership, "time", clock)
         refused = anyio.run(open_it)
-        assert clock.tell is None, "the contender never found the lock file empty"
         assert (refused.owner, refused.pid) == (f"pid {holder.pid}", holder.pid)
+        assert clock.tell is None, "the contender never found the lock file empty"
     finally:
         with contextlib.suppress(BrokenPipeError):
             stdin.write("exit\n")
