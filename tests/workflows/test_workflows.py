@@ -12,6 +12,7 @@ import pytest
 from eventbus import (
     Bus,
     BusConfig,
+    DrainTimeout,
     Event,
     RetryPolicy,
     StepFailed,
@@ -430,6 +431,11 @@ async def test_drain_waits_for_workflow_runs_only_when_asked(log_path: Path) -> 
             await entered.wait()
         await bus.drain(timeout=10)  # returns at once: runs are not waited for
         assert (await handle.status()).status == "running"
+        with pytest.raises(DrainTimeout) as info:
+            await bus.drain(timeout=0.05, workflows=True)
+        assert info.value.workflows == [handle.id]
+        assert f"workflow runs still executing: {handle.id!r}" in str(info.value)
+        assert "subscriptions still behind" not in str(info.value)
         async with anyio.create_task_group() as tg:
             tg.start_soon(drain_all, bus)
             await anyio.wait_all_tasks_blocked()
