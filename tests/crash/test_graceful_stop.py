@@ -34,6 +34,10 @@ async def read_back(path: Path) -> tuple[list[tuple[str, object]], int, bytes | 
     )
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(
     ("sig", "statuses"),
     [
@@ -52,6 +56,10 @@ def test_a_stop_signal_flushes_publishes_and_finishes_in_flight_work(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell's background job starts with SIGINT ignored, and the worker would
+        # inherit that: Python then leaves SIGINT alone, as it should for a program
+        # started that way. Start the worker as from a terminal.
+        preexec_fn=_sigint_default,
     )
     try:
         assert proc.stdout is not None
