@@ -1088,6 +1088,7 @@ class Bus:
                 timeout or 0.0,
                 {s.name: s.finished_upto() for s in behind},
                 {s.name: _describe(s, head) for s in behind},
+                self._workflows.live() if workflows else None,
             ) from None
 
     async def _others_head(self) -> int:

@@ -179,21 +179,42 @@ class SubscriptionError(BusError):
 
 
 class DrainTimeout(BusError, TimeoutError):
-    """``drain`` timed out before every subscription caught up."""
+    """``drain`` timed out before every subscription caught up (and, with
+    ``workflows=True``, before every workflow run executing here finished).
+
+    Attributes:
+        timeout: The seconds it waited.
+        lagging: Each subscription still behind, with the position it has finished up to.
+        pending: What each of those still holds, in words.
+        workflows: The ids of the workflow runs still executing here, when
+            ``drain(workflows=True)`` waited for them.
+    """
 
     def __init__(
-        self, timeout: float, lagging: dict[str, int], pending: dict[str, str] | None = None
+        self,
+        timeout: float,
+        lagging: dict[str, int],
+        pending: dict[str, str] | None = None,
+        workflows: list[str] | None = None,
     ) -> None:
         self.timeout = timeout
         self.lagging = lagging
         self.pending = pending or {}
-        behind = "; ".join(
-            f"{name} {self.pending[name]}" if name in self.pending else f"{name} at {pos}"
-            for name, pos in sorted(lagging.items())
-        )
+        self.workflows = workflows or []
+        parts = []
+        if lagging or not self.workflows:
+            behind = "; ".join(
+                f"{name} {self.pending[name]}" if name in self.pending else f"{name} at {pos}"
+                for name, pos in sorted(lagging.items())
+            )
+            parts.append(f"subscriptions still behind: {behind or 'none'}")
+        if self.workflows:
+            shown = ", ".join(repr(run) for run in self.workflows[:5])
+            more = f" and {len(self.workflows) - 5} more" if len(self.workflows) > 5 else ""
+            parts.append(f"workflow runs still executing: {shown}{more}")
         super().__init__(
-            f"drain timed out after {timeout}s; subscriptions still behind: {behind}. "
-            "Check bus.metrics() or the dead letters"
+            f"drain timed out after {timeout}s; {'; '.join(parts)}. "
+            "Check bus.metrics(), the dead letters or the runs' status"
         )
 
 

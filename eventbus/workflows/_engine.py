@@ -608,6 +608,10 @@ class WorkflowEngine:
         """No run executes (or waits for a slot) in this process."""
         return self._idle.is_set()
 
+    def live(self) -> list[str]:
+        """The ids of the runs executing (or waiting for a slot) in this process."""
+        return sorted(self._live)
+
     async def wait_idle(self) -> None:
         """Until no run executes in this process."""
         await self._idle.wait()

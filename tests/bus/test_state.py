@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 import pytest
 
 import eventbus
-from eventbus import Bus, Context, Event, Message, PayloadError, RetryPolicy
+from eventbus import BatchPolicy, Bus, Context, Event, Message, PayloadError, RetryPolicy
 
 pytestmark = pytest.mark.anyio
 
@@ -102,3 +104,30 @@ async def test_an_idempotent_effect_runs_once_per_key_across_restarts(log_url: s
         again = eventbus.idempotent(bus)(charge)
         assert await again("o-1", idempotency_key="k-1") == {"charge": "ch-o-1"}
     assert calls == ["k-1", "k-2"]
+
+
+async def test_an_outbox_publish_without_await_is_committed_with_its_event(
+    log_path: Path,
+) -> None:
+    # Regression: ctx.publish was a coroutine; forgetting its await dropped the outbox
+    # event while the input event was acknowledged. It now takes the event when called.
+    invoices: list[int] = []
+    async with Bus.open(log_path) as bus:
+
+        @bus.subscribe("orders", name="billing")
+        async def bill(event: Event[int], ctx: Context) -> None:
+            ctx.publish("invoices", event.payload, key=event.key)  # no await
+
+        @bus.subscribe("orders", name="batched", batch=BatchPolicy(mode="fixed", max_size=4))
+        async def bill_batch(events: list[Event[int]], ctx: Context) -> None:
+            for event in events:
+                ctx.publish("invoices", -event.payload)  # no await
+
+        @bus.subscribe("invoices", name="ledger")
+        async def record(event: Event[int], ctx: Context) -> None:
+            invoices.append(event.payload)
+
+        await bus.publish_many(Message("orders", i, key=f"k{i}") for i in range(1, 9))
+        await bus.drain(timeout=10, raise_failures=True)
+        assert sorted(invoices) == sorted([*range(1, 9), *range(-8, 0)])
+        assert (await bus.stats()).head == 8 + 16

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -160,6 +162,77 @@ async def test_a_stale_pid_of_a_dead_owner_is_not_named_as_the_owner(
         assert info.value.owner == f"pid {dead_pid}, which is not running here"
     finally:
         os.close(fd)
+
+
+HOLDER = textwrap.dedent(
+    """
+    import fcntl, os, sys
+
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken, its pid not written yet
+    print("locked", flush=True)
+    sys.stdin.readline()
+    os.pwrite(fd, f"pid {os.getpid()}\\n".encode(), 0)
+    sys.stdin.readline()  # until told to exit
+    """
+)
+
+
+class _TellOnFirstSleep:
+    """The ownership module's clock, with a sleep that runs ``tell`` once, the first
+    time the contender waits to read the lock again."""
+
+    def __init__(self, tell: Callable[[], None]) -> None:
+        self.tell: Callable[[], None] | None = tell
+        self.monotonic = time.monotonic
+
+    def sleep(self, seconds: float) -> None:
+        if self.tell is not None:
+            tell, self.tell = self.tell, None
+            tell()
+        time.sleep(seconds)
+
+
+def test_an_owner_that_has_not_written_its_pid_yet_is_named_once_it_has(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: the lock was taken first and the pid written after it, and a
+    # contender that read the file in between named the owner "unknown" (9 times in
+    # 20 when two processes started at once). Here the owner is made to write only
+    # once the contender has read the empty file.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path / "log.db.lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    stdin, stdout = holder.stdin, holder.stdout
+    assert stdin is not None
+    assert stdout is not None
+
+    def write_the_pid_now() -> None:
+        stdin.write("write\n")
+        stdin.flush()
+
+    async def open_it() -> LogLocked:
+        with anyio.fail_after(10), pytest.raises(LogLocked) as info:
+            async with Bus.open(tmp_path / "log.db"):
+                pass
+        return info.value
+
+    try:
+        assert stdout.readline() == "locked\n"
+        clock = _TellOnFirstSleep(write_the_pid_now)
+        monkeypatch.setattr(eventbus.storage._ownership, "time", clock)
+        refused = anyio.run(open_it)
+        assert (refused.owner, refused.pid) == (f"pid {holder.pid}", holder.pid)
+        assert clock.tell is None, "the contender never found the lock file empty"
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            stdin.write("exit\n")
+            stdin.close()
+        assert holder.wait(timeout=30) == 0
+        stdout.close()
 
 
 @pytest.mark.anyio

@@ -10,6 +10,7 @@ before its next cycle, so they share group commits.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import anyio
 import msgspec
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from eventbus import Bus, BusConfig, BusError, Message
@@ -149,9 +150,19 @@ def unique_idempotency_key(call: Call, index: int) -> object:
     return f"fuzz-{index}:{key}" if isinstance(key, str) else key
 
 
+Written = tuple[str, object, bytes, object]  # topic, key, payload, headers
+
+
+def written(topic: object, payload: object, key: object, headers: object) -> Written:
+    """What a record accepted with these arguments holds: its payload encoded as the
+    bus encodes it, no headers as None."""
+    return (str(topic), key, msgspec.msgpack.encode(payload), headers or None)
+
+
 async def run_example(path: Path, fuzzed: list[Call]) -> None:
     good_receipts: list[object] = []
-    outcomes: list[tuple[str, object]] = []  # ("ok", events written) or ("error", exc)
+    # ("ok", the records the call wrote) or ("error", its exception, its idempotency key)
+    outcomes: list[tuple[str, object, object]] = []
 
     async def good(i: int) -> None:
         good_receipts.append(
@@ -170,7 +181,9 @@ async def run_example(path: Path, fuzzed: list[Call]) -> None:
                     idempotency_key=ikey,  # type: ignore[arg-type]
                 )
                 assert not receipt.duplicate
-                outcomes.append(("ok", 1))
+                outcomes.append(
+                    ("ok", [written(call.topic, call.payload, call.key, call.headers)], None)
+                )
             elif call.method == "publish_nowait":
                 bus.publish_nowait(
                     call.topic,  # type: ignore[arg-type]
@@ -179,7 +192,9 @@ async def run_example(path: Path, fuzzed: list[Call]) -> None:
                     headers=call.headers,  # type: ignore[arg-type]
                     idempotency_key=ikey,  # type: ignore[arg-type]
                 )
-                outcomes.append(("ok", 1))
+                outcomes.append(
+                    ("ok", [written(call.topic, call.payload, call.key, call.headers)], None)
+                )
             else:
                 item: object = (
                     (call.topic, call.payload)
@@ -197,9 +212,14 @@ async def run_example(path: Path, fuzzed: list[Call]) -> None:
                     item,
                 ]
                 receipts = await bus.publish_many(messages)  # type: ignore[arg-type]
-                outcomes.append(("ok", len(receipts)))
+                assert len(receipts) == len(messages)
+                extras = [
+                    written("many", {"extra": j}, None, None) for j in range(call.extra_items)
+                ]
+                mine = written(call.topic, call.payload, call.key, call.headers)
+                outcomes.append(("ok", [*extras, mine], None))
         except (BusError, TypeError, ValueError) as exc:
-            outcomes.append(("error", exc))
+            outcomes.append(("error", exc, ikey))
 
     config = BusConfig(max_event_bytes=LIMIT, reconcile_interval=0)
     async with Bus.open(path, config=config) as bus:
@@ -212,9 +232,18 @@ async def run_example(path: Path, fuzzed: list[Call]) -> None:
                 bus.publish_nowait("good", {"nowait": i})
         await bus.drain(timeout=30)
         after = await bus.publish("good", {"after": True})  # the writer is still alive
+        # A refused call left no idempotency key behind either.
+        refused_keys = [
+            k for outcome, _, k in outcomes if outcome == "error" and isinstance(k, str)
+        ]
+        for ikey in refused_keys:
+            with contextlib.suppress(BusError):  # a key the log cannot store stays refused
+                receipt = await bus.publish("retry", None, idempotency_key=ikey)
+                assert not receipt.duplicate, f"refused, yet its idempotency key {ikey!r} was kept"
+        retried = (await bus.stats()).head - after.seq
     assert len(good_receipts) == 20
     assert len(outcomes) == len(fuzzed)
-    for outcome, detail in outcomes:
+    for outcome, detail, _ in outcomes:
         if outcome == "error":
             assert isinstance(detail, BusError | TypeError | ValueError)
             assert str(detail)
@@ -231,9 +260,52 @@ async def run_example(path: Path, fuzzed: list[Call]) -> None:
         [{"good": i} for i in range(20)] + [{"nowait": i} for i in range(5)] + [{"after": True}]
     )
     assert sorted(map(repr, goods)) == sorted(map(repr, expected_good)), "good events"
-    fuzz_written = sum(int(detail) for outcome, detail in outcomes if outcome == "ok")  # type: ignore[call-overload]
-    assert len(records) == len(expected_good) + fuzz_written, "only what returned was written"
-    assert records[-1].seq == after.seq == len(records)
+    assert [r.key for r in records if r.topic == "good"].count(None) == 6  # nowait and after
+    # Everything else is exactly what the calls that returned asked for.
+    others = [
+        (
+            r.topic,
+            r.key,
+            r.payload,
+            decoder.decode(r.headers) if r.headers is not None else None,
+        )
+        for r in records[: after.seq]
+        if r.topic != "good"
+    ]
+    expected_others = [w for outcome, ws, _ in outcomes if outcome == "ok" for w in ws]  # type: ignore[attr-defined]
+    assert sorted(map(repr, others)) == sorted(map(repr, expected_others)), "fuzzed events"
+    assert len(records) == after.seq + retried
+    assert all(r.topic == "retry" for r in records[after.seq :])
+
+
+def attack(method: str, **bad: object) -> Call:
+    """One call with ``bad`` arguments among valid ones."""
+    args: dict[str, object] = {
+        "topic": "fuzz",
+        "payload": {"a": 1},
+        "key": None,
+        "headers": None,
+        "idempotency_key": None,
+    }
+    return Call(method, extra_items=2, not_a_message=False, **(args | bad))
+
+
+# The attacks that once failed or dropped the good publishes of their group commit,
+# each made by every method, whatever the search happens to draw.
+ATTACKS = [
+    attack(method, **bad)
+    for method in ("publish", "publish_nowait", "publish_many")
+    for bad in (
+        {"idempotency_key": ["x"]},
+        {"idempotency_key": 123},
+        {"key": {"k": 1}},
+        {"topic": 5},
+        {"payload": CYCLIC},
+        {"headers": "abc"},
+        {"headers": {"h": 1}},
+        {"payload": "x" * (LIMIT + 1)},
+    )
+]
 
 
 @settings(
@@ -242,6 +314,7 @@ async def run_example(path: Path, fuzzed: list[Call]) -> None:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(fuzzed=st.lists(calls(), min_size=1, max_size=8))
+@example(fuzzed=ATTACKS)
 def test_fuzzed_publishes_never_disturb_good_ones_in_the_same_group_commit(
     fuzzed: list[Call],
 ) -> None:

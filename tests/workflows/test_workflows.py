@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import anyio
 import msgspec
@@ -11,6 +12,7 @@ import pytest
 from eventbus import (
     Bus,
     BusConfig,
+    DrainTimeout,
     Event,
     RetryPolicy,
     StepFailed,
@@ -399,3 +401,45 @@ async def test_bad_registrations_and_starts_are_refused() -> None:
             await bus.start_workflow("other", 4, workflow_id="id")
         with pytest.raises(TypeError):
             await bus.start_workflow("one", object())
+
+
+async def test_drain_waits_for_workflow_runs_only_when_asked(log_path: Path) -> None:
+    # Regression: drain() returned while a run still executed, and said nothing of it;
+    # drain(workflows=True) waits until no run executes in this process.
+    entered = anyio.Event()
+    release = anyio.Event()
+    order: list[str] = []
+
+    async def held() -> str:
+        entered.set()
+        await release.wait()
+        order.append("step done")
+        return "done"
+
+    async def drain_all(bus: Bus) -> None:
+        await bus.drain(timeout=10, workflows=True)
+        order.append("drained with workflows")
+
+    async with Bus.open(log_path) as bus:
+
+        @bus.workflow("held")
+        async def run(wf: Workflow, _: None) -> str:
+            return await wf.step("held", held)
+
+        handle = await bus.start_workflow("held")
+        with anyio.fail_after(10):
+            await entered.wait()
+        await bus.drain(timeout=10)  # returns at once: runs are not waited for
+        assert (await handle.status()).status == "running"
+        with pytest.raises(DrainTimeout) as info:
+            await bus.drain(timeout=0.05, workflows=True)
+        assert info.value.workflows == [handle.id]
+        assert f"workflow runs still executing: {handle.id!r}" in str(info.value)
+        assert "subscriptions still behind" not in str(info.value)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain_all, bus)
+            await anyio.wait_all_tasks_blocked()
+            assert order == [], "drain(workflows=True) returned while the run executed"
+            release.set()
+        assert order == ["step done", "drained with workflows"]
+        assert await handle.result(timeout=10) == "done"
