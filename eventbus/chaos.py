@@ -839,9 +839,9 @@ def _charged_in_an_instant(
             blame.possible[key] += lowest.get(key, 2) - 1
             instants += lowest.get(key, 2) - 1
     for kill in kills:
-        for sub, seqs in kill.window.items():
-            for seq in seqs:
-                key = f"{sub} {seq}"
+        for sub, ended in kill.window.items():
+            for number in ended:
+                key = f"{sub} {number}"
                 if key in blame.blamed and key not in blame.deaths:
                     blame.possible[key] += 1
                     instants += 1
