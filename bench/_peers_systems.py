@@ -288,6 +288,26 @@ async def eventbus_latency(events: int, *, interval: float = 0.001) -> Outcome:
 # -- ceilings ---------------------------------------------------------------------
 
 
+_INSERT_EVENT = (
+    "INSERT INTO events (seq, id, topic, key, payload, headers, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _ceiling_log(directory: str) -> sqlite3.Connection:
+    """A fresh file with the bus's tables, in WAL mode at ``synchronous=NORMAL`` (as
+    the bus's default durability), for the bare sqlite3 ceilings."""
+    conn = sqlite3.connect(os.path.join(directory, "ceiling.db"), isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.executescript(MIGRATIONS[0])
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def sqlite_ceiling(events: int, *, small: bool = False, per_txn: int = 1000) -> Outcome:
     """Plain ``executemany`` of pre-encoded rows into the bus's ``events`` table, in a
     fresh WAL file at ``synchronous=NORMAL``, ``per_txn`` rows per transaction, in the
@@ -299,21 +319,14 @@ def sqlite_ceiling(events: int, *, small: bool = False, per_txn: int = 1000) -> 
         (i + 1, f"{prefix}{i:016x}", TOPIC, None, encode(p), None, now)
         for i, p in enumerate(payloads(events, small=small))
     ]
-    sql = (
-        "INSERT INTO events (seq, id, topic, key, payload, headers, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)"
-    )
     with temp_dir() as directory:
-        conn = sqlite3.connect(os.path.join(directory, "ceiling.db"), isolation_level=None)
+        conn = _ceiling_log(directory)
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.executescript(MIGRATIONS[0])
             with timed() as meter:
                 meter.start()
                 for start in range(0, len(rows), per_txn):
                     conn.execute("BEGIN IMMEDIATE")
-                    conn.executemany(sql, rows[start : start + per_txn])
+                    conn.executemany(_INSERT_EVENT, rows[start : start + per_txn])
                     conn.execute("COMMIT")
                 seconds, cpu = meter.stop()
             tally = Tally(events)
@@ -338,18 +351,11 @@ def sqlite_inline_ceiling(events: int) -> Outcome:
     decode = msgspec.msgpack.Decoder(dict[str, object]).decode
     prefix = os.urandom(8).hex()
     items = payloads(events)
-    insert = (
-        "INSERT INTO events (seq, id, topic, key, payload, headers, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)"
-    )
     ack = "UPDATE subscriptions SET cursor = ?, updated_at = ? WHERE name = 'count'"
     tally = Tally(events)
     with temp_dir() as directory:
-        conn = sqlite3.connect(os.path.join(directory, "ceiling.db"), isolation_level=None)
+        conn = _ceiling_log(directory)
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.executescript(MIGRATIONS[0])
             conn.execute(
                 "INSERT INTO subscriptions (name, topics, cursor, updated_at)"
                 " VALUES ('count', '*', 0, 0)"
@@ -361,7 +367,7 @@ def sqlite_inline_ceiling(events: int) -> Outcome:
                     now = time.time()
                     conn.execute("BEGIN IMMEDIATE")
                     row = (i + 1, f"{prefix}{i:016x}", TOPIC, None, payload, None, now)
-                    conn.execute(insert, row)
+                    conn.execute(_INSERT_EVENT, row)
                     conn.execute(ack, (i, now))
                     conn.execute("COMMIT")
                     tally.add(cast(int, decode(payload)["amount"]))

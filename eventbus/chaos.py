@@ -505,8 +505,12 @@ def _finish(
     _wait(proc, 3600, tick)
     _close(proc)
     if proc.returncode != 0:
-        tail = _log_tail(directory, life)
-        raise RuntimeError(f"worker run {life} failed (exit {proc.returncode}):\n{tail}")
+        raise _worker_failed(directory, life, proc.returncode)
+
+
+def _worker_failed(directory: Path, life: int, status: int) -> RuntimeError:
+    tail = _log_tail(directory, life)
+    return RuntimeError(f"worker run {life} failed (exit {status}):\n{tail}")
 
 
 def expected_settled(settings: Settings) -> int:
@@ -660,9 +664,9 @@ def _check_running(directory: Path, procs: list[tuple[int, subprocess.Popen[byte
     """Raise if a worker the harness did not kill has failed (instead of waiting for
     the others, which would wait for it)."""
     for life, proc in procs:
-        if proc.poll() not in (None, 0):
-            tail = _log_tail(directory, life)
-            raise RuntimeError(f"worker run {life} failed (exit {proc.returncode}):\n{tail}")
+        status = proc.poll()
+        if status is not None and status != 0:
+            raise _worker_failed(directory, life, status)
 
 
 # A call's row in a shared log is deleted a few milliseconds after it ends (unless

@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from eventbus import Bus, Context, Event, RetryPolicy
+from eventbus import Bus, Context, DeadLetter, Event, RetryPolicy
 from eventbus.storage import SQLiteStorage, WriteBatch
 
 pytestmark = pytest.mark.anyio
@@ -50,14 +50,9 @@ async def _crash_while_handling(path: Path, crashed: Path, retry: RetryPolicy) -
         await copied.wait()
 
 
-async def test_an_event_that_will_not_decode_is_dead_lettered_not_skipped(
-    log_path: Path,
-) -> None:
-    async with Bus.open(log_path) as bus:
-        await bus.publish("t", "will be damaged")
-    with sqlite3.connect(log_path) as conn:
-        conn.execute("UPDATE events SET payload = x'c1'")  # 0xc1: never valid msgpack
-
+async def _handle_all(log_path: Path) -> tuple[list[object], list[DeadLetter]]:
+    """Open the log with subscription ``s`` on topic ``t`` and drain it: the payloads
+    its handler saw, and its dead letters."""
     seen: list[object] = []
     async with Bus.open(log_path) as bus:
 
@@ -66,7 +61,19 @@ async def test_an_event_that_will_not_decode_is_dead_lettered_not_skipped(
             seen.append(event.payload)
 
         await bus.drain(timeout=5)
-        dead_after_drain = await bus.dead_letters.list(subscription="s")
+        dead = await bus.dead_letters.list(subscription="s")
+    return seen, dead
+
+
+async def test_an_event_that_will_not_decode_is_dead_lettered_not_skipped(
+    log_path: Path,
+) -> None:
+    async with Bus.open(log_path) as bus:
+        await bus.publish("t", "will be damaged")
+    with sqlite3.connect(log_path) as conn:
+        conn.execute("UPDATE events SET payload = x'c1'")  # 0xc1: never valid msgpack
+
+    seen, dead_after_drain = await _handle_all(log_path)
 
     async with Bus.open(log_path) as bus:
         stats = await bus.stats()
@@ -91,15 +98,7 @@ async def test_events_read_from_the_log_around_one_that_will_not_decode_run_in_o
     with sqlite3.connect(log_path) as conn:
         conn.execute("UPDATE events SET payload = x'c1' WHERE seq = 2")
 
-    seen: list[object] = []
-    async with Bus.open(log_path) as bus:
-
-        @bus.subscribe("t", name="s")
-        async def h(event: Event[object], ctx: Context) -> None:
-            seen.append(event.payload)
-
-        await bus.drain(timeout=5)
-        dead = await bus.dead_letters.list(subscription="s")
+    seen, dead = await _handle_all(log_path)
 
     assert seen == ["a", "c", "d"]
     assert [d.event.seq for d in dead] == [2]
