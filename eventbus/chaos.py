@@ -825,30 +825,36 @@ def _charged_in_an_instant(
     landed is charged too, seen first at a later attempt; so is the call whose end is
     the victim's last line (killed after its handler's last line, before the bus
     ended its row). Count those as calls in an instant: each kill may leave one per
-    subscription."""
-    lowest: dict[str, int] = {}
+    subscription. A batch is one call: the events first seen together in one start
+    line count once, and so do the events of one kill's last ended call."""
+    # "sub seq" -> (the lowest attempt it started at, the start line that was first).
+    first: dict[str, tuple[int, tuple[int, int]]] = {}
     for life in range(last_life + 1):
         path = directory / f"calls-{life}.txt"
         if not path.exists():
             continue
-        for line in path.read_text(encoding="utf-8").split("\n")[:-1]:
+        for number, line in enumerate(path.read_text(encoding="utf-8").split("\n")[:-1]):
             what, sub, seqs, *rest = line.split()
             if what == "start":
                 for seq, attempt in zip(seqs.split(","), rest[0].split(","), strict=True):
                     key = f"{sub} {seq}"
-                    lowest[key] = min(lowest.get(key, int(attempt)), int(attempt))
-    instants = 0
+                    if key not in first or int(attempt) < first[key][0]:
+                        first[key] = (int(attempt), (life, number))
+    calls: dict[tuple[int, int], int] = {}  # start line -> deaths charged before it
     for key in blame.blamed - set(blame.deaths) - set(blame.possible):
-        if lowest.get(key, 2) > 1:
-            blame.possible[key] += lowest.get(key, 2) - 1
-            instants += lowest.get(key, 2) - 1
+        lowest, start = first.get(key, (2, (-1, len(calls))))  # never started: its own
+        if lowest > 1:
+            blame.possible[key] += lowest - 1
+            calls[start] = max(calls.get(start, 0), lowest - 1)
+    instants = sum(calls.values())
     for kill in kills:
         for sub, ended in kill.window.items():
-            for number in ended:
-                key = f"{sub} {number}"
-                if key in blame.blamed and key not in blame.deaths:
-                    blame.possible[key] += 1
-                    instants += 1
+            keys = {f"{sub} {number}" for number in ended}
+            # A call that ended since its row lingers is possible already (``ended``).
+            charged = {k for k in keys if k in blame.blamed} - blame.deaths.keys()
+            if charged - blame.possible.keys():
+                blame.possible.update(charged - blame.possible.keys())
+                instants += 1
     blame.in_an_instant += instants
     blame.beyond_one_call += max(0, instants - 2 * len(kills))
 
