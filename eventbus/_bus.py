@@ -10,6 +10,7 @@ import os
 from asyncio import _get_running_loop as _running_loop  # this thread's loop, or None
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from threading import get_ident as _thread_ident
 from typing import Literal, TypeVar
 
 import anyio
@@ -129,6 +130,8 @@ class Bus:
         self._closing = False
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The thread that runs it, for the cheap check of publish (see _check_publish).
+        self._loop_thread = 0
         # Events committed per topic, once something asked for them (count_topics).
         self._topic_counts: Counter[str] | None = None
         #: The hooks run around publishes, handler calls and workflow runs.
@@ -223,6 +226,7 @@ class Bus:
         try:
             bus = cls(storage, config, clock or LoopClock())
             bus._loop = asyncio.get_running_loop()
+            bus._loop_thread = _thread_ident()
             for hook in hooks:
                 bus.hooks.add(hook)
             bus._known = await storage.subscriptions()
@@ -464,6 +468,8 @@ class Bus:
             raise BusClosed("the bus is closed")
         if _running_loop() is not self._loop:
             raise WrongEventLoop(method)
+        # The loop may have moved to another thread (run_forever from there).
+        self._loop_thread = _thread_ident()
 
     async def publish(
         self,
@@ -503,8 +509,16 @@ class Bus:
         cancelled while waiting for the commit, the event may still be committed
         (use an idempotency key to publish again safely).
         """
-        loop = _running_loop()
-        if loop is not self._loop or self._closing:
+        loop = self._loop
+        # On the bus's own loop: this thread runs it, and it is running (a thread runs
+        # one loop at a time). Cheaper than asyncio's _get_running_loop, which asks
+        # the kernel for the process id at every call (3.11).
+        if (
+            self._closing
+            or _thread_ident() != self._loop_thread
+            or loop is None
+            or not loop.is_running()
+        ):
             self._check_publish("publish")
         if self._publish_hooks:
             return await self._publish_hooked(topic, payload, key, headers, idempotency_key)
