@@ -50,6 +50,11 @@ Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record]"
 
 _INTERVAL = "$3 * interval '1 second'"
 
+# Lock order: every statement that locks several rows of ``partitions`` and waits
+# for them locks them by (subscription, part), as the schema's ``fence`` does: a
+# process's acknowledgements and its own heartbeat lock the same lease rows, and in
+# two orders they deadlock. (Taking free partitions skips locked rows: it never waits.)
+
 
 def new_member() -> str:
     """A name for this process's life on a log, unique among all processes ever."""
@@ -106,11 +111,15 @@ async def heartbeat(
     )
     held: tuple[int, ...] = ()
     if lease is not None and lease.partitions:
+        # Rows locked in the order fence locks them (see the lock order above).
         rows = await conn.fetch(
-            f"UPDATE partitions SET expires_at = clock_timestamp() + {_INTERVAL}"
+            "WITH held AS MATERIALIZED (SELECT part FROM partitions"
             " WHERE subscription = $1 AND owner = $2 AND expires_at > clock_timestamp()"
             " AND (part, epoch) IN (SELECT * FROM unnest($4::integer[], $5::bigint[]))"
-            " RETURNING part",
+            " ORDER BY part FOR NO KEY UPDATE)"
+            f" UPDATE partitions p SET expires_at = clock_timestamp() + {_INTERVAL}"
+            " FROM held WHERE p.subscription = $1 AND p.part = held.part"
+            " RETURNING p.part",
             sub,
             member,
             seconds,
@@ -304,8 +313,11 @@ async def release(conn: Connection, sub: str, member: str, partitions: Sequence[
     forgetting its calls in them; the next holder charges nothing. Returns how many
     were given up. Run it in a transaction."""
     status = await conn.execute(
-        "UPDATE partitions SET owner = NULL, expires_at = NULL"
-        " WHERE subscription = $1 AND owner = $2 AND ($3::integer[] IS NULL OR part = ANY($3))",
+        "WITH held AS MATERIALIZED (SELECT part FROM partitions"
+        " WHERE subscription = $1 AND owner = $2 AND ($3::integer[] IS NULL OR part = ANY($3))"
+        " ORDER BY part FOR NO KEY UPDATE)"  # in the order fence locks (see the lock order above)
+        " UPDATE partitions p SET owner = NULL, expires_at = NULL"
+        " FROM held WHERE p.subscription = $1 AND p.part = held.part",
         sub,
         member,
         None if partitions is None else list(partitions),

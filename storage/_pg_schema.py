@@ -490,7 +490,40 @@ CREATE TABLE workflow_claims (
 );
 """
 
-MIGRATIONS: tuple[str, ...] = (_V6, _V7)
+# Version 8: fence locks the lease rows in one order, (subscription, partition), the
+# order the heartbeat and a release lock theirs in (``_pg_leases``). Locked in the
+# order of a join, a process's acknowledgements (fence) and its own heartbeat (the
+# renewal) could each wait for the other: PostgreSQL broke the deadlock after a
+# second by failing the commit, and the heartbeat, a second late, could let the
+# lease run out under a busy process.
+_V8 = """
+CREATE OR REPLACE FUNCTION fence(p_subs text[], p_members text[], p_parts integer[],
+                                 p_epochs bigint[])
+RETURNS void LANGUAGE plpgsql AS $fn$
+DECLARE
+    n   integer;
+    bad text;
+BEGIN
+    PERFORM 1 FROM partitions x
+      JOIN unnest(p_subs, p_members, p_parts, p_epochs) AS u(s, m, p, e)
+        ON x.subscription = u.s AND x.part = u.p
+     WHERE x.owner = u.m AND x.epoch = u.e AND x.expires_at > clock_timestamp()
+     ORDER BY x.subscription, x.part
+       FOR NO KEY UPDATE OF x;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n < coalesce(array_length(p_subs, 1), 0) THEN
+        SELECT string_agg(DISTINCT u.s, E'\n') INTO bad
+          FROM unnest(p_subs, p_members, p_parts, p_epochs) AS u(s, m, p, e)
+         WHERE NOT EXISTS (
+            SELECT 1 FROM partitions x
+             WHERE x.subscription = u.s AND x.part = u.p AND x.owner = u.m
+               AND x.epoch = u.e AND x.expires_at > clock_timestamp());
+        RAISE EXCEPTION 'lease lost' USING ERRCODE = 'EB001', DETAIL = coalesce(bad, '');
+    END IF;
+END $fn$;
+"""
+
+MIGRATIONS: tuple[str, ...] = (_V6, _V7, _V8)
 
 SCHEMA_VERSION = BASE_VERSION + len(MIGRATIONS)
 

@@ -156,6 +156,11 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at  REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 8: the PostgreSQL log's fence locks its lease rows in a fixed order. A SQLite
+    # log keeps its tables as they were.
+    """
+    SELECT 1;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

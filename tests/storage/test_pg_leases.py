@@ -276,3 +276,92 @@ async def test_the_partition_a_call_is_recorded_in_is_the_one_the_log_reads_it_f
         assert len(set(here)) == store.partitions
     finally:
         await store.close()
+
+
+async def _raw(url: str) -> asyncpg.Connection[asyncpg.Record]:
+    return await asyncpg.connect(
+        postgres.SERVER, server_settings={"search_path": parse(url).schema}
+    )
+
+
+async def _blocked(watcher: asyncpg.Connection[asyncpg.Record], blocker: int) -> None:
+    """Wait until a session waits for a lock that session ``blocker`` holds (asked of
+    the server until so, with a timeout: PostgreSQL tells no one of a lock wait)."""
+    with anyio.fail_after(10):
+        while not await watcher.fetchval(  # noqa: ASYNC110
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+            blocker,
+        ):
+            await anyio.sleep(0.01)
+
+
+async def _locked(watcher: asyncpg.Connection[asyncpg.Record], sub: str, part: int) -> bool:
+    """Whether another transaction holds the lease row of ``sub``'s ``part``."""
+    async with watcher.transaction():
+        try:
+            await watcher.execute(
+                "SELECT 1 FROM partitions WHERE subscription = $1 AND part = $2"
+                " FOR NO KEY UPDATE NOWAIT",
+                sub,
+                part,
+            )
+        except asyncpg.LockNotAvailableError:
+            return True
+    return False
+
+
+async def test_lease_rows_are_locked_in_one_order_so_a_commit_and_a_heartbeat_never_deadlock(
+    pg_url: str,
+) -> None:
+    """Regression: an acknowledgement of two subscriptions (its fence locks their
+    lease rows) and the same process's heartbeat (its renewal locks them too) locked
+    the rows in two orders and deadlocked; PostgreSQL failed the commit a second later,
+    and the late heartbeat could let the lease run out. Every statement that waits for
+    lease rows now locks them by (subscription, partition): blocked at a row, it holds
+    none after it."""
+    a = await _opened(pg_url)
+    blocker, watcher = await _raw(pg_url), await _raw(pg_url)
+    try:
+        await a.commit(
+            WriteBatch(
+                appends=[rec(i) for i in range(4)],
+                subscriptions=[
+                    SubscriptionInfo("s", ("t",), 0, 0.0),
+                    SubscriptionInfo("u", ("t",), 0, 0.0),
+                ],
+            )
+        )
+        s = (await a.acquire("s", 4)).lease
+        u = (await a.acquire("u", 4)).lease
+        # As after a while of updates: the rows' versions stored out of their order.
+        for sub in ("u", "s"):
+            for part in (3, 2, 1, 0):
+                await watcher.execute(
+                    "UPDATE partitions SET cursor = cursor WHERE subscription = $1 AND part = $2",
+                    sub,
+                    part,
+                )
+        blocker_pid = await blocker.fetchval("SELECT pg_backend_pid()")
+        for attempt in ("commit", "heartbeat", "release"):
+            lock = blocker.transaction()
+            await lock.start()
+            await blocker.execute(
+                "SELECT 1 FROM partitions WHERE subscription = 's' AND part = 0 FOR NO KEY UPDATE"
+            )
+            async with anyio.create_task_group() as tg:
+                if attempt == "commit":  # "u" first: the fence gets the rows out of order
+                    tg.start_soon(
+                        a.commit, WriteBatch(acks={"u": 1, "s": 1}, leases={"u": u, "s": s})
+                    )
+                elif attempt == "heartbeat":
+                    tg.start_soon(a.heartbeat, "s", s)
+                else:
+                    tg.start_soon(a.release, "s", None)
+                await _blocked(watcher, blocker_pid)
+                later = [("s", 3), ("u", 0), ("u", 3)] if attempt == "commit" else [("s", 3)]
+                assert [p for p in later if await _locked(watcher, *p)] == [], attempt
+                await lock.rollback()
+    finally:
+        await blocker.close()
+        await watcher.close()
+        await a.close()
