@@ -372,6 +372,7 @@ class Kill(msgspec.Struct):
     window: dict[str, list[int]]  # the call whose end was the handlers' last line
     # Calls that ended but may still be charged (a shared log: each slot's last).
     ended: dict[str, list[int]] = msgspec.field(default_factory=dict)
+    at: float = 0.0  # when (the machine's monotonic clock, as the handlers' records)
 
 
 class Report(msgspec.Struct):
@@ -644,7 +645,7 @@ def run_processes(directory: Path, settings: Settings) -> Report:
             _close(proc)
             running, window, _ = _read_calls(directory / f"calls-{victim}.txt")
             ended = _ended_since(directory / f"calls-{victim}.txt", killed_at - _ROW_LINGERS)
-            kills.append(Kill(victim, running, running, window, ended))
+            kills.append(Kill(victim, running, running, window, ended, killed_at))
             life += 1
             members[slot] = (life, _spawn(directory, settings, life, "member"))
         _finish(publisher, directory, 0, None)
@@ -818,45 +819,59 @@ def _blame(kills: list[Kill], attempts: dict[str, int], book: _Log, own: set[str
 
 
 def _charged_in_an_instant(
-    blame: _Blame, directory: Path, last_life: int, kills: list[Kill]
+    blame: _Blame, directory: Path, last_life: int, kills: list[Kill], concurrency: int
 ) -> None:
     """On a shared log, the handlers' records stand for the journal: a call whose row
     was written but whose handler had not yet written its first line when the kill
     landed is charged too, seen first at a later attempt; so is the call whose end is
     the victim's last line (killed after its handler's last line, before the bus
-    ended its row). Count those as calls in an instant: each kill may leave one per
-    subscription. A batch is one call: the events first seen together in one start
-    line count once, and so do the events of one kill's last ended call."""
-    # "sub seq" -> (the lowest attempt it started at, the start line that was first).
-    first: dict[str, tuple[int, tuple[int, int]]] = {}
+    ended its row). Count those as calls in an instant.
+
+    Each kill may leave, per subscription, the calls of one instant: up to
+    ``concurrency`` events of enrich, or as many batches of settle, caught before
+    their first line (charged together, they run again one at a time: each is put
+    with the last kill before it first started), and its last ended call. More is
+    journaled beyond one call."""
+    # "sub seq" -> (the lowest attempt it started at, when it first did so).
+    first: dict[str, tuple[int, float]] = {}
     for life in range(last_life + 1):
         path = directory / f"calls-{life}.txt"
         if not path.exists():
             continue
-        for number, line in enumerate(path.read_text(encoding="utf-8").split("\n")[:-1]):
+        for line in path.read_text(encoding="utf-8").split("\n")[:-1]:
             what, sub, seqs, *rest = line.split()
             if what == "start":
                 for seq, attempt in zip(seqs.split(","), rest[0].split(","), strict=True):
                     key = f"{sub} {seq}"
                     if key not in first or int(attempt) < first[key][0]:
-                        first[key] = (int(attempt), (life, number))
-    calls: dict[tuple[int, int], int] = {}  # start line -> deaths charged before it
+                        first[key] = (int(attempt), float(rest[1]))
+    times = sorted((kill.at, n) for n, kill in enumerate(kills))
+    # (kill, subscription) -> the events caught before their first line, and charged
+    # that many deaths more than the kills that found them running.
+    unstarted: dict[tuple[int, str], dict[str, int]] = {}
     for key in blame.blamed - set(blame.deaths) - set(blame.possible):
-        lowest, start = first.get(key, (2, (-1, len(calls))))  # never started: its own
+        lowest, started = first.get(key, (2, float("inf")))
         if lowest > 1:
             blame.possible[key] += lowest - 1
-            calls[start] = max(calls.get(start, 0), lowest - 1)
-    instants = sum(calls.values())
+            before = [n for at, n in times if at <= started]
+            victim = before[-1] if before else -1
+            unstarted.setdefault((victim, key.split()[0]), {})[key] = lowest - 1
+    instants = beyond = 0
+    for (_, sub), charged in unstarted.items():
+        instants += 1
+        deaths = sum(charged.values())
+        if sub == "enrich" and deaths > concurrency:
+            beyond += deaths - concurrency
     for kill in kills:
         for sub, ended in kill.window.items():
             keys = {f"{sub} {number}" for number in ended}
             # A call that ended since its row lingers is possible already (``ended``).
-            charged = {k for k in keys if k in blame.blamed} - blame.deaths.keys()
-            if charged - blame.possible.keys():
-                blame.possible.update(charged - blame.possible.keys())
+            found = {k for k in keys if k in blame.blamed} - blame.deaths.keys()
+            if found - blame.possible.keys():
+                blame.possible.update(found - blame.possible.keys())
                 instants += 1
     blame.in_an_instant += instants
-    blame.beyond_one_call += max(0, instants - 2 * len(kills))
+    blame.beyond_one_call += beyond
 
 
 def account(
@@ -883,7 +898,7 @@ def account(
             attempts[key] = max(attempts.get(key, 0), attempt)
     blame = _blame(kills, attempts, book, poison_keys | flaky_keys)
     if settings.url or settings.shared:
-        _charged_in_an_instant(blame, directory, last_life, kills)
+        _charged_in_an_instant(blame, directory, last_life, kills, settings.concurrency)
     in_flight = set(blame.deaths) - poison_keys - flaky_keys
 
     # Dead letters: the poison, and events that killed the process max_attempts times

@@ -160,7 +160,7 @@ def test_on_a_shared_log_a_kill_after_a_calls_last_line_may_charge_that_call(
     assert (running, window) == ({}, {"enrich": [7]})
     kill = Kill(1, running, running, window)
     blame = _Blame(Counter(), {"enrich 7"})
-    _charged_in_an_instant(blame, tmp_path, 1, [kill])
+    _charged_in_an_instant(blame, tmp_path, 1, [kill], concurrency=1)
     assert blame.blamed - set(blame.deaths) - set(blame.possible) == set()
     assert blame.in_an_instant == 1
     assert blame.beyond_one_call == 0
@@ -169,26 +169,38 @@ def test_on_a_shared_log_a_kill_after_a_calls_last_line_may_charge_that_call(
 def test_on_a_shared_log_a_batch_charged_in_an_instant_is_one_call(tmp_path: Path) -> None:
     """Regression: a batch of settle (five events) killed after its handler's last
     line counted as five calls in an instant, and so did a batch caught before its
-    first line; with four kills the books called a clean PostgreSQL run journaled
-    beyond one call. A batch is one call, and a call the row-lingers rule covers
-    (ended just before the kill) is not counted again."""
+    first line (whose events, charged together, run again one at a time); with four
+    kills the books called clean PostgreSQL runs journaled beyond one call. A batch
+    is one call, and a call the row-lingers rule covers (ended just before the kill)
+    is not counted again. Enrich handles one event a call: two of its events caught
+    before their first line at one kill are beyond one call (concurrency 1)."""
     (tmp_path / "calls-1.txt").write_text(
         "start settle 1,2,3,4,5 1,1,1,1,1 1.0\nend settle 1,2,3,4,5 1.1\n",
         encoding="utf-8",
     )
     (tmp_path / "calls-2.txt").write_text(
         "start settle 1,2,3,4,5 2,2,2,2,2 2.0\nend settle 1,2,3,4,5 2.1\n"
-        "start settle 6,7,8 2,2,2 2.2\nend settle 6,7,8 2.3\n"
-        "start enrich 9 1 2.4\nend enrich 9 2.5\n",
+        "start settle 6 2 2.2\nend settle 6 2.3\nstart settle 7 2 2.4\nend settle 7 2.5\n"
+        "start settle 8 2 2.6\nend settle 8 2.7\n"
+        "start enrich 9 1 2.8\nend enrich 9 2.9\n",
         encoding="utf-8",
     )
-    first = Kill(1, {}, {}, _read_calls(tmp_path / "calls-1.txt")[1])
-    second = Kill(2, {}, {}, {"enrich": [9]}, ended={"enrich": [9]})
+    first = Kill(1, {}, {}, _read_calls(tmp_path / "calls-1.txt")[1], at=1.5)
+    second = Kill(2, {}, {}, {"enrich": [9]}, ended={"enrich": [9]}, at=2.95)
     blamed = {f"settle {n}" for n in range(1, 9)} | {"enrich 9"}
     blame = _Blame(Counter(), blamed)
     blame.possible.update(["enrich 9"])  # ended within the lingering of its row
-    _charged_in_an_instant(blame, tmp_path, 2, [first, second])
+    _charged_in_an_instant(blame, tmp_path, 2, [first, second], concurrency=1)
     assert blame.blamed - set(blame.deaths) - set(blame.possible) == set()
     assert blame.in_an_instant == 2  # the ended batch 1-5, the batch 6-8 before its start
     assert blame.possible["enrich 9"] == 1
     assert blame.beyond_one_call == 0
+
+    (tmp_path / "calls-3.txt").write_text(
+        "start enrich 10 2 3.1\nend enrich 10 3.2\nstart enrich 11 2 3.3\nend enrich 11 3.4\n",
+        encoding="utf-8",
+    )
+    third = Kill(3, {}, {}, {}, at=3.0)
+    blame = _Blame(Counter(), {"enrich 10", "enrich 11"})
+    _charged_in_an_instant(blame, tmp_path, 3, [first, second, third], concurrency=1)
+    assert (blame.in_an_instant, blame.beyond_one_call) == (1, 1)
