@@ -819,7 +819,7 @@ def _blame(kills: list[Kill], attempts: dict[str, int], book: _Log, own: set[str
 
 
 def _charged_in_an_instant(
-    blame: _Blame, directory: Path, last_life: int, kills: list[Kill], concurrency: int
+    blame: _Blame, directory: Path, last_life: int, kills: list[Kill]
 ) -> None:
     """On a shared log, the handlers' records stand for the journal: a call whose row
     was written but whose handler had not yet written its first line when the kill
@@ -827,11 +827,10 @@ def _charged_in_an_instant(
     the victim's last line (killed after its handler's last line, before the bus
     ended its row). Count those as calls in an instant.
 
-    Each kill may leave, per subscription, the calls of one instant: up to
-    ``concurrency`` events of enrich, or as many batches of settle, caught before
-    their first line (charged together, they run again one at a time: each is put
-    with the last kill before it first started), and its last ended call. More is
-    journaled beyond one call."""
+    Each kill may leave one instant per subscription: the calls it caught before their
+    first line (charged together, their events run again one at a time: each is put
+    with the last kill before it first started), or its last ended call. More than
+    two (the pipeline's subscriptions) a kill is journaled beyond one call."""
     # "sub seq" -> (the lowest attempt it started at, when it first did so).
     first: dict[str, tuple[int, float]] = {}
     for life in range(last_life + 1):
@@ -846,8 +845,8 @@ def _charged_in_an_instant(
                     if key not in first or int(attempt) < first[key][0]:
                         first[key] = (int(attempt), float(rest[1]))
     times = sorted((kill.at, n) for n, kill in enumerate(kills))
-    # (kill, subscription) -> the events caught before their first line, and charged
-    # that many deaths more than the kills that found them running.
+    # (kill, subscription) -> the events caught before their first line, and the
+    # deaths charged to each beyond the kills that found it running.
     unstarted: dict[tuple[int, str], dict[str, int]] = {}
     for key in blame.blamed - set(blame.deaths) - set(blame.possible):
         lowest, started = first.get(key, (2, float("inf")))
@@ -856,12 +855,7 @@ def _charged_in_an_instant(
             before = [n for at, n in times if at <= started]
             victim = before[-1] if before else -1
             unstarted.setdefault((victim, key.split()[0]), {})[key] = lowest - 1
-    instants = beyond = 0
-    for (_, sub), charged in unstarted.items():
-        instants += 1
-        deaths = sum(charged.values())
-        if sub == "enrich" and deaths > concurrency:
-            beyond += deaths - concurrency
+    instants = len(unstarted)
     for kill in kills:
         for sub, ended in kill.window.items():
             keys = {f"{sub} {number}" for number in ended}
@@ -871,7 +865,7 @@ def _charged_in_an_instant(
                 blame.possible.update(found - blame.possible.keys())
                 instants += 1
     blame.in_an_instant += instants
-    blame.beyond_one_call += beyond
+    blame.beyond_one_call += max(0, instants - 2 * len(kills))
 
 
 def account(
@@ -898,7 +892,7 @@ def account(
             attempts[key] = max(attempts.get(key, 0), attempt)
     blame = _blame(kills, attempts, book, poison_keys | flaky_keys)
     if settings.url or settings.shared:
-        _charged_in_an_instant(blame, directory, last_life, kills, settings.concurrency)
+        _charged_in_an_instant(blame, directory, last_life, kills)
     in_flight = set(blame.deaths) - poison_keys - flaky_keys
 
     # Dead letters: the poison, and events that killed the process max_attempts times

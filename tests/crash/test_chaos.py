@@ -160,7 +160,7 @@ def test_on_a_shared_log_a_kill_after_a_calls_last_line_may_charge_that_call(
     assert (running, window) == ({}, {"enrich": [7]})
     kill = Kill(1, running, running, window)
     blame = _Blame(Counter(), {"enrich 7"})
-    _charged_in_an_instant(blame, tmp_path, 1, [kill], concurrency=1)
+    _charged_in_an_instant(blame, tmp_path, 1, [kill])
     assert blame.blamed - set(blame.deaths) - set(blame.possible) == set()
     assert blame.in_an_instant == 1
     assert blame.beyond_one_call == 0
@@ -172,8 +172,7 @@ def test_on_a_shared_log_a_batch_charged_in_an_instant_is_one_call(tmp_path: Pat
     first line (whose events, charged together, run again one at a time); with four
     kills the books called clean PostgreSQL runs journaled beyond one call. A batch
     is one call, and a call the row-lingers rule covers (ended just before the kill)
-    is not counted again. Enrich handles one event a call: two of its events caught
-    before their first line at one kill are beyond one call (concurrency 1)."""
+    is not counted again."""
     (tmp_path / "calls-1.txt").write_text(
         "start settle 1,2,3,4,5 1,1,1,1,1 1.0\nend settle 1,2,3,4,5 1.1\n",
         encoding="utf-8",
@@ -190,17 +189,25 @@ def test_on_a_shared_log_a_batch_charged_in_an_instant_is_one_call(tmp_path: Pat
     blamed = {f"settle {n}" for n in range(1, 9)} | {"enrich 9"}
     blame = _Blame(Counter(), blamed)
     blame.possible.update(["enrich 9"])  # ended within the lingering of its row
-    _charged_in_an_instant(blame, tmp_path, 2, [first, second], concurrency=1)
+    _charged_in_an_instant(blame, tmp_path, 2, [first, second])
     assert blame.blamed - set(blame.deaths) - set(blame.possible) == set()
     assert blame.in_an_instant == 2  # the ended batch 1-5, the batch 6-8 before its start
     assert blame.possible["enrich 9"] == 1
     assert blame.beyond_one_call == 0
 
+    # Four enrich calls (of several partitions) caught at one kill are one instant.
     (tmp_path / "calls-3.txt").write_text(
-        "start enrich 10 2 3.1\nend enrich 10 3.2\nstart enrich 11 2 3.3\nend enrich 11 3.4\n",
+        "".join(f"start enrich {n} 2 3.{n}\nend enrich {n} 3.{n}5\n" for n in range(10, 14))
+        + "start settle 20 2 4.5\nend settle 20 4.6\n",
         encoding="utf-8",
     )
     third = Kill(3, {}, {}, {}, at=3.0)
-    blame = _Blame(Counter(), {"enrich 10", "enrich 11"})
-    _charged_in_an_instant(blame, tmp_path, 3, [first, second, third], concurrency=1)
-    assert (blame.in_an_instant, blame.beyond_one_call) == (1, 1)
+    blame = _Blame(Counter(), {f"enrich {n}" for n in range(10, 14)})
+    _charged_in_an_instant(blame, tmp_path, 3, [first, second, third])
+    assert (blame.in_an_instant, blame.beyond_one_call) == (1, 0)
+    # One kill, three instants (enrich and settle caught before their first lines, and
+    # a batch after its last): more than one a subscription.
+    fourth = Kill(4, {}, {}, {"settle": [1, 2, 3, 4, 5]}, at=3.0)
+    blame = _Blame(Counter(), {f"enrich {n}" for n in range(10, 14)} | {"settle 20", "settle 1"})
+    _charged_in_an_instant(blame, tmp_path, 3, [fourth])
+    assert (blame.in_an_instant, blame.beyond_one_call) == (3, 1)
