@@ -845,16 +845,13 @@ def _charged_in_an_instant(
                     if key not in first or int(attempt) < first[key][0]:
                         first[key] = (int(attempt), float(rest[1]))
     times = sorted((kill.at, n) for n, kill in enumerate(kills))
-    # (kill, subscription) -> the events caught before their first line, and the
-    # deaths charged to each beyond the kills that found it running.
-    unstarted: dict[tuple[int, str], dict[str, int]] = {}
+    unstarted: set[tuple[int, str]] = set()  # (kill, subscription) that caught some
     for key in blame.blamed - set(blame.deaths) - set(blame.possible):
         lowest, started = first.get(key, (2, float("inf")))
         if lowest > 1:
             blame.possible[key] += lowest - 1
             before = [n for at, n in times if at <= started]
-            victim = before[-1] if before else -1
-            unstarted.setdefault((victim, key.split()[0]), {})[key] = lowest - 1
+            unstarted.add((before[-1] if before else -1, key.split()[0]))
     instants = len(unstarted)
     for kill in kills:
         for sub, ended in kill.window.items():
