@@ -830,7 +830,9 @@ def _charged_in_an_instant(
     Each kill may leave one instant per subscription: the calls it caught before their
     first line (charged together, their events run again one at a time: each is put
     with the last kill before it first started), or its last ended call. More than
-    two (the pipeline's subscriptions) a kill is journaled beyond one call."""
+    two a kill (the pipeline's subscriptions), over the run, is journaled beyond one
+    call: counted over the run, since an event caught at one kill may first run again
+    after the next."""
     # "sub seq" -> (the lowest attempt it started at, when it first did so).
     first: dict[str, tuple[int, float]] = {}
     for life in range(last_life + 1):
@@ -855,11 +857,12 @@ def _charged_in_an_instant(
     instants = len(unstarted)
     for kill in kills:
         for sub, ended in kill.window.items():
-            keys = {f"{sub} {number}" for number in ended}
-            # A call that ended since its row lingers is possible already (``ended``).
+            # A call that ended while its row lingered is possible already (``ended``).
+            lingered = {f"{sub} {number}" for number in kill.ended.get(sub, [])}
+            keys = {f"{sub} {number}" for number in ended} - lingered
             found = {k for k in keys if k in blame.blamed} - blame.deaths.keys()
-            if found - blame.possible.keys():
-                blame.possible.update(found - blame.possible.keys())
+            if found:
+                blame.possible.update(found)
                 instants += 1
     blame.in_an_instant += instants
     blame.beyond_one_call += max(0, instants - 2 * len(kills))

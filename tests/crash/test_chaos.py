@@ -211,3 +211,23 @@ def test_on_a_shared_log_a_batch_charged_in_an_instant_is_one_call(tmp_path: Pat
     blame = _Blame(Counter(), {f"enrich {n}" for n in range(10, 14)} | {"settle 20", "settle 1"})
     _charged_in_an_instant(blame, tmp_path, 3, [fourth])
     assert (blame.in_an_instant, blame.beyond_one_call) == (3, 1)
+
+
+def test_on_a_shared_log_an_event_charged_in_two_instants_counts_two_deaths(
+    tmp_path: Path,
+) -> None:
+    """An event caught before its first line at one kill, then ended as the next
+    victim's last line and charged again: two deaths that no kill found running, both
+    possible (else its dead letter after a third death would look unexpected)."""
+    (tmp_path / "calls-2.txt").write_text(
+        "start settle 5 2 2.0\nend settle 5 2.1\n", encoding="utf-8"
+    )
+    (tmp_path / "calls-3.txt").write_text(
+        "start settle 5 3 3.0\nend settle 5 3.1\n", encoding="utf-8"
+    )
+    first = Kill(1, {}, {}, {}, at=1.0)
+    second = Kill(2, {}, {}, {"settle": [5]}, at=2.5)
+    blame = _Blame(Counter(), {"settle 5"})
+    _charged_in_an_instant(blame, tmp_path, 3, [first, second])
+    assert blame.possible["settle 5"] == 2
+    assert (blame.in_an_instant, blame.beyond_one_call) == (2, 0)
