@@ -71,6 +71,18 @@ W = TypeVar("W", bound=WorkflowFunction)
 
 _HEADERS = msgspec.msgpack.Decoder(dict[str, str])
 
+# Forks of this process so far, as the child sees it: a bus's loop running in the
+# parent is not the child's, though the child's thread has the same id (publish).
+_forks = 0
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
 
 def _array_header(n: int) -> bytes:
     """The msgpack header of an array of ``n`` values."""
@@ -130,8 +142,9 @@ class Bus:
         self._closing = False
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        # The thread that runs it, for the cheap check of publish (see _check_publish).
+        # The thread that runs it, in which process (see publish, _check_publish).
         self._loop_thread = 0
+        self._loop_forks = 0
         # Events committed per topic, once something asked for them (count_topics).
         self._topic_counts: Counter[str] | None = None
         #: The hooks run around publishes, handler calls and workflow runs.
@@ -227,6 +240,7 @@ class Bus:
             bus = cls(storage, config, clock or LoopClock())
             bus._loop = asyncio.get_running_loop()
             bus._loop_thread = _thread_ident()
+            bus._loop_forks = _forks
             for hook in hooks:
                 bus.hooks.add(hook)
             bus._known = await storage.subscriptions()
@@ -468,8 +482,10 @@ class Bus:
             raise BusClosed("the bus is closed")
         if _running_loop() is not self._loop:
             raise WrongEventLoop(method)
-        # The loop may have moved to another thread (run_forever from there).
+        # The loop may have moved to another thread (run_forever from there): the
+        # fast check of publish follows it from now on.
         self._loop_thread = _thread_ident()
+        self._loop_forks = _forks
 
     async def publish(
         self,
@@ -510,12 +526,14 @@ class Bus:
         (use an idempotency key to publish again safely).
         """
         loop = self._loop
-        # On the bus's own loop: this thread runs it, and it is running (a thread runs
-        # one loop at a time). Cheaper than asyncio's _get_running_loop, which asks
-        # the kernel for the process id at every call (3.11).
+        # On the bus's own loop: this thread of this process runs it, and it is running
+        # (a thread runs one loop at a time). Cheaper than asyncio's _get_running_loop,
+        # which asks the kernel for the process id at every call (3.11). A loop moved
+        # to another thread is followed from the first publish there (the full check).
         if (
             self._closing
             or _thread_ident() != self._loop_thread
+            or _forks != self._loop_forks
             or loop is None
             or not loop.is_running()
         ):

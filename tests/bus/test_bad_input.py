@@ -4,8 +4,10 @@ else's publish affected."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import anyio
@@ -152,6 +154,36 @@ async def test_an_oversized_payload_is_refused_without_being_encoded_in_full() -
             assert info.value.size > info.value.limit == 1_000_000
         # Just under the limit still goes through.
         await bus.publish("blobs", [blob] * 9)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+async def test_a_publish_in_a_forked_child_is_refused(tmp_path: Path) -> None:
+    # The child of a fork has the parent's thread id and a copy of its running loop;
+    # the log's connection and the writer are the parent's. Its publish on a loop of
+    # its own must be refused as from another loop, as before the check got cheaper.
+    async with Bus.open(tmp_path / "app.db") as bus:
+        await bus.publish("t", 1)  # the fast check has seen this thread
+        read, write = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+            pid = os.fork()
+        if pid == 0:  # the child: report what publish did, and leave at once
+            outcome = b"published"
+            try:
+                asyncio.run(bus.publish("t", 2))
+            except WrongEventLoop:
+                outcome = b"refused"
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                outcome = type(exc).__name__.encode()
+            os.write(write, outcome)
+            os._exit(0)
+        os.close(write)
+        with anyio.fail_after(30):
+            outcome = await anyio.to_thread.run_sync(os.read, read, 100)
+            await anyio.to_thread.run_sync(os.waitpid, pid, 0)
+        os.close(read)
+        assert outcome == b"refused"
+        assert (await bus.stats()).head == 1
 
 
 async def test_a_publish_from_another_thread_or_loop_is_refused_and_writes_nothing(
