@@ -331,18 +331,30 @@ async def test_lease_rows_are_locked_in_one_order_so_a_commit_and_a_heartbeat_ne
                 ],
             )
         )
+        # The rows stored in reverse: a scan through the index (whose entries keep
+        # pointing at the rows first stored) visits them out of order too.
+        async with watcher.transaction():
+            await watcher.execute(
+                "CREATE TEMP TABLE reversed ON COMMIT DROP AS SELECT * FROM partitions"
+            )
+            await watcher.execute("DELETE FROM partitions")
+            await watcher.execute(
+                "INSERT INTO partitions SELECT * FROM reversed"
+                " ORDER BY subscription DESC, part DESC"
+            )
         s = (await a.acquire("s", 4)).lease
         u = (await a.acquire("u", 4)).lease
-        # As after a while of updates: the rows' versions stored out of their order.
-        for sub in ("u", "s"):
-            for part in (3, 2, 1, 0):
-                await watcher.execute(
-                    "UPDATE partitions SET cursor = cursor WHERE subscription = $1 AND part = $2",
-                    sub,
-                    part,
-                )
         blocker_pid = await blocker.fetchval("SELECT pg_backend_pid()")
         for attempt in ("commit", "heartbeat", "release"):
+            # As after a while of updates: the rows' versions stored out of their order.
+            for sub in ("u", "s"):
+                for part in (3, 2, 1, 0):
+                    await watcher.execute(
+                        "UPDATE partitions SET cursor = cursor"
+                        " WHERE subscription = $1 AND part = $2",
+                        sub,
+                        part,
+                    )
             lock = blocker.transaction()
             await lock.start()
             await blocker.execute(
