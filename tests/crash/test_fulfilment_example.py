@@ -3,6 +3,7 @@ charges, emails and revenue exactly once, and a clean reconciliation."""
 
 from __future__ import annotations
 
+import importlib.util
 import sqlite3
 import subprocess
 import sys
@@ -84,3 +85,31 @@ async def _moved_log(url: str) -> tuple[Counter[str], Counter[str]]:
     finally:
         await store.close()
     return topics, runs
+
+
+def test_the_examples_gateway_does_not_repeat_its_timeouts_after_the_app_is_killed(
+    tmp_path: Path,
+) -> None:
+    """Regression: the fake gateway counted each key's requests in the app's memory,
+    so after the kill it timed out again as at first. The order charged at the kill
+    had needed five tries (this key: four timeouts); with its death and four more
+    timeouts its step ran out of attempts and the example failed (about 1 run in
+    300). The gateway counts its requests in its own file, as a real one would."""
+    spec = importlib.util.spec_from_file_location("fulfilment_example", EXAMPLE)
+    assert spec is not None
+    assert spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # msgspec resolves the example's types there
+    try:
+        spec.loader.exec_module(example)
+        order = example.Order("o-00093", "c-1", "sku-1", 46)
+        key = "bcd1223e56b9a4e101a23e26343d005d:1:charge"
+        before = example.Outside(tmp_path / "outside.db")
+        for _ in range(4):
+            with pytest.raises(example.GatewayTimeout):
+                before.charge(order, key)
+        before.charge(order, key)  # the fifth: charged, then the app is killed
+        after = example.Outside(tmp_path / "outside.db")  # the app's next run
+        after.charge(order, key)  # the sixth request: the gateway answers
+    finally:
+        del sys.modules[spec.name]
