@@ -85,6 +85,7 @@ import sys
 import tempfile
 import threading
 import time
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -830,9 +831,8 @@ def _charged_in_an_instant(
     Each kill may leave one instant per subscription: the calls it caught before their
     first line (charged together, their events run again one at a time: each is put
     with the last kill before it first started), or its last ended call. More than
-    two a kill (the pipeline's subscriptions), over the run, is journaled beyond one
-    call: counted over the run, since an event caught at one kill may first run again
-    after the next."""
+    two a kill (the pipeline's subscriptions) is journaled beyond one call, counted
+    over the run: an event caught at one kill may first run again after the next."""
     # "sub seq" -> (the lowest attempt it started at, when it first did so).
     first: dict[str, tuple[int, float]] = {}
     for life in range(last_life + 1):
@@ -846,14 +846,15 @@ def _charged_in_an_instant(
                     key = f"{sub} {seq}"
                     if key not in first or int(attempt) < first[key][0]:
                         first[key] = (int(attempt), float(rest[1]))
-    times = sorted((kill.at, n) for n, kill in enumerate(kills))
+    order = sorted(range(len(kills)), key=lambda n: kills[n].at)
+    times = [kills[n].at for n in order]
     unstarted: set[tuple[int, str]] = set()  # (kill, subscription) that caught some
     for key in blame.blamed - set(blame.deaths) - set(blame.possible):
         lowest, started = first.get(key, (2, float("inf")))
         if lowest > 1:
             blame.possible[key] += lowest - 1
-            before = [n for at, n in times if at <= started]
-            unstarted.add((before[-1] if before else -1, key.split()[0]))
+            before = bisect_right(times, started)  # the kills at or before its start
+            unstarted.add((order[before - 1] if before else -1, key.split()[0]))
     instants = len(unstarted)
     for kill in kills:
         for sub, ended in kill.window.items():
