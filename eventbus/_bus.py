@@ -544,6 +544,11 @@ class Bus:
             topic, payload, key, headers, idempotency_key, self._clock.wall()
         )
         writer = self._writer
+        if writer.appends_at_once:
+            # An in-memory log: appended now, with no group commit to wait for.
+            receipt = writer.append_at_once(record, loop)  # type: ignore[arg-type]
+            if receipt is not None:
+                return receipt
         fut = writer.queue_behind(record, loop)  # type: ignore[arg-type] # checked above
         if fut is None:
             return await writer.submit(record, loop)
@@ -1173,6 +1178,7 @@ class Bus:
         ``metrics().published`` (the metrics exporters turn this on). Off until
         asked, since it costs a little per event. Idempotent."""
         if self._topic_counts is None:
+            self._writer.route_appended()  # what was published before is not counted
             self._topic_counts = Counter()
 
     def metrics_threadsafe(self, timeout: float = 5.0) -> BusMetrics:

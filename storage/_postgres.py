@@ -74,6 +74,7 @@ from ._types import (
     DeadRecord,
     Lease,
     LogStats,
+    NewRecord,
     Notice,
     Receipt,
     Record,
@@ -271,6 +272,14 @@ class PostgresStorage:
         return False
 
     def commit_now(self, batch: WriteBatch) -> list[Receipt] | None:
+        """Never: every PostgreSQL transaction is a round trip to the server."""
+        return None
+
+    @property
+    def appends_now(self) -> bool:
+        return False
+
+    def append_now(self, record: NewRecord) -> Receipt | None:
         """Never: every PostgreSQL transaction is a round trip to the server."""
         return None
 

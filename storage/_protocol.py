@@ -11,6 +11,7 @@ from ._types import (
     DeadRecord,
     Lease,
     LogStats,
+    NewRecord,
     Notice,
     Receipt,
     Record,
@@ -43,6 +44,13 @@ class Storage(Protocol):
         caller need not gather a batch only to be told to await :meth:`commit`."""
         ...
 
+    @property
+    def appends_now(self) -> bool:
+        """Whether :meth:`append_now` can ever append (read once the log is open):
+        True only where an append costs no I/O at all (an in-memory log), so that a
+        publish gains nothing by waiting to share a commit with others."""
+        ...
+
     async def open(self) -> None:
         """Open (creating if needed) the log. Raises a ``StorageError`` subclass."""
 
@@ -63,6 +71,13 @@ class Storage(Protocol):
         with nothing written, and the caller awaits :meth:`commit`.
 
         Raises as :meth:`commit` does when it tried and failed.
+        """
+
+    def append_now(self, record: NewRecord) -> Receipt | None:
+        """Append one record at once, without awaiting, as a :meth:`commit` of it
+        alone would; None, with nothing written, when this storage cannot (any I/O,
+        an idempotency key to look up, a ``commit`` put in the way that must see
+        every append), and the caller commits it the usual way.
         """
 
     async def read(

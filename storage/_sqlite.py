@@ -45,6 +45,7 @@ from ._types import (
     PROCESS_DIED,
     DeadRecord,
     LogStats,
+    NewRecord,
     Receipt,
     Record,
     RetryRecord,
@@ -269,6 +270,14 @@ class SQLiteStorage:
             and self.durability != "full"  # an fsync per commit: never on the loop
             and plain_commit(self, SQLiteStorage)
         )
+
+    @property
+    def appends_now(self) -> bool:
+        return False
+
+    def append_now(self, record: NewRecord) -> Receipt | None:
+        """Never: every append is a transaction, which concurrent publishes share."""
+        return None
 
     # -- opening --------------------------------------------------------------------
 

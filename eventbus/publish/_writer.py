@@ -10,6 +10,11 @@ source's pending writes and every queued one-off write (:meth:`LogWriter.commit`
 and commits them with one ``Storage.commit``: group commit. A commit that fails over
 one record is committed again in parts (``_isolation``), so only that record's
 publisher fails.
+
+Where a commit costs no I/O (an in-memory log) there is nothing to share: a publish
+with nothing queued ahead of it is appended at once (``Storage.append_now``), and
+what one turn of the loop appended is handed on together at its end, as a group
+commit's events are.
 """
 
 from __future__ import annotations
@@ -146,13 +151,32 @@ class LogWriter:
         # interleaves its statements with a group commit on the same connection.
         self.lock = asyncio.Lock()
         self._stopping = False
-        self.committed_head = log.head
+        self._committed_head = log.head
         # Whether the storage can ever commit on this thread (Storage.commit_now).
         self._at_once = log.commits_now
         self.stats = CommitRecorder()  # for metrics()
         # The batch of a publish committed at once with nothing else: reused, since
         # only its appends ever change (a storage reads a batch, never keeps it).
         self._alone = WriteBatch()
+        # Whether the storage appends without I/O (Storage.append_now: in memory), so
+        # that publishes are appended at once (append_at_once); what they appended
+        # in this turn of the loop, not yet routed to the subscriptions; and the task
+        # appending at once, and how many times in a row.
+        self.appends_at_once = log.appends_now
+        self._unrouted: list[NewRecord] = []
+        self._unrouted_receipts: list[Receipt] = []
+        self._run_task: object = None
+        self._run = 0
+
+    @property
+    def committed_head(self) -> int:
+        """The seq of the last event committed. Events appended at once and not yet
+        routed are routed first, so that whoever reads it (a subscription about to
+        read, a new subscription starting at the latest event) finds them
+        everywhere."""
+        if self._unrouted:
+            self.route_appended()
+        return self._committed_head
 
     @property
     def pending(self) -> int:
@@ -162,15 +186,18 @@ class LogWriter:
     @property
     def commits(self) -> int:
         """Transactions committed so far."""
+        self.route_appended()
         return self.stats.commits
 
     @property
     def committed_events(self) -> int:
         """Events appended by those transactions."""
+        self.route_appended()
         return self.stats.committed_events
 
     def metrics(self) -> LogMetrics:
         """Group-commit sizes and latencies (no I/O)."""
+        self.route_appended()
         return self.stats.snapshot(self.controller.target())
 
     # -- submitting -----------------------------------------------------------------
@@ -239,6 +266,61 @@ class LogWriter:
         self._waiting += 1
         return fut
 
+    def append_at_once(self, record: NewRecord, loop: asyncio.AbstractEventLoop) -> Receipt | None:
+        """Append one publish now, when the storage appends without I/O
+        (``Storage.append_now``: an in-memory log) and nothing is queued ahead of
+        it: with no transaction to share, a publish has nothing to wait for. The
+        events appended in one turn of the loop reach the subscriptions together, at
+        its end (:meth:`route_appended`), as the events of one group commit do.
+
+        None, with nothing written, when it cannot, or when the publishing task has
+        appended ``_BURST`` events in a row: :meth:`submit` then yields to the loop
+        first, so that a producer that never waits does not hold the loop.
+        """
+        if (
+            self._appends
+            or self._closed
+            or self._stopping
+            or self._busy
+            or len(self._unrouted) >= self._max_pending
+            or self.lock.locked()
+        ):
+            return None
+        task = _current_task(loop)
+        if task is not self._run_task:
+            self._run_task = task
+            self._run = 0
+        elif self._run >= _BURST:
+            return None
+        receipt = self._log.append_now(record)
+        if receipt is None:
+            return None
+        self._run += 1
+        unrouted = self._unrouted
+        if not unrouted:
+            loop.call_soon(self.route_appended)
+        unrouted.append(record)
+        self._unrouted_receipts.append(receipt)
+        return receipt
+
+    def route_appended(self) -> None:
+        """Hand what :meth:`append_at_once` appended to ``on_committed`` (the
+        subscriptions, the counters): at the end of the turn, before any commit
+        (whose events come after them), and whenever someone needs to see it now."""
+        records = self._unrouted
+        if not records:
+            return
+        receipts = self._unrouted_receipts
+        self._unrouted = []
+        self._unrouted_receipts = []
+        self._run_task = None
+        self.stats.commit(len(records), 0, 0.0)
+        top = receipts[-1].seq
+        if top > self._committed_head:
+            self._committed_head = top
+        self._on_committed(records, receipts)
+        self._notify_cycle()
+
     def resumed(self) -> None:
         """A publisher queued by :meth:`queue_behind` stopped waiting."""
         self._waiting -= 1
@@ -251,6 +333,15 @@ class LogWriter:
         loop, when the caller has it at hand."""
         if loop is None:
             loop = asyncio.get_running_loop()
+        if self.appends_at_once:
+            if self._run >= _BURST and _current_task(loop) is self._run_task:
+                # A run of appends at once: let the loop run first (subscriptions take
+                # them), before this append, so a cancellation here writes nothing.
+                await asyncio.sleep(0)
+                self._run_task = None
+            receipt = self.append_at_once(record, loop)
+            if receipt is not None:
+                return receipt
         # Who publishes decides how to commit: a task publishing alone commits at
         # once; many tasks share a group commit. Alone means: no other publish is
         # waiting for a commit, no other task published in this turn of the loop,
@@ -334,6 +425,7 @@ class LogWriter:
             or self.lock.locked()
         ):
             return None
+        self.route_appended()  # the events appended at once come first
         if not self._dirty:
             # The publish alone (no acknowledgement to carry), recorded at little cost.
             batch = self._alone
@@ -347,8 +439,8 @@ class LogWriter:
                 return None
             self.stats.commit(1, 0, time.monotonic() - started)
             receipt = receipts[0]
-            if receipt.seq > self.committed_head:
-                self.committed_head = receipt.seq
+            if receipt.seq > self._committed_head:
+                self._committed_head = receipt.seq
             self._on_committed(appends, receipts)
             return receipt
         taken: list[_Taken] = [(record, None)]
@@ -398,7 +490,7 @@ class LogWriter:
     async def flush(self) -> None:
         """Wait until everything queued before this call is committed (or failed),
         sources' pending writes included (unless their commits keep failing)."""
-        while self._appends or self._acks or self._busy or self._sources_ready():
+        while self._appends or self._acks or self._busy or self._unrouted or self._sources_ready():
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._cycle_waiters.append(fut)
             await fut
@@ -408,6 +500,7 @@ class LogWriter:
     def stop(self) -> None:
         """Refuse new publishes; :meth:`run` returns once the queues are empty."""
         self._stopping = True
+        self.route_appended()
         self._space.set()
         self._poke()
 
@@ -525,6 +618,7 @@ class LogWriter:
         """Commit these appends (``records``: theirs, in order, if known; ``singles``:
         all single publishes), one-off writes and sources' writes in one transaction
         and resolve their futures; raise (nothing resolved) if the storage fails."""
+        self.route_appended()  # the events appended at once come first
         ack_slices: list[tuple[int, int]] = []
         batch = self._batch(taken, acks, sourced, ack_slices, records)
         log = self._log
@@ -604,8 +698,8 @@ class LogWriter:
             # Fresh receipts have the highest seqs, in order; a duplicate's is older.
             last = receipts[-1]
             top = last.seq if not last.duplicate else max(r.seq for r in receipts)
-            if top > self.committed_head:
-                self.committed_head = top
+            if top > self._committed_head:
+                self._committed_head = top
         self.stats.commit(len(batch.appends), len(acks), finished - started)
         # A commit made inline is small and far below the target latency: it tells
         # the controller nothing it needs to size the next one.
