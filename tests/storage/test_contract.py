@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -80,6 +81,55 @@ async def test_a_known_idempotency_key_returns_the_original_receipt(log: Storage
     assert not fresh.duplicate
     assert (dup_in_batch.seq, dup_in_batch.duplicate) == (fresh.seq, True)
     assert log.head == 2
+
+
+async def test_every_field_comes_back_as_written_whatever_the_events_shape(
+    log: Storage,
+) -> None:
+    """Events with and without a key, headers and an idempotency key, payloads empty,
+    small and around 16 KiB and beyond, mixed in one commit and committed alone."""
+    shapes = [
+        (key, headers, size, ikey)
+        for key in (None, "k")
+        for headers in (None, b"\x81\xa1h\xa1v")
+        for size in (0, 9, 16 * 1024, 16 * 1024 + 1, 100_000)
+        for ikey in (None, "fresh")
+    ]
+    written = [
+        NewRecord(
+            id=f"id-{i}",
+            topic="t",
+            key=key,
+            payload=bytes([i % 251]) * size,
+            headers=headers,
+            created_at=1_700_000_000.0 + i,
+            idempotency_key=None if ikey is None else f"ikey-{i}",
+        )
+        for i, (key, headers, size, ikey) in enumerate(shapes)
+    ]
+    random.Random(7).shuffle(written)
+    half = len(written) // 2
+    # Every shape of row is in the one commit of many, and among those alone.
+    for part in (written[:half], written[half:]):
+        assert {(w.key is None, w.headers is None) for w in part} == {
+            (True, True),
+            (True, False),
+            (False, True),
+            (False, False),
+        }
+    together = await log.commit(WriteBatch(appends=written[:half]))
+    alone = [(await log.commit(WriteBatch(appends=[r])))[0] for r in written[half:]]
+    ikeyed = [w for w in written if w.idempotency_key is not None]
+    again = await log.commit(WriteBatch(appends=[ikeyed[0], ikeyed[-1]]))
+    assert [r.duplicate for r in again] == [True, True]
+    receipts = together + alone
+    assert [r.seq for r in receipts] == list(range(1, len(written) + 1))
+    read = await log.read(0, log.head, None, len(written) + 1)
+    assert [(r.seq, r.id, r.topic, r.key, r.payload, r.headers, r.created_at) for r in read] == [
+        (n, w.id, w.topic, w.key, w.payload, w.headers, w.created_at)
+        for n, w in enumerate(written, 1)
+    ]
+    assert all(type(r.payload) is bytes for r in read)
 
 
 async def test_read_filters_by_range_topic_and_limit(log: Storage) -> None:
