@@ -14,13 +14,6 @@
 - ``GET /healthz`` is 200 while every subscription's lag and the dead letters stay
   under their thresholds, 503 otherwise, with the numbers either way.
 
-<<<<<<< HEAD
-One process per log as written: a SQLite log opened without ``shared=True`` has one
-owner, so ``uvicorn --workers 4`` makes every worker after the first fail at startup
-with ``LogLocked``. For several workers, open it with ``BusConfig(shared=True)`` in
-each, or give them a PostgreSQL log (``APP_DB=postgresql://...``), which divides the
-work among them.
-=======
 Settings come from ``EVENTBUS_*`` variables (``BusConfig.from_env()``). Several
 workers: a SQLite log has one owner unless every process opens it shared, so
 ``uvicorn --workers 4`` alone makes every worker after the first fail at startup
@@ -29,7 +22,6 @@ with ``LogLocked``, and ``EVENTBUS_SHARED=true uvicorn examples.fastapi_app:app
 dispatches the handlers, another takes over when it dies. ``/metrics`` then shows
 the numbers of whichever worker answered the scrape. To divide the handlers' work
 among processes or machines, use the PostgreSQL log (``APP_DB=postgresql://...``).
->>>>>>> eco14
 """
 
 from __future__ import annotations
