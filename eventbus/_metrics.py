@@ -298,8 +298,9 @@ class LogMetrics(msgspec.Struct, frozen=True):
     """The log writer's group commits: one transaction per cycle, holding every
     waiting publish (up to ``commit_target`` events) and every waiting
     acknowledgement. Sizes and latencies cover the latest commits. On an in-memory
-    log, where each publish is appended at once, the publishes of one turn of the
-    event loop count as one commit, taking no time.
+    log, where each publish is appended at once, the publishes handed on together
+    (once the event loop turns, or when the head or the metrics are read) count as
+    one commit, taking no time.
 
     Attributes:
         commits: Transactions committed.

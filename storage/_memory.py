@@ -23,6 +23,7 @@ from ._types import (
     Unaccounted,
     WorkflowRecord,
     WriteBatch,
+    overrides,
     plain_commit,
 )
 
@@ -80,6 +81,7 @@ class MemoryStorage:
         self._steps: dict[str, dict[int, StepRecord]] = {}
         self._closed = False
         self._plain = False  # set by open(): see commit_now
+        self._appends_now = False  # likewise: see append_now
 
     @property
     def head(self) -> int:
@@ -91,11 +93,17 @@ class MemoryStorage:
 
     @property
     def appends_now(self) -> bool:
-        return self._plain
+        return self._appends_now
 
     async def open(self) -> None:
         self._closed = False
         self._plain = plain_commit(self, MemoryStorage)
+        # An append at once passes by commit and commit_now: only while neither is
+        # put in the way, or where a subclass takes append_now over too (it then
+        # sees those appends itself).
+        self._appends_now = (
+            self._plain and not overrides(self, MemoryStorage, "commit_now")
+        ) or overrides(self, MemoryStorage, "append_now")
 
     async def close(self) -> None:
         self._closed = True
@@ -117,8 +125,9 @@ class MemoryStorage:
     def append_now(self, record: NewRecord) -> Receipt | None:
         """:meth:`commit` of ``record`` alone, at a fraction of its cost; None
         (nothing written) for a record with an idempotency key, on a closed log, or
-        when a subclass overrides :meth:`commit`."""
-        if not self._plain or self._closed or record.idempotency_key is not None:
+        when a subclass overrides :meth:`commit` or :meth:`commit_now` (and not
+        this method too)."""
+        if not self._appends_now or self._closed or record.idempotency_key is not None:
             return None
         seq = self._head = self._head + 1
         self._events.append(record)

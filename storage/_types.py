@@ -389,10 +389,15 @@ def _run_bytes(run: WorkflowRecord) -> int:
     return len(run.input) + len(run.output or b"") + len(run.traceback)
 
 
-def plain_commit(storage: object, cls: type) -> bool:
-    """Whether ``storage.commit`` is ``cls.commit`` itself: neither overridden by a
-    subclass nor replaced on the instance (as tests that inject faults do). Only then
-    may a commit skip it (``commit_now``): such a ``commit`` must see every commit."""
-    return getattr(type(storage), "commit", None) is getattr(cls, "commit", None) and (
-        "commit" not in getattr(storage, "__dict__", ())
+def overrides(storage: object, cls: type, name: str) -> bool:
+    """Whether ``storage``'s method ``name`` is not ``cls``'s own: overridden by a
+    subclass or replaced on the instance (as tests that inject faults do)."""
+    return getattr(type(storage), name, None) is not getattr(cls, name, None) or (
+        name in getattr(storage, "__dict__", ())
     )
+
+
+def plain_commit(storage: object, cls: type) -> bool:
+    """Whether ``storage.commit`` is ``cls.commit`` itself. Only then may a commit
+    skip it (``commit_now``): a ``commit`` put in the way must see every commit."""
+    return not overrides(storage, cls, "commit")

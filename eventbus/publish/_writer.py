@@ -167,6 +167,7 @@ class LogWriter:
         self._unrouted_receipts: list[Receipt] = []
         self._run_task: object = None
         self._run = 0
+        self._turn_pending = False  # _turn_ended is scheduled
 
     @property
     def committed_head(self) -> int:
@@ -274,8 +275,10 @@ class LogWriter:
         its end (:meth:`route_appended`), as the events of one group commit do.
 
         None, with nothing written, when it cannot, or when the publishing task has
-        appended ``_BURST`` events in a row: :meth:`submit` then yields to the loop
-        first, so that a producer that never waits does not hold the loop.
+        appended ``_BURST`` events in a row without the loop turning: the caller
+        then queues it (:meth:`queue_behind`, and waits for its commit) or hands it
+        to :meth:`submit`, which yields to the loop first. Either way a producer that
+        never waits does not hold the loop.
         """
         if (
             self._appends
@@ -296,24 +299,31 @@ class LogWriter:
         if receipt is None:
             return None
         self._run += 1
-        unrouted = self._unrouted
-        if not unrouted:
-            loop.call_soon(self.route_appended)
-        unrouted.append(record)
+        if not self._turn_pending:
+            self._turn_pending = True
+            loop.call_soon(self._turn_ended)
+        self._unrouted.append(record)
         self._unrouted_receipts.append(receipt)
         return receipt
 
+    def _turn_ended(self) -> None:
+        """The loop turned since an append at once: route what is left, and let the
+        publishing task start a new run."""
+        self._turn_pending = False
+        self._run_task = None
+        self.route_appended()
+
     def route_appended(self) -> None:
         """Hand what :meth:`append_at_once` appended to ``on_committed`` (the
-        subscriptions, the counters): at the end of the turn, before any commit
-        (whose events come after them), and whenever someone needs to see it now."""
+        subscriptions, the counters): once the loop turns, before any commit (whose
+        events come after them), and whenever someone needs to see it now (the
+        head, the metrics). It leaves the publishing task's run as it is."""
         records = self._unrouted
         if not records:
             return
         receipts = self._unrouted_receipts
         self._unrouted = []
         self._unrouted_receipts = []
-        self._run_task = None
         self.stats.commit(len(records), 0, 0.0)
         top = receipts[-1].seq
         if top > self._committed_head:

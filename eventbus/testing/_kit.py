@@ -114,6 +114,13 @@ class _RecordingLog(MemoryStorage):
             self._recorder.committed(batch.appends, receipts)
         return receipts
 
+    def append_now(self, record: NewRecord) -> Receipt | None:
+        # Publishes are appended at once, as on any in-memory bus; recorded here.
+        receipt = super().append_now(record)
+        if receipt is not None:
+            self._recorder.committed([record], [receipt])
+        return receipt
+
 
 class KitBus(Bus):
     """The kit's bus: a :class:`~eventbus.Bus` (on an in-memory log) whose

@@ -128,6 +128,42 @@ async def test_a_producer_that_never_waits_lets_subscriptions_run() -> None:
         assert len(handled_during) == 500
 
 
+@pytest.mark.parametrize("read_metrics_every", [0, 10, 1])
+async def test_a_producer_that_reads_the_metrics_still_lets_the_loop_turn(
+    read_metrics_every: int,
+) -> None:
+    """Reading the head or the metrics hands on the events appended so far; it must
+    not start the producer's run of appends afresh, or the producer never yields."""
+    turns = 0
+    stop = False
+
+    async def other_task() -> None:
+        nonlocal turns
+        while not stop:  # counts the turns of the loop it gets
+            turns += 1
+            await asyncio.sleep(0)
+
+    async with Bus.open(":memory:") as bus:
+
+        @bus.subscribe("t", name="s")
+        async def handle(event: Event[int], ctx: Context) -> None:
+            pass
+
+        await bus.drain(timeout=10)
+        ticker = asyncio.ensure_future(other_task())
+        await asyncio.sleep(0)
+        before = turns
+        for i in range(3200):
+            await bus.publish("t", i)
+            if read_metrics_every and i % read_metrics_every == 0:
+                assert bus.metrics().head == i + 1
+        during = turns - before
+        stop = True
+        await ticker
+    # A run is 32 publishes: about a hundred turns for 3,200.
+    assert during >= 50, f"the other task ran {during} times during 3,200 publishes"
+
+
 async def test_a_publish_cancelled_while_it_yields_writes_nothing() -> None:
     """Past a run of appends at once a publish yields to the loop before its own
     append: cancelled there, nothing is written."""

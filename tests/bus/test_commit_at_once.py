@@ -197,10 +197,6 @@ async def test_a_failed_commit_at_once_falls_back_and_loses_no_acknowledgement()
     class FullOnce(MemoryStorage):
         fail_next = False
 
-        @property
-        def appends_now(self) -> bool:
-            return False  # publishes take the commit at once, not append_now
-
         def commit_now(self, batch: WriteBatch) -> list[Receipt] | None:
             if self.fail_next:
                 self.fail_next = False

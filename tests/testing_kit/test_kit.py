@@ -83,6 +83,28 @@ async def test_the_recorder_keeps_every_commit_once_in_log_order(
     assert recorder.published() == []
 
 
+async def test_the_recorder_keeps_publishes_appended_at_once(bus: Bus, recorder: Recorder) -> None:
+    """The kit's bus appends a plain publish at once, as any in-memory bus does; the
+    recorder still sees every one, in log order, among those that went the other
+    way (queued by ``publish_nowait``)."""
+
+    async def producer(p: int) -> None:
+        for i in range(40):
+            if i % 13 == 5:
+                bus.publish_nowait("t", [p, i])
+            else:
+                await bus.publish("t", [p, i])
+
+    async with asyncio.TaskGroup() as tg:
+        for p in range(8):
+            tg.create_task(producer(p))
+    await bus.drain()
+    events = recorder.published("t")
+    assert [e.seq for e in events] == list(range(1, 8 * 40 + 1))
+    for p in range(8):
+        assert [e.payload[1] for e in events if e.payload[0] == p] == list(range(40))
+
+
 async def test_the_kits_drain_can_leave_failures_to_the_dead_letters(bus: Bus) -> None:
     @bus.subscribe("t", retry={"max_attempts": 1})
     async def fails(event: Event[int], ctx: Context) -> None:
