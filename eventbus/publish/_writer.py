@@ -346,9 +346,9 @@ class LogWriter:
         if self.appends_at_once:
             if self._run >= _BURST and _current_task(loop) is self._run_task:
                 # A run of appends at once: let the loop run first (subscriptions take
-                # them), before this append, so a cancellation here writes nothing.
+                # them; _turn_ended starts a new run), before this append, so that a
+                # cancellation here writes nothing.
                 await asyncio.sleep(0)
-                self._run_task = None
             receipt = self.append_at_once(record, loop)
             if receipt is not None:
                 return receipt
