@@ -349,6 +349,8 @@ class LogWriter:
                 # them; _turn_ended starts a new run), before this append, so that a
                 # cancellation here writes nothing.
                 await asyncio.sleep(0)
+            # (Bus.publish has tried before calling here, except with hooks; after
+            # the yield, or for a hooked publish, it may succeed now.)
             receipt = self.append_at_once(record, loop)
             if receipt is not None:
                 return receipt
